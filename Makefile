@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make serve   creates .venv, installs the service and the bundled model, serves it on 127.0.0.1:8080
+#   make test    creates .venv, installs the service and its test tools, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+JOBS := $(shell nproc 2>/dev/null || echo 2)
+
+# llama-cpp-python compiles llama.cpp from source. By default it targets the exact CPU
+# it is built on (-march=native); some virtual machines advertise AMX/AVX-512 that they
+# cannot execute (the process dies with SIGILL), so on x86-64 we target AVX2, which
+# every x86 box of the product has. On aarch64 (Jetson, ARM boards) native is right.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+PIP_INSTALL = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install
+
+.PHONY: serve test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-serve: $(BIN)/python setup.cfg pyproject.toml
+	$(PIP_INSTALL) -e '.[llama]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-serve
+	$(PIP_INSTALL) -e '.[llama,test]'
+	touch $@
+
+serve: $(VENV)/.installed-serve
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/appliance serve $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.overhead $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

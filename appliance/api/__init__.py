@@ -1,0 +1,10 @@
+"""HTTP endpoints, one blueprint per resource."""
+
+from flask import Flask
+
+from appliance.api import health, openai
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(health.bp)
+    app.register_blueprint(openai.bp)

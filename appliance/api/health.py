@@ -1,0 +1,29 @@
+"""Liveness and readiness probes, for systemd, a watchdog or a load balancer."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from appliance.errors import ServiceUnavailable
+from appliance.state import state
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    """The process is up and answering."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    """The model is loaded and requests will be served without a load delay."""
+    runner = state().runner
+    if state().shutting_down.is_set():
+        raise ServiceUnavailable("the service is shutting down", code="shutting_down")
+    if not runner.is_loaded:
+        if runner.load_error:
+            raise ServiceUnavailable(f"model {runner.name!r} failed to load: {runner.load_error}", code="model_load_failed")
+        raise ServiceUnavailable(f"model {runner.name!r} is not loaded yet", code="model_not_loaded")
+    return jsonify({"status": "ready", "model": runner.info()})

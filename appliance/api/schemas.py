@@ -1,0 +1,130 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated strictly.
+
+Strict types ("5" is not an int) and unknown fields refused, as OpenAI does,
+so a client learns about a typo instead of getting silently ignored options.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.errors import InvalidRequest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatMessage(_Strict):
+    # "developer" is what newer OpenAI clients send instead of "system".
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="who wrote the message; tool and function messages are not supported"
+    )
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+    def as_template_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text}
+
+
+class _GenerationRequest(_Strict):
+    model: str | None = Field(None, description="model name; the served model when omitted")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; the rest of the context when omitted")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="llama.cpp-style extension; 0 disables it")
+    stop: Union[str, list[str], None] = Field(None, description="up to 16 strings that end the generation")
+    seed: int | None = Field(None, ge=0, description="same seed + same request = same output")
+    n: int = Field(1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported")
+    frequency_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        if isinstance(value, list) and len(value) > 16:
+            raise ValueError("at most 16 stop strings")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, value):
+        if value != 1:
+            raise ValueError("only n=1 is supported: send several requests for several completions")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value not in (None, 0, 0.0):
+            raise ValueError("penalties are not supported; send 0 or leave it out")
+        return value
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
+
+    def model_post_init(self, __context) -> None:
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Union[str, list[str]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("send exactly one prompt per request")
+            return value[0]
+        return value
+
+
+def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
+    """Parse and validate a JSON body, or raise a 400 that names the bad field."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        code = "missing_field" if first["type"] == "missing" else "invalid_value"
+        if first["type"] == "extra_forbidden":
+            message, code = f"unrecognized request argument: {param}", "unknown_parameter"
+        raise InvalidRequest(f"{param}: {message}" if param else message, param=param, code=code) from None

@@ -1,0 +1,27 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from appliance import api, errors
+from appliance.config import Settings, load_settings
+from appliance.db import Database
+from appliance.runner import ModelRunner
+from appliance.state import AppState
+from models import find_model
+
+
+def create_app(settings: Settings | None = None, runner: ModelRunner | None = None, db: Database | None = None) -> Flask:
+    """Build the service. Tests pass their own settings (and may pass a runner or database)."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_request_bytes, JSON_SORT_KEYS=False)
+    app.json.ensure_ascii = False
+    if runner is None:
+        runner = ModelRunner(find_model(settings.model), threads=settings.threads, context_length=settings.context_length)
+    db = db or Database(settings.db_path, store_text=settings.log_text)
+    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner)
+    errors.init_app(app)
+    api.init_app(app)
+    return app

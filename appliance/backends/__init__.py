@@ -1,0 +1,47 @@
+"""Inference engines behind one interface, registered by name.
+
+Built-in backends register through the same ``register`` call a plugin would.
+Nothing outside this package imports a backend module directly: ask
+``create_backend(model_format, ...)`` instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from appliance.backends.base import Backend, BackendError, Chunk, SamplingParams, Usage
+
+# model format -> "module:Class", imported only when a model of that format is used,
+# so a box with only llama.cpp installed never imports onnxruntime and vice versa.
+_REGISTRY: dict[str, str | type[Backend]] = {
+    "gguf": "appliance.backends.llama_cpp:LlamaCppBackend",
+}
+
+
+def register(model_format: str, backend: str | type[Backend]) -> None:
+    _REGISTRY[model_format] = backend
+
+
+def backend_class(model_format: str) -> type[Backend]:
+    try:
+        target = _REGISTRY[model_format]
+    except KeyError:
+        raise BackendError(f"no backend serves models of format {model_format!r}") from None
+    if isinstance(target, str):
+        module_name, class_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendError(
+                f"the backend for {model_format!r} models is not installed ({exc.name} missing): "
+                f"pip install 'edge-appliance[{'llama' if model_format == 'gguf' else 'onnx'}]'"
+            ) from exc
+        target = _REGISTRY[model_format] = getattr(module, class_name)
+    return target
+
+
+def create_backend(model_format: str, model_path, threads: int, context_length: int) -> Backend:
+    return backend_class(model_format)(model_path, threads=threads, context_length=context_length)
+
+
+__all__ = ["Backend", "BackendError", "Chunk", "SamplingParams", "Usage", "create_backend", "register", "backend_class"]

@@ -1,0 +1,167 @@
+"""The ``appliance`` command: serve, chat, models, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from appliance.config import ConfigError, Settings, load_settings
+
+def _settings(ctx: click.Context, **flags) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("config"), overrides=flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group(
+    epilog="Settings come from defaults < $APPLIANCE_HOME/config.toml < APPLIANCE_<NAME> environment "
+    "variables < flags.\n\nExample:\n\n  appliance serve --port 8080\n\n  curl http://127.0.0.1:8080/v1/models"
+)
+@click.version_option(package_name="edge-appliance")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config file (default: $APPLIANCE_HOME/config.toml)")
+@click.pass_context
+def cli(ctx, config):
+    """An offline inference appliance: local language models behind an OpenAI-compatible API.
+
+    Nothing here reaches the network: models come from local files or from
+    installed packages that ship their weights.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+@cli.command()
+@click.option("--host", help="address to listen on [default: 127.0.0.1; 0.0.0.0 exposes it to the network]")
+@click.option("--port", type=int, help="TCP port [default: 8080]")
+@click.option("-m", "--model", help="catalog name or .gguf path [default: smollm2-135m-instruct]")
+@click.option("-t", "--threads", type=int, help="CPU threads for inference [default: physical cores]")
+@click.option("--context-length", type=int, help="context window in tokens [default: 4096]")
+@click.option("--home", type=click.Path(file_okay=False), help="data folder [default: ~/.appliance]")
+@click.pass_context
+def serve(ctx, host, port, model, threads, context_length, home):
+    """Serve a model over the OpenAI-compatible REST API.
+
+    \b
+    Endpoints:
+      POST /v1/chat/completions   chat, streaming with "stream": true
+      POST /v1/completions        plain text completion
+      GET  /v1/models             the served model
+      GET  /healthz, /readyz      process up / model loaded
+
+    \b
+    Example:
+      appliance serve --port 8080 --threads 4
+      curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from appliance.app import create_app
+    from appliance.server import serve as run_server
+    from models import ModelNotFound
+
+    settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length, home=home)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except ModelNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"appliance: logging requests to {settings.db_path}", err=True)
+    run_server(app, settings.host, settings.port, settings.http_threads, on_ready=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
+@click.option("-m", "--model", help="catalog name or .gguf path [default: the configured model]")
+@click.option("-s", "--system", help="system prompt")
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("-t", "--threads", type=int, help="CPU threads for inference")
+@click.pass_context
+def chat(ctx, model, system, temperature, max_tokens, threads):
+    """Chat with a model in the terminal; answers stream as they are generated.
+
+    The model runs in this process (no server needed) and every turn is
+    logged like an API request. Type 'exit' or press Ctrl-D to leave.
+    """
+    from appliance.chat import run_chat
+
+    settings = _settings(ctx, model=model, threads=threads)
+    run_chat(settings, system=system, temperature=temperature, max_tokens=max_tokens)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx):
+    """List the models this box knows (``appliance models verify`` checks their files)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(models_list)
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def models_list(as_json):
+    """List known models, where their files are and whether they are installed."""
+    from models import list_models
+
+    entries = list_models()
+    if as_json:
+        click.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
+        return
+    for e in entries:
+        where = str(e.path) if e.available else f"not installed ({e.source})"
+        click.echo(f"{e.name:<24} {e.format:<5} {e.description}\n{'':<24} {where}")
+
+
+@models.command("verify")
+def models_verify():
+    """Recompute the sha256 of every installed model file; exit 1 on any mismatch."""
+    from models import list_models, verify_model
+
+    failed = False
+    for e in list_models():
+        ok, detail = verify_model(e)
+        failed |= not ok and e.available
+        click.echo(f"{'OK  ' if ok else 'FAIL'} {e.name:<24} {detail}")
+    sys.exit(1 if failed else 0)
+
+
+def _entry_json(e) -> dict:
+    return {"name": e.name, "format": e.format, "path": str(e.path) if e.path else None, "sha256": e.sha256,
+            "available": e.available, "source": e.source, "aliases": list(e.aliases)}
+
+
+@cli.command()
+@click.option("-n", "--count", type=int, default=20, show_default=True, help="how many recent requests")
+@click.option("--json", "as_json", is_flag=True, help="full rows as JSON")
+@click.option("--home", type=click.Path(file_okay=False), help="data folder [default: ~/.appliance]")
+@click.pass_context
+def logs(ctx, count, as_json, home):
+    """Show recent requests from the SQLite log ($APPLIANCE_HOME/logs.db)."""
+    from appliance.db import Database
+
+    settings = _settings(ctx, home=home)
+    if not settings.db_path.exists():
+        raise click.ClickException(f"no log yet at {settings.db_path}: start the service with 'appliance serve'")
+    rows = Database(settings.db_path, readonly=True).recent_requests(count)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{'id':>5} {'started':<23} {'endpoint':<22} {'status':>6} {'in':>5} {'out':>5} {'ttft ms':>8} {'tok/s':>7}  error")
+    for r in reversed(rows):
+        click.echo(
+            f"{r['id']:>5} {r['started'][:23]:<23} {r['endpoint']:<22} {_fmt(r['status']):>6} "
+            f"{_fmt(r['prompt_tokens']):>5} {_fmt(r['completion_tokens']):>5} {_fmt(r['ttft_ms'], 1):>8} "
+            f"{_fmt(r['tokens_per_s'], 1):>7}  {r['error'] or ''}"
+        )
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if digits else str(value)
+
+
+if __name__ == "__main__":
+    cli()

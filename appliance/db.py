@@ -1,0 +1,123 @@
+"""The appliance's SQLite database: schema, migrations and every write.
+
+One row per API request. The row is inserted when the request arrives and
+completed when it ends, so a request that fails, is cancelled or is cut off
+by a crash still leaves its row. WAL mode lets ``appliance logs`` read while
+the service writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+migrations = Migrations("appliance")
+
+
+@migrations()
+def m001_requests(db: sqlite_utils.Database):
+    db["requests"].create(
+        {
+            "id": int,
+            "started": str,  # ISO 8601, UTC
+            "finished": str,  # NULL while the request runs
+            "endpoint": str,
+            "model": str,
+            "client": str,
+            "stream": int,
+            "status": int,  # HTTP status; 499 = client went away mid-stream
+            "error": str,
+            "finish_reason": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "ttft_ms": float,  # request arrival to first generated text
+            "total_ms": float,
+            "tokens_per_s": float,  # completion tokens / time spent generating them
+            "prompt": str,
+            "response": str,
+            "prompt_sha256": str,
+            "response_sha256": str,
+        },
+        pk="id",
+    )
+    db["requests"].create_index(["started"])
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def sha256_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Database:
+    """Owns the SQLite file. Thread-safe: one connection, one lock."""
+
+    def __init__(self, path: Path | str, store_text: bool = True, readonly: bool = False):
+        """``readonly`` is for readers beside a running service (``appliance logs``, tests)."""
+        self.path = Path(path)
+        self.store_text = store_text
+        self._lock = threading.Lock()
+        if readonly:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+            self.db = sqlite_utils.Database(conn)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        self.db = sqlite_utils.Database(conn)
+        self.db.enable_wal()
+        # WAL + NORMAL: a committed row survives the process dying; only a power cut may lose the last ones.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
+            migrations.apply(self.db)
+            self._close_interrupted()
+
+    def _close_interrupted(self) -> None:
+        """Rows a previous process left open (it was killed) are marked, not lost."""
+        with self.db.conn:
+            self.db.execute(
+                "UPDATE requests SET finished = ?, status = COALESCE(status, 500), "
+                "error = COALESCE(error, 'service stopped before the request finished') WHERE finished IS NULL",
+                [utcnow()],
+            )
+
+    def _texts(self, fields: dict) -> dict:
+        """Apply the log_text switch: keep the text, or only its sha256."""
+        out = dict(fields)
+        for name in ("prompt", "response"):
+            if name in out:
+                out[f"{name}_sha256"] = sha256_text(out[name])
+                if not self.store_text:
+                    out[name] = None
+        return out
+
+    def start_request(self, endpoint: str, client: str | None, **fields) -> int:
+        row = self._texts({"started": utcnow(), "endpoint": endpoint, "client": client, **fields})
+        with self._lock, self.db.conn:
+            return self.db["requests"].insert(row).last_pk
+
+    def update_request(self, request_id: int, **fields) -> None:
+        with self._lock, self.db.conn:
+            self.db["requests"].update(request_id, self._texts(fields))
+
+    def finish_request(self, request_id: int, **fields) -> None:
+        self.update_request(request_id, finished=utcnow(), **fields)
+
+    def recent_requests(self, limit: int = 20) -> list[dict]:
+        with self._lock:
+            return list(self.db["requests"].rows_where(order_by="id desc", limit=limit))
+
+    def get_request(self, request_id: int) -> dict:
+        with self._lock:
+            return self.db["requests"].get(request_id)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()

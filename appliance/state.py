@@ -1,0 +1,24 @@
+"""What one running service holds: its settings, database and model. Kept on the Flask app, not in globals."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from flask import current_app
+
+from appliance.config import Settings
+from appliance.db import Database
+from appliance.runner import ModelRunner
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    runner: ModelRunner
+    shutting_down: threading.Event = field(default_factory=threading.Event)
+
+
+def state() -> AppState:
+    return current_app.extensions["appliance"]

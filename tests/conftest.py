@@ -1,0 +1,129 @@
+"""Shared fixtures: a real ``appliance serve`` process on loopback, the real bundled model, a real SQLite log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+# Offline means offline, for the tests too.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+MODEL = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A real ``appliance serve`` subprocess with its own data folder."""
+
+    home: Path
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "logs.db"
+
+    def rows(self) -> list[dict]:
+        from appliance.db import Database
+
+        db = Database(self.db_path, readonly=True)
+        try:
+            return list(reversed(db.recent_requests(100000)))
+        finally:
+            db.close()
+
+    def row(self, request_id: int) -> dict:
+        return next(r for r in self.rows() if r["id"] == request_id)
+
+    def last_row(self, wait_finished: bool = True, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.rows()[-1]
+            if row["finished"] or not wait_finished or time.monotonic() > deadline:
+                return row
+            time.sleep(0.05)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_service(home: Path, extra_env: dict | None = None, args: tuple = ()) -> Service:
+    port = free_port()
+    env = dict(os.environ, APPLIANCE_HOME=str(home), PYTHONUNBUFFERED="1", **(extra_env or {}))
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", "2", *args],
+        env=env,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    service = Service(home=home, port=port, proc=proc, log_path=log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"appliance serve exited with {proc.returncode}:\n{service.output()}")
+        try:
+            if requests.get(service.url + "/readyz", timeout=1).status_code == 200:
+                return service
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    service.stop(signal.SIGKILL)
+    raise RuntimeError(f"appliance serve did not get ready in 60 s:\n{service.output()}")
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    svc = start_service(tmp_path_factory.mktemp("home"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def fresh_service(tmp_path):
+    """A service of this test's own, for tests that stop it or change its settings."""
+    services = []
+
+    def start(**env):
+        svc = start_service(tmp_path / f"home{len(services)}", extra_env=env)
+        services.append(svc)
+        return svc
+
+    yield start
+    for svc in services:
+        if svc.proc.poll() is None:
+            svc.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def openai_client(service):
+    import openai
+
+    return openai.OpenAI(base_url=service.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)

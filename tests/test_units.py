@@ -1,0 +1,198 @@
+"""Fast tests of the parts that need no model: config, database, decoding, chat templates, the catalog."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from appliance.backends import BackendError, backend_class
+from appliance.backends.decoding import StopMatcher, Utf8Stream
+from appliance.chat_template import ChatTemplateError, render_chat
+from appliance.config import ConfigError, load_settings
+from appliance.db import Database, migrations, sha256_text
+from models import ModelNotFound, find_model, list_models, sha256_file, verify_model
+
+# -- config -----------------------------------------------------------------
+
+
+def test_config_precedence_defaults_file_env_flags(tmp_path):
+    (tmp_path / "config.toml").write_text('port = 9000\nthreads = 3\nmodel = "from-file"\nlog_text = false\n')
+    env = {"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_PORT": "9100", "APPLIANCE_THREADS": "5"}
+    s = load_settings(environ=env, overrides={"port": 9200, "host": None})
+    assert s.port == 9200  # flag beats env and file
+    assert s.threads == 5  # env beats file
+    assert s.model == "from-file"  # file beats default
+    assert s.log_text is False
+    assert s.host == "127.0.0.1"  # default; a None flag means "not given"
+    assert s.db_path == tmp_path / "logs.db"
+
+
+@pytest.mark.parametrize(
+    "toml, env, message",
+    [
+        ("port = 'abc'\n", {}, "port"),
+        ("colour = 'red'\n", {}, "unknown setting"),
+        ("", {"APPLIANCE_LOG_TEXT": "maybe"}, "log_text"),
+        ("", {"APPLIANCE_PORT": "-1"}, "positive"),
+        ("port = [\n", {}, "config.toml"),
+    ],
+)
+def test_config_errors_name_the_setting(tmp_path, toml, env, message):
+    (tmp_path / "config.toml").write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={"APPLIANCE_HOME": str(tmp_path), **env})
+
+
+def test_explicit_config_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml", environ={"APPLIANCE_HOME": str(tmp_path)})
+
+
+# -- database ---------------------------------------------------------------
+
+
+def test_blank_database_gets_schema_wal_and_migration_record(tmp_path):
+    db = Database(tmp_path / "logs.db")
+    assert "requests" in db.db.table_names()
+    assert db.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [m.name for m in migrations.applied(db.db)] == ["m001_requests"]
+    db.close()
+    Database(tmp_path / "logs.db").close()  # reopening applies nothing twice
+    conn = sqlite3.connect(tmp_path / "logs.db")
+    assert conn.execute("select count(*) from _sqlite_migrations").fetchone()[0] == 1
+
+
+def test_request_row_lifecycle_and_hash_only_mode(tmp_path):
+    db = Database(tmp_path / "logs.db", store_text=False)
+    rid = db.start_request("/v1/completions", "127.0.0.1", prompt="secret prompt")
+    db.finish_request(rid, status=200, response="secret answer", completion_tokens=3)
+    row = db.get_request(rid)
+    assert row["prompt"] is None and row["response"] is None
+    assert row["prompt_sha256"] == sha256_text("secret prompt")
+    assert row["response_sha256"] == sha256_text("secret answer")
+    assert row["status"] == 200 and row["finished"]
+
+
+def test_rows_left_open_by_a_killed_process_are_marked_not_lost(tmp_path):
+    db = Database(tmp_path / "logs.db")
+    rid = db.start_request("/v1/chat/completions", "127.0.0.1")
+    db.close()  # no finish: as if the process had been killed
+    row = Database(tmp_path / "logs.db").get_request(rid)
+    assert row["finished"] and row["status"] == 500
+    assert "stopped before" in row["error"]
+
+
+def test_readonly_reader_does_not_touch_open_rows(tmp_path):
+    db = Database(tmp_path / "logs.db")
+    rid = db.start_request("/v1/completions", "127.0.0.1")
+    reader = Database(tmp_path / "logs.db", readonly=True)
+    assert reader.get_request(rid)["finished"] is None
+    with pytest.raises(sqlite3.OperationalError):
+        reader.db.execute("delete from requests")
+
+
+# -- decoding ---------------------------------------------------------------
+
+
+def feed(matcher: StopMatcher, pieces: list[str]) -> str:
+    out = "".join(matcher.push(p) for p in pieces)
+    return out + ("" if matcher.stopped else matcher.flush())
+
+
+def test_stop_string_split_across_tokens_is_never_leaked():
+    m = StopMatcher(["<END>"])
+    assert m.push("Hello <") == "Hello "
+    assert m.push("EN") == ""
+    assert m.push("D> more") == ""
+    assert m.stopped
+
+
+def test_held_back_prefix_is_released_when_it_does_not_complete():
+    assert feed(StopMatcher(["###"]), ["a#", "#b", "c"]) == "a##bc"
+
+
+def test_earliest_of_several_stops_wins():
+    m = StopMatcher(["world", "lo"])
+    assert m.push("hello world") == "hel" and m.stopped
+
+
+def test_no_stops_passes_text_through():
+    assert feed(StopMatcher([]), ["a", "b"]) == "ab"
+
+
+def test_utf8_character_split_across_tokens_waits_until_whole():
+    stream = Utf8Stream()
+    snowman = "☃".encode()
+    assert stream.push(snowman[:1]) == ""
+    assert stream.push(snowman[1:]) == "☃"
+    assert stream.push(b"\xe2") == ""
+    assert stream.flush() == "\ufffd"  # a dangling byte at the end becomes one replacement character
+
+
+# -- chat templates ---------------------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_renders_with_generation_prompt():
+    text = render_chat(CHATML, [{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_raise_exception_becomes_chat_template_error():
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}"
+    with pytest.raises(ChatTemplateError, match="first must be user"):
+        render_chat(template, [{"role": "assistant", "content": "x"}])
+
+
+def test_broken_template_is_an_error_not_a_fallback():
+    with pytest.raises(ChatTemplateError):
+        render_chat("{{ messages[0].nope.deeper }}", [{"role": "user", "content": "x"}])
+
+
+def test_template_sandbox_blocks_attribute_escapes():
+    with pytest.raises(ChatTemplateError):
+        render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+
+
+# -- catalog and backends -----------------------------------------------------
+
+
+def test_bundled_model_resolves_from_its_package_and_matches_its_checksum():
+    entry = find_model("smollm2")
+    assert entry.name == "smollm2-135m-instruct" and entry.format == "gguf"
+    assert entry.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert verify_model(entry) == (True, "sha256 ok")
+    assert entry in list_models()
+
+
+def test_unknown_model_error_lists_known_ones():
+    with pytest.raises(ModelNotFound, match="smollm2-135m-instruct"):
+        find_model("no-such-model")
+
+
+def test_a_gguf_path_is_a_model(tmp_path):
+    path = tmp_path / "my.gguf"
+    path.write_bytes(b"GGUF")
+    entry = find_model(str(path))
+    assert entry.format == "gguf" and entry.path == path
+    assert sha256_file(path) == sha256_text("GGUF")
+
+
+def test_corrupted_model_file_fails_verification(tmp_path):
+    from dataclasses import replace
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"tampered")
+    entry = replace(find_model("smollm2"), path=path)
+    ok, detail = verify_model(entry)
+    assert not ok and "mismatch" in detail
+
+
+def test_unknown_backend_format_is_a_clear_error():
+    with pytest.raises(BackendError, match="no backend"):
+        backend_class("safetensors")
