@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -20,40 +21,64 @@ LONG = {
 }
 
 
-def open_stream(url_port: int, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    conn = http.client.HTTPConnection("127.0.0.1", url_port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    return conn, conn.getresponse()
+class RawStream:
+    """A streaming request over a bare socket, so the test can hang up like a real client.
+
+    HTTP/1.0 makes the server send the SSE body unframed and close at the end.
+    """
+
+    def __init__(self, port: int, body: dict):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        data = json.dumps(body).encode()
+        head = f"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        self.sock.sendall(head.encode() + data)
+        self.file = self.sock.makefile("rb")
+        status = self.file.readline()
+        assert b" 200 " in status, status
+        while self.file.readline() not in (b"\r\n", b""):
+            pass
+
+    def readline(self) -> bytes:
+        return self.file.readline()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
 
 
-def read_event(response) -> dict | str:
+def open_stream(port: int, body: dict) -> RawStream:
+    return RawStream(port, body)
+
+
+def read_event(stream: RawStream) -> dict | str:
     while True:
-        line = response.readline().decode().strip()
+        raw = stream.readline()
+        if not raw:
+            raise EOFError("stream ended without [DONE]")
+        line = raw.decode().strip()
         if line.startswith("data: "):
             payload = line[6:]
             return payload if payload == "[DONE]" else json.loads(payload)
-        if not line and response.isclosed():
-            raise EOFError
 
 
-def first_content_event(response) -> float:
+def first_content_event(stream) -> float:
     while True:
-        event = read_event(response)
+        event = read_event(stream)
         if event["choices"] and event["choices"][0]["delta"].get("content"):
             return time.perf_counter()
 
 
 def test_first_token_reaches_the_client_long_before_the_end(service):
     start = time.perf_counter()
-    conn, response = open_stream(service.port, LONG)
-    first = first_content_event(response)
+    stream = open_stream(service.port, LONG)
+    first = first_content_event(stream)
     # While we hold the first token, the server is still generating: its log row is open.
     assert service.last_row(wait_finished=False)["finished"] is None
     events = 1
-    while read_event(response) != "[DONE]":
+    while read_event(stream) != "[DONE]":
         events += 1
     end = time.perf_counter()
-    conn.close()
+    stream.close()
     row = service.last_row()
     assert row["completion_tokens"] >= 100, "the prompt should give a long answer"
     assert events >= 50
@@ -61,9 +86,9 @@ def test_first_token_reaches_the_client_long_before_the_end(service):
 
 
 def test_client_disconnect_stops_the_generation(service):
-    conn, response = open_stream(service.port, LONG)
-    first_content_event(response)
-    conn.sock.close()  # hang up mid-stream
+    stream = open_stream(service.port, LONG)
+    first_content_event(stream)
+    stream.close()  # hang up mid-stream
     row = service.last_row(timeout=10)
     assert row["finished"] is not None, "the generation should end soon after the client leaves"
     assert row["status"] == 499
@@ -75,8 +100,8 @@ def test_client_disconnect_stops_the_generation(service):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_mid_stream_keeps_every_row(fresh_service, sig):
     svc = fresh_service()
-    conn, response = open_stream(svc.port, LONG)
-    first_content_event(response)
+    stream = open_stream(svc.port, LONG)
+    first_content_event(stream)
     assert svc.stop(sig, timeout=30) == 0, svc.output()
     rows = svc.rows()
     stream_row = rows[-1]

@@ -23,21 +23,20 @@ class LlamaCppBackend(Backend):
             return
         path = Path(self.model_path)
         try:
-            # vocab_only first: learn the trained context without allocating a KV cache.
-            probe = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-            n_ctx_train = int(probe.metadata.get(f"{probe.metadata.get('general.architecture', 'llama')}.context_length", 0))
-            probe.close()
-            n_ctx = min(self.requested_context_length, n_ctx_train) if n_ctx_train else self.requested_context_length
-            self._llm = llama_cpp.Llama(
-                str(path),
-                n_ctx=n_ctx,
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
-                use_mmap=True,
-                verbose=False,
-            )
+            llm = self._open(path, self.requested_context_length)
+            trained = llm._model.n_ctx_train()
+            if 0 < trained < self.requested_context_length:
+                # Never serve more context than the model was trained for; mmap makes the reopen cheap.
+                llm.close()
+                llm = self._open(path, trained)
+            self._llm = llm
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"llama.cpp could not load {path}: {exc}") from exc
+
+    def _open(self, path: Path, n_ctx: int) -> llama_cpp.Llama:
+        return llama_cpp.Llama(
+            str(path), n_ctx=n_ctx, n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True, verbose=False
+        )
 
     def unload(self) -> None:
         if self._llm is not None:
@@ -73,8 +72,11 @@ class LlamaCppBackend(Backend):
         return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     def sample_tokens(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
-        self.llm.set_seed(seed)
+        if params.seed is not None:
+            # Reusing a cached prompt prefix changes the batch shapes of the prefill and with them
+            # the last bits of the logits; a seeded request must not depend on what ran before it.
+            self.llm.reset()
+        self.llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         return self.llm.generate(
             prompt,
             temp=params.temperature,

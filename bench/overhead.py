@@ -1,0 +1,202 @@
+"""What the service costs on top of llama.cpp: decode speed and time to first token.
+
+The same prompts run through raw llama-cpp-python (a minimal ``Llama.generate``
+loop: the floor of any Python program) and through ``appliance serve`` over
+HTTP with streaming, same model, same threads, interleaved round by round so
+both see the same machine state. Greedy decoding with a fixed token budget
+makes both sides generate the same tokens.
+
+    python -m bench.overhead --rounds 9 --max-tokens 128 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llama_cpp
+
+from appliance.backends import create_backend
+from models import find_model
+
+RESULTS = Path(__file__).parent / "results"
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works, step by step.",
+    "List twenty animals and one fact about each.",
+    "Describe the water cycle in detail.",
+]
+
+
+def build_prompts(model_path: Path, rounds: int) -> list[str]:
+    """Chat-formatted prompts, each unique so no run reuses another's KV cache."""
+    backend = create_backend("gguf", model_path, threads=1, context_length=4096)
+    backend.load()
+    prompts = [
+        backend.render_chat([{"role": "user", "content": f"(run {i}) {QUESTIONS[i % len(QUESTIONS)]}"}])
+        for i in range(rounds)
+    ]
+    backend.unload()
+    return prompts
+
+
+def raw_run(llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    first = last = None
+    n = 0
+    for token in llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.0):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            break
+        llm.detokenize([token])
+        last = time.perf_counter()
+        first = first or last
+        n += 1
+        if n >= max_tokens:
+            break
+    return {"ttft_ms": (first - start) * 1000, "tokens": n, "decode_tps": (n - 1) / (last - first)}
+
+
+def service_run(port: int, prompt: str, max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    first = last = None
+    usage = None
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            usage = event["usage"]
+        if event["choices"] and event["choices"][0]["text"]:
+            last = time.perf_counter()
+            first = first or last
+    conn.close()
+    n = usage["completion_tokens"]
+    return {"ttft_ms": (first - start) * 1000, "tokens": n, "decode_tps": (n - 1) / (last - first)}
+
+
+def start_service(threads: int) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tempfile.mkdtemp(prefix="bench-home-")
+    env = dict(os.environ, APPLIANCE_HOME=home)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    for _ in range(600):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("service did not get ready")
+
+
+def summarize(raw: list[dict], svc: list[dict]) -> dict:
+    med = statistics.median
+    return {
+        "raw_decode_tps_median": med(r["decode_tps"] for r in raw),
+        "service_decode_tps_median": med(r["decode_tps"] for r in svc),
+        "decode_ratio_median": med(s["decode_tps"] / r["decode_tps"] for r, s in zip(raw, svc)),
+        "raw_ttft_ms_median": med(r["ttft_ms"] for r in raw),
+        "service_ttft_ms_median": med(r["ttft_ms"] for r in svc),
+        "ttft_overhead_ms_median": med(s["ttft_ms"] - r["ttft_ms"] for r, s in zip(raw, svc)),
+        "same_token_counts": all(r["tokens"] == s["tokens"] for r, s in zip(raw, svc)),
+    }
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__}
+
+
+def write_report(meta: dict, summary: dict, raw: list[dict], svc: list[dict]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "overhead.json").write_text(json.dumps({"meta": meta, "summary": summary, "raw": raw, "service": svc}, indent=2))
+    s = summary
+    lines = [
+        "# Service overhead over raw llama-cpp-python",
+        "",
+        f"Model `{meta['model']}`, {meta['threads']} threads, {meta['rounds']} rounds x {meta['max_tokens']} tokens, greedy; "
+        f"raw and service interleaved in one run on {meta['machine']['cpu']} ({meta['machine']['logical_cpus']} logical CPUs), "
+        f"llama-cpp-python {meta['machine']['llama_cpp_python']}, {meta['date']}.",
+        "",
+        "| measure | raw llama-cpp-python | service over HTTP | result | goal |",
+        "|---|---|---|---|---|",
+        f"| decode tokens/s (median) | {s['raw_decode_tps_median']:.1f} | {s['service_decode_tps_median']:.1f} | "
+        f"ratio {s['decode_ratio_median']:.3f} | >= 0.97 {'✅' if s['decode_ratio_median'] >= 0.97 else '❌'} |",
+        f"| time to first token, ms (median) | {s['raw_ttft_ms_median']:.1f} | {s['service_ttft_ms_median']:.1f} | "
+        f"overhead {s['ttft_overhead_ms_median']:.2f} ms | <= 5 ms {'✅' if s['ttft_overhead_ms_median'] <= 5 else '❌'} |",
+        "",
+        f"Both sides generated the same number of tokens in every round: {s['same_token_counts']}.",
+        "Ratios and overheads are medians of per-round pairs. Decode tokens/s counts from the first token to the last",
+        "(the first token's time is prefill). The service's time to first token includes HTTP, JSON parsing,",
+        "validation, tokenization, the SQLite row and the SSE framing.",
+        "",
+        f"Reproduce: `{meta['command']}`",
+    ]
+    path = RESULTS / "overhead.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+
+    entry = find_model(args.model)
+    prompts = build_prompts(entry.path, args.rounds + 1)
+    llm = llama_cpp.Llama(str(entry.path), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    proc, port = start_service(args.threads)
+    raw, svc = [], []
+    try:
+        # Round 0 warms both sides up and is not counted.
+        for i, prompt in enumerate(prompts):
+            r = raw_run(llm, prompt, args.max_tokens)
+            s = service_run(port, prompt, args.max_tokens)
+            print(f"round {i}: raw {r['decode_tps']:.1f} tok/s ttft {r['ttft_ms']:.1f} ms | "
+                  f"service {s['decode_tps']:.1f} tok/s ttft {s['ttft_ms']:.1f} ms ({s['tokens']} tokens)", flush=True)
+            if i:
+                raw.append(r)
+                svc.append(s)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    meta = {"model": entry.name, "threads": args.threads, "rounds": args.rounds, "max_tokens": args.max_tokens,
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "command": "python -m bench.overhead " + " ".join(argv if argv is not None else sys.argv[1:])}
+    summary = summarize(raw, svc)
+    print(json.dumps(summary, indent=2))
+    print("report:", write_report(meta, summary, raw, svc))
+
+
+if __name__ == "__main__":
+    main()
