@@ -7,6 +7,7 @@ from flask import Flask
 from appliance import api, errors
 from appliance.config import Settings, load_settings
 from appliance.db import Database
+from appliance.power import PowerManager
 from appliance.runner import ModelRunner
 from appliance.state import AppState
 from models import find_model
@@ -21,7 +22,14 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     if runner is None:
         runner = ModelRunner(find_model(settings.model), threads=settings.threads, context_length=settings.context_length)
     db = db or Database(settings.db_path, store_text=settings.log_text)
-    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner)
+    power = PowerManager(
+        runner, db,
+        idle_after=settings.idle_after, deep_idle_after=settings.deep_idle_after,
+        memory_low_mb=settings.memory_low_mb, sample_every=settings.sample_every,
+        profile=settings.power_profile, dry_run=settings.power_dry_run,
+    )
+    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner, power=power)
+    power.start()
     errors.init_app(app)
     api.init_app(app)
     return app

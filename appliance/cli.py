@@ -157,6 +157,47 @@ def logs(ctx, count, as_json, home):
         )
 
 
+@cli.command()
+@click.option("--url", help="service address [default: http://<host>:<port> from the settings]")
+@click.option("--power", "power_state", type=click.Choice(["active", "idle", "deep_idle"]), help="force this power state first")
+@click.option("--json", "as_json", is_flag=True, help="the raw /api/status answer")
+@click.pass_context
+def status(ctx, url, power_state, as_json):
+    """Show the running service's power state, model and system figures.
+
+    \b
+    Example:
+      appliance status
+      appliance status --power deep_idle    # unload the model now
+    """
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(ctx)
+    base = url or f"http://{settings.host}:{settings.port}"
+    try:
+        if power_state:
+            body = json.dumps({"state": power_state}).encode()
+            req = urllib.request.Request(base + "/api/power", data=body, headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=120).read()
+        info = json.loads(urllib.request.urlopen(base + "/api/status", timeout=10).read())
+    except urllib.error.URLError as exc:
+        raise click.ClickException(f"no service answers at {base} ({exc.reason}): start it with 'appliance serve'") from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    system = info["system"]
+    wake = f"{info['last_wake_ms']} ms" if info["last_wake_ms"] is not None else "-"
+    click.echo(f"state      {info['state']} for {info['seconds_in_state']} s (next: {info['next_state'] or '-'} "
+               f"in {info['seconds_to_next_state'] if info['seconds_to_next_state'] is not None else '-'} s)")
+    click.echo(f"model      {info['model']['id']} ({'loaded' if info['model']['loaded'] else 'unloaded'}, "
+               f"loaded {info['model']['load_count']}x), last wake {wake}")
+    click.echo(f"process    RSS {system['rss'] / 2**20:.0f} MiB, CPU {system['cpu_percent']:.1f}%, "
+               f"{info['requests_in_flight']} request(s) in flight")
+    click.echo(f"box        {system['available_memory'] / 2**20:.0f} MiB available of {system['total_memory'] / 2**20:.0f}, "
+               f"CPU {system['system_cpu_percent']:.1f}%, power profile {info['profile']}{' (dry run)' if info['dry_run'] else ''}")
+
+
 def _fmt(value, digits: int = 0) -> str:
     if value is None:
         return "-"

@@ -48,6 +48,12 @@ class Settings:
     log_text: bool = field(default=True, metadata={"help": "store prompt and response text in the log; false stores only their sha256"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body accepted, in bytes"})
     http_threads: int = field(default=8, metadata={"help": "HTTP worker threads (requests beyond one wait for the model)"})
+    idle_after: float = field(default=300.0, metadata={"help": "seconds without requests before going idle (KV cache freed, power profile lowered)"})
+    deep_idle_after: float = field(default=1800.0, metadata={"help": "seconds without requests before unloading the model"})
+    memory_low_mb: int = field(default=256, metadata={"help": "go to deep idle early when the box has less available memory than this"})
+    sample_every: float = field(default=30.0, metadata={"help": "seconds between psutil samples of CPU, memory and temperature"})
+    power_profile: str = field(default="auto", metadata={"help": "power profile: auto, jetson, linux-cpufreq or none"})
+    power_dry_run: bool = field(default=False, metadata={"help": "record what the power profile would run instead of running it"})
 
     @property
     def db_path(self) -> Path:
@@ -78,6 +84,10 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
         if kind == "Path":
             return Path(value).expanduser()
         return str(value)
@@ -129,9 +139,15 @@ def load_settings(
 
 
 def _validate(settings: Settings) -> None:
-    for name in ("port", "threads", "context_length", "max_request_bytes", "http_threads"):
+    for name in ("port", "threads", "context_length", "max_request_bytes", "http_threads", "idle_after", "deep_idle_after", "sample_every"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
+    _validate_power(settings)
+
+
+def _validate_power(settings: Settings) -> None:
+    if settings.deep_idle_after < settings.idle_after:
+        raise ConfigError("setting 'deep_idle_after' must not be shorter than 'idle_after'")
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -49,6 +49,24 @@ def m001_requests(db: sqlite_utils.Database):
     db["requests"].create_index(["started"])
 
 
+@migrations()
+def m002_power_events(db: sqlite_utils.Database):
+    db["power_events"].create(
+        {
+            "id": int,
+            "time": str,  # ISO 8601, UTC
+            "from_state": str,
+            "to_state": str,
+            "reason": str,
+            "rss_before": int,  # bytes
+            "rss_after": int,
+            "wake_ms": float,  # for wakes: how long the model took to come back
+            "actions": str,  # JSON: what the power profile did or could not do
+        },
+        pk="id",
+    )
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -109,6 +127,14 @@ class Database:
 
     def finish_request(self, request_id: int, **fields) -> None:
         self.update_request(request_id, finished=utcnow(), **fields)
+
+    def record_power_event(self, **fields) -> int:
+        with self._lock, self.db.conn:
+            return self.db["power_events"].insert({"time": utcnow(), **fields}).last_pk
+
+    def power_events(self, limit: int = 100) -> list[dict]:
+        with self._lock:
+            return list(self.db["power_events"].rows_where(order_by="id desc", limit=limit))
 
     def recent_requests(self, limit: int = 20) -> list[dict]:
         with self._lock:

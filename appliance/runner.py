@@ -22,6 +22,11 @@ class ModelRunner:
         self.backend = backend or create_backend(entry.format, entry.path, threads=threads, context_length=context_length)
         self.load_error: str | None = None
         self.load_seconds: float | None = None
+        self.load_count = 0
+        # Called as hook() when a caller starts using the model and hook() again when it stops:
+        # the power manager counts activity and wakes the box through these.
+        self.on_begin: list = []
+        self.on_end: list = []
         self._turn = threading.Lock()  # one generation at a time
         self._loading = threading.Lock()  # one load at a time, however many requests wait for it
 
@@ -47,20 +52,32 @@ class ModelRunner:
                     raise
                 self.load_error = None
                 self.load_seconds = time.perf_counter() - start
+                self.load_count += 1
         return self.backend
 
     def unload(self) -> None:
         with self._turn, self._loading:
             self.backend.unload()
 
+    def release_cache(self) -> None:
+        with self._turn:
+            self.backend.release_cache()
+
     @contextmanager
     def session(self) -> Iterator[Backend]:
         """The loaded backend, for this caller alone until the block ends."""
-        with self._turn:
-            yield self.ensure_loaded()
+        for hook in self.on_begin:
+            hook()
+        try:
+            with self._turn:
+                yield self.ensure_loaded()
+        finally:
+            for hook in self.on_end:
+                hook()
 
     def info(self) -> dict:
-        info = {"id": self.entry.name, "format": self.entry.format, "path": str(self.entry.path), "loaded": self.is_loaded}
+        info = {"id": self.entry.name, "format": self.entry.format, "path": str(self.entry.path),
+                "loaded": self.is_loaded, "load_count": self.load_count}
         info.update(self.backend.info())
         if self.load_seconds is not None:
             info["load_seconds"] = round(self.load_seconds, 3)

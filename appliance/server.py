@@ -50,6 +50,7 @@ def serve(app, host: str, port: int, http_threads: int, on_ready=print) -> None:
         pass
     finally:
         st.shutting_down.set()
+        st.power.stop()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=SHUTDOWN_GRACE)
         server.close()
         st.db.close()

@@ -9,6 +9,7 @@ from flask import current_app
 
 from appliance.config import Settings
 from appliance.db import Database
+from appliance.power import PowerManager
 from appliance.runner import ModelRunner
 
 
@@ -17,6 +18,7 @@ class AppState:
     settings: Settings
     db: Database
     runner: ModelRunner
+    power: PowerManager
     shutting_down: threading.Event = field(default_factory=threading.Event)
 
 

@@ -2,9 +2,10 @@
 
 from flask import Flask
 
-from appliance.api import health, openai
+from appliance.api import admin, health, openai
 
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(health.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(admin.bp)

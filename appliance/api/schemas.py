@@ -110,6 +110,10 @@ class CompletionRequest(_GenerationRequest):
         return value
 
 
+class PowerRequest(_Strict):
+    state: Literal["active", "idle", "deep_idle"] = Field(description="the power state to move to now")
+
+
 def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     """Parse and validate a JSON body, or raise a 400 that names the bad field."""
     try:

@@ -71,6 +71,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def is_loaded(self) -> bool: ...
 
+    def release_cache(self) -> None:
+        """Drop what the next request can rebuild cheaply (the KV cache); the model stays loaded."""
+
     @property
     @abc.abstractmethod
     def context_length(self) -> int:

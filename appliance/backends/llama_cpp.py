@@ -43,6 +43,11 @@ class LlamaCppBackend(Backend):
             self._llm.close()
             self._llm = None
 
+    def release_cache(self) -> None:
+        if self._llm is not None:
+            self._llm._ctx.kv_cache_clear()
+            self._llm.reset()
+
     @property
     def is_loaded(self) -> bool:
         return self._llm is not None

@@ -1,0 +1,31 @@
+"""The box's own admin API: power state and status."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from appliance.api.schemas import PowerRequest, parse_body
+from appliance.state import state
+
+bp = Blueprint("admin", __name__, url_prefix="/api")
+
+
+@bp.get("/status")
+def status():
+    """Power state, time in state, last wake latency, model and system figures."""
+    return jsonify(state().power.status())
+
+
+@bp.post("/power")
+def set_power():
+    """Force a power state: {"state": "active" | "idle" | "deep_idle"}."""
+    req = parse_body(request.get_data(), PowerRequest)
+    state().power.set_state(req.state, "admin request")
+    return jsonify(state().power.status())
+
+
+@bp.get("/power/events")
+def power_events():
+    """The most recent state changes, newest first."""
+    limit = request.args.get("limit", default=50, type=int)
+    return jsonify({"data": state().db.power_events(max(1, min(limit, 1000)))})
