@@ -48,6 +48,7 @@ class Settings:
     log_text: bool = field(default=True, metadata={"help": "store prompt and response text in the log; false stores only their sha256"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body accepted, in bytes"})
     http_threads: int = field(default=8, metadata={"help": "HTTP worker threads (requests beyond one wait for the model)"})
+    provider: str = field(default="auto", metadata={"help": "ONNX Runtime execution provider: auto, cuda, tensorrt or cpu (auto: best available, else CPU)"})
     idle_after: float = field(default=300.0, metadata={"help": "seconds without requests before going idle (KV cache freed, power profile lowered)"})
     deep_idle_after: float = field(default=1800.0, metadata={"help": "seconds without requests before unloading the model"})
     memory_low_mb: int = field(default=256, metadata={"help": "go to deep idle early when the box has less available memory than this"})
@@ -138,7 +139,12 @@ def load_settings(
     return settings
 
 
+PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
+
+
 def _validate(settings: Settings) -> None:
+    if settings.provider not in PROVIDERS:
+        raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
     for name in ("port", "threads", "context_length", "max_request_bytes", "http_threads", "idle_after", "deep_idle_after", "sample_every"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")

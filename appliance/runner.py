@@ -14,12 +14,18 @@ from collections.abc import Iterator
 
 from appliance.backends import Backend, BackendError, create_backend
 from models import ModelEntry
+from models.catalog import verify_package
+from models.manifest import ManifestError
 
 
 class ModelRunner:
-    def __init__(self, entry: ModelEntry, threads: int, context_length: int, backend: Backend | None = None):
+    def __init__(
+        self, entry: ModelEntry, threads: int, context_length: int, backend: Backend | None = None, provider: str = "auto"
+    ):
         self.entry = entry
-        self.backend = backend or create_backend(entry.format, entry.path, threads=threads, context_length=context_length)
+        self.backend = backend or create_backend(
+            entry.format, entry.path, threads=threads, context_length=context_length, provider=provider
+        )
         self.load_error: str | None = None
         self.load_seconds: float | None = None
         self.load_count = 0
@@ -46,6 +52,7 @@ class ModelRunner:
             if not self.backend.is_loaded:
                 start = time.perf_counter()
                 try:
+                    self._verify_files()
                     self.backend.load()
                 except BackendError as exc:
                     self.load_error = str(exc)
@@ -54,6 +61,12 @@ class ModelRunner:
                 self.load_seconds = time.perf_counter() - start
                 self.load_count += 1
         return self.backend
+
+    def _verify_files(self) -> None:
+        try:
+            verify_package(self.entry)
+        except ManifestError as exc:
+            raise BackendError(f"refusing to load {self.entry.name!r}: {exc}") from exc
 
     def unload(self) -> None:
         with self._turn, self._loading:

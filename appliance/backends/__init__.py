@@ -15,6 +15,7 @@ from appliance.backends.base import Backend, BackendError, Chunk, SamplingParams
 # so a box with only llama.cpp installed never imports onnxruntime and vice versa.
 _REGISTRY: dict[str, str | type[Backend]] = {
     "gguf": "appliance.backends.llama_cpp:LlamaCppBackend",
+    "onnx": "appliance.backends.onnx_runtime:OnnxRuntimeBackend",
 }
 
 
@@ -40,8 +41,11 @@ def backend_class(model_format: str) -> type[Backend]:
     return target
 
 
-def create_backend(model_format: str, model_path, threads: int, context_length: int) -> Backend:
-    return backend_class(model_format)(model_path, threads=threads, context_length=context_length)
+def create_backend(model_format: str, model_path, threads: int, context_length: int, provider: str = "auto") -> Backend:
+    cls = backend_class(model_format)
+    # Settings only some engines have (e.g. the execution provider) go to those that list them in ``options``.
+    extra = {k: v for k, v in {"provider": provider}.items() if k in getattr(cls, "options", ())}
+    return cls(model_path, threads=threads, context_length=context_length, **extra)
 
 
 __all__ = ["Backend", "BackendError", "Chunk", "SamplingParams", "Usage", "create_backend", "register", "backend_class"]

@@ -1,0 +1,159 @@
+"""HF causal LM -> ONNX decoder with KV cache -> optional INT4 (MatMulNBits) -> model package folder.
+
+The graph follows optimum's ``text-generation-with-past`` layout (inputs
+``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.N.key/value``;
+outputs ``logits``, ``present.N.key/value``), which is what
+``appliance.backends.onnx_runtime`` serves. Needs torch and transformers
+(dev/export time only). optimum-onnx is not used: its 0.1.0 release pins
+transformers < 4.58, so the graph is exported with ``torch.onnx.export``.
+
+    python -m distill.export_onnx SRC_FOLDER OUT_FOLDER --name my-model [--gguf-file F] [--no-int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from models.manifest import sha256_file, write_manifest
+
+GRAPH = "model.onnx"
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    name: str
+    int4: bool = True  # quantize MatMul weights to 4 bits (MatMulNBits)
+    block_size: int = 32  # weights per INT4 scale; 32 keeps greedy output closest to fp32
+    accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations, the fast CPU kernels
+    target: str = "any"  # recorded in the manifest: cpu, cuda or any
+    aliases: tuple[str, ...] = ()
+    gguf_file: str | None = None  # load the source from this GGUF inside the source folder
+
+
+class _DecoderWithPast(torch.nn.Module):
+    """Flat tensors in and out, so the ONNX graph gets one named input per cache tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True,
+        )
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def load_source(src: Path, gguf_file: str | None = None):
+    """(model, tokenizer) from an HF folder, or from a GGUF in it (dequantized to fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    return model.eval(), tokenizer
+
+
+def export_decoder(model, path: Path) -> None:
+    """Write the fp32 decoder graph with its weights in one external file beside it."""
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [n.replace("past_key_values.", "present.") for n in past_names]
+    # Trace with a non-empty cache and several new tokens so no shape is specialised to 0 or 1.
+    past = [torch.zeros(1, kv_heads, 3, head_dim) for _ in past_names]
+    args = (torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 7, dtype=torch.int64), torch.arange(3, 7)[None], *past)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes |= {n: {0: "batch", 2: "past_sequence"} for n in past_names}
+    axes |= {n: {0: "batch", 2: "total_sequence"} for n in present_names}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        raw = Path(tmp) / GRAPH
+        torch.onnx.export(
+            _DecoderWithPast(model), args, str(raw), dynamo=False, opset_version=OPSET,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", *present_names], dynamic_axes=axes,
+        )
+        _save_with_external_data(onnx.load(str(raw)), path)
+
+
+def _save_with_external_data(graph: onnx.ModelProto, path: Path) -> None:
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def quantize_int4(path: Path, block_size: int, accuracy_level: int) -> None:
+    """Replace the graph's weight MatMuls by 4-bit MatMulNBits, in place."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(path)), block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
+    )
+    quantizer.process()
+    (path.parent / (path.name + ".data")).unlink()
+    _save_with_external_data(quantizer.model.model, path)
+
+
+def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
+    """Export the model in src to a served package folder out; returns out."""
+    src, out = Path(src), Path(out)
+    model, tokenizer = load_source(src, options.gguf_file)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    export_decoder(model, out / GRAPH)
+    if options.int4:
+        quantize_int4(out / GRAPH, options.block_size, options.accuracy_level)
+    tokenizer.save_pretrained(out)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    write_manifest(
+        out, name=options.name, architecture=model.config.model_type, format="onnx",
+        quantization=f"int4-block{options.block_size}" if options.int4 else "fp32", target=options.target,
+        context_length=model.config.max_position_embeddings, source=_source_record(src, options.gguf_file),
+        aliases=options.aliases,
+    )
+    return out
+
+
+def _source_record(src: Path, gguf_file: str | None) -> dict:
+    if gguf_file:
+        return {"model": str(src / gguf_file), "sha256": sha256_file(src / gguf_file)}
+    weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
+    return {"model": str(src), "sha256": {w.name: sha256_file(w) for w in weights}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path, help="HF model folder (or the folder of --gguf-file)")
+    parser.add_argument("out", type=Path, help="package folder to write (replaced if present)")
+    parser.add_argument("--name", required=True, help="model name recorded in the manifest")
+    parser.add_argument("--gguf-file", help="load the source from this GGUF file inside src")
+    parser.add_argument("--no-int4", action="store_true", help="keep fp32 weights")
+    parser.add_argument("--alias", action="append", default=[], help="another name the model answers to")
+    args = parser.parse_args(argv)
+    options = ExportOptions(name=args.name, int4=not args.no_int4, gguf_file=args.gguf_file, aliases=tuple(args.alias))
+    print(export_package(args.src, args.out, options))
+
+
+if __name__ == "__main__":
+    main()

