@@ -20,7 +20,10 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     app.config.update(MAX_CONTENT_LENGTH=settings.max_request_bytes, JSON_SORT_KEYS=False)
     app.json.ensure_ascii = False
     if runner is None:
-        runner = ModelRunner(find_model(settings.model), threads=settings.threads, context_length=settings.context_length)
+        runner = ModelRunner(
+            find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
+            provider=settings.provider,
+        )
     db = db or Database(settings.db_path, store_text=settings.log_text)
     power = PowerManager(
         runner, db,

@@ -18,7 +18,10 @@ from models import ModelNotFound, find_model
 
 def run_chat(settings: Settings, system: str | None, temperature: float, max_tokens: int) -> None:
     try:
-        runner = ModelRunner(find_model(settings.model), threads=settings.threads, context_length=settings.context_length)
+        runner = ModelRunner(
+            find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
+            provider=settings.provider,
+        )
     except ModelNotFound as exc:
         raise click.ClickException(str(exc)) from None
     db = Database(settings.db_path, store_text=settings.log_text)
