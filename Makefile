@@ -25,8 +25,11 @@ $(VENV)/.installed-serve: $(BIN)/python setup.cfg pyproject.toml
 	$(PIP_INSTALL) -e '.[llama]'
 	touch $@
 
+# The tests also build ONNX and distilled models, which needs torch (dev/test only: the service never
+# imports it). torch==2.13.0 first: it is the CPU build; any other version pulls gigabytes of CUDA.
 $(VENV)/.installed-test: $(VENV)/.installed-serve
-	$(PIP_INSTALL) -e '.[llama,test]'
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[llama,onnx,distill,test]'
 	touch $@
 
 serve: $(VENV)/.installed-serve

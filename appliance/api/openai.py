@@ -129,7 +129,8 @@ def _respond(req, prompt: list[int], params: SamplingParams, chat: bool):
     for _ in chunks:
         pass
     if result.finish_reason == "cancelled":
-        raise ServiceUnavailable("the service is shutting down; retry", code="shutting_down")
+        status, reason = cancel.status()
+        raise ServiceUnavailable(f"generation cancelled: {reason}", code="cancelled", status=status)
     g.log_id = None  # the generation already completed the row
     return jsonify(shape.complete(result))
 
