@@ -32,7 +32,8 @@ OPSET = 17
 class ExportOptions:
     name: str
     int4: bool = True  # quantize MatMul weights to 4 bits (MatMulNBits)
-    block_size: int = 32  # weights per INT4 scale; 32 keeps greedy output closest to fp32
+    block_size: int = 16  # weights per INT4 scale and zero point; 32 (as in GGUF Q4_1) lost SmolLM2 answers
+    symmetric: bool = False  # a zero point per block (like Q4_1) kept SmolLM2's greedy output closer to fp32
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations, the fast CPU kernels
     target: str = "any"  # recorded in the manifest: cpu, cuda or any
     aliases: tuple[str, ...] = ()
@@ -100,13 +101,13 @@ def _save_with_external_data(graph: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def quantize_int4(path: Path, block_size: int, accuracy_level: int) -> None:
+def quantize_int4(path: Path, block_size: int, accuracy_level: int, symmetric: bool) -> None:
     """Replace the graph's weight MatMuls by 4-bit MatMulNBits, in place."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(path)), block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
+        onnx.load(str(path)), block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
     )
     quantizer.process()
     (path.parent / (path.name + ".data")).unlink()
@@ -122,17 +123,23 @@ def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
     out.mkdir(parents=True)
     export_decoder(model, out / GRAPH)
     if options.int4:
-        quantize_int4(out / GRAPH, options.block_size, options.accuracy_level)
+        quantize_int4(out / GRAPH, options.block_size, options.accuracy_level, options.symmetric)
     tokenizer.save_pretrained(out)
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     write_manifest(
         out, name=options.name, architecture=model.config.model_type, format="onnx",
-        quantization=f"int4-block{options.block_size}" if options.int4 else "fp32", target=options.target,
+        quantization=quantization_label(options), target=options.target,
         context_length=model.config.max_position_embeddings, source=_source_record(src, options.gguf_file),
         aliases=options.aliases,
     )
     return out
+
+
+def quantization_label(options: ExportOptions) -> str:
+    if not options.int4:
+        return "fp32"
+    return f"int4-{'sym' if options.symmetric else 'asym'}-block{options.block_size}"
 
 
 def _source_record(src: Path, gguf_file: str | None) -> dict:

@@ -21,6 +21,32 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 MODEL = "smollm2-135m-instruct"
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One way to serve MODEL: the environment that picks it and what /readyz then reports."""
+
+    backend: str
+    quantization: str
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(request) -> Path:
+    """SmolLM2-135M-Instruct exported to ONNX INT4; kept in pytest's cache between sessions while it verifies."""
+    from tests.onnx_models import smollm2_package
+
+    return smollm2_package(Path(request.config.cache.mkdir("onnx-models")))
+
+
+@pytest.fixture(scope="session", params=["llama.cpp", "onnxruntime"])
+def served_model(request) -> ServedModel:
+    """Every test of a running service runs once per backend."""
+    if request.param == "llama.cpp":
+        return ServedModel("llama.cpp", "Q4_1", env={})
+    folder = request.getfixturevalue("smollm2_onnx")
+    return ServedModel("onnxruntime", "int4-asym-block16", env={"APPLIANCE_MODEL": str(folder)})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,6 +61,8 @@ class Service:
     port: int
     proc: subprocess.Popen
     log_path: Path
+    backend: str = "llama.cpp"  # what /readyz should report
+    quantization: str = "Q4_1"
 
     @property
     def url(self) -> str:
@@ -73,9 +101,12 @@ class Service:
         return self.log_path.read_text()
 
 
-def start_service(home: Path, extra_env: dict | None = None, args: tuple = ()) -> Service:
+def start_service(
+    home: Path, extra_env: dict | None = None, args: tuple = (), model: ServedModel | None = None
+) -> Service:
     port = free_port()
-    env = dict(os.environ, APPLIANCE_HOME=str(home), PYTHONUNBUFFERED="1", **(extra_env or {}))
+    model = model or ServedModel("llama.cpp", "Q4_1", env={})
+    env = dict(os.environ, APPLIANCE_HOME=str(home), PYTHONUNBUFFERED="1", **model.env, **(extra_env or {}))
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "serve.log"
     proc = subprocess.Popen(
@@ -84,7 +115,7 @@ def start_service(home: Path, extra_env: dict | None = None, args: tuple = ()) -
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
     )
-    service = Service(home=home, port=port, proc=proc, log_path=log_path)
+    service = Service(home, port, proc, log_path, backend=model.backend, quantization=model.quantization)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -100,19 +131,19 @@ def start_service(home: Path, extra_env: dict | None = None, args: tuple = ()) -
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory):
-    svc = start_service(tmp_path_factory.mktemp("home"))
+def service(tmp_path_factory, served_model):
+    svc = start_service(tmp_path_factory.mktemp("home"), model=served_model)
     yield svc
     svc.stop()
 
 
 @pytest.fixture
-def fresh_service(tmp_path):
+def fresh_service(tmp_path, served_model):
     """A service of this test's own, for tests that stop it or change its settings."""
     services = []
 
     def start(**env):
-        svc = start_service(tmp_path / f"home{len(services)}", extra_env=env)
+        svc = start_service(tmp_path / f"home{len(services)}", extra_env=env, model=served_model)
         services.append(svc)
         return svc
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.export_onnx import ExportOptions, export_package
+from distill.export_onnx import ExportOptions, export_package, quantization_label
 from models.manifest import is_package, read_manifest, verify_files
 
 # Wider than HF's 0.02 so greedy output varies instead of repeating one token, narrower than 0.3
@@ -69,8 +69,7 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
 
 
 def export_tiny(src: Path, out: Path, int4: bool) -> Path:
-    # Block 16: the tiny model's rows are only 64 or 128 wide.
-    return export_package(src, out, ExportOptions(name="tiny-llama", int4=int4, block_size=16))
+    return export_package(src, out, ExportOptions(name="tiny-llama", int4=int4))
 
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
@@ -82,15 +81,15 @@ def smollm2_package(cache_dir: Path) -> Path:
 
     gguf = find_model("smollm2-135m-instruct").path
     out = cache_dir / "smollm2-135m-instruct-onnx-int4"
-    if is_package(out) and _still_valid(out, gguf):
-        return out
     options = ExportOptions(name="smollm2-135m-instruct", aliases=SMOLLM2_ALIASES, gguf_file=gguf.name, target="cpu")
+    if is_package(out) and _still_valid(out, gguf, options):
+        return out
     return export_package(gguf.parent, out, options)
 
 
-def _still_valid(folder: Path, gguf: Path) -> bool:
+def _still_valid(folder: Path, gguf: Path, options: ExportOptions) -> bool:
     manifest = read_manifest(folder)
-    if manifest.source.get("model") != str(gguf):
+    if (manifest.source.get("model"), manifest.quantization) != (str(gguf), quantization_label(options)):
         return False
     try:
         verify_files(folder, manifest)

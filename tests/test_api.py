@@ -19,8 +19,9 @@ def test_health_and_ready(service):
     ready = requests.get(service.url + "/readyz").json()
     assert ready["status"] == "ready"
     assert ready["model"]["id"] == MODEL
-    assert ready["model"]["backend"] == "llama.cpp"
-    assert ready["model"]["quantization"] == "Q4_1"
+    assert ready["model"]["backend"] == service.backend
+    assert ready["model"]["quantization"] == service.quantization
+    assert ready["model"]["provider"] in ("cpu", "cuda", "tensorrt", "gpu-capable")
 
 
 def test_models_lists_the_served_model(openai_client):
