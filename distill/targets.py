@@ -1,0 +1,74 @@
+"""What each deployment target gets from ``appliance export``: one table, read top to bottom.
+
+To add a target, add a row to ``TARGETS``; every field is documented on
+``TargetProfile``. The exporter reads nothing else, so the table is the
+whole story of how a package for a target is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMATS = ("onnx", "gguf")
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    formats: tuple[str, ...]  # formats this target serves; --format both exports all of them
+    block_size: int  # ONNX INT4: weights per scale (32 = closer to fp32, 128 = smaller and faster on GPU)
+    symmetric: bool  # ONNX INT4: zero point fixed at 8 (symmetric) or stored per block
+    compute: str  # ONNX graph precision: "fp32" (int8 activations on CPU kernels) or "fp16" (GPU tensor cores)
+    accuracy_level: int  # MatMulNBits compute type: 4 = int8 activations (fast CPU kernels), 0 = as the graph's float
+    gguf_quant: str  # llama.cpp quant type: Q4_0 has ARM's repacked NEON/i8mm kernels, Q4_K_M is best on x86 and CUDA
+    provider: str  # ONNX Runtime execution provider the package is built for: cpu, cuda or tensorrt
+    embedding_int4: bool = True  # quantize the token embedding (GatherBlockQuantized); the largest tensor of small models
+    lm_head_int4: bool = True  # quantize the output projection; False keeps it at graph precision for accuracy
+
+
+TARGETS: dict[str, TargetProfile] = {
+    profile.name: profile
+    for profile in (
+        TargetProfile(
+            name="jetson", description="NVIDIA Jetson (Orin): CUDA on a shared-memory ARM SoC",
+            formats=("onnx", "gguf"), block_size=32, symmetric=True, compute="fp16", accuracy_level=0,
+            gguf_quant="Q4_K_M", provider="cuda",
+        ),
+        TargetProfile(
+            name="arm", description="ARM boards without a usable GPU (Raspberry Pi 5, Graviton, RK3588)",
+            formats=("gguf", "onnx"), block_size=32, symmetric=True, compute="fp32", accuracy_level=4,
+            gguf_quant="Q4_0", provider="cpu",
+        ),
+        TargetProfile(
+            name="gpu", description="small discrete NVIDIA GPU in a PC (RTX A2000, T4, L4)",
+            formats=("onnx", "gguf"), block_size=128, symmetric=False, compute="fp16", accuracy_level=0,
+            gguf_quant="Q4_K_M", provider="cuda",
+        ),
+        TargetProfile(
+            name="cpu", description="x86-64 CPU (AVX2/AVX-512)",
+            formats=("gguf", "onnx"), block_size=32, symmetric=True, compute="fp32", accuracy_level=4,
+            gguf_quant="Q4_K_M", provider="cpu",
+        ),
+    )
+}
+
+
+class UnknownTarget(ValueError):
+    """No profile of that name; the message lists the known ones."""
+
+
+def get_target(name: str) -> TargetProfile:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UnknownTarget(f"unknown target {name!r}: use one of {', '.join(TARGETS)} (profiles in distill/targets.py)") from None
+
+
+def formats_for(profile: TargetProfile, requested: str) -> tuple[str, ...]:
+    """The formats to export: "both" means every format the target serves."""
+    if requested == "both":
+        return profile.formats
+    if requested not in profile.formats:
+        raise UnknownTarget(f"target {profile.name!r} does not serve {requested!r} (it serves {', '.join(profile.formats)})")
+    return (requested,)
