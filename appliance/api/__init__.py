@@ -2,10 +2,11 @@
 
 from flask import Flask
 
-from appliance.api import admin, health, openai
+from appliance.api import admin, health, openai, web
 
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(health.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(web.bp)

@@ -24,6 +24,13 @@ def set_power():
     return jsonify(state().power.status())
 
 
+@bp.get("/logs")
+def logs():
+    """The most recent API requests from the SQLite log, newest first."""
+    limit = request.args.get("limit", default=50, type=int)
+    return jsonify({"data": state().db.recent_requests(max(1, min(limit, 1000)))})
+
+
 @bp.get("/power/events")
 def power_events():
     """The most recent state changes, newest first."""
