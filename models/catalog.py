@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.manifest import ManifestError, is_package, read_manifest, sha256_file, verify_files
+from models.registry import registered_packages
 
 
 class ModelNotFound(LookupError):
@@ -85,7 +86,16 @@ def _bundled_entry(b: _Bundled) -> ModelEntry:
 
 
 def list_models() -> list[ModelEntry]:
-    return [_bundled_entry(b) for b in BUNDLED]
+    """Bundled models, then the packages registered with ``appliance models add``."""
+    return [_bundled_entry(b) for b in BUNDLED] + [_registered_entry(p) for p in registered_packages()]
+
+
+def _registered_entry(folder: Path) -> ModelEntry:
+    try:
+        return _package_entry(folder)
+    except ManifestError as exc:
+        # Listed but unusable (moved, deleted, manifest broken): shown as not installed, with the reason.
+        return ModelEntry(name=folder.name, format="gguf", path=None, source=f"registered package {folder}: {exc}")
 
 
 def find_model(name: str) -> ModelEntry:

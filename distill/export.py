@@ -1,0 +1,250 @@
+"""``appliance export``: one HF model -> INT4 model packages for one target, each with its report.
+
+For every format the target serves (``distill/targets.py``) a package folder
+``OUT/<name>-<target>-<format>`` is built in a hidden temporary folder beside
+it and renamed into place only when complete: the model files, the tokenizer
+(ONNX), ``report.md``/``report.json`` and a ``manifest.json`` with the sha256 of
+every file. A failure names its step and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from distill.targets import TargetProfile, formats_for, get_target
+from models.manifest import CACHE_DIR, sha256_file, write_manifest
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+class ExportError(RuntimeError):
+    """An export step failed; the message names the step and the cause."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    src: Path  # HF model folder: config.json, *.safetensors, tokenizer.json
+    out: Path  # packages go in OUT/<name>-<target>-<format>
+    target: str = "cpu"
+    format: str = "both"  # onnx, gguf or both (every format the target serves)
+    name: str | None = None  # model name in the manifests [default: the source folder's name]
+    algorithm: str = "rtn"  # ONNX INT4 algorithm: rtn or hqq
+    measure: bool = True  # write report.md/report.json (perplexity, agreement, speed, RSS)
+    threads: int = 2
+    aliases: tuple[str, ...] = ()
+
+
+Progress = Callable[[str], None]
+
+
+def export(request: ExportRequest, progress: Progress = print) -> list[Path]:
+    """Build one package per format; returns their folders."""
+    profile = get_target(request.target)
+    request = replace(request, src=Path(request.src), out=Path(request.out), name=request.name or Path(request.src).name)
+    formats = formats_for(profile, request.format)
+    reference = None
+    if request.measure:
+        with step("measure the fp32 source", progress):
+            from distill.export_report import reference_from_hf
+
+            reference = reference_from_hf(request.src)
+    return [_export_one(request, profile, fmt, reference, progress) for fmt in formats]
+
+
+@contextmanager
+def step(name: str, progress: Progress) -> Iterator[None]:
+    progress(f"[export] {name} ...")
+    start = time.perf_counter()
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:  # any library error becomes one that names the step
+        raise ExportError(f"export step '{name}' failed: {type(exc).__name__}: {exc}") from exc
+    progress(f"[export] {name}: done in {time.perf_counter() - start:.1f} s")
+
+
+def package_name(request: ExportRequest, profile: TargetProfile, fmt: str) -> str:
+    return f"{request.name}-{profile.name}-{fmt}"
+
+
+def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, reference, progress: Progress) -> Path:
+    final = request.out / package_name(request, profile, fmt)
+    request.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=request.out))
+    try:
+        folder = work / "package"
+        quantization = BUILDERS[fmt](request, profile, folder, progress)
+        _write_manifest(request, profile, fmt, folder, quantization)
+        if reference is not None:
+            _write_report(request, profile, fmt, folder, quantization, reference, progress)
+        _publish(folder, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    progress(f"[export] {fmt} package: {final}")
+    return final
+
+
+def _build_onnx(request: ExportRequest, profile: TargetProfile, folder: Path, progress: Progress) -> str:
+    from distill.export_onnx import ExportOptions, export_package
+    from distill.quantize_onnx import Int4Options, convert_fp16, quantize_int4
+
+    options = Int4Options(block_size=profile.block_size, symmetric=profile.symmetric,
+                          accuracy_level=profile.accuracy_level, algorithm=request.algorithm,
+                          embedding=profile.embedding_int4, lm_head=profile.lm_head_int4)
+    with step("export the ONNX decoder with KV cache (fp32)", progress):
+        export_package(request.src, folder, ExportOptions(name=request.name, int4=False, target=profile.provider))
+    if profile.compute == "fp16":
+        with step("convert the ONNX graph to fp16", progress):
+            convert_fp16(folder / "model.onnx")
+    with step(f"quantize ONNX weights to INT4 ({options.label(profile.compute == 'fp16')})", progress):
+        quantize_int4(folder / "model.onnx", options)
+    return options.label(profile.compute == "fp16")
+
+
+def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, progress: Progress) -> str:
+    from distill.export_gguf import quantize_gguf, write_gguf
+
+    folder.mkdir(parents=True)
+    full = folder.parent / "model.f32.gguf"  # outside the package: only the quantized file ships
+    with step("write the GGUF from the HF weights (f32)", progress):
+        write_gguf(request.src, full, request.name, progress=True)
+    with step(f"quantize the GGUF to {profile.gguf_quant} with llama.cpp", progress):
+        quantize_gguf(full, folder / f"{request.name}.{profile.gguf_quant}.gguf", profile.gguf_quant, request.threads)
+    full.unlink()
+    return profile.gguf_quant
+
+
+BUILDERS = {"onnx": _build_onnx, "gguf": _build_gguf}
+
+
+def _write_manifest(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,
+                    metrics: dict | None = None) -> None:
+    shutil.rmtree(folder / CACHE_DIR, ignore_errors=True)  # the backend's optimized graph: derived, never shipped
+    write_manifest(
+        folder, name=f"{request.name}-{profile.name}-{fmt}", architecture=_architecture(request.src), format=fmt,
+        quantization=quantization, target=profile.name, context_length=_context_length(request.src),
+        source=source_record(request.src), metrics=metrics, aliases=request.aliases,
+    )
+
+
+def _architecture(src: Path) -> str:
+    return json.loads((src / "config.json").read_text())["model_type"]
+
+
+def _context_length(src: Path) -> int:
+    return int(json.loads((src / "config.json").read_text())["max_position_embeddings"])
+
+
+def source_record(src: Path) -> dict:
+    weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
+    return {"model": str(src.resolve()), "sha256": {w.name: sha256_file(w) for w in weights}}
+
+
+def _publish(folder: Path, final: Path) -> None:
+    """Put the finished package at final; an older package there is replaced only once the new one is whole."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    folder.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- report ------------------------------------------------------------------------
+def _write_report(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,
+                  reference, progress: Progress) -> None:
+    from distill.export_report import measure_speed, quality, scorer
+
+    model_path = _served_path(fmt, folder)
+    with step(f"measure the {fmt} package (perplexity, greedy agreement)", progress):
+        metrics = quality(scorer(fmt, model_path, request.threads), reference)
+    with step(f"measure the {fmt} package (decode tokens/s, peak RSS)", progress):
+        metrics |= measure_speed(fmt, model_path, request.threads)
+    report = build_report(request, profile, fmt, folder, quantization, reference, metrics)
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / REPORT_MD).write_text(render_markdown(report))
+    summary = {k: report[k] for k in ("perplexity_ratio", "greedy_agreement", "size_vs_fp32")}
+    _write_manifest(request, profile, fmt, folder, quantization, metrics=summary)
+
+
+def _served_path(fmt: str, folder: Path) -> Path:
+    return next(folder.glob("*.gguf")) if fmt == "gguf" else folder
+
+
+def build_report(request, profile, fmt, folder, quantization, reference, metrics) -> dict:
+    fp32_bytes = source_fp32_bytes(request.src)
+    model_bytes = sum(p.stat().st_size for p in _model_files(fmt, folder))
+    return {
+        "model": request.name, "target": profile.name, "format": fmt, "quantization": quantization,
+        "profile": asdict(profile), "source": str(request.src.resolve()),
+        "model_bytes": model_bytes, "fp32_bytes": fp32_bytes, "fp16_bytes": fp32_bytes // 2,
+        "size_vs_fp32": model_bytes / fp32_bytes, "size_vs_fp16": model_bytes / (fp32_bytes / 2),
+        "perplexity_fp32": reference.perplexity, "perplexity_int4": metrics["perplexity"],
+        "perplexity_ratio": metrics["perplexity"] / reference.perplexity,
+        "held_out_tokens": len(reference.text_ids), "prompts": len(reference.prompt_ids),
+        "new_tokens": len(reference.greedy[0]) if reference.greedy else 0,
+        **{k: v for k, v in metrics.items() if k != "perplexity"},
+        "machine": _machine(),
+    }
+
+
+def _model_files(fmt: str, folder: Path) -> list[Path]:
+    return list(folder.glob("*.gguf")) if fmt == "gguf" else list(folder.glob("model.onnx*"))
+
+
+def source_fp32_bytes(src: Path) -> int:
+    """Bytes of the source's weights at fp32 (the parameter count times 4, whatever dtype they are stored in)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in src.glob("*.safetensors"):
+        with safe_open(str(path), "np") as f:
+            total += sum(4 * _numel(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _machine() -> dict:
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def render_markdown(r: dict) -> str:
+    mb = 1 / 1e6
+    lines = [
+        f"# {r['model']} for {r['target']}: {r['format']} {r['quantization']}", "",
+        "| measure | value |", "|---|---|",
+        f"| model files | {r['model_bytes'] * mb:.1f} MB |",
+        f"| fp32 / fp16 source | {r['fp32_bytes'] * mb:.1f} MB / {r['fp16_bytes'] * mb:.1f} MB |",
+        f"| size vs fp32 / fp16 | {r['size_vs_fp32']:.3f}x / {r['size_vs_fp16']:.3f}x |",
+        f"| held-out perplexity fp32 -> INT4 ({r['held_out_tokens']} tokens) | {r['perplexity_fp32']:.3f} -> "
+        f"{r['perplexity_int4']:.3f} ({r['perplexity_ratio']:.3f}x) |",
+        f"| greedy agreement with the source (teacher-forced, {r['prompts']} prompts x {r['new_tokens']} tokens) | "
+        f"{r['greedy_agreement']:.1%} |",
+        f"| identical free-running prefix per prompt (of {r['new_tokens']}) | "
+        f"{', '.join(str(n) for n in r['free_running_identical_prefix'])} |",
+        f"| decode speed ({r['threads']} threads) | {r['decode_tokens_per_s']:.1f} tokens/s |",
+        f"| peak RSS (load + {r['new_tokens']} tokens, fresh process) | {r['peak_rss_mb']:.0f} MB |",
+        f"| load time | {r['load_s']:.2f} s |", "",
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores. Source: `{r['source']}`.", "",
+        "Teacher-forced agreement: the share of the source's greedy tokens that the package also ranks first "
+        "when given the same prefix. The free-running prefix counts tokens until the first divergence.", "",
+    ]
+    return "\n".join(lines)

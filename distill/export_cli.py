@@ -1,0 +1,59 @@
+"""Click commands for ``appliance export`` and ``appliance models add``, registered in appliance/cli.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from distill.targets import TARGETS
+
+
+@click.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(list(TARGETS)), default="cpu", show_default=True,
+              help="deployment target; profiles in distill/targets.py")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf", "both"]), default="both", show_default=True,
+              help="'both': every format the target serves")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="folder for the packages (OUT/<name>-<target>-<format>)")
+@click.option("--name", help="model name in the manifests [default: MODEL_DIR's name]")
+@click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True,
+              help="ONNX INT4 algorithm (gptq needs neural-compressor, not installed)")
+@click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")
+@click.option("-t", "--threads", type=int, default=2, show_default=True, help="threads for quantizing and measuring")
+def export_command(model_dir, target, fmt, out, name, algorithm, no_report, threads):
+    """Export an HF model folder to INT4 model packages for one target, each with a report.
+
+    \b
+    Example:
+      appliance export ./student --target arm --format both --out ./packages
+      appliance models add ./packages/student-arm-gguf
+    """
+    from distill.export import ExportError, ExportRequest, export
+    from distill.targets import UnknownTarget
+
+    request = ExportRequest(src=model_dir, out=out, target=target, format=fmt, name=name, algorithm=algorithm,
+                            measure=not no_report, threads=threads)
+    try:
+        packages = export(request, progress=lambda line: click.echo(line, err=True))
+    except (ExportError, UnknownTarget) as exc:
+        raise click.ClickException(str(exc)) from None
+    for package in packages:
+        click.echo(package)
+
+
+@click.command("add")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="data folder [default: ~/.appliance]")
+def models_add(path, home):
+    """Register a model package folder (with manifest.json) after checking every file's sha256."""
+    from models.manifest import ManifestError
+    from models.registry import add_package
+
+    try:
+        manifest = add_package(path, home)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
+               f"serve it with appliance serve --model {manifest.name}")

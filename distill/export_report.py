@@ -1,0 +1,208 @@
+"""What quantization cost: perplexity, greedy agreement, size, decode speed and memory of a package.
+
+Every number compares the package with the HF source it was exported from,
+on the same token ids (tokenized once, by the source's tokenizer), so the
+GGUF and ONNX packages of one export are measured on the same text.
+Decode speed and peak RSS come from a fresh subprocess per package, so one
+package's memory never counts against another's (and torch is not loaded there).
+
+    python -m distill.export_report speed {gguf,onnx} PATH [--tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Held-out text: written for this report, so no model was trained on it.
+HELD_OUT_TEXT = """\
+The maintenance crew reached the pumping station a little after dawn, when the river fog was still lying in the
+low fields. Their job that morning was simple on paper: replace a worn bearing on the second pump, check the
+pressure sensors, and be back before the afternoon shift needed the road. In practice, nothing at the station was
+ever simple. The building had been extended three times, each time by a different contractor, and the wiring
+diagrams in the control room described a plant that no longer existed.
+
+Mara, who had worked there for eleven years, kept her own notebook. It listed which breakers actually fed which
+motors, which valves stuck in cold weather, and which alarms could be ignored because they had been miswired since
+the last renovation. New engineers usually laughed at the notebook until their first night shift alone.
+
+By nine o'clock the old bearing was out. It was scored and discoloured, as expected, but the shaft beneath it was
+in better condition than anyone had hoped. The replacement went in cleanly. While the grease settled, the crew
+walked the pipe gallery with a handheld meter, reading each sensor and comparing it with the value shown upstairs.
+Two sensors disagreed by more than the tolerance allowed, and one of them turned out to be reading the wrong pipe
+entirely: a label had been swapped during a repair the previous winter.
+
+They corrected the label, logged the discrepancy, and restarted the pump. For a few seconds the vibration rose,
+then fell to a steady hum that Mara judged, by ear, to be better than it had sounded in months. The meter agreed
+with her. On the drive back, the fog had lifted, and the river was bright and quiet under a clear sky.
+"""
+PROMPTS = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nGive me three tips for staying focused while studying.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nExplain what a pump bearing does, in two sentences.<|im_end|>\n<|im_start|>assistant\n",
+    "The history of the bicycle begins in",
+)
+NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The HF source's own answers: what every package is compared against."""
+
+    text_ids: list[int]
+    prompt_ids: list[list[int]]
+    greedy: list[list[int]]  # NEW_TOKENS greedy tokens per prompt
+    perplexity: float
+
+
+# -- the source ----------------------------------------------------------------
+def reference_from_hf(src: Path, prompts=PROMPTS, text: str = HELD_OUT_TEXT, new_tokens: int = NEW_TOKENS) -> Reference:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(src) / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    text_ids = tokenizer.encode(text).ids
+    prompt_ids = [tokenizer.encode(p).ids for p in prompts]
+    with torch.no_grad():
+        logits = model(torch.tensor([text_ids])).logits[0].numpy()
+        greedy = [
+            model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
+            for ids in prompt_ids
+        ]
+    return Reference(text_ids, prompt_ids, greedy, perplexity(logits, text_ids))
+
+
+def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
+    """exp of the mean negative log-likelihood of tokens[1:] given logits[:-1]."""
+    logits = logits[:-1].astype(np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = log_z - logits[np.arange(len(tokens) - 1), tokens[1:]]
+    return float(np.exp(nll.mean()))
+
+
+# -- packages ------------------------------------------------------------------
+class GgufScorer:
+    """Logits of every position from llama.cpp (one forward pass, no sampling)."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   logits_all=True, verbose=False)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        self.llm.reset()
+        out = []
+        for token in self.llm.generate(prompt, temp=0, top_k=1, repeat_penalty=1.0):
+            out.append(token)
+            if len(out) == n:
+                return out
+        return out
+
+
+class OnnxScorer:
+    """Logits of every position from ONNX Runtime (the served graph, empty KV cache)."""
+
+    def __init__(self, folder: Path, threads: int):
+        from appliance.backends.onnx_runtime import OnnxRuntimeBackend
+
+        self.backend = OnnxRuntimeBackend(folder, threads=threads, context_length=4096, provider="cpu")
+        self.backend.load()
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        graph = self.backend._graph
+        feed = {"input_ids": np.array([tokens]), "attention_mask": np.ones((1, len(tokens)), np.int64),
+                "position_ids": np.arange(len(tokens))[None]}
+        feed |= {n: np.zeros((1, graph.kv_heads, 0, graph.head_dim), graph.kv_dtype) for n in graph.past_names}
+        return self.backend.session.run(["logits"], feed)[0][0].astype(np.float32)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        from appliance.backends.base import SamplingParams
+
+        tokens = self.backend.sample_tokens(prompt, SamplingParams(max_tokens=n, temperature=0))
+        return [next(tokens) for _ in range(n)]
+
+
+def scorer(fmt: str, path: Path, threads: int):
+    return GgufScorer(path, threads) if fmt == "gguf" else OnnxScorer(path, threads)
+
+
+def teacher_forced_agreement(score, prompt: list[int], reference: list[int]) -> float:
+    """Share of positions where the package's top token, given the reference prefix, is the reference token."""
+    logits = score.logits(prompt + reference[:-1])[len(prompt) - 1:]
+    return float(np.mean(logits.argmax(-1) == np.array(reference)))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def quality(score, ref: Reference) -> dict:
+    """Perplexity and agreement of one package against the source's reference answers."""
+    forced = [teacher_forced_agreement(score, p, g) for p, g in zip(ref.prompt_ids, ref.greedy)]
+    free = [common_prefix(score.greedy(p, len(g)), g) for p, g in zip(ref.prompt_ids, ref.greedy)]
+    return {
+        "perplexity": perplexity(score.logits(ref.text_ids), ref.text_ids),
+        "greedy_agreement": float(np.mean(forced)),
+        "greedy_agreement_per_prompt": forced,
+        "free_running_identical_prefix": free,
+    }
+
+
+# -- speed and memory, in a fresh process -----------------------------------------
+def measure_speed(fmt: str, path: Path, threads: int, tokens: int = NEW_TOKENS) -> dict:
+    cmd = [sys.executable, "-m", "distill.export_report", "speed", fmt, str(path), "--tokens", str(tokens),
+           "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"speed run of {path} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _speed(fmt: str, path: Path, threads: int, tokens: int) -> dict:
+    from appliance.backends import create_backend
+    from appliance.backends.base import SamplingParams
+
+    start = time.perf_counter()
+    backend = create_backend(fmt, path, threads=threads, context_length=2048, provider="cpu")
+    backend.load()
+    loaded = time.perf_counter()
+    stream = backend.sample_tokens(backend.tokenize(PROMPTS[1]), SamplingParams(max_tokens=tokens, temperature=0))
+    next(stream)  # the prefill and first token: not decode
+    first = time.perf_counter()
+    for _ in range(tokens - 1):
+        next(stream)
+    end = time.perf_counter()
+    return {"decode_tokens_per_s": (tokens - 1) / (end - first), "load_s": loaded - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="decode speed and peak RSS of one package")
+    parser.add_argument("command", choices=["speed"])
+    parser.add_argument("format", choices=["gguf", "onnx"])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(_speed(args.format, args.path, args.threads, args.tokens)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Model packages registered with this box (``appliance models add PATH``).
+
+The list lives in ``$APPLIANCE_HOME/models.json`` as absolute folder paths;
+the packages stay where they are. ``models.catalog`` lists them beside the
+bundled models, so a registered package is served by its manifest name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from models.manifest import Manifest, load_verified
+
+REGISTRY_FILE = "models.json"
+
+
+def default_home() -> Path:
+    # Same rule as appliance.config.default_home; repeated so the catalog never imports the service.
+    return Path(os.environ.get("APPLIANCE_HOME") or Path.home() / ".appliance")
+
+
+def registry_path(home: Path | None = None) -> Path:
+    return Path(home or default_home()) / REGISTRY_FILE
+
+
+def registered_packages(home: Path | None = None) -> list[Path]:
+    path = registry_path(home)
+    if not path.exists():
+        return []
+    try:
+        return [Path(p) for p in json.loads(path.read_text())["packages"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is malformed ({exc}); fix or delete it and add the packages again") from None
+
+
+def add_package(folder: Path, home: Path | None = None) -> Manifest:
+    """Check every file of the package against its manifest, then record it; returns the manifest."""
+    folder = Path(folder).expanduser().resolve()
+    manifest = load_verified(folder)  # raises ManifestError naming a missing or corrupted file
+    packages = [p for p in registered_packages(home) if p != folder] + [folder]
+    _save(packages, home)
+    return manifest
+
+
+def remove_package(folder: Path, home: Path | None = None) -> bool:
+    folder = Path(folder).expanduser().resolve()
+    packages = registered_packages(home)
+    if folder not in packages:
+        return False
+    _save([p for p in packages if p != folder], home)
+    return True
+
+
+def _save(packages: list[Path], home: Path | None) -> None:
+    path = registry_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"packages": [str(p) for p in packages]}, indent=2) + "\n")
+    partial.replace(path)  # whole or not at all, even if the process dies mid-write

@@ -1,0 +1,187 @@
+"""INT4 export on a tiny random Llama: real GGUF and ONNX packages, loaded and run in both real backends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.backends import BackendError
+from appliance.backends.base import SamplingParams
+from appliance.runner import ModelRunner
+from distill.export import ExportError, ExportRequest, export
+from distill.export_cli import export_command, models_add
+from distill.export_gguf import QUANT_TYPES, write_gguf
+from distill.targets import TARGETS, UnknownTarget, formats_for, get_target
+from models.catalog import find_model, list_models, verify_model
+from models.manifest import ManifestError, read_manifest
+from models.registry import add_package, registered_packages
+from tests.onnx_models import build_tiny_llama
+
+PROMPTS = ["The quick brown fox", "Grüße aus Köln, ein Bär", "Numbers: 1 2 3 4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("export") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def cpu_packages(tiny_hf):
+    request = ExportRequest(src=tiny_hf, out=tiny_hf.parent / "packages", target="cpu", measure=False)
+    return {p.name.rsplit("-", 1)[1]: p for p in export(request, progress=lambda line: None)}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def runner_for(path) -> ModelRunner:
+    return ModelRunner(find_model(str(path)), threads=1, context_length=256)
+
+
+def greedy_text(runner: ModelRunner, prompt: str, n: int = 16) -> str:
+    backend = runner.ensure_loaded()
+    chunks = backend.generate(backend.tokenize(prompt), SamplingParams(max_tokens=n, temperature=0))
+    return "".join(c.text for c in chunks)
+
+
+def test_every_target_profile_is_complete_and_consistent():
+    for profile in TARGETS.values():
+        assert set(profile.formats) <= {"onnx", "gguf"} and profile.gguf_quant in QUANT_TYPES
+        assert profile.block_size in (16, 32, 64, 128) and profile.compute in ("fp32", "fp16")
+        assert profile.provider in ("cpu", "cuda", "tensorrt")
+        assert formats_for(profile, "both") == profile.formats
+    assert get_target("arm").gguf_quant == "Q4_0" and get_target("gpu").gguf_quant == "Q4_K_M"
+    with pytest.raises(UnknownTarget, match="use one of jetson, arm, gpu, cpu"):
+        get_target("tpu")
+
+
+@pytest.mark.slow
+def test_f32_gguf_tokenizes_and_generates_exactly_like_transformers(tiny_hf, tmp_path):
+    """The writer's tensor names, q/k permutation and tokenizer metadata, checked without quantization noise."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = write_gguf(tiny_hf, tmp_path / "tiny.f32.gguf", "tiny")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_hf).eval(), AutoTokenizer.from_pretrained(tiny_hf)
+    for text in PROMPTS:
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, len(ids):]
+        llm.reset()
+        got = [t for t, _ in zip(llm.generate(ids, temp=0, top_k=1, repeat_penalty=1.0), range(24))]
+        assert got == expected.tolist(), text
+    assert llm.metadata["tokenizer.chat_template"].startswith("{% for message in messages %}")
+    assert llm.metadata["tokenizer.ggml.pre"] == "gpt-2"
+
+
+@pytest.mark.slow
+def test_both_formats_export_load_and_generate(cpu_packages):
+    gguf, onnx = cpu_packages["gguf"], cpu_packages["onnx"]
+    assert (read_manifest(gguf).quantization, read_manifest(onnx).quantization) == ("Q4_K_M", "int4-block32-sym")
+    for package in (gguf, onnx):
+        runner = runner_for(package)
+        assert verify_model(runner.entry)[0]
+        assert greedy_text(runner, PROMPTS[0])  # real tokens out of the real engine
+    assert runner_for(gguf).ensure_loaded().info()["quantization"] == "Q4_K_M"
+    assert not list(gguf.parent.glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_onnx_int4_quantizes_the_embedding_and_every_matmul(cpu_packages):
+    import onnx
+
+    graph = onnx.load(str(cpu_packages["onnx"] / "model.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert "GatherBlockQuantized" in ops and ops.count("MatMulNBits") == 2 * 7 + 1 and "MatMul" in ops  # + attention
+    weight_shapes = {(400, 64), (64, 64), (64, 32), (64, 128), (128, 64), (64, 400)}
+    assert not [i.name for i in graph.initializer if tuple(i.dims) in weight_shapes and i.data_type == onnx.TensorProto.FLOAT]
+
+
+@pytest.mark.slow
+def test_gpu_profile_gives_an_fp16_onnx_graph_that_still_runs_on_cpu(tiny_hf, tmp_path):
+    request = ExportRequest(src=tiny_hf, out=tmp_path, target="gpu", format="onnx", measure=False)
+    (package,) = export(request, progress=lambda line: None)
+    assert read_manifest(package).quantization == "int4-block128-asym-fp16"
+    runner = runner_for(package)
+    assert greedy_text(runner, PROMPTS[1])
+    assert runner.backend._graph.kv_dtype.__name__ == "float16"
+
+
+@pytest.mark.slow
+def test_a_corrupted_file_is_refused_at_load(cpu_packages, tmp_path):
+    for fmt, name in (("gguf", "tiny.Q4_K_M.gguf"), ("onnx", "model.onnx.data")):
+        folder = shutil.copytree(cpu_packages[fmt], tmp_path / fmt)
+        data = folder / name
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF  # same size, one byte changed
+        data.write_bytes(bytes(raw))
+        runner = runner_for(folder)
+        with pytest.raises(BackendError, match=f"{name.replace('.', '[.]')} does not match its sha256"):
+            runner.ensure_loaded()
+        assert not runner.is_loaded
+
+
+def test_a_failed_step_is_named_and_leaves_no_package(tiny_hf, tmp_path):
+    broken = shutil.copytree(tiny_hf, tmp_path / "broken")
+    (broken / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="export step 'write the GGUF from the HF weights"):
+        export(ExportRequest(src=broken, out=out, target="arm", format="gguf", measure=False), progress=lambda line: None)
+    assert list(out.iterdir()) == []
+
+
+def test_unsupported_models_are_refused_before_writing(tiny_hf, tmp_path):
+    odd = shutil.copytree(tiny_hf, tmp_path / "odd")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(config | {"attention_bias": True}))
+    with pytest.raises(ValueError, match="biases are not supported"):
+        write_gguf(odd, tmp_path / "odd.gguf", "odd")
+    assert not (tmp_path / "odd.gguf").exists()
+
+
+@pytest.mark.slow
+def test_models_add_registers_a_package_with_the_catalog(cpu_packages, home):
+    manifest = add_package(cpu_packages["gguf"])
+    assert registered_packages() == [cpu_packages["gguf"].resolve()]
+    assert manifest.name in [e.name for e in list_models()]
+    entry = find_model(manifest.name)
+    assert entry.package == cpu_packages["gguf"].resolve() and verify_model(entry) == (True, "sha256 ok (every file of the package)")
+    add_package(cpu_packages["gguf"])  # adding twice keeps one entry
+    assert len(registered_packages()) == 1
+
+
+@pytest.mark.slow
+def test_models_add_refuses_a_corrupted_package(cpu_packages, home, tmp_path):
+    folder = shutil.copytree(cpu_packages["onnx"], tmp_path / "pkg")
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ManifestError, match="tokenizer.json"):
+        add_package(folder)
+    result = CliRunner().invoke(models_add, [str(folder)])
+    assert result.exit_code == 1 and "tokenizer.json" in result.output
+    assert registered_packages() == []
+
+
+@pytest.mark.slow
+def test_cli_export_writes_a_measured_package_with_its_report(tiny_hf, tmp_path, home):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(export_command, [str(tiny_hf), "--target", "arm", "--format", "gguf", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    package = out / "tiny-arm-gguf"
+    report = json.loads((package / "report.json").read_text())
+    assert report["quantization"] == "Q4_0" and report["model_bytes"] < report["fp32_bytes"] / 3
+    assert report["perplexity_fp32"] > 1 and report["perplexity_int4"] > 1
+    assert 0 <= report["greedy_agreement"] <= 1 and report["decode_tokens_per_s"] > 0 and report["peak_rss_mb"] > 0
+    assert "held-out perplexity" in (package / "report.md").read_text()
+    manifest = read_manifest(package)
+    assert {"report.json", "report.md", "tiny.Q4_0.gguf"} <= {f.path for f in manifest.files}
+    assert manifest.metrics["greedy_agreement"] == report["greedy_agreement"]
+    added = CliRunner().invoke(models_add, [str(package)])
+    assert added.exit_code == 0 and "tiny-arm-gguf" in added.output
