@@ -15,26 +15,18 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import llama_cpp
 
 from appliance.backends import create_backend
+from bench.common import PROMPTS, machine, start_service
 from models import find_model
 
 RESULTS = Path(__file__).parent / "results"
-QUESTIONS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works, step by step.",
-    "List twenty animals and one fact about each.",
-    "Describe the water cycle in detail.",
-]
 
 
 def build_prompts(model_path: Path, rounds: int) -> list[str]:
@@ -42,7 +34,7 @@ def build_prompts(model_path: Path, rounds: int) -> list[str]:
     backend = create_backend("gguf", model_path, threads=1, context_length=4096)
     backend.load()
     prompts = [
-        backend.render_chat([{"role": "user", "content": f"(run {i}) {QUESTIONS[i % len(QUESTIONS)]}"}])
+        backend.render_chat([{"role": "user", "content": f"(run {i}) {PROMPTS[i % len(PROMPTS)]}"}])
         for i in range(rounds)
     ]
     backend.unload()
@@ -90,31 +82,6 @@ def service_run(port: int, prompt: str, max_tokens: int) -> dict:
     return {"ttft_ms": (first - start) * 1000, "tokens": n, "decode_tps": (n - 1) / (last - first)}
 
 
-def start_service(threads: int) -> tuple[subprocess.Popen, int]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tempfile.mkdtemp(prefix="bench-home-")
-    env = dict(os.environ, APPLIANCE_HOME=home)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    for _ in range(600):
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("service did not get ready")
-
-
 def summarize(raw: list[dict], svc: list[dict]) -> dict:
     med = statistics.median
     return {
@@ -126,12 +93,6 @@ def summarize(raw: list[dict], svc: list[dict]) -> dict:
         "ttft_overhead_ms_median": med(s["ttft_ms"] - r["ttft_ms"] for r, s in zip(raw, svc)),
         "same_token_counts": all(r["tokens"] == s["tokens"] for r, s in zip(raw, svc)),
     }
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__}
 
 
 def write_report(meta: dict, runs: list[dict]) -> Path:

@@ -18,37 +18,15 @@ import http.client
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-from bench.overhead import machine
+from bench.common import machine, start_service
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def start_service(threads: int, extra_env: dict) -> tuple[subprocess.Popen, int]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, APPLIANCE_HOME=tempfile.mkdtemp(prefix="bench-power-"), **extra_env)
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if call(port, "GET", "/readyz")[0] == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("service did not get ready")
 
 
 def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:

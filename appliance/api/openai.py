@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from appliance.api.generation import Cancellation, GenerationResult, logged_generation, new_id, sse, usage_json
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body

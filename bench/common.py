@@ -1,0 +1,54 @@
+"""What the benchmarks share: a real service to measure, and a description of the machine."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works, step by step.",
+    "List twenty animals and one fact about each.",
+    "Describe the water cycle in detail.",
+]
+
+
+def start_service(threads: int, extra_env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """``appliance serve`` on a free loopback port with a data folder of its own, once it is ready."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, APPLIANCE_HOME=tempfile.mkdtemp(prefix="bench-home-"), **(extra_env or {}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    for _ in range(600):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the service did not get ready in 60 s")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    try:
+        import llama_cpp
+
+        llama_version = llama_cpp.__version__
+    except ImportError:
+        llama_version = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "llama_cpp_python": llama_version, "load_avg": os.getloadavg()}
