@@ -99,6 +99,7 @@ def summary_markdown(reports: list[dict], published: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from distill.export import ExportRequest, export
+    from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2-export"))
@@ -106,11 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     src = smollm2_source(args.work)
+    reference = reference_from_hf(src)  # the fp32 source's answers, measured once for every target
     packages = []
     for target in args.targets:
         request = ExportRequest(src=src, out=args.work / "packages", target=target, name="smollm2-135m-instruct",
                                 threads=args.threads)
-        packages += export(request)
+        packages += export(request, reference=reference)
     published = compare_with_published([p for p in packages if p.name.endswith("-gguf")], args.threads)
     write_results(packages, published)
     print((RESULTS / "summary.md").read_text())

@@ -45,17 +45,20 @@ class ExportRequest:
 Progress = Callable[[str], None]
 
 
-def export(request: ExportRequest, progress: Progress = print) -> list[Path]:
-    """Build one package per format; returns their folders."""
+def export(request: ExportRequest, progress: Progress = print, reference=None) -> list[Path]:
+    """Build one package per format; returns their folders.
+
+    reference: the source's measured answers (``export_report.reference_from_hf``), to reuse across targets.
+    """
     profile = get_target(request.target)
     request = replace(request, src=Path(request.src), out=Path(request.out), name=request.name or Path(request.src).name)
     formats = formats_for(profile, request.format)
-    reference = None
-    if request.measure:
+    if request.measure and reference is None:
         with step("measure the fp32 source", progress):
             from distill.export_report import reference_from_hf
 
             reference = reference_from_hf(request.src)
+    reference = reference if request.measure else None
     return [_export_one(request, profile, fmt, reference, progress) for fmt in formats]
 
 

@@ -51,6 +51,7 @@ PROMPTS = (
     "The history of the bicycle begins in",
 )
 NEW_TOKENS = 64
+SPEED_TIMEOUT_S = 900  # a decode of 64 tokens never needs this long; a stuck one must not hang the export
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,10 @@ def quality(score, ref: Reference) -> dict:
 def measure_speed(fmt: str, path: Path, threads: int, tokens: int = NEW_TOKENS) -> dict:
     cmd = [sys.executable, "-m", "distill.export_report", "speed", fmt, str(path), "--tokens", str(tokens),
            "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=SPEED_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"speed run of {path} took over {SPEED_TIMEOUT_S} s (is the machine oversubscribed?)") from None
     if done.returncode != 0:
         raise RuntimeError(f"speed run of {path} failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,7 +194,15 @@ def _speed(fmt: str, path: Path, threads: int, tokens: int) -> dict:
         next(stream)
     end = time.perf_counter()
     return {"decode_tokens_per_s": (tokens - 1) / (end - first), "load_s": loaded - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads}
+            "peak_rss_mb": peak_rss_mb(), "threads": threads}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries the parent's peak over the exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
 
 
 def main(argv: list[str] | None = None) -> None:
