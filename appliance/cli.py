@@ -203,5 +203,11 @@ def _fmt(value, digits: int = 0) -> str:
     return f"{value:.{digits}f}" if digits else str(value)
 
 
+# The model pipeline's commands; they import torch and friends only when they run.
+from distill.export_cli import export_command, models_add  # noqa: E402
+
+cli.add_command(export_command)  # appliance export MODEL_DIR --target ... --format ... --out DIR
+models.add_command(models_add)  # appliance models add PATH
+
 if __name__ == "__main__":
     cli()
