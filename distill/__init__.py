@@ -1,1 +1,1 @@
-"""Knowledge distillation (teacher -> compact student) and INT4 export. Not built yet: see the issues."""
+"""Knowledge distillation: a teacher causal LM becomes a compact student (see distill/cli.py)."""

@@ -1,0 +1,3 @@
+from distill.cli import distill
+
+distill(prog_name="python -m distill")

@@ -1,0 +1,55 @@
+"""Load a teacher (HF folder or GGUF file) and its tokenizer as a torch causal LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+class TeacherNotFound(LookupError):
+    """The teacher spec names nothing on this box; the message says what is accepted."""
+
+
+def resolve_teacher(spec: str) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) for an HF folder, a .gguf path, or a catalog name."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise TeacherNotFound(f"{path} holds no config.json and {len(ggufs)} .gguf files; name the file itself")
+    try:
+        from models import ModelNotFound, find_model
+    except ImportError:  # the catalog is part of the appliance; a bare copy of distill/ has no catalog
+        raise TeacherNotFound(f"teacher {spec!r}: no such file or folder") from None
+    try:
+        entry = find_model(spec)
+    except ModelNotFound as exc:
+        raise TeacherNotFound(f"teacher {spec!r}: not a file or folder, and {exc}") from None
+    return entry.path.parent, entry.path.name
+
+
+def load_tokenizer(spec: str):
+    folder, gguf_file = resolve_teacher(spec)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_teacher(spec: str, dtype=torch.float32):
+    """The teacher in eval mode with no gradients; GGUF weights come back dequantized."""
+    folder, gguf_file = resolve_teacher(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    # A GGUF load records where it came from; the dequantized torch model is plain weights.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.eval().requires_grad_(False)
+    return model
