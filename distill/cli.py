@@ -81,7 +81,11 @@ def train(resume, config_path, **flags):
 @distill.command(name="eval")
 @config_options
 def eval_(config_path, **flags):
-    """Evaluate OUT_DIR/student (and OUT_DIR/baseline) against the teacher; rewrite the report."""
+    """Evaluate OUT_DIR/student (and OUT_DIR/baseline) against the teacher; rewrite the report.
+
+    Give it the same --config and data flags as `train` (--data, --block-size, --val-fraction)
+    so that it scores the same held-out blocks.
+    """
     from distill.pipeline import run_eval
 
     run_eval(_load(config_path, flags))

@@ -9,7 +9,11 @@ checkpoint and in report.json.
 from __future__ import annotations
 
 import json
-import tomllib
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package (setup.cfg installs it there)
+    import tomli as tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
