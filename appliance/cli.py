@@ -204,7 +204,10 @@ def _fmt(value, digits: int = 0) -> str:
 
 
 # The model pipeline's commands; they import torch and friends only when they run.
+from distill.cli import distill as distill_group  # noqa: E402
 from distill.export_cli import export_command, models_add  # noqa: E402
+
+cli.add_command(distill_group, "distill")  # appliance distill train|eval|generate|student (also python -m distill)
 
 cli.add_command(export_command)  # appliance export MODEL_DIR --target ... --format ... --out DIR
 models.add_command(models_add)  # appliance models add PATH
