@@ -273,3 +273,16 @@ def test_help_lists_every_setting():
     assert result.exit_code == 0
     for name in ("--alpha", "--temperature", "--keep-every", "--hidden-weight", "--grad-accum", "--resume", "--baseline"):
         assert name in result.output
+
+
+def test_hidden_cosine_term_is_zero_for_the_teacher_and_mapped_by_layer(tiny, tmp_path):
+    teacher = load_teacher(str(tiny[0]))
+    x = torch.randint(0, teacher.config.vocab_size, (2, 16))
+    t_out = teacher(x, output_hidden_states=True)
+    same = distill_loss(teacher(x, output_hidden_states=True), t_out, x, 0.5, 1.0, hidden_weight=1.0, layer_map=[0, 1, 2, 3])
+    assert same[1]["cos"] == pytest.approx(0.0, abs=1e-5)
+    student, keep = build_student(teacher, tiny_cfg(tiny, tmp_path, keep_layers=[0, 3]))
+    s_out = student(x, output_hidden_states=True)
+    # layer 0 is copied, so only the jump from layer 0 to teacher layer 3 costs anything
+    assert distill_loss(s_out, t_out, x, 0.5, 1.0, hidden_weight=1.0, layer_map=keep)[1]["cos"] > 1e-4
+    assert distill_loss(s_out, t_out, x, 0.5, 1.0, hidden_weight=1.0, layer_map=[0])[1]["cos"] == pytest.approx(0.0, abs=1e-5)
