@@ -10,8 +10,12 @@ JOBS := $(shell nproc 2>/dev/null || echo 2)
 # it is built on (-march=native); some virtual machines advertise AMX/AVX-512 that they
 # cannot execute (the process dies with SIGILL), so on x86-64 we target AVX2, which
 # every x86 box of the product has. On aarch64 (Jetson, ARM boards) native is right.
+# OpenMP off: with OpenMP, llama.cpp decodes ~25% slower when called from a thread other
+# than the process's main thread, which is where a WSGI server runs every request
+# (bench/results/overhead.md); ggml's own threadpool has no such penalty.
+LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
 ifeq ($(shell uname -m),x86_64)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_CMAKE_ARGS += -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
 PIP_INSTALL = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install
 
