@@ -201,7 +201,9 @@ def test_blocks_are_packed_and_split_by_document(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.0, 0.0])  # pure distillation, and the CE-only baseline
 def test_loss_falls(tiny, tmp_path, alpha):
-    cfg = tiny_cfg(tiny, tmp_path, max_steps=24, alpha=alpha, eval_every=12, block_size=32, lr=3e-3)
+    # 48 steps, not 24: in one full-suite run the starting loss differed (7.30 vs 7.57; the source of that
+    # nondeterminism in the fixture is not found yet) and 24 steps fell only 2%.
+    cfg = tiny_cfg(tiny, tmp_path, max_steps=48, alpha=alpha, eval_every=24, block_size=32, lr=3e-3)
     report = run_train(cfg)
     log = report["runs"]["student"]["train_log"]
     first, last = np.mean([e["loss"] for e in log[:4]]), np.mean([e["loss"] for e in log[-4:]])
