@@ -73,11 +73,19 @@ class Service:
         return self.home / "logs.db"
 
     def rows(self) -> list[dict]:
+        """Request log rows, oldest first."""
+        return self._read(lambda db: db.recent_requests(100000))
+
+    def power_rows(self) -> list[dict]:
+        """Power state changes, oldest first."""
+        return self._read(lambda db: db.power_events(100000))
+
+    def _read(self, query) -> list[dict]:
         from appliance.db import Database
 
         db = Database(self.db_path, readonly=True)
         try:
-            return list(reversed(db.recent_requests(100000)))
+            return list(reversed(query(db)))
         finally:
             db.close()
 

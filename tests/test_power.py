@@ -36,23 +36,13 @@ def complete(svc, prompt="Hello", max_tokens=4) -> requests.Response:
     return requests.post(svc.url + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=120)
 
 
-def power_rows(svc) -> list[dict]:
-    from appliance.db import Database
-
-    db = Database(svc.db_path, readonly=True)
-    try:
-        return list(reversed(db.power_events(1000)))
-    finally:
-        db.close()
-
-
 @pytest.mark.slow
 def test_idle_then_deep_idle_on_schedule_then_a_request_wakes_it(fresh_service):
     svc = fresh_service(**FAST_IDLE)
     assert complete(svc).status_code == 200
     active_rss = status(svc)["system"]["rss"]
     # On a slow start the box may already have idled once before this first request woke it.
-    earlier = len(power_rows(svc))
+    earlier = len(svc.power_rows())
 
     idle = wait_for_state(svc, "idle", timeout=5)
     assert idle["model"]["loaded"], "idle keeps the model loaded"
@@ -65,10 +55,10 @@ def test_idle_then_deep_idle_on_schedule_then_a_request_wakes_it(fresh_service):
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
     woke = status(svc)
     assert woke["state"] == "active" and woke["model"]["loaded"]
-    assert woke["model"]["load_count"] == 2 + sum(r["to_state"] == "active" and r["from_state"] == "deep_idle" for r in power_rows(svc)[:earlier])
+    assert woke["model"]["load_count"] == 2 + sum(r["to_state"] == "active" and r["from_state"] == "deep_idle" for r in svc.power_rows()[:earlier])
     assert woke["last_wake_ms"] > 0
 
-    rows = power_rows(svc)[earlier:]
+    rows = svc.power_rows()[earlier:]
     assert [(r["from_state"], r["to_state"]) for r in rows] == [("active", "idle"), ("idle", "deep_idle"), ("deep_idle", "active")]
     assert rows[0]["reason"].startswith("no requests") and rows[2]["reason"] == "request"
     assert rows[1]["rss_after"] < rows[1]["rss_before"]
@@ -91,7 +81,7 @@ def test_eight_concurrent_requests_during_a_wake_trigger_one_reload(fresh_servic
     assert codes == [200] * 8
     after = status(svc)
     assert after["model"]["load_count"] == before + 1
-    wakes = [r for r in power_rows(svc) if r["to_state"] == "active"]
+    wakes = [r for r in svc.power_rows() if r["to_state"] == "active"]
     assert len(wakes) == 1
 
 
