@@ -121,6 +121,9 @@ def write_report(meta: dict, cycles: list[dict], idle: dict) -> Path:
         "this machine, before any model, so with a 135M-parameter model (~200 MiB for weights, KV cache and",
         "buffers) that floor keeps deep idle above 15% of active; with larger models the share falls.",
         "",
+        "Deep-idle RSS per cycle, MiB: " + ", ".join(f"{c['deep_idle_rss'] / 2**20:.0f}" for c in cycles)
+        + " (a creep across load/unload cycles shows here).",
+        "",
         f"Reproduce: `{meta['command']}`",
     ]
     path = RESULTS / "power.md"
