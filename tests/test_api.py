@@ -113,7 +113,7 @@ def test_completions_non_streamed_and_streamed(openai_client, service):
 
 
 def test_raw_sse_format(service):
-    body = {"messages": COUNT, "max_tokens": 8, "stream": True}
+    body = {"messages": COUNT, "max_tokens": 8, "temperature": 0, "stream": True}
     with requests.post(service.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines(decode_unicode=True) if line]
