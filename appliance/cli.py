@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -58,9 +59,11 @@ def serve(ctx, host, port, model, threads, context_length, home):
       curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
     from appliance.app import create_app
+    from appliance.power import limit_malloc_arenas
     from appliance.server import serve as run_server
     from models import ModelNotFound
 
+    limit_malloc_arenas()
     settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -124,6 +127,46 @@ def models_verify():
         failed |= not ok and e.available
         click.echo(f"{'OK  ' if ok else 'FAIL'} {e.name:<24} {detail}")
     sys.exit(1 if failed else 0)
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="data folder [default: ~/.appliance]")
+def models_add(path, home):
+    """Register a model package folder (with manifest.json) after checking every file's sha256.
+
+    \b
+    Example:
+      appliance export ./student --target arm --out ./packages
+      appliance models add ./packages/student-arm-gguf
+    """
+    from models.manifest import ManifestError
+    from models.registry import add_package
+
+    try:
+        manifest = add_package(path, home)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
+               f"serve it with appliance serve --model {manifest.name}")
+
+
+@models.command("remove")
+@click.argument("name_or_path")
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="data folder [default: ~/.appliance]")
+def models_remove(name_or_path, home):
+    """Forget a package added with ``models add`` (by name or folder); its files are left on disk.
+
+    \b
+    Example:
+      appliance models remove student-arm-gguf
+    """
+    from models.registry import remove_package
+
+    folder = remove_package(name_or_path, home)
+    if folder is None:
+        raise click.ClickException(f"no registered package is called {name_or_path!r}: see appliance models list")
+    click.echo(f"removed {folder} from the registry (its files are still there)")
 
 
 def _entry_json(e) -> dict:
@@ -205,12 +248,11 @@ def _fmt(value, digits: int = 0) -> str:
 
 # The model pipeline's commands; they import torch and friends only when they run.
 from distill.cli import distill as distill_group  # noqa: E402
-from distill.export_cli import export_command, models_add  # noqa: E402
+from distill.export_cli import export_command  # noqa: E402
 
 cli.add_command(distill_group, "distill")  # appliance distill train|eval|generate|student (also python -m distill)
 
 cli.add_command(export_command)  # appliance export MODEL_DIR --target ... --format ... --out DIR
-models.add_command(models_add)  # appliance models add PATH
 
 if __name__ == "__main__":
     cli()

@@ -1,4 +1,4 @@
-"""Click commands for ``appliance export`` and ``appliance models add``, registered in appliance/cli.py."""
+"""The click command ``appliance export``, registered in appliance/cli.py."""
 
 from __future__ import annotations
 
@@ -41,19 +41,3 @@ def export_command(model_dir, target, fmt, out, name, algorithm, no_report, thre
         raise click.ClickException(str(exc)) from None
     for package in packages:
         click.echo(package)
-
-
-@click.command("add")
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="data folder [default: ~/.appliance]")
-def models_add(path, home):
-    """Register a model package folder (with manifest.json) after checking every file's sha256."""
-    from models.manifest import ManifestError
-    from models.registry import add_package
-
-    try:
-        manifest = add_package(path, home)
-    except ManifestError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
-               f"serve it with appliance serve --model {manifest.name}")

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from models.manifest import Manifest, load_verified
+from models.manifest import Manifest, ManifestError, load_verified, read_manifest
 
 REGISTRY_FILE = "models.json"
 
@@ -44,13 +44,24 @@ def add_package(folder: Path, home: Path | None = None) -> Manifest:
     return manifest
 
 
-def remove_package(folder: Path, home: Path | None = None) -> bool:
-    folder = Path(folder).expanduser().resolve()
+def remove_package(name_or_path: str, home: Path | None = None) -> Path | None:
+    """Forget a registered package, given its folder or its manifest name; its files stay where they are.
+
+    Returns the folder that was removed, or None when nothing registered matches.
+    """
     packages = registered_packages(home)
-    if folder not in packages:
-        return False
-    _save([p for p in packages if p != folder], home)
-    return True
+    folder = Path(name_or_path).expanduser().resolve()
+    match = folder if folder in packages else next((p for p in packages if _package_name(p) == name_or_path), None)
+    if match is not None:
+        _save([p for p in packages if p != match], home)
+    return match
+
+
+def _package_name(folder: Path) -> str:
+    try:
+        return read_manifest(folder).name
+    except ManifestError:  # moved or broken packages can still be removed by folder name
+        return folder.name
 
 
 def _save(packages: list[Path], home: Path | None) -> None:

@@ -22,7 +22,7 @@ def run(*args, home=None, input=None, check=True):
     return result
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["chat"], ["models"], ["models", "verify"], ["models", "add"], ["logs"], ["status"], ["export"], ["distill"], ["distill", "train"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["chat"], ["models"], ["models", "verify"], ["models", "add"], ["models", "remove"], ["logs"], ["status"], ["export"], ["distill"], ["distill", "train"]])
 def test_every_command_has_help(command):
     out = run(*command, "--help").stdout
     assert "Usage: " in out and "--help" in out

@@ -12,7 +12,8 @@ from appliance.backends import BackendError
 from appliance.backends.base import SamplingParams
 from appliance.runner import ModelRunner
 from distill.export import ExportError, ExportRequest, export
-from distill.export_cli import export_command, models_add
+from appliance.cli import models_add, models_remove
+from distill.export_cli import export_command
 from distill.export_gguf import QUANT_TYPES, write_gguf
 from distill.targets import TARGETS, UnknownTarget, formats_for, get_target
 from models.catalog import find_model, list_models, verify_model
@@ -156,6 +157,12 @@ def test_models_add_registers_a_package_with_the_catalog(cpu_packages, home):
     assert entry.package == cpu_packages["gguf"].resolve() and verify_model(entry) == (True, "sha256 ok (every file of the package)")
     add_package(cpu_packages["gguf"])  # adding twice keeps one entry
     assert len(registered_packages()) == 1
+    missing = CliRunner().invoke(models_remove, ["no-such-package"])
+    assert missing.exit_code == 1 and "no registered package" in missing.output
+    removed = CliRunner().invoke(models_remove, [manifest.name])
+    assert removed.exit_code == 0, removed.output
+    assert registered_packages() == [] and manifest.name not in [e.name for e in list_models()]
+    assert (cpu_packages["gguf"] / "manifest.json").exists()  # the files stay
 
 
 @pytest.mark.slow
