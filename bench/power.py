@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,13 +67,15 @@ def wake_cycles(port: int, pid: int, cycles: int) -> list[dict]:
         for k in range(3):  # warm up: model loaded, caches hot
             ttft_ms(port, prompt(1000 * c + k))
         warm = ttft_ms(port, prompt(1000 * c + 10))
-        active_rss = process.memory_info().rss
+        active = process.memory_full_info()
         call(port, "POST", "/api/power", {"state": "deep_idle"})
         time.sleep(0.5)
-        deep_rss = process.memory_info().rss
+        deep = process.memory_full_info()
+        active_rss, deep_rss = active.rss, deep.rss
         cold = ttft_ms(port, prompt(1000 * c + 11))
         status = call(port, "GET", "/api/status")[1]
-        out.append({"active_rss": active_rss, "deep_idle_rss": deep_rss, "warm_ttft_ms": warm, "wake_ttft_ms": cold,
+        out.append({"active_rss": active_rss, "deep_idle_rss": deep_rss, "active_uss": active.uss, "deep_idle_uss": deep.uss,
+                    "warm_ttft_ms": warm, "wake_ttft_ms": cold,
                     "wake_latency_ms": cold - warm, "reload_ms": status["last_wake_ms"]})
         print(f"cycle {c}: RSS {active_rss / 2**20:.0f} -> {deep_rss / 2**20:.0f} MiB, "
               f"TTFT warm {warm:.0f} ms, after deep idle {cold:.0f} ms", flush=True)
@@ -88,17 +91,29 @@ def idle_cpu(pid: int, seconds: float) -> dict:
     return {"seconds": seconds, "cpu_seconds": used, "share_of_one_core": used / seconds}
 
 
-def write_report(meta: dict, cycles: list[dict], idle: dict) -> Path:
+def import_floor() -> dict:
+    """RSS and USS of a fresh interpreter that has imported what the service imports, with no model loaded."""
+    code = ("import appliance.app, appliance.server, appliance.backends.llama_cpp, llama_cpp, psutil; "
+            "m = psutil.Process().memory_full_info(); print(m.rss, m.uss)")
+    rss, uss = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return {"rss": int(rss), "uss": int(uss)}
+
+
+def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Path:
     med = statistics.median
     active = med(c["active_rss"] for c in cycles)
     deep = med(c["deep_idle_rss"] for c in cycles)
     wake = med(c["wake_latency_ms"] for c in cycles)
+    active_uss, deep_uss = med(c["active_uss"] for c in cycles), med(c["deep_idle_uss"] for c in cycles)
     summary = {"active_rss_mib": active / 2**20, "deep_idle_rss_mib": deep / 2**20, "deep_over_active": deep / active,
+               "active_uss_mib": active_uss / 2**20, "deep_idle_uss_mib": deep_uss / 2**20,
+               "deep_over_active_uss": deep_uss / active_uss,
+               "import_floor_rss_mib": floor["rss"] / 2**20, "import_floor_uss_mib": floor["uss"] / 2**20,
                "wake_latency_ms": wake, "warm_ttft_ms": med(c["warm_ttft_ms"] for c in cycles),
                "wake_ttft_ms": med(c["wake_ttft_ms"] for c in cycles), "reload_ms": med(c["reload_ms"] for c in cycles),
                "idle_cpu_share": idle["share_of_one_core"]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "power.json").write_text(json.dumps({"meta": meta, "summary": summary, "cycles": cycles, "idle": idle}, indent=2))
+    (RESULTS / "power.json").write_text(json.dumps({"meta": meta, "summary": summary, "cycles": cycles, "idle": idle, "import_floor": floor}, indent=2))
     m = meta["machine"]
     ok = lambda good: "✅" if good else "❌"  # noqa: E731
     lines = [
@@ -111,18 +126,23 @@ def write_report(meta: dict, cycles: list[dict], idle: dict) -> Path:
         "|---|---|---|",
         f"| RSS active | {summary['active_rss_mib']:.0f} MiB | |",
         f"| RSS deep idle | {summary['deep_idle_rss_mib']:.0f} MiB ({summary['deep_over_active']:.0%} of active) | <= 15% {ok(summary['deep_over_active'] <= 0.15)} |",
+        f"| USS active -> deep idle (memory only this process holds) | {active_uss / 2**20:.0f} -> {deep_uss / 2**20:.0f} MiB ({summary['deep_over_active_uss']:.0%}) | |",
+        f"| a fresh interpreter with the service's imports, no model | RSS {summary['import_floor_rss_mib']:.0f} MiB, USS {summary['import_floor_uss_mib']:.0f} MiB | |",
         f"| time to first token, warm | {summary['warm_ttft_ms']:.0f} ms | |",
         f"| time to first token, first request after deep idle | {summary['wake_ttft_ms']:.0f} ms | |",
         f"| wake latency (difference) | {wake:.0f} ms (model reload alone {summary['reload_ms']:.0f} ms) | <= 1000 ms {ok(wake <= 1000)} |",
         f"| service CPU over {idle['seconds']:.0f} s idle | {idle['cpu_seconds']:.3f} s = {idle['share_of_one_core']:.2%} of one core | < 1% {ok(idle['share_of_one_core'] < 0.01)} |",
         "",
         "What deep idle cannot shed is the service itself: the Python interpreter with Flask, waitress, pydantic,",
-        "sqlite-utils, psutil and the llama.cpp library mapped in. Importing those alone takes about 57 MiB of RSS on",
-        "this machine, before any model, so with a 135M-parameter model (~200 MiB for weights, KV cache and",
-        "buffers) that floor keeps deep idle above 15% of active; with larger models the share falls.",
+        f"sqlite-utils (which pulls in numpy), psutil and the llama.cpp library: {summary['import_floor_rss_mib']:.0f} MiB of RSS",
+        "in a fresh interpreter before any model (row above). With a 135M-parameter model that floor alone is",
+        f"{floor['rss'] / active:.0%} of active RSS; with larger models the share falls. Getting under 15% here needs the model",
+        "in a separate runner process (as Ollama does) that deep idle ends, leaving a front process that never imports",
+        "the inference libraries.",
         "",
         "Deep-idle RSS per cycle, MiB: " + ", ".join(f"{c['deep_idle_rss'] / 2**20:.0f}" for c in cycles)
-        + " (a creep across load/unload cycles shows here).",
+        + f" (last minus first: {(cycles[-1]['deep_idle_rss'] - cycles[0]['deep_idle_rss']) / 2**20:+.0f} MiB; `serve` caps glibc"
+        " at two malloc arenas, without which it crept ~2 MiB a cycle).",
         "",
         f"Reproduce: `{meta['command']}`",
     ]
@@ -145,6 +165,7 @@ def main(argv=None) -> None:
         ttft_ms(port, prompt(9999))
         print(f"measuring CPU over {args.idle_seconds:.0f} s of idle...", flush=True)
         idle = idle_cpu(proc.pid, args.idle_seconds)
+        floor = import_floor()
         info = call(port, "GET", "/readyz")[1]
     finally:
         proc.terminate()
@@ -152,7 +173,7 @@ def main(argv=None) -> None:
     meta = {"model": info["model"]["id"], "threads": args.threads, "context_length": info["model"]["context_length"],
             "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "command": "python -m bench.power " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print("report:", write_report(meta, cycles, idle))
+    print("report:", write_report(meta, cycles, idle, floor))
 
 
 if __name__ == "__main__":
