@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue #5 on the distilled student: distil it again on one lent GPU, then export it to INT4 packages with the
+# project's own exporter (`python -m appliance export`) for the arm and gpu targets, and return the reports.
+#
+#   distill/scripts/gpu_export_student.sh distill   # call 2: teacher samples (GEN_SECONDS) + distil STEPS steps
+#   distill/scripts/gpu_export_student.sh export    # call 3, same warm machine: export + measure, reports to $OUT
+#
+# The teacher GGUF (92 MB) is over one call's 64 MiB, so a first call carries .carry/teacher.part_a and copies it
+# to runs/ (git-ignored; kept on a warm machine):  mkdir -p runs && cp .carry/teacher.part_a runs/
+# The 'distill' call carries .carry3/ = teacher.part_b, the gguf and llama-cpp-python wheels and site/ (pure
+# Python packages: diskcache, which llama_cpp needs and the device lacks; click, which it has). Add /.carry3/ to
+# .git/info/exclude. Each stage fits one 10-minute call (359 s and 186 s on an H200 on 2026-11-27); the student
+# lives in runs/student/run/student/ between them, so the calls must follow within the machine's 30 s.
+# Same generation/training settings as gpu_run_generated.sh (the distillation of bench/results/distill/generated),
+# without the CE-only baseline. Measurements (perplexity, agreement, speed, RSS) run on the device's CPU with
+# THREADS threads: speed and RSS are the lent machine's, not an edge box's.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+STAGE=${1:?usage: $0 distill|export}
+GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}
+BUDGET=${BUDGET:-570}  # seconds this call may spend (a command may run 600)
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+W=runs/student; SITE=runs/site; RUN=$W/run; STUDENT=$RUN/student
+mkdir -p "$W" "$OUT"
+export PYTHONPATH=$PWD/$SITE:$PWD
+log() { echo "== $* ($(elapsed) s in)"; }
+
+if [ "$STAGE" = distill ]; then
+  T=$W/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat runs/teacher.part_a .carry3/teacher.part_b > "$T" || exit 1
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $T" | sha256sum -c || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .carry3/*.whl || exit 1
+  cp -r .carry3/site/. "$SITE"/ || exit 1
+  python3 -c "import llama_cpp, gguf, click, torch, transformers, onnxruntime as o; print('llama_cpp', llama_cpp.__version__, 'gguf ok, torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', o.__version__)" || exit 1
+  nvidia-smi -L
+  COMMON=(--config distill/configs/smollm2.toml --teacher "$T" --out-dir "$RUN")
+  log "sampling up to $GEN_N texts from the teacher for at most $GEN_SECONDS s"
+  timeout "$GEN_SECONDS" python3 -m distill generate "${COMMON[@]}" --generate-n "$GEN_N" --gen-batch-size 1024 \
+    --gen-max-new-tokens 256 2>&1 | tr "\r" "\n" | grep -v -E "[0-9](it/s|s/it)" | tail -4
+  wc -l "$RUN/data/generated.jsonl"
+  log "distil, $STEPS steps, 1 GPU"
+  timeout $(( BUDGET - $(elapsed) )) python3 -m distill train "${COMMON[@]}" --max-steps "$STEPS" 2>&1 \
+    | tr "\r" "\n" | grep -v -E "[0-9](it/s|s/it)" | tail -25
+  mkdir -p "$OUT/distill"; cp "$RUN"/report.md "$RUN"/report.json "$OUT/distill/"
+  ls -la "$STUDENT"
+  log "done"
+  exit 0
+fi
+
+[ "$STAGE" = export ] || { echo "unknown stage $STAGE"; exit 2; }
+[ -f "$STUDENT/config.json" ] || { echo "no student at $STUDENT: run the distill stage first on this machine"; exit 1; }
+P=$W/packages; mkdir -p "$P/rtn" "$P/hqq"
+lscpu | grep -E "^Model name|^CPU\(s\)"
+# One export per target: the fp32 source is measured, then both formats are built and measured.
+for target in arm gpu; do
+  log "appliance export --target $target --format both (rtn)"
+  timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format both \
+    --out "$P/rtn" --name student --threads "$THREADS" 2>&1 | grep -v -E "^writing |[0-9](it/s|s/it)" | tail -20
+done
+# HQQ for the ONNX packages, as long as time is left (about 50 s each on the lent 16-core machine).
+for target in arm gpu; do
+  [ $(( BUDGET - $(elapsed) )) -gt 120 ] || { log "no time left for hqq $target"; continue; }
+  log "appliance export --target $target --format onnx --algorithm hqq"
+  timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format onnx \
+    --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" 2>&1 | grep -v -E "[0-9](it/s|s/it)" | tail -20
+done
+# The reports only (never weights), in one archive: $OUT takes at most 8 files.
+(cd "$P" && find . -name "report.*" -o -name manifest.json | sort | tar -czf "$OUT/reports.tar.gz" -T -)
+tar -tzf "$OUT/reports.tar.gz"
+du -sh "$P"/*/* 2>/dev/null
+log "done"
