@@ -139,9 +139,9 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
         "",
         "Reading: llama.cpp is built with `-DGGML_OPENMP=OFF` (the Makefile's setting); with OpenMP it decodes about",
         "25% slower from a worker thread, where a WSGI server runs every request (bench/results/overhead-investigation.md).",
-        "When inference threads take every core, the HTTP client, the server's I/O thread and the JSON per token still",
-        "compete with llama.cpp's threads for CPU, which shows as lower decode speed; with a core to spare, the",
-        "service's own software overhead is what remains.",
+        "When inference threads take every core, the HTTP client, the server's I/O thread and the JSON per token",
+        "share those cores with llama.cpp's threads, so the last row is the one that varies most from run to run;",
+        "compare several runs before reading a small difference there.",
         "",
         f"Reproduce: `{meta['command']}`",
     ]
