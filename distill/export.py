@@ -102,9 +102,9 @@ def _build_onnx(request: ExportRequest, profile: TargetProfile, folder: Path, pr
 
     options = Int4Options(block_size=profile.block_size, symmetric=profile.symmetric,
                           accuracy_level=profile.accuracy_level, algorithm=request.algorithm,
-                          embedding=profile.embedding_int4, lm_head=profile.lm_head_int4)
+                          embedding=profile.quantize_embedding, lm_head_bits=profile.lm_head_bits)
     with step("export the ONNX decoder with KV cache (fp32)", progress):
-        export_package(request.src, folder, ExportOptions(name=request.name, int4=False, target=profile.provider))
+        export_package(request.src, folder, ExportOptions(name=request.name, int4=None, target=profile.provider))
     if profile.compute == "fp16":
         with step("convert the ONNX graph to fp16", progress):
             convert_fp16(folder / "model.onnx")

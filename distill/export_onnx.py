@@ -13,7 +13,6 @@ transformers < 4.58, so the graph is exported with ``torch.onnx.export``.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,20 +21,27 @@ from pathlib import Path
 import onnx
 import torch
 
+from distill.quantize_onnx import Int4Options, quantize_int4, save_graph
 from models.manifest import sha256_file, write_manifest
 
 GRAPH = "model.onnx"
 OPSET = 17
 
 
+# What ``python -m distill.export_onnx`` and the test fixtures quantize with. ``appliance export``
+# takes its options from the target profiles instead (distill/targets.py).
+SERVED_INT4 = Int4Options(
+    block_size=16,  # 32 (as in GGUF Q4_1) lost SmolLM2 answers
+    symmetric=False,  # a zero point per block (like Q4_1) kept SmolLM2's greedy output closer to fp32
+    lm_head_bits=8,  # at 4 SmolLM2 broke off long answers
+    embedding=False,
+)
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     name: str
-    int4: bool = True  # quantize MatMul weights to 4 bits (MatMulNBits)
-    block_size: int = 16  # weights per INT4 scale and zero point; 32 (as in GGUF Q4_1) lost SmolLM2 answers
-    symmetric: bool = False  # a zero point per block (like Q4_1) kept SmolLM2's greedy output closer to fp32
-    head_bits: int = 8  # the output projection (lm_head) at 8 bits: at 4 SmolLM2 broke off long answers
-    accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations, the fast CPU kernels
+    int4: Int4Options | None = SERVED_INT4  # None keeps fp32 weights
     target: str = "any"  # recorded in the manifest: cpu, cuda or any
     aliases: tuple[str, ...] = ()
     gguf_file: str | None = None  # load the source from this GGUF inside the source folder
@@ -94,35 +100,7 @@ def export_decoder(model, path: Path) -> None:
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_names], dynamic_axes=axes,
         )
-        _save_with_external_data(onnx.load(str(raw)), path)
-
-
-def _save_with_external_data(graph: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-
-
-def quantize_int4(path: Path, options: ExportOptions) -> None:
-    """Replace the graph's weight MatMuls by MatMulNBits (4 bits, the output projection head_bits), in place."""
-    graph = onnx.load(str(path))
-    head = [n.name for n in graph.graph.node if n.op_type == "MatMul" and "logits" in n.output]
-    graph = _quantize(graph, options, bits=4, nodes_to_exclude=head)
-    if options.head_bits != 4:
-        graph = _quantize(graph, options, bits=options.head_bits, nodes_to_include=head)
-    (path.parent / (path.name + ".data")).unlink()
-    _save_with_external_data(graph, path)
-
-
-def _quantize(graph: onnx.ModelProto, options: ExportOptions, bits: int, **nodes) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=options.block_size, is_symmetric=options.symmetric, accuracy_level=options.accuracy_level, bits=bits
-    )
-    quantizer = MatMulNBitsQuantizer(graph, algo_config=config, **nodes)
-    quantizer.process()
-    return quantizer.model.model
+        save_graph(onnx.load(str(raw)), path)
 
 
 def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
@@ -134,7 +112,7 @@ def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
     out.mkdir(parents=True)
     export_decoder(model, out / GRAPH)
     if options.int4:
-        quantize_int4(out / GRAPH, options)
+        quantize_int4(out / GRAPH, options.int4)
     tokenizer.save_pretrained(out)
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
@@ -148,10 +126,7 @@ def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
 
 
 def quantization_label(options: ExportOptions) -> str:
-    if not options.int4:
-        return "fp32"
-    head = f"-head{options.head_bits}" if options.head_bits != 4 else ""
-    return f"int4-{'sym' if options.symmetric else 'asym'}-block{options.block_size}{head}"
+    return options.int4.label(fp16=False) if options.int4 else "fp32"
 
 
 def _source_record(src: Path, gguf_file: str | None) -> dict:
@@ -170,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-int4", action="store_true", help="keep fp32 weights")
     parser.add_argument("--alias", action="append", default=[], help="another name the model answers to")
     args = parser.parse_args(argv)
-    options = ExportOptions(name=args.name, int4=not args.no_int4, gguf_file=args.gguf_file, aliases=tuple(args.alias))
+    options = ExportOptions(name=args.name, int4=None if args.no_int4 else SERVED_INT4, gguf_file=args.gguf_file,
+                            aliases=tuple(args.alias))
     print(export_package(args.src, args.out, options))
 
 

@@ -23,8 +23,8 @@ class TargetProfile:
     accuracy_level: int  # MatMulNBits compute type: 4 = int8 activations (fast CPU kernels), 0 = as the graph's float
     gguf_quant: str  # llama.cpp quant type: Q4_0 has ARM's repacked NEON/i8mm kernels, Q4_K_M is best on x86 and CUDA
     provider: str  # ONNX Runtime execution provider the package is built for: cpu, cuda or tensorrt
-    embedding_int4: bool = True  # quantize the token embedding (GatherBlockQuantized); the largest tensor of small models
-    lm_head_int4: bool = True  # quantize the output projection; False keeps it at graph precision for accuracy
+    quantize_embedding: bool = True  # the token embedding, the largest tensor of small models; a tied one shares the head's bits
+    lm_head_bits: int = 8  # output projection: 8 costs little and is what keeps small models' answers close; 4; 0 = float
 
 
 TARGETS: dict[str, TargetProfile] = {

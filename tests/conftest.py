@@ -44,7 +44,7 @@ def served_model(request) -> ServedModel:
     if request.param == "llama.cpp":
         return ServedModel("llama.cpp", "Q4_1", env={})
     folder = request.getfixturevalue("smollm2_onnx")
-    return ServedModel("onnxruntime", "int4-asym-block16-head8", env={"APPLIANCE_MODEL": str(folder)})
+    return ServedModel("onnxruntime", "int4-block16-asym-head8", env={"APPLIANCE_MODEL": str(folder)})
 
 
 def free_port() -> int:

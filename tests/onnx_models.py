@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.export_onnx import ExportOptions, export_package, quantization_label
+from distill.export_onnx import SERVED_INT4, ExportOptions, export_package, quantization_label
 from models.manifest import is_package, read_manifest, verify_files
 
 # Wider than HF's 0.02 so greedy output varies instead of repeating one token, narrower than 0.3
@@ -69,7 +69,7 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
 
 
 def export_tiny(src: Path, out: Path, int4: bool) -> Path:
-    return export_package(src, out, ExportOptions(name="tiny-llama", int4=int4))
+    return export_package(src, out, ExportOptions(name="tiny-llama", int4=SERVED_INT4 if int4 else None))
 
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")

@@ -86,7 +86,7 @@ def test_f32_gguf_tokenizes_and_generates_exactly_like_transformers(tiny_hf, tmp
 @pytest.mark.slow
 def test_both_formats_export_load_and_generate(cpu_packages):
     gguf, onnx = cpu_packages["gguf"], cpu_packages["onnx"]
-    assert (read_manifest(gguf).quantization, read_manifest(onnx).quantization) == ("Q4_K_M", "int4-block32-sym")
+    assert (read_manifest(gguf).quantization, read_manifest(onnx).quantization) == ("Q4_K_M", "int4-block32-sym-head8")
     for package in (gguf, onnx):
         runner = runner_for(package)
         assert verify_model(runner.entry)[0]
@@ -110,7 +110,7 @@ def test_onnx_int4_quantizes_the_embedding_and_every_matmul(cpu_packages):
 def test_gpu_profile_gives_an_fp16_onnx_graph_that_still_runs_on_cpu(tiny_hf, tmp_path):
     request = ExportRequest(src=tiny_hf, out=tmp_path, target="gpu", format="onnx", measure=False)
     (package,) = export(request, progress=lambda line: None)
-    assert read_manifest(package).quantization == "int4-block128-asym-fp16"
+    assert read_manifest(package).quantization == "int4-block128-asym-head8-fp16"
     runner = runner_for(package)
     assert greedy_text(runner, PROMPTS[1])
     assert runner.backend._graph.kv_dtype.__name__ == "float16"
@@ -146,6 +146,36 @@ def test_unsupported_models_are_refused_before_writing(tiny_hf, tmp_path):
     with pytest.raises(ValueError, match="biases are not supported"):
         write_gguf(odd, tmp_path / "odd.gguf", "odd")
     assert not (tmp_path / "odd.gguf").exists()
+
+
+@pytest.mark.slow
+def test_a_tied_embedding_reads_the_lm_heads_quantized_weights(cpu_packages, tiny_hf):
+    """One quantized vocabulary table serves both ends of the model, and the lookup returns the source's rows."""
+    import numpy as np
+    import onnx
+    import onnx.utils
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    path = cpu_packages["onnx"] / "model.onnx"
+    graph = onnx.load(str(path))
+    head = next(n for n in graph.graph.node if "logits" in n.output)
+    lookup = next(n for n in graph.graph.node if "input_ids" in n.input)
+    assert (head.op_type, lookup.op_type) == ("MatMulNBits", "GatherBlockQuantized")
+    table_source = next(n for n in graph.graph.node if n.output[0] == lookup.input[0])
+    assert table_source.op_type == "Reshape" and table_source.input[0] == head.input[1]
+    table = AutoModelForCausalLM.from_pretrained(tiny_hf).get_input_embeddings().weight.detach().numpy()
+    float_tables = [t.name for t in graph.graph.initializer if list(t.dims) == list(table.shape)]
+    assert float_tables == [], "the exporter's float copy of the table should be gone"
+
+    graph.graph.value_info.append(onnx.helper.make_tensor_value_info(lookup.output[0], onnx.TensorProto.FLOAT, None))
+    lookup_only = onnx.utils.Extractor(graph).extract_model(["input_ids"], [lookup.output[0]])
+    ids = np.array([[0, 1, 5, table.shape[0] - 1]])
+    session = ort.InferenceSession(lookup_only.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = session.run(None, {"input_ids": ids})[0][0]
+    bits = next(a.i for a in head.attribute if a.name == "bits")
+    step = np.abs(table[ids[0]]).max(axis=1, keepdims=True) / (2 ** (bits - 1) - 1)
+    assert np.all(np.abs(rows - table[ids[0]]) <= step), "rows should be the source's, within one quantization step"
 
 
 @pytest.mark.slow

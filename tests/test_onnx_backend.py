@@ -83,7 +83,7 @@ def test_int4_graph_uses_matmul_nbits_and_mostly_agrees_with_fp32(tiny_fp32, tin
     ops = {node.op_type for node in onnx.load(str(tiny_int4 / "model.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops
     fp32, int4 = loaded(tiny_fp32), loaded(tiny_int4)
-    assert int4.info()["quantization"] == "int4-asym-block16-head8"
+    assert int4.info()["quantization"] == "int4-block16-asym-head8"
     rates = [teacher_forced_agreement(int4, p, greedy(fp32, p)) for p in map(fp32.tokenize, PROMPTS)]
     record_property("int4_vs_fp32_agreement", rates)
     # Random weights quantize worse than trained ones (SmolLM2: see test_smollm2_int4_agrees_with_fp32).
