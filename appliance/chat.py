@@ -14,6 +14,7 @@ from appliance.config import Settings
 from appliance.db import Database
 from appliance.runner import ModelRunner
 from models import ModelNotFound, find_model
+from models.registry import RegistryError
 
 
 def run_chat(settings: Settings, system: str | None, temperature: float, max_tokens: int) -> None:
@@ -22,7 +23,7 @@ def run_chat(settings: Settings, system: str | None, temperature: float, max_tok
             find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
             provider=settings.provider,
         )
-    except ModelNotFound as exc:
+    except (ModelNotFound, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     db = Database(settings.db_path, store_text=settings.log_text)
     click.echo(f"Loading {runner.name}...", err=True)

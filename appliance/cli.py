@@ -62,13 +62,14 @@ def serve(ctx, host, port, model, threads, context_length, home):
     from appliance.power import limit_malloc_arenas
     from appliance.server import serve as run_server
     from models import ModelNotFound
+    from models.registry import RegistryError
 
     limit_malloc_arenas()
     settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except ModelNotFound as exc:
+    except (ModelNotFound, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"appliance: logging requests to {settings.db_path}", err=True)
     run_server(app, settings.host, settings.port, settings.http_threads, on_ready=lambda m: click.echo(m, err=True))
@@ -106,8 +107,12 @@ def models(ctx):
 def models_list(as_json):
     """List known models, where their files are and whether they are installed."""
     from models import list_models
+    from models.registry import RegistryError
 
-    entries = list_models()
+    try:
+        entries = list_models()
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
         return
@@ -120,9 +125,14 @@ def models_list(as_json):
 def models_verify():
     """Recompute the sha256 of every installed model file; exit 1 on any mismatch."""
     from models import list_models, verify_model
+    from models.registry import RegistryError
 
+    try:
+        entries = list_models()
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
     failed = False
-    for e in list_models():
+    for e in entries:
         ok, detail = verify_model(e)
         failed |= not ok and e.available
         click.echo(f"{'OK  ' if ok else 'FAIL'} {e.name:<24} {detail}")
@@ -131,9 +141,10 @@ def models_verify():
 
 @models.command("add")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="data folder [default: ~/.appliance]")
-def models_add(path, home):
+def models_add(path):
     """Register a model package folder (with manifest.json) after checking every file's sha256.
+
+    The list of packages lives in $APPLIANCE_HOME/models.json; the files stay where they are.
 
     \b
     Example:
@@ -141,11 +152,11 @@ def models_add(path, home):
       appliance models add ./packages/student-arm-gguf
     """
     from models.manifest import ManifestError
-    from models.registry import add_package
+    from models.registry import RegistryError, add_package
 
     try:
-        manifest = add_package(path, home)
-    except ManifestError as exc:
+        manifest = add_package(path)
+    except (ManifestError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
                f"serve it with appliance serve --model {manifest.name}")
@@ -153,9 +164,8 @@ def models_add(path, home):
 
 @models.command("remove")
 @click.argument("name_or_path")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="data folder [default: ~/.appliance]")
-def models_remove(name_or_path, home):
-    """Forget a package added with ``models add`` (by name or folder); its files are left on disk.
+def models_remove(name_or_path):
+    """Forget a package added with ``models add``, by name or folder; its files are left on disk.
 
     \b
     Example:
@@ -163,9 +173,12 @@ def models_remove(name_or_path, home):
     """
     from models.registry import remove_package
 
-    folder = remove_package(name_or_path, home)
-    if folder is None:
-        raise click.ClickException(f"no registered package is called {name_or_path!r}: see appliance models list")
+    try:
+        folder = remove_package(name_or_path)
+    except KeyError:
+        raise click.ClickException(f"no registered package matches {name_or_path!r}: see appliance models list") from None
+    except ValueError as exc:  # several packages of that name, or a malformed models.json
+        raise click.ClickException(str(exc)) from None
     click.echo(f"removed {folder} from the registry (its files are still there)")
 
 

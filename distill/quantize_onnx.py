@@ -9,7 +9,7 @@ embedding (GatherBlockQuantized) and the LM head.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +30,15 @@ class Int4Options:
     embedding: bool = True  # quantize the token embedding (shared with the LM head when the model ties them)
     lm_head_bits: int = 8  # output projection: 8 or 4 bits, 0 keeps it at graph precision
 
+    def __post_init__(self):
+        if self.lm_head_bits not in (0, 4, 8):
+            raise ValueError(f"lm_head_bits must be 0 (keep float), 4 or 8, not {self.lm_head_bits}")
+
     def label(self, fp16: bool) -> str:
         """The manifest's quantization string, e.g. int4-block32-sym-head8 or int4-block128-asym-hqq-fp16."""
         parts = [f"int4-block{self.block_size}", "sym" if self.symmetric else "asym"]
         parts += [self.algorithm] if self.algorithm != "rtn" else []
-        parts += [f"head{self.lm_head_bits}"] if self.lm_head_bits != 4 else []
+        parts += {0: ["float-head"], 4: [], 8: ["head8"]}[self.lm_head_bits]
         parts += ["fp16"] if fp16 else []
         return "-".join(parts)
 
@@ -58,20 +62,22 @@ def quantize_int4(path: Path, options: Int4Options) -> None:
     """Replace weight MatMuls (and the embedding Gather if asked) by 4-bit ops, in place.
 
     When the model ties its embedding to the LM head (SmolLM2, Gemma, most small models), the
-    embedding lookup reads the head's quantized weights instead of storing a second copy: for a
+    embedding lookup reads the head's quantized weights instead of a second copy on disk: for a
     135M model with a 49k vocabulary that copy is 15% of the package.
     """
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     graph = onnx.load(str(path))
-    head = _logits_node(graph)
-    tied = options.embedding and options.lm_head_bits and _embedding_is_tied(graph, head, options.block_size)
+    embedding, head = _embedding_node(graph), _lm_head(graph)
+    # The head's blocks must tile its rows exactly for the lookup to share them (SmolLM2: 576 = 9 x 64).
+    head_options = replace(options, block_size=_block_dividing(options.block_size, _dims(graph, head.input[1])[0]))
+    tied = options.embedding and options.lm_head_bits and _is_transposed_copy(graph, embedding.input[0], head.input[1])
     graph = _quantize(graph, options, ("MatMul",), exclude=[head.name], algo_config=_algo_config(options, ("MatMul",)))
     if options.lm_head_bits:
-        graph = _quantize(graph, options, ("MatMul",), include=[head.name], bits=options.lm_head_bits,
-                          algo_config=_algo_config(options, ("MatMul",)) if options.lm_head_bits == 4 else None)
-    if tied:
-        _read_embedding_from_head(graph)
-    elif options.embedding:
+        algo_config = _algo_config(head_options, ("MatMul",)) if options.lm_head_bits == 4 else None  # 8 bits: RTN
+        graph = _quantize(graph, head_options, ("MatMul",), include=[head.name], bits=options.lm_head_bits,
+                          algo_config=algo_config)
+    shared = tied and _read_embedding_from_head(graph, head.input[0])
+    if options.embedding and not shared:
         # GatherBlockQuantized stores int4 tensors, which need opset 21; upgrade every op, not just the number.
         graph = onnx.version_converter.convert_version(graph, INT4_OPSET)
         # Round to nearest for the table: HQQ and GPTQ only know MatMul, and a lookup has no activations to fit.
@@ -109,40 +115,67 @@ def _algo_config(options: Int4Options, op_types):
     raise ValueError(f"unknown INT4 algorithm {options.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
 
 
-# -- tied embeddings -------------------------------------------------------------
+# -- finding the embedding and the head ----------------------------------------
 def _embedding_node(graph: onnx.ModelProto) -> onnx.NodeProto:
-    return next(n for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    for node in graph.graph.node:
+        if node.op_type == "Gather" and node.input[1] == "input_ids":
+            return node
+    raise ValueError("no embedding Gather reads input_ids in this graph: not a decoder that distill.export_onnx wrote")
 
 
-def _embedding_is_tied(graph: onnx.ModelProto, head: onnx.NodeProto, block_size: int) -> bool:
-    """True when the embedding table is the head's weight transposed (the exporter writes two copies).
+def _lm_head(graph: onnx.ModelProto) -> onnx.NodeProto:
+    """The MatMul whose weight is [hidden, vocab], found by shape so a soft-capped or scaled head is found too."""
+    vocab, hidden = _dims(graph, _embedding_node(graph).input[0])
+    for node in graph.graph.node:
+        if node.op_type == "MatMul" and _dims(graph, node.input[1]) == [hidden, vocab]:
+            return node
+    raise ValueError(f"no LM head MatMul with a [{hidden}, {vocab}] weight in this graph")
 
-    Rows that are not whole blocks are padded in MatMulNBits, so those tables keep their own copy.
-    """
-    weights = {t.name: t for t in graph.graph.initializer}
-    table, projection = weights.get(_embedding_node(graph).input[0]), weights.get(head.input[1])
-    if table is None or projection is None or list(table.dims) != list(reversed(projection.dims)):
+
+def _dims(graph: onnx.ModelProto, name: str) -> list[int] | None:
+    return next((list(t.dims) for t in graph.graph.initializer if t.name == name), None)
+
+
+def _block_dividing(block_size: int, k: int) -> int:
+    """The largest power-of-two block, at most block_size and at least 16, that tiles k (or 16)."""
+    while block_size > 16 and k % block_size:
+        block_size //= 2
+    return block_size
+
+
+# -- tied embeddings -------------------------------------------------------------
+def _is_transposed_copy(graph: onnx.ModelProto, table_name: str, weight_name: str) -> bool:
+    """True when the embedding table is the head's weight transposed: the exporter writes two copies."""
+    weights = {t.name: t for t in graph.graph.initializer if t.name in (table_name, weight_name)}
+    table, weight = weights.get(table_name), weights.get(weight_name)
+    if table is None or weight is None:
         return False
-    if table.dims[1] % block_size:
-        return False
-    return bool(np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(projection).T))
+    return bool(np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(weight).T))
 
 
-def _read_embedding_from_head(graph: onnx.ModelProto) -> None:
+def _read_embedding_from_head(graph: onnx.ModelProto, head_input: str) -> bool:
     """Swap the embedding Gather for a GatherBlockQuantized over the head's MatMulNBits weights.
 
     MatMulNBits keeps B as [N, blocks, bytes per block], scales as [N * blocks] or [N, blocks]
     and packed zero points per row; GatherBlockQuantized wants [N, K * bits / 8], [N, blocks] and
     [N, packed blocks]. Same bytes, same nibble order, same default zero point (8 or 128), so
-    Reshapes of the shared initializers are all it takes (checked in tests/test_export.py).
+    Reshapes of the shared initializers are all it takes (checked in tests/test_export.py). The
+    saving is on disk: ONNX Runtime folds the Reshapes into copies when it loads the graph.
+    Returns False, changing nothing, where the bytes cannot be shared (HQQ's float zero points,
+    rows that are not whole blocks).
     """
-    head = next(n for n in graph.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+    head = next(n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.input[0] == head_input)
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    rows, blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
+    if attrs["K"] % attrs["block_size"]:
+        return False
+    if any(t.name in head.input[3:4] and t.data_type != onnx.TensorProto.UINT8 for t in graph.graph.initializer):
+        return False
+    rows, blocks = attrs["N"], attrs["K"] // attrs["block_size"]
     gather = _embedding_node(graph)
     shapes = {"data": [rows, -1], "scales": [rows, blocks], "zero_points": [rows, -1]}
     new_nodes, inputs = [], []
-    for role, name in zip(("data", "scales", "zero_points"), (head.input[1], head.input[2], *head.input[3:4])):
+    zero_points = [name for name in head.input[3:4] if name]  # optional input: absent or "" when symmetric
+    for role, name in zip(("data", "scales", "zero_points"), (head.input[1], head.input[2], *zero_points)):
         shape = numpy_helper.from_array(np.array(shapes[role], np.int64), f"{name}_as_embedding_shape")
         graph.graph.initializer.append(shape)
         new_nodes.append(helper.make_node("Reshape", [name, shape.name], [f"{name}_as_embedding"], name=f"{name}/as_embedding"))
@@ -159,7 +192,4 @@ def _read_embedding_from_head(graph: onnx.ModelProto) -> None:
     for offset, node in enumerate(new_nodes):
         graph.graph.node.insert(position + offset, node)
     graph.graph.initializer.remove(next(t for t in graph.graph.initializer if t.name == table))
-
-
-def _logits_node(graph: onnx.ModelProto) -> onnx.NodeProto:
-    return next(node for node in graph.graph.node if "logits" in node.output)
+    return True

@@ -16,6 +16,10 @@ from models.manifest import Manifest, ManifestError, load_verified, read_manifes
 REGISTRY_FILE = "models.json"
 
 
+class RegistryError(ValueError):
+    """models.json cannot be read; the message says which file and what to do."""
+
+
 def default_home() -> Path:
     # Same rule as appliance.config.default_home; repeated so the catalog never imports the service.
     return Path(os.environ.get("APPLIANCE_HOME") or Path.home() / ".appliance")
@@ -32,7 +36,7 @@ def registered_packages(home: Path | None = None) -> list[Path]:
     try:
         return [Path(p) for p in json.loads(path.read_text())["packages"]]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is malformed ({exc}); fix or delete it and add the packages again") from None
+        raise RegistryError(f"{path} is malformed ({exc}); fix or delete it and add the packages again") from None
 
 
 def add_package(folder: Path, home: Path | None = None) -> Manifest:
@@ -44,17 +48,22 @@ def add_package(folder: Path, home: Path | None = None) -> Manifest:
     return manifest
 
 
-def remove_package(name_or_path: str, home: Path | None = None) -> Path | None:
+def remove_package(name_or_path: str, home: Path | None = None) -> Path:
     """Forget a registered package, given its folder or its manifest name; its files stay where they are.
 
-    Returns the folder that was removed, or None when nothing registered matches.
+    Returns the folder removed. Raises KeyError when nothing registered matches, and ValueError
+    when a name matches several packages (the message lists their folders: remove one by path).
     """
     packages = registered_packages(home)
     folder = Path(name_or_path).expanduser().resolve()
-    match = folder if folder in packages else next((p for p in packages if _package_name(p) == name_or_path), None)
-    if match is not None:
-        _save([p for p in packages if p != match], home)
-    return match
+    matches = [folder] if folder in packages else [p for p in packages if _package_name(p) == name_or_path]
+    if not matches:
+        raise KeyError(name_or_path)
+    if len(matches) > 1:
+        raise ValueError(f"{len(matches)} registered packages are called {name_or_path!r}: "
+                         f"remove one by its folder ({', '.join(map(str, matches))})")
+    _save([p for p in packages if p != matches[0]], home)
+    return matches[0]
 
 
 def _package_name(folder: Path) -> str:

@@ -46,6 +46,14 @@ def test_serve_with_unknown_model_fails_clearly(tmp_path):
     assert "unknown model 'nope'" in result.stderr
 
 
+def test_a_broken_model_registry_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "models.json").write_text("{not json")
+    for command in (["models", "list"], ["models", "remove", "x"], ["serve"]):
+        result = run(*command, home=tmp_path, check=False)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "models.json is malformed" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bad_setting_is_a_usage_error(tmp_path):
     (tmp_path / "config.toml").write_text("port = 'x'\n")
     result = run("logs", home=tmp_path, check=False)

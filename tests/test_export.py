@@ -114,6 +114,8 @@ def test_gpu_profile_gives_an_fp16_onnx_graph_that_still_runs_on_cpu(tiny_hf, tm
     runner = runner_for(package)
     assert greedy_text(runner, PROMPTS[1])
     assert runner.backend._graph.kv_dtype.__name__ == "float16"
+    # fp16 scales and a zero point per block; the head takes 64-wide blocks where 128 do not tile its rows
+    assert_lookup_reads_the_heads_weights(package, tiny_hf, fp16=True)
 
 
 @pytest.mark.slow
@@ -148,8 +150,7 @@ def test_unsupported_models_are_refused_before_writing(tiny_hf, tmp_path):
     assert not (tmp_path / "odd.gguf").exists()
 
 
-@pytest.mark.slow
-def test_a_tied_embedding_reads_the_lm_heads_quantized_weights(cpu_packages, tiny_hf):
+def assert_lookup_reads_the_heads_weights(package, source, fp16: bool = False) -> None:
     """One quantized vocabulary table serves both ends of the model, and the lookup returns the source's rows."""
     import numpy as np
     import onnx
@@ -157,25 +158,31 @@ def test_a_tied_embedding_reads_the_lm_heads_quantized_weights(cpu_packages, tin
     import onnxruntime as ort
     from transformers import AutoModelForCausalLM
 
-    path = cpu_packages["onnx"] / "model.onnx"
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(package / "model.onnx"))
     head = next(n for n in graph.graph.node if "logits" in n.output)
     lookup = next(n for n in graph.graph.node if "input_ids" in n.input)
     assert (head.op_type, lookup.op_type) == ("MatMulNBits", "GatherBlockQuantized")
     table_source = next(n for n in graph.graph.node if n.output[0] == lookup.input[0])
     assert table_source.op_type == "Reshape" and table_source.input[0] == head.input[1]
-    table = AutoModelForCausalLM.from_pretrained(tiny_hf).get_input_embeddings().weight.detach().numpy()
+    table = AutoModelForCausalLM.from_pretrained(source).get_input_embeddings().weight.detach().numpy()
     float_tables = [t.name for t in graph.graph.initializer if list(t.dims) == list(table.shape)]
     assert float_tables == [], "the exporter's float copy of the table should be gone"
+    bits = next(a.i for a in head.attribute if a.name == "bits")
+    assert bits == 8, "the profiles keep the head (and so the table) at 8 bits"
 
-    graph.graph.value_info.append(onnx.helper.make_tensor_value_info(lookup.output[0], onnx.TensorProto.FLOAT, None))
+    elem = onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT
+    graph.graph.value_info.append(onnx.helper.make_tensor_value_info(lookup.output[0], elem, None))
     lookup_only = onnx.utils.Extractor(graph).extract_model(["input_ids"], [lookup.output[0]])
     ids = np.array([[0, 1, 5, table.shape[0] - 1]])
     session = ort.InferenceSession(lookup_only.SerializeToString(), providers=["CPUExecutionProvider"])
-    rows = session.run(None, {"input_ids": ids})[0][0]
-    bits = next(a.i for a in head.attribute if a.name == "bits")
+    rows = session.run(None, {"input_ids": ids})[0][0].astype(np.float32)
     step = np.abs(table[ids[0]]).max(axis=1, keepdims=True) / (2 ** (bits - 1) - 1)
     assert np.all(np.abs(rows - table[ids[0]]) <= step), "rows should be the source's, within one quantization step"
+
+
+@pytest.mark.slow
+def test_a_tied_embedding_reads_the_lm_heads_quantized_weights(cpu_packages, tiny_hf):
+    assert_lookup_reads_the_heads_weights(cpu_packages["onnx"], tiny_hf)
 
 
 @pytest.mark.slow
@@ -188,7 +195,7 @@ def test_models_add_registers_a_package_with_the_catalog(cpu_packages, home):
     add_package(cpu_packages["gguf"])  # adding twice keeps one entry
     assert len(registered_packages()) == 1
     missing = CliRunner().invoke(models_remove, ["no-such-package"])
-    assert missing.exit_code == 1 and "no registered package" in missing.output
+    assert missing.exit_code == 1 and "no registered package matches" in missing.output
     removed = CliRunner().invoke(models_remove, [manifest.name])
     assert removed.exit_code == 0, removed.output
     assert registered_packages() == [] and manifest.name not in [e.name for e in list_models()]
