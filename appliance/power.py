@@ -242,8 +242,9 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
     Each thread that allocates gets its own arena by default, and a model
     loaded and unloaded from different threads leaves pages behind in each:
-    deep-idle RSS crept ~2 MiB per wake/sleep cycle (bench/results/power.md).
-    With two arenas it stays flat. Same effect as MALLOC_ARENA_MAX=2.
+    deep-idle RSS grew ~2 MiB per wake/sleep cycle in a hand test, and about
+    0.3 MiB with two arenas (bench/results/power.md shows each cycle). Like
+    MALLOC_ARENA_MAX=2, but set after start-up, for the threads made later.
     """
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
