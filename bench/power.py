@@ -139,8 +139,7 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
         f"interpreter before any model (row above), {floor['rss'] / active:.0%} of active RSS with this 135M model. The rest of",
         f"deep idle ({summary['deep_idle_uss_mib'] - summary['import_floor_uss_mib']:.0f} MiB of USS over that floor) is what the "
         "running service holds beyond a fresh interpreter",
-        "(threads, the SQLite connection, heap left by model loads;
-        "not broken down here).",
+        "(threads, the SQLite connection, heap left by model loads; not broken down here).",
         *([
             "The import floor alone is over 15% of active here, so no in-process unload can meet the goal with this",
             "model; that needs the model in a separate runner process (as Ollama does) that deep idle ends, leaving a",
