@@ -102,7 +102,7 @@ def _build_onnx(request: ExportRequest, profile: TargetProfile, folder: Path, pr
 
     options = Int4Options(block_size=profile.block_size, symmetric=profile.symmetric,
                           accuracy_level=profile.accuracy_level, algorithm=request.algorithm,
-                          embedding=profile.quantize_embedding, lm_head_bits=profile.lm_head_bits)
+                          embedding=profile.quantize_embedding, lm_head_bits=profile.lm_head_bits, mixed=profile.mixed)
     with step("export the ONNX decoder with KV cache (fp32)", progress):
         export_package(request.src, folder, ExportOptions(name=request.name, int4=None, target=profile.provider))
     if profile.compute == "fp16":

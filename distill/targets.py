@@ -25,6 +25,7 @@ class TargetProfile:
     provider: str  # ONNX Runtime execution provider the package is built for: cpu, cuda or tensorrt
     quantize_embedding: bool = True  # the token embedding, the largest tensor of small models; a tied one shares the head's bits
     lm_head_bits: int = 8  # output projection: 8 costs little and is what keeps small models' answers close; 4; 0 = float
+    mixed: bool = True  # ONNX: v_proj/down_proj at 8 bits in the layers Q4_K_M favours (+7% bytes, much closer to fp32)
 
 
 TARGETS: dict[str, TargetProfile] = {

@@ -86,7 +86,7 @@ def test_f32_gguf_tokenizes_and_generates_exactly_like_transformers(tiny_hf, tmp
 @pytest.mark.slow
 def test_both_formats_export_load_and_generate(cpu_packages):
     gguf, onnx = cpu_packages["gguf"], cpu_packages["onnx"]
-    assert (read_manifest(gguf).quantization, read_manifest(onnx).quantization) == ("Q4_K_M", "int4-block32-sym-head8")
+    assert (read_manifest(gguf).quantization, read_manifest(onnx).quantization) == ("Q4_K_M", "int4-block32-sym-head8-mixed")
     for package in (gguf, onnx):
         runner = runner_for(package)
         assert verify_model(runner.entry)[0]
@@ -104,13 +104,18 @@ def test_onnx_int4_quantizes_the_embedding_and_every_matmul(cpu_packages):
     assert "GatherBlockQuantized" in ops and ops.count("MatMulNBits") == 2 * 7 + 1 and "MatMul" in ops  # + attention
     weight_shapes = {(400, 64), (64, 64), (64, 32), (64, 128), (128, 64), (64, 400)}
     assert not [i.name for i in graph.initializer if tuple(i.dims) in weight_shapes and i.data_type == onnx.TensorProto.FLOAT]
+    # mixed: of 2 layers, llama.cpp's rule favours the last; its v_proj and down_proj get 8 bits, like the head
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    eight = sorted(name for name, b in bits.items() if b == 8)
+    assert eight == ["/model/lm_head/MatMul_Q8", "/model/model/layers.1/mlp/down_proj/MatMul_Q8",
+                     "/model/model/layers.1/self_attn/v_proj/MatMul_Q8"], eight
 
 
 @pytest.mark.slow
 def test_gpu_profile_gives_an_fp16_onnx_graph_that_still_runs_on_cpu(tiny_hf, tmp_path):
     request = ExportRequest(src=tiny_hf, out=tmp_path, target="gpu", format="onnx", measure=False)
     (package,) = export(request, progress=lambda line: None)
-    assert read_manifest(package).quantization == "int4-block128-asym-head8-fp16"
+    assert read_manifest(package).quantization == "int4-block128-asym-head8-mixed-fp16"
     runner = runner_for(package)
     assert greedy_text(runner, PROMPTS[1])
     assert runner.backend._graph.kv_dtype.__name__ == "float16"
