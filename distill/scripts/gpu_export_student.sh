@@ -18,7 +18,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STAGE=${1:?usage: $0 distill|export}
-GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}
+GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}; HQQ=${HQQ:-1}
 BUDGET=${BUDGET:-570}  # seconds this call may spend (a command may run 600)
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -61,6 +61,7 @@ for target in arm gpu; do
 done
 # HQQ for the ONNX packages, as long as time is left (about 50 s each on the lent 16-core machine).
 for target in arm gpu; do
+  [ "${HQQ:-1}" = 1 ] || break  # HQQ=0 skips them
   [ $(( BUDGET - $(elapsed) )) -gt 120 ] || { log "no time left for hqq $target"; continue; }
   log "appliance export --target $target --format onnx --algorithm hqq"
   timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format onnx \
