@@ -52,7 +52,17 @@ Examples:
 """
 
 
-@click.group(epilog=EPILOG)
+class _Group(click.Group):
+    """Setting problems found while running (data too small, a bad layer list) end as one-line errors."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, epilog=EPILOG)
 def distill():
     """Distil a causal LM (the teacher) into a smaller one (the student).
 

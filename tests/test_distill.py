@@ -270,6 +270,17 @@ def test_generate_samples_chat_formatted_texts(tiny, tmp_path):
     assert all(len(r["text"]) > len(r["prompt"]) + 30 for r in records)
 
 
+def test_a_problem_found_while_running_is_a_one_line_error(tiny, tmp_path):
+    one_file = tmp_path / "one"
+    one_file.mkdir()
+    shutil.copy(next(tiny[1].iterdir()), one_file)
+    args = ["train", "--teacher", str(tiny[0]), "--data", json.dumps([str(one_file)]), "--out-dir", str(tmp_path / "run"),
+            "--block-size", "64", "--max-steps", "1"]
+    result = CliRunner().invoke(distill, args)
+    assert result.exit_code == 1 and "data too small" in result.output, result.output + repr(result.exception)
+    assert isinstance(result.exception, SystemExit)  # handled by click, not a traceback
+
+
 def test_help_lists_every_setting():
     result = CliRunner().invoke(distill, ["train", "--help"])
     assert result.exit_code == 0
