@@ -21,25 +21,29 @@ PROMPTS = [
 
 def start_service(threads: int, extra_env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """``appliance serve`` on a free loopback port with a data folder of its own, once it is ready."""
+    env = {"APPLIANCE_HOME": tempfile.mkdtemp(prefix="bench-home-"), **(extra_env or {})}
+    return start_server(lambda port: ["-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
+                        ready_path="/readyz", extra_env=env)
+
+
+def start_server(args_for_port, ready_path: str, extra_env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """``python ARGS`` on a free loopback port, returned once GET ready_path answers 200 (within 60 s)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, APPLIANCE_HOME=tempfile.mkdtemp(prefix="bench-home-"), **(extra_env or {}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([sys.executable, *args_for_port(port)], env=dict(os.environ, **(extra_env or {})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/readyz")
+            conn.request("GET", ready_path)
             if conn.getresponse().status == 200:
                 return proc, port
         except OSError:
             pass
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("the service did not get ready in 60 s")
+    raise RuntimeError(f"{' '.join(args_for_port(port))} did not get ready in 60 s")
 
 
 def machine() -> dict:

@@ -1,0 +1,146 @@
+"""The appliance against llama-cpp-python's own OpenAI-compatible server, same model, same engine.
+
+Both serve the bundled GGUF through the same llama.cpp build with the same
+threads; the same streaming client sends each the same greedy completion
+requests, interleaved round by round. Decode tokens/s counts SSE events with
+text from the first to the last (both servers send one event per token here),
+time to first token is from sending the request to the first text event.
+
+    pip install -e '.[bench]'
+    python -m bench.peer_server --rounds 9 --max-tokens 128 --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.common import machine, start_server, start_service
+from bench.overhead import build_prompts, verdict
+from models import find_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def stream_completion(port: int, body: dict) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    stamps = []
+    for raw in response:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    conn.close()
+    return {"ttft_ms": (stamps[0] - start) * 1000, "events": len(stamps),
+            "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def bench_threads(model: Path, prompts: list[str], threads: int, max_tokens: int) -> dict:
+    ours, our_port = start_service(threads)
+    peer, peer_port = start_server(
+        lambda port: ["-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(threads),
+                      "--n_threads_batch", str(threads), "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port)],
+        ready_path="/v1/models",
+    )
+    appliance, llama_server = [], []
+    try:
+        for i, prompt in enumerate(prompts):  # round 0 warms both up and is not counted
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            a = stream_completion(our_port, body)
+            b = stream_completion(peer_port, body | {"repeat_penalty": 1.0})  # its default is 1.1; ours has none
+            print(f"threads {threads} round {i}: appliance {a['decode_tps']:.1f} tok/s ttft {a['ttft_ms']:.0f} ms | "
+                  f"llama_cpp.server {b['decode_tps']:.1f} tok/s ttft {b['ttft_ms']:.0f} ms", flush=True)
+            if i:
+                appliance.append(a)
+                llama_server.append(b)
+    finally:
+        for proc in (ours, peer):
+            proc.terminate()
+            proc.wait(30)
+    return {"threads": threads, "summary": summarize(appliance, llama_server), "appliance": appliance,
+            "llama_cpp_server": llama_server}
+
+
+def summarize(ours: list[dict], peer: list[dict]) -> dict:
+    med = statistics.median
+    ratios = [a["decode_tps"] / b["decode_tps"] for a, b in zip(ours, peer)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return {"appliance_decode_tps": med(a["decode_tps"] for a in ours),
+            "llama_server_decode_tps": med(b["decode_tps"] for b in peer),
+            "decode_ratio": med(ratios), "decode_ratio_quartiles": [q1, q3],
+            "appliance_ttft_ms": med(a["ttft_ms"] for a in ours), "llama_server_ttft_ms": med(b["ttft_ms"] for b in peer),
+            "same_event_counts": all(a["events"] == b["events"] for a, b in zip(ours, peer))}
+
+
+def write_report(meta: dict, runs: list[dict]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peer_server.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    m = meta["machine"]
+    lines = [
+        "# The appliance against llama-cpp-python's server",
+        "",
+        f"Model `{meta['model']}`, {meta['rounds']} rounds x {meta['max_tokens']} tokens, greedy, streamed; both servers "
+        f"running side by side, requests interleaved round by round, on {m['cpu']} ({m['logical_cpus']} logical CPUs), "
+        f"llama-cpp-python {m['llama_cpp_python']}, {meta['date']}; load average {meta['load_average'][0]:.1f} at the start.",
+        "",
+        "| threads | appliance decode tok/s | llama_cpp.server decode tok/s | ratio (median) | middle half of the rounds | appliance TTFT ms | llama_cpp.server TTFT ms | same token counts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        s = run["summary"]
+        q1, q3 = s["decode_ratio_quartiles"]
+        lines.append(
+            f"| {run['threads']} | {s['appliance_decode_tps']:.1f} | {s['llama_server_decode_tps']:.1f} | "
+            f"{s['decode_ratio']:.3f} | {q1:.2f}-{q3:.2f} | {s['appliance_ttft_ms']:.1f} | {s['llama_server_ttft_ms']:.1f} | "
+            f"{s['same_event_counts']} |"
+        )
+    lines += [
+        "",
+        "Both sides do the same work per request: HTTP, JSON, tokenization, llama.cpp decode, SSE. The appliance also",
+        "writes its SQLite row and checks the power state; llama_cpp.server runs on uvicorn (asyncio), the appliance on",
+        "waitress (threads). Ratio above 1: the appliance decodes faster. At 0.97 of the peer's speed or better in",
+        f"the middle half of the rounds: {verdict_text(runs)}.",
+        "",
+        f"Reproduce: `{meta['command']}`",
+    ]
+    path = RESULTS / "peer_server.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def verdict_text(runs: list[dict]) -> str:
+    """Whether the middle half of the rounds puts the appliance at least at 0.97 of the peer, per thread count."""
+    return ", ".join(f"{r['threads']} thread{'s' * (r['threads'] > 1)} {verdict(r['summary']['decode_ratio_quartiles'], 0.97)}"
+                     for r in runs)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
+    args = parser.parse_args(argv)
+    entry = find_model(args.model)
+    load_average = os.getloadavg()
+    prompts = build_prompts(entry.path, args.rounds + 1)  # chat-formatted, one new prompt a round
+    runs = [bench_threads(entry.path, prompts, t, args.max_tokens) for t in args.threads]
+    meta = {"model": entry.name, "rounds": args.rounds, "max_tokens": args.max_tokens, "load_average": load_average,
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "command": "python -m bench.peer_server " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print("report:", write_report(meta, runs))
+
+
+if __name__ == "__main__":
+    main()
