@@ -64,7 +64,8 @@ def convert_fp16(path: Path) -> None:
 def quantize_int4(path: Path, options: Int4Options) -> None:
     """Replace weight MatMuls (and the embedding Gather if asked) by 4-bit ops, in place.
 
-    When the model ties its embedding to the LM head (SmolLM2, Gemma, most small models), the
+    The LM head gets lm_head_bits, and with ``mixed`` the layers Q4_K_M favours keep v_proj and
+    down_proj at 8 bits. When the model ties its embedding to the LM head (SmolLM2, Gemma, most small models), the
     embedding lookup reads the head's quantized weights instead of a second copy on disk: for a
     135M model with a 49k vocabulary that copy is 15% of the package.
     """
