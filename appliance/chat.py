@@ -13,18 +13,14 @@ from appliance.chat_template import ChatTemplateError
 from appliance.config import Settings
 from appliance.db import Database
 from appliance.runner import ModelRunner
-from models import ModelNotFound, find_model
-from models.registry import RegistryError
+from models import find_model
 
 
 def run_chat(settings: Settings, system: str | None, temperature: float, max_tokens: int) -> None:
-    try:
-        runner = ModelRunner(
-            find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
-            provider=settings.provider,
-        )
-    except (ModelNotFound, RegistryError) as exc:
-        raise click.ClickException(str(exc)) from None
+    runner = ModelRunner(
+        find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
+        provider=settings.provider,
+    )
     db = Database(settings.db_path, store_text=settings.log_text)
     click.echo(f"Loading {runner.name}...", err=True)
     runner.ensure_loaded()

@@ -10,6 +10,9 @@ from pathlib import Path
 import click
 
 from appliance.config import ConfigError, Settings, load_settings
+from models import ModelNotFound
+from models.manifest import ManifestError
+from models.registry import RegistryError
 
 def _settings(ctx: click.Context, **flags) -> Settings:
     try:
@@ -18,7 +21,18 @@ def _settings(ctx: click.Context, **flags) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
+class _Group(click.Group):
+    """The catalog's own errors (unknown model, broken registry or package) end as one-line messages."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ModelNotFound, ManifestError, RegistryError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 @click.group(
+    cls=_Group,
     epilog="Settings come from defaults < $APPLIANCE_HOME/config.toml < APPLIANCE_<NAME> environment "
     "variables < flags.\n\nExample:\n\n  appliance serve --port 8080\n\n  curl http://127.0.0.1:8080/v1/models"
 )
@@ -61,16 +75,11 @@ def serve(ctx, host, port, model, threads, context_length, home):
     from appliance.app import create_app
     from appliance.power import limit_malloc_arenas
     from appliance.server import serve as run_server
-    from models import ModelNotFound
-    from models.registry import RegistryError
 
     limit_malloc_arenas()
     settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        app = create_app(settings)
-    except (ModelNotFound, RegistryError) as exc:
-        raise click.ClickException(str(exc)) from None
+    app = create_app(settings)
     click.echo(f"appliance: logging requests to {settings.db_path}", err=True)
     run_server(app, settings.host, settings.port, settings.http_threads, on_ready=lambda m: click.echo(m, err=True))
 
@@ -107,12 +116,8 @@ def models(ctx):
 def models_list(as_json):
     """List known models, where their files are and whether they are installed."""
     from models import list_models
-    from models.registry import RegistryError
 
-    try:
-        entries = list_models()
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
+    entries = list_models()
     if as_json:
         click.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
         return
@@ -125,14 +130,9 @@ def models_list(as_json):
 def models_verify():
     """Recompute the sha256 of every installed model file; exit 1 on any mismatch."""
     from models import list_models, verify_model
-    from models.registry import RegistryError
 
-    try:
-        entries = list_models()
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
     failed = False
-    for e in entries:
+    for e in list_models():
         ok, detail = verify_model(e)
         failed |= not ok and e.available
         click.echo(f"{'OK  ' if ok else 'FAIL'} {e.name:<24} {detail}")
@@ -151,13 +151,9 @@ def models_add(path):
       appliance export ./student --target arm --out ./packages
       appliance models add ./packages/student-arm-gguf
     """
-    from models.manifest import ManifestError
-    from models.registry import RegistryError, add_package
+    from models.registry import add_package
 
-    try:
-        manifest = add_package(path)
-    except (ManifestError, RegistryError) as exc:
-        raise click.ClickException(str(exc)) from None
+    manifest = add_package(path)
     click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
                f"serve it with appliance serve --model {manifest.name}")
 
@@ -173,12 +169,7 @@ def models_remove(name_or_path):
     """
     from models.registry import remove_package
 
-    try:
-        folder = remove_package(name_or_path)
-    except KeyError:
-        raise click.ClickException(f"no registered package matches {name_or_path!r}: see appliance models list") from None
-    except ValueError as exc:  # several packages of that name, or a malformed models.json
-        raise click.ClickException(str(exc)) from None
+    folder = remove_package(name_or_path)
     click.echo(f"removed {folder} from the registry (its files are still there)")
 
 

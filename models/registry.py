@@ -17,7 +17,10 @@ REGISTRY_FILE = "models.json"
 
 
 class RegistryError(ValueError):
-    """models.json cannot be read; the message says which file and what to do."""
+    """The registry cannot do what was asked (models.json unreadable, no or several packages match a name).
+
+    The message says what to do; the CLI shows it as is.
+    """
 
 
 def default_home() -> Path:
@@ -51,16 +54,16 @@ def add_package(folder: Path, home: Path | None = None) -> Manifest:
 def remove_package(name_or_path: str, home: Path | None = None) -> Path:
     """Forget a registered package, given its folder or its manifest name; its files stay where they are.
 
-    Returns the folder removed. Raises KeyError when nothing registered matches, and ValueError
-    when a name matches several packages (the message lists their folders: remove one by path).
+    Returns the folder removed. Raises RegistryError when nothing registered matches, or when a
+    name matches several packages (the message lists their folders: remove one by path).
     """
     packages = registered_packages(home)
     folder = Path(name_or_path).expanduser().resolve()
     matches = [folder] if folder in packages else [p for p in packages if _package_name(p) == name_or_path]
     if not matches:
-        raise KeyError(name_or_path)
+        raise RegistryError(f"no registered package matches {name_or_path!r}: see appliance models list")
     if len(matches) > 1:
-        raise ValueError(f"{len(matches)} registered packages are called {name_or_path!r}: "
+        raise RegistryError(f"{len(matches)} registered packages are called {name_or_path!r}: "
                          f"remove one by its folder ({', '.join(map(str, matches))})")
     _save([p for p in packages if p != matches[0]], home)
     return matches[0]

@@ -12,7 +12,7 @@ from appliance.backends import BackendError
 from appliance.backends.base import SamplingParams
 from appliance.runner import ModelRunner
 from distill.export import ExportError, ExportRequest, export
-from appliance.cli import models_add, models_remove
+from appliance.cli import cli
 from distill.export_cli import export_command
 from distill.export_gguf import QUANT_TYPES, write_gguf
 from distill.targets import TARGETS, UnknownTarget, formats_for, get_target
@@ -199,9 +199,9 @@ def test_models_add_registers_a_package_with_the_catalog(cpu_packages, home):
     assert entry.package == cpu_packages["gguf"].resolve() and verify_model(entry) == (True, "sha256 ok (every file of the package)")
     add_package(cpu_packages["gguf"])  # adding twice keeps one entry
     assert len(registered_packages()) == 1
-    missing = CliRunner().invoke(models_remove, ["no-such-package"])
+    missing = CliRunner().invoke(cli, ["models", "remove", "no-such-package"])
     assert missing.exit_code == 1 and "no registered package matches" in missing.output
-    removed = CliRunner().invoke(models_remove, [manifest.name])
+    removed = CliRunner().invoke(cli, ["models", "remove", manifest.name])
     assert removed.exit_code == 0, removed.output
     assert registered_packages() == [] and manifest.name not in [e.name for e in list_models()]
     assert (cpu_packages["gguf"] / "manifest.json").exists()  # the files stay
@@ -213,7 +213,7 @@ def test_models_add_refuses_a_corrupted_package(cpu_packages, home, tmp_path):
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(ManifestError, match="tokenizer.json"):
         add_package(folder)
-    result = CliRunner().invoke(models_add, [str(folder)])
+    result = CliRunner().invoke(cli, ["models", "add", str(folder)])
     assert result.exit_code == 1 and "tokenizer.json" in result.output
     assert registered_packages() == []
 
@@ -232,5 +232,5 @@ def test_cli_export_writes_a_measured_package_with_its_report(tiny_hf, tmp_path,
     manifest = read_manifest(package)
     assert {"report.json", "report.md", "tiny.Q4_0.gguf"} <= {f.path for f in manifest.files}
     assert manifest.metrics["greedy_agreement"] == report["greedy_agreement"]
-    added = CliRunner().invoke(models_add, [str(package)])
+    added = CliRunner().invoke(cli, ["models", "add", str(package)])
     assert added.exit_code == 0 and "tiny-arm-gguf" in added.output
