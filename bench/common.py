@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -56,3 +59,45 @@ def machine() -> dict:
         llama_version = None
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "llama_cpp_python": llama_version, "load_avg": os.getloadavg()}
+
+
+def stream_completion(port: int, body: dict) -> dict:
+    """POST /v1/completions (body has stream on): when it was sent, when each event with text came, the usage."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+    stamps, usage = [], None
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        usage = event.get("usage") or usage
+        if event["choices"] and event["choices"][0]["text"]:
+            stamps.append(time.perf_counter())
+    conn.close()
+    return {"start": start, "stamps": stamps, "usage": usage}
+
+
+def middle_half(values: list[float]) -> list[float]:
+    """First and third quartile: the range the middle half of the rounds fell in."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return [q1, q3]
+
+
+def verdict(quartiles: list[float], goal: float) -> str:
+    """Met or missed only when the middle half of the rounds agrees; otherwise the spread decides nothing."""
+    low, high = quartiles
+    return "✅" if low >= goal else "❌" if high < goal else "(within noise)"
+
+
+def save_report(folder: Path, name: str, data: dict, lines: list[str]) -> Path:
+    """folder/name.json (the data) and folder/name.md (the lines); returns the .md path."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=2))
+    path = folder / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -23,7 +23,7 @@ from pathlib import Path
 import llama_cpp
 
 from appliance.backends import create_backend
-from bench.common import PROMPTS, machine, start_service
+from bench.common import PROMPTS, machine, middle_half, save_report, start_service, stream_completion, verdict
 from models import find_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,25 +61,9 @@ def raw_run(llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> dict:
 def service_run(port: int, prompt: str, max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    start = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    first = last = None
-    usage = None
-    for raw in response:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        event = json.loads(line[6:])
-        if event.get("usage"):
-            usage = event["usage"]
-        if event["choices"] and event["choices"][0]["text"]:
-            last = time.perf_counter()
-            first = first or last
-    conn.close()
-    n = usage["completion_tokens"]
-    return {"ttft_ms": (first - start) * 1000, "tokens": n, "decode_tps": (n - 1) / (last - first),
+    run = stream_completion(port, body)
+    first, last, n = run["stamps"][0], run["stamps"][-1], run["usage"]["completion_tokens"]
+    return {"ttft_ms": (first - run["start"]) * 1000, "tokens": n, "decode_tps": (n - 1) / (last - first),
             "server_decode_tps": server_logged_tps(port)}
 
 
@@ -95,12 +79,11 @@ def server_logged_tps(port: int) -> float:
 def summarize(raw: list[dict], svc: list[dict]) -> dict:
     med = statistics.median
     ratios = [s["decode_tps"] / r["decode_tps"] for r, s in zip(raw, svc)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     return {
-        "decode_ratio_quartiles": [q1, q3],
+        "decode_ratio_quartiles": middle_half(ratios),
         "raw_decode_tps_median": med(r["decode_tps"] for r in raw),
         "service_decode_tps_median": med(r["decode_tps"] for r in svc),
-        "decode_ratio_median": med(s["decode_tps"] / r["decode_tps"] for r, s in zip(raw, svc)),
+        "decode_ratio_median": med(ratios),
         "server_side_decode_ratio_median": med(s["server_decode_tps"] / r["decode_tps"] for r, s in zip(raw, svc)),
         "raw_ttft_ms_median": med(r["ttft_ms"] for r in raw),
         "service_ttft_ms_median": med(r["ttft_ms"] for r in svc),
@@ -109,15 +92,7 @@ def summarize(raw: list[dict], svc: list[dict]) -> dict:
     }
 
 
-def verdict(quartiles: list[float], goal: float) -> str:
-    """Met or missed only when the middle half of the rounds agrees; otherwise the spread decides nothing."""
-    low, high = quartiles
-    return "✅" if low >= goal else "❌" if high < goal else "(within noise)"
-
-
 def write_report(meta: dict, runs: list[dict]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     m = meta["machine"]
     lines = [
         "# Service overhead over raw llama-cpp-python",
@@ -156,9 +131,7 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
         "",
         f"Reproduce: `{meta['command']}`",
     ]
-    path = RESULTS / "overhead.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return save_report(RESULTS, "overhead", {"meta": meta, "runs": runs}, lines)
 
 
 def bench_threads(entry, prompts: list[str], threads: int, max_tokens: int) -> dict:

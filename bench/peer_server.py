@@ -13,36 +13,23 @@ time to first token is from sending the request to the first text event.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, start_server, start_service
-from bench.overhead import build_prompts, verdict
+from bench.common import machine, middle_half, save_report, start_server, start_service, stream_completion, verdict
+from bench.overhead import build_prompts
 from models import find_model
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def stream_completion(port: int, body: dict) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    start = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200, response.read()
-    stamps = []
-    for raw in response:
-        line = raw.decode().strip()
-        if line.startswith("data: ") and line != "data: [DONE]":
-            event = json.loads(line[6:])
-            if event["choices"] and event["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
-    conn.close()
-    return {"ttft_ms": (stamps[0] - start) * 1000, "events": len(stamps),
+def timed_stream(port: int, body: dict) -> dict:
+    run = stream_completion(port, body)
+    stamps = run["stamps"]
+    return {"ttft_ms": (stamps[0] - run["start"]) * 1000, "events": len(stamps),
             "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
@@ -57,8 +44,8 @@ def bench_threads(model: Path, prompts: list[str], threads: int, max_tokens: int
     try:
         for i, prompt in enumerate(prompts):  # round 0 warms both up and is not counted
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-            a = stream_completion(our_port, body)
-            b = stream_completion(peer_port, body | {"repeat_penalty": 1.0})  # its default is 1.1; ours has none
+            a = timed_stream(our_port, body)
+            b = timed_stream(peer_port, body | {"repeat_penalty": 1.0})  # its default is 1.1; ours has none
             print(f"threads {threads} round {i}: appliance {a['decode_tps']:.1f} tok/s ttft {a['ttft_ms']:.0f} ms | "
                   f"llama_cpp.server {b['decode_tps']:.1f} tok/s ttft {b['ttft_ms']:.0f} ms", flush=True)
             if i:
@@ -75,17 +62,14 @@ def bench_threads(model: Path, prompts: list[str], threads: int, max_tokens: int
 def summarize(ours: list[dict], peer: list[dict]) -> dict:
     med = statistics.median
     ratios = [a["decode_tps"] / b["decode_tps"] for a, b in zip(ours, peer)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
     return {"appliance_decode_tps": med(a["decode_tps"] for a in ours),
             "llama_server_decode_tps": med(b["decode_tps"] for b in peer),
-            "decode_ratio": med(ratios), "decode_ratio_quartiles": [q1, q3],
+            "decode_ratio": med(ratios), "decode_ratio_quartiles": middle_half(ratios),
             "appliance_ttft_ms": med(a["ttft_ms"] for a in ours), "llama_server_ttft_ms": med(b["ttft_ms"] for b in peer),
             "same_event_counts": all(a["events"] == b["events"] for a, b in zip(ours, peer))}
 
 
 def write_report(meta: dict, runs: list[dict]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peer_server.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     m = meta["machine"]
     lines = [
         "# The appliance against llama-cpp-python's server",
@@ -114,9 +98,7 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
         "",
         f"Reproduce: `{meta['command']}`",
     ]
-    path = RESULTS / "peer_server.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return save_report(RESULTS, "peer_server", {"meta": meta, "runs": runs}, lines)
 
 
 def verdict_text(runs: list[dict]) -> str:

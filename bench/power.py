@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import machine, start_service
+from bench.common import machine, save_report, start_service
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -112,8 +112,6 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
                "wake_latency_ms": wake, "warm_ttft_ms": med(c["warm_ttft_ms"] for c in cycles),
                "wake_ttft_ms": med(c["wake_ttft_ms"] for c in cycles), "reload_ms": med(c["reload_ms"] for c in cycles),
                "idle_cpu_share": idle["share_of_one_core"]}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "power.json").write_text(json.dumps({"meta": meta, "summary": summary, "cycles": cycles, "idle": idle, "import_floor": floor}, indent=2))
     m = meta["machine"]
     ok = lambda good: "✅" if good else "❌"  # noqa: E731
     lines = [
@@ -152,9 +150,8 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
         "",
         f"Reproduce: `{meta['command']}`",
     ]
-    path = RESULTS / "power.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    data = {"meta": meta, "summary": summary, "cycles": cycles, "idle": idle, "import_floor": floor}
+    return save_report(RESULTS, "power", data, lines)
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.overhead import verdict
+from bench.common import verdict
 
 
 def _write(module, data: dict) -> None:
