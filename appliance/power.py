@@ -246,16 +246,18 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     0.3 MiB with two arenas (bench/results/power.md shows each cycle). Like
     MALLOC_ARENA_MAX=2, but set after start-up, for the threads made later.
     """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to cap
-        pass
+    _glibc("mallopt", M_ARENA_MAX, arenas)
 
 
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS so RSS really drops (glibc keeps them otherwise)."""
     gc.collect()
+    _glibc("malloc_trim", 0)
+
+
+def _glibc(function: str, *args) -> None:
+    """Call a glibc allocator function; other C libraries (musl, macOS) have none, and nothing is done."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass
