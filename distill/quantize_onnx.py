@@ -144,8 +144,13 @@ def _lm_head(graph: onnx.ModelProto) -> onnx.NodeProto:
     raise ValueError(f"no LM head MatMul with a [{hidden}, {vocab}] weight in this graph")
 
 
+def _initializer(graph: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
+    return next((t for t in graph.graph.initializer if t.name == name), None)
+
+
 def _dims(graph: onnx.ModelProto, name: str) -> list[int] | None:
-    return next((list(t.dims) for t in graph.graph.initializer if t.name == name), None)
+    tensor = _initializer(graph, name)
+    return None if tensor is None else list(tensor.dims)
 
 
 SENSITIVE = re.compile(r"/layers\.(\d+)/(self_attn/v_proj|mlp/down_proj)/MatMul$")
@@ -176,8 +181,7 @@ def _block_dividing(block_size: int, k: int) -> int:
 # -- tied embeddings -------------------------------------------------------------
 def _is_transposed_copy(graph: onnx.ModelProto, table_name: str, weight_name: str) -> bool:
     """True when the embedding table is the head's weight transposed: the exporter writes two copies."""
-    weights = {t.name: t for t in graph.graph.initializer if t.name in (table_name, weight_name)}
-    table, weight = weights.get(table_name), weights.get(weight_name)
+    table, weight = _initializer(graph, table_name), _initializer(graph, weight_name)
     if table is None or weight is None:
         return False
     return bool(np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(weight).T))
@@ -198,13 +202,13 @@ def _read_embedding_from_head(graph: onnx.ModelProto, head_input: str) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     if attrs["K"] % attrs["block_size"]:
         return False
-    if any(t.name in head.input[3:4] and t.data_type != onnx.TensorProto.UINT8 for t in graph.graph.initializer):
+    zero_points = [name for name in head.input[3:4] if name]  # optional input: absent or "" when symmetric
+    if zero_points and _initializer(graph, zero_points[0]).data_type != onnx.TensorProto.UINT8:
         return False
     rows, blocks = attrs["N"], attrs["K"] // attrs["block_size"]
     gather = _embedding_node(graph)
     shapes = {"data": [rows, -1], "scales": [rows, blocks], "zero_points": [rows, -1]}
     new_nodes, inputs = [], []
-    zero_points = [name for name in head.input[3:4] if name]  # optional input: absent or "" when symmetric
     for role, name in zip(("data", "scales", "zero_points"), (head.input[1], head.input[2], *zero_points)):
         shape = numpy_helper.from_array(np.array(shapes[role], np.int64), f"{name}_as_embedding_shape")
         graph.graph.initializer.append(shape)
@@ -221,5 +225,5 @@ def _read_embedding_from_head(graph: onnx.ModelProto, head_input: str) -> bool:
     graph.graph.node.remove(gather)
     for offset, node in enumerate(new_nodes):
         graph.graph.node.insert(position + offset, node)
-    graph.graph.initializer.remove(next(t for t in graph.graph.initializer if t.name == table))
+    graph.graph.initializer.remove(_initializer(graph, table))
     return True
