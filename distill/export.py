@@ -36,7 +36,8 @@ class ExportRequest:
     target: str = "cpu"
     format: str = "both"  # onnx, gguf or both (every format the target serves)
     name: str | None = None  # model name in the manifests [default: the source folder's name]
-    algorithm: str = "rtn"  # ONNX INT4 algorithm: rtn or hqq
+    algorithm: str = "rtn"  # rounding: rtn, hqq (ONNX only) or gptq (ONNX and GGUF Q4_0, calibrated)
+    calibration: Path | None = None  # gptq: a text file to calibrate on [default: the model's own answers]
     measure: bool = True  # write report.md/report.json (perplexity, agreement, speed, RSS)
     threads: int = 2
     aliases: tuple[str, ...] = ()
@@ -59,7 +60,8 @@ def export(request: ExportRequest, progress: Progress = print, reference=None) -
 
             reference = reference_from_hf(request.src)
     reference = reference if request.measure else None
-    return [_export_one(request, profile, fmt, reference, progress) for fmt in formats]
+    samples = _calibration(request, progress) if request.algorithm == "gptq" else None
+    return [_export_one(request, profile, fmt, reference, progress, samples) for fmt in formats]
 
 
 @contextmanager
@@ -79,13 +81,17 @@ def package_name(request: ExportRequest, profile: TargetProfile, fmt: str) -> st
     return f"{request.name}-{profile.name}-{fmt}"
 
 
-def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, reference, progress: Progress) -> Path:
+def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, reference, progress: Progress,
+                samples=None) -> Path:
     final = request.out / package_name(request, profile, fmt)
     request.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=request.out))
     try:
         folder = work / "package"
-        quantization = BUILDERS[fmt](request, profile, folder, progress)
+        rounded = _gptq_source(request, profile, fmt, samples, work / "gptq-source", progress) if samples is not None else None
+        quantization = BUILDERS[fmt](replace(request, src=rounded) if rounded else request, profile, folder, progress)
+        if rounded and fmt == "gguf":
+            quantization += "-gptq"
         _write_manifest(request, profile, fmt, folder, quantization)
         if reference is not None:
             _write_report(request, profile, fmt, folder, quantization, reference, progress)
@@ -127,6 +133,54 @@ def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, pr
 
 
 BUILDERS = {"onnx": _build_onnx, "gguf": _build_gguf}
+
+
+# -- GPTQ: rounding the source before the builders quantize it ----------------------
+def _calibration(request: ExportRequest, progress: Progress):
+    """The calibration sequences, shared by every format of this export."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.gptq import best_device, sampled_calibration, text_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(request.src)
+    if request.calibration is not None:
+        with step(f"read the calibration text {request.calibration}", progress):
+            return text_calibration(tokenizer, Path(request.calibration).read_text(encoding="utf-8"))
+    with step("sample calibration text from the source (its answers to the distillation prompts)", progress):
+        model = AutoModelForCausalLM.from_pretrained(request.src).eval().to(best_device())
+        return sampled_calibration(model, tokenizer, progress=progress)
+
+
+def gptq_grid(profile: TargetProfile, fmt: str):
+    """The 4-bit grid that this format's quantizer reproduces, or None where it re-derives its own scales."""
+    from distill.gptq import Grid
+
+    if fmt == "onnx":
+        return Grid(block_size=profile.block_size, symmetric=profile.symmetric)
+    return Grid(block_size=32, symmetric=True) if profile.gguf_quant == "Q4_0" else None  # Q4_0: 32, scale = max / -8
+
+
+def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, samples, dst: Path,
+                 progress: Progress) -> Path | None:
+    """A copy of the source whose 4-bit weights GPTQ put on the format's grid; None where it cannot apply."""
+    from distill.gptq import write_rounded_copy
+
+    grid = gptq_grid(profile, fmt)
+    if grid is None:
+        progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} sets its own scales, so {fmt} keeps its rounding")
+        return None
+    skip = _keeps_more_bits(request.src) if fmt == "onnx" and profile.mixed else (lambda name: False)
+    with step(f"round the {fmt} 4-bit weights with GPTQ (block {grid.block_size})", progress):
+        write_rounded_copy(request.src, dst, grid, skip, samples, progress=lambda line: progress(f"[export] {line}"))
+    return dst
+
+
+def _keeps_more_bits(src: Path):
+    """The ONNX mixed profile's 8-bit weights: GPTQ leaves them to the quantizer."""
+    from distill.quantize_onnx import more_bits_layers
+
+    layers = more_bits_layers(json.loads((src / "config.json").read_text())["num_hidden_layers"])
+    return lambda name: int(name.split(".")[2]) in layers and name.endswith(("self_attn.v_proj", "mlp.down_proj"))
 
 
 def _write_manifest(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,

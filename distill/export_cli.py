@@ -19,22 +19,25 @@ from distill.targets import TARGETS
               help="folder for the packages (OUT/<name>-<target>-<format>)")
 @click.option("--name", help="model name in the manifests [default: MODEL_DIR's name]")
 @click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True,
-              help="ONNX INT4 algorithm (gptq needs neural-compressor, not installed)")
+              help="4-bit rounding: rtn (round to nearest), hqq (ONNX only), gptq (calibrated; ONNX and GGUF Q4_0)")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="gptq: a text file to calibrate on [default: the model's own answers to varied prompts]")
 @click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")
 @click.option("-t", "--threads", type=int, default=2, show_default=True, help="threads for quantizing and measuring")
-def export_command(model_dir, target, fmt, out, name, algorithm, no_report, threads):
+def export_command(model_dir, target, fmt, out, name, algorithm, calibration, no_report, threads):
     """Export an HF model folder to INT4 model packages for one target, each with a report.
 
     \b
     Example:
       appliance export ./student --target arm --format both --out ./packages
       appliance models add ./packages/student-arm-gguf
+      appliance export ./student --target arm --algorithm gptq --out ./packages
     """
     from distill.export import ExportError, ExportRequest, export
     from distill.targets import UnknownTarget
 
     request = ExportRequest(src=model_dir, out=out, target=target, format=fmt, name=name, algorithm=algorithm,
-                            measure=not no_report, threads=threads)
+                            calibration=calibration, measure=not no_report, threads=threads)
     try:
         packages = export(request, progress=lambda line: click.echo(line, err=True))
     except (ExportError, UnknownTarget) as exc:

@@ -27,7 +27,9 @@ class Int4Options:
     block_size: int = 32  # weights per scale
     symmetric: bool = True  # zero point fixed at 8, or one stored per block
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations on CPU, 0 = the graph's float type
-    algorithm: str = "rtn"  # rtn: the quantizer's blockwise round-to-nearest; hqq: half-quadratic (torch, no data)
+    # rtn: the quantizer's blockwise round-to-nearest; hqq: half-quadratic (torch, no data);
+    # gptq: the source was rounded by distill.gptq onto this grid beforehand (appliance export does it)
+    algorithm: str = "rtn"
     embedding: bool = True  # quantize the token embedding (shared with the LM head when the model ties them)
     lm_head_bits: int = 8  # output projection: 8 or 4 bits, 0 keeps it at graph precision
     mixed: bool = False  # v_proj and down_proj at 8 bits in the layers llama.cpp's Q4_K_M gives more bits
@@ -122,8 +124,7 @@ def _algo_config(options: Int4Options, op_types):
     if options.algorithm == "hqq":
         return nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4, op_types_to_quantize=op_types)
     if options.algorithm == "gptq":
-        # onnxruntime runs GPTQ through neural-compressor, which is not installed and needs calibration data.
-        raise ValueError("GPTQ is not available offline here (onnxruntime needs neural-compressor for it); use rtn or hqq")
+        return None  # distill.gptq already put the weights on this grid; round-to-nearest keeps them there
     raise ValueError(f"unknown INT4 algorithm {options.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
 
 
@@ -156,19 +157,23 @@ def _dims(graph: onnx.ModelProto, name: str) -> list[int] | None:
 SENSITIVE = re.compile(r"/layers\.(\d+)/(self_attn/v_proj|mlp/down_proj)/MatMul$")
 
 
-def _sensitive_matmuls(graph: onnx.ModelProto) -> list[str]:
-    """The v_proj and down_proj MatMuls of the layers llama.cpp's Q4_K_M quantizes with more bits.
+def more_bits_layers(layers: int) -> set[int]:
+    """The layers llama.cpp's Q4_K_M gives v_proj and down_proj more bits (use_more_bits in llama-quant.cpp).
 
-    Its rule (use_more_bits in llama-quant.cpp): the first and last eighth of the layers, and every
-    third one between. On SmolLM2 this took held-out perplexity from 1.28x to 1.14x fp32 for 7% more
-    bytes (bench/results/export/summary.md).
+    The first and last eighth of the layers, and every third one between. On SmolLM2, 8 bits there took
+    held-out perplexity from 1.28x to 1.14x fp32 for 7% more bytes (bench/results/export/summary.md).
     """
+    return {i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2}
+
+
+def _sensitive_matmuls(graph: onnx.ModelProto) -> list[str]:
+    """The v_proj and down_proj MatMuls of the layers in more_bits_layers."""
     found = [(int(m.group(1)), node.name) for node in graph.graph.node
              if node.op_type == "MatMul" and (m := SENSITIVE.search(node.name))]
     if not found:
         raise ValueError("mixed precision needs the exporter's node names (/layers.N/self_attn/v_proj/MatMul); none found")
-    n = max(layer for layer, _ in found) + 1
-    return [name for layer, name in found if layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2]
+    chosen = more_bits_layers(max(layer for layer, _ in found) + 1)
+    return [name for layer, name in found if layer in chosen]
 
 
 def _block_dividing(block_size: int, k: int) -> int:

@@ -1,0 +1,265 @@
+"""GPTQ: round weights to a 4-bit grid so the layer's outputs move least, not each weight.
+
+Round-to-nearest (RTN) rounds every weight on its own. GPTQ (Frantar et al.,
+2022, arXiv:2210.17323) rounds one input column at a time and spreads each
+column's rounding error over the columns not yet rounded, weighted by the
+inverse Hessian ``H = X^T X`` of the layer's inputs on calibration text. The
+layers are processed in order, each fed the outputs of the already-rounded
+layers before it.
+
+This module works on the HF model in torch and leaves the weights *on* the grid
+(``scale * (code - zero)``, in float). The grid is chosen so the exporters'
+own round-to-nearest reproduces it exactly: ONNX Runtime's symmetric 4-bit
+blocks and llama.cpp's Q4_0 both take ``scale = (signed largest weight) / -8``,
+and a block already on such a grid rounds to itself. So GPTQ needs no packer of
+its own: ``appliance export --algorithm gptq`` rounds here, then quantizes as
+usual (tests/test_export.py checks that the packages equal the rounded model).
+
+Calibration text is, by default, the model's own answers to the distillation
+prompts (data-free, as in LLM-QAT, arXiv:2305.17888), so an offline machine needs
+no dataset and the report's held-out text is never seen; a text file can be
+given instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+DAMPING = 0.01  # of the mean Hessian diagonal, as in the paper: keeps the Cholesky factorisation stable
+LAZY_COLUMNS = 128  # columns rounded before the error is pushed to the rest in one matrix product
+
+
+class BlockGrid(NamedTuple):
+    """One block's grid per row, and where its extremes sit (-1: none to keep)."""
+
+    scale: torch.Tensor  # [rows]
+    zero: torch.Tensor  # [rows]
+    lowest_at: torch.Tensor  # [rows] column in the block that must get code 0
+    highest_at: torch.Tensor  # [rows] column in the block that must get code 15
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A 4-bit blockwise grid along each weight row's input dimension, by the exporters' own rules.
+
+    A rounded block reproduces under those rules only if its extremes still sit at the end codes
+    (the exporters derive the scale from them), so the weights that set the scale are pinned there.
+    """
+
+    block_size: int = 32
+    symmetric: bool = True  # zero point 8 (ONNX symmetric, GGUF Q4_0), or one per block (ONNX asymmetric)
+
+    def params(self, w: torch.Tensor) -> BlockGrid:
+        """The grid of the block w [rows, block]: Q4_0's scale = largest / -8, or ONNX's (max - min) / 15."""
+        none = torch.full((w.shape[0],), -1, dtype=torch.long, device=w.device)
+        if self.symmetric:
+            at = w.abs().argmax(1)
+            largest = w.gather(1, at[:, None])[:, 0]
+            scale = (largest / -8).half().float()  # fp16-exact: Q4_0 and fp16 graphs store scales in fp16
+            return BlockGrid(_nonzero(scale), torch.full_like(scale, 8), torch.where(scale != 0, at, none), none)
+        low, high = w.min(1), w.max(1)
+        low_value, high_value = low.values.clamp(max=0), high.values.clamp(min=0)  # the range always holds 0
+        scale = _nonzero(((high_value - low_value) / 15).half().float())
+        zero = torch.round(-low_value / scale).clamp(0, 15)
+        return BlockGrid(scale, zero, torch.where(low_value < 0, low.indices, none),
+                         torch.where(high_value > 0, high.indices, none))
+
+    def round_column(self, column: torch.Tensor, grid: BlockGrid, index: int) -> torch.Tensor:
+        """Column index of a block put on its grid, in float, its extremes pinned to the end codes."""
+        codes = torch.round(column / grid.scale + grid.zero).clamp(0, 15)
+        codes = torch.where(grid.lowest_at == index, torch.zeros_like(codes), codes)
+        codes = torch.where(grid.highest_at == index, torch.full_like(codes, 15), codes)
+        return grid.scale * (codes - grid.zero)
+
+    def round_to_nearest(self, weight: torch.Tensor) -> torch.Tensor:
+        """Plain RTN on this grid: what the exporters do without GPTQ."""
+        blocks = weight.reshape(-1, self.block_size)
+        grid = self.params(blocks)
+        columns = [self.round_column(blocks[:, i], grid, i) for i in range(self.block_size)]
+        return torch.stack(columns, 1).reshape(weight.shape)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: any scale keeps it zero
+
+
+def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The weight [out, in] rounded onto grid, each column's error compensated in the columns after it."""
+    w = weight.detach().clone().float()
+    h = hessian.clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: nothing to preserve
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rounded = torch.zeros_like(w)
+    lazy = max(LAZY_COLUMNS // grid.block_size, 1) * grid.block_size  # a block never straddles two batches
+    for start in range(0, w.shape[1], lazy):
+        end = min(start + lazy, w.shape[1])
+        batch, h_inv_batch = w[:, start:end].clone(), h_inv[start:end, start:end]
+        errors = torch.zeros_like(batch)
+        for i in range(end - start):
+            if i % grid.block_size == 0:  # a new block: its grid from the weights as compensated so far
+                block = grid.params(batch[:, i:i + grid.block_size])
+            column = batch[:, i]
+            rounded[:, start + i] = grid.round_column(column, block, i % grid.block_size)
+            error = (column - rounded[:, start + i]) / h_inv_batch[i, i]
+            batch[:, i:] -= error[:, None] * h_inv_batch[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return rounded.to(weight.dtype)
+
+
+# -- calibration text ------------------------------------------------------------
+def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, seed: int = 0, batch: int = 16,
+                        progress: Callable[[str], None] | None = None) -> torch.Tensor:
+    """count x length tokens of the model's own answers to varied instructions (distill.generate's prompts).
+
+    Prompts and answers run together and are cut into sequences, so every token is real text in the
+    model's chat format. Sampled at temperature 0.7: text like what the model will be asked to write.
+    """
+    import random
+
+    from distill.generate import DEFAULT_PROMPTS
+
+    prompts = random.Random(seed).sample(DEFAULT_PROMPTS, len(DEFAULT_PROMPTS))
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream: list[int] = []
+    for start in range(0, len(prompts), batch):
+        if len(stream) >= count * length:
+            break
+        texts = [_as_chat(tokenizer, p) for p in prompts[start:start + batch]]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(device)
+        out = model.generate(**encoded, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
+                             pad_token_id=pad)
+        for row in out.cpu().tolist():
+            stream += [t for t in row if t != pad]
+        if progress:
+            progress(f"calibration text: {min(len(stream), count * length)}/{count * length} tokens")
+    return _cut(stream, length)[:count]
+
+
+def _as_chat(tokenizer, prompt: str) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def text_calibration(tokenizer, text: str, count: int = 64, length: int = 256) -> torch.Tensor:
+    """A calibration text cut into up to count sequences of length tokens."""
+    return _cut(tokenizer(text)["input_ids"], length)[:count]
+
+
+def _cut(ids: list[int], length: int) -> torch.Tensor:
+    count = len(ids) // length
+    if count == 0:
+        raise ValueError(f"calibration text has {len(ids)} tokens; GPTQ needs at least {length}")
+    return torch.tensor(ids[: count * length]).reshape(count, length)
+
+
+# -- the model, layer by layer ------------------------------------------------------
+def _layer_inputs(model, samples: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The first layer's hidden states per batch, and what every layer gets besides (rotary tables, mask).
+
+    The extras are caught per layer, not copied from the first, because models that mix attention kinds
+    (Gemma 3's sliding and global layers) give their layers different masks and rotary tables.
+    """
+    layers = model.model.layers
+    hidden, extras = [], [[] for _ in layers]
+
+    def capture(index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            extras[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(samples), batch):
+            model(samples[i:i + batch].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hidden, extras
+
+
+def quantize_model(model, samples: torch.Tensor, grid: Grid, skip: Callable[[str], bool] = lambda name: False,
+                   batch: int = 8, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Round every Linear of the decoder layers (less skip) with GPTQ, in place; returns the names rounded.
+
+    Linears whose input width is not whole blocks are left alone (the exporters fall back to RTN there).
+    """
+    rounded = []
+    with torch.no_grad():
+        hidden, extras = _layer_inputs(model, samples, batch)
+        for index, layer in enumerate(model.model.layers):
+            chosen = {name: module for name, module in _linears(layer, index)
+                      if not skip(name) and module.in_features % grid.block_size == 0}
+            hessians = _hessians(layer, chosen, hidden, extras[index])
+            for name, module in chosen.items():
+                module.weight.data = gptq_weight(module.weight.data, hessians[name], grid)
+                rounded.append(name)
+            hidden = [_hidden(layer(h, **kwargs)) for h, kwargs in zip(hidden, extras[index])]
+            if progress:
+                progress(f"GPTQ layer {index + 1}/{len(model.model.layers)}: {len(chosen)} weights rounded")
+    return rounded
+
+
+def _linears(layer, index: int) -> Iterator[tuple[str, torch.nn.Linear]]:
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            yield f"model.layers.{index}.{name}", module
+
+
+def _hessians(layer, linears: dict, hidden: list, extras: list[dict]) -> dict[str, torch.Tensor]:
+    """X^T X / rows of each linear's input, over all calibration batches."""
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in linears.items()}
+    rows = {name: 0 for name in linears}
+
+    def accumulate(name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] += x.T @ x
+            rows[name] += x.shape[0]
+        return hook
+
+    hooks = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+    try:
+        for h, kwargs in zip(hidden, extras):
+            layer(h, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: 2 * sums[name] / max(rows[name], 1) for name in linears}
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def write_rounded_copy(src: Path, dst: Path, grid: Grid, skip: Callable[[str], bool], samples: torch.Tensor,
+                       progress: Callable[[str], None] | None = None) -> list[str]:
+    """An HF folder dst like src, with its decoder Linears rounded by GPTQ; returns the names rounded."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().to(best_device())
+    rounded = quantize_model(model, samples, grid, skip=skip, progress=progress)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.gguf"))
+    model.cpu().save_pretrained(dst)
+    return rounded
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
