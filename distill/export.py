@@ -46,10 +46,11 @@ class ExportRequest:
 Progress = Callable[[str], None]
 
 
-def export(request: ExportRequest, progress: Progress = print, reference=None) -> list[Path]:
+def export(request: ExportRequest, progress: Progress = print, reference=None, samples=None) -> list[Path]:
     """Build one package per format; returns their folders.
 
     reference: the source's measured answers (``export_report.reference_from_hf``), to reuse across targets.
+    samples: GPTQ's calibration sequences (``calibration_samples``), to reuse across targets.
     """
     profile = get_target(request.target)
     request = replace(request, src=Path(request.src), out=Path(request.out), name=request.name or Path(request.src).name)
@@ -60,7 +61,10 @@ def export(request: ExportRequest, progress: Progress = print, reference=None) -
 
             reference = reference_from_hf(request.src)
     reference = reference if request.measure else None
-    samples = _calibration(request, progress) if request.algorithm == "gptq" else None
+    if request.algorithm != "gptq":
+        samples = None
+    elif samples is None:
+        samples = calibration_samples(request, progress)
     return [_export_one(request, profile, fmt, reference, progress, samples) for fmt in formats]
 
 
@@ -136,7 +140,7 @@ BUILDERS = {"onnx": _build_onnx, "gguf": _build_gguf}
 
 
 # -- GPTQ: rounding the source before the builders quantize it ----------------------
-def _calibration(request: ExportRequest, progress: Progress):
+def calibration_samples(request: ExportRequest, progress: Progress = print):
     """The calibration sequences, shared by every format of this export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,36 +155,55 @@ def _calibration(request: ExportRequest, progress: Progress):
         return sampled_calibration(model, tokenizer, progress=progress)
 
 
-def gptq_grid(profile: TargetProfile, fmt: str):
-    """The 4-bit grid that this format's quantizer reproduces, or None where it re-derives its own scales."""
-    from distill.gptq import Grid
-
-    if fmt == "onnx":
-        return Grid(block_size=profile.block_size, symmetric=profile.symmetric)
-    return Grid(block_size=32, symmetric=True) if profile.gguf_quant == "Q4_0" else None  # Q4_0: 32, scale = max / -8
-
-
 def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, samples, dst: Path,
                  progress: Progress) -> Path | None:
-    """A copy of the source whose 4-bit weights GPTQ put on the format's grid; None where it cannot apply."""
+    """A copy of the source whose low-bit weights GPTQ put on the format's grids; None where none applies."""
     from distill.gptq import write_rounded_copy
 
-    grid = gptq_grid(profile, fmt)
-    if grid is None:
-        progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} sets its own scales, so {fmt} keeps its rounding")
+    with step(f"choose the {fmt} weights GPTQ can round", progress):
+        grid_for = onnx_grids(request.src, profile) if fmt == "onnx" else gguf_grids(request, profile)
+    if grid_for is None:
+        progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here, so it keeps its own rounding")
         return None
-    skip = _keeps_more_bits(request.src) if fmt == "onnx" and profile.mixed else (lambda name: False)
-    with step(f"round the {fmt} 4-bit weights with GPTQ (block {grid.block_size})", progress):
-        write_rounded_copy(request.src, dst, grid, skip, samples, progress=lambda line: progress(f"[export] {line}"))
+    with step(f"round the {fmt} weights with GPTQ", progress):
+        rounded = write_rounded_copy(request.src, dst, grid_for, samples, progress=lambda line: progress(f"[export] {line}"))
+    progress(f"[export] gptq: {len(rounded)} weights rounded")
     return dst
 
 
-def _keeps_more_bits(src: Path):
-    """The ONNX mixed profile's 8-bit weights: GPTQ leaves them to the quantizer."""
+def onnx_grids(src: Path, profile: TargetProfile):
+    """The profile's 4-bit grid for every decoder Linear, less the ones the mixed profile keeps at 8 bits."""
+    from distill.gptq import Grid
     from distill.quantize_onnx import more_bits_layers
 
-    layers = more_bits_layers(json.loads((src / "config.json").read_text())["num_hidden_layers"])
-    return lambda name: int(name.split(".")[2]) in layers and name.endswith(("self_attn.v_proj", "mlp.down_proj"))
+    grid = Grid(block_size=profile.block_size, symmetric=profile.symmetric, short_last_block=True)
+    eight_bit = more_bits_layers(json.loads((src / "config.json").read_text())["num_hidden_layers"]) if profile.mixed else set()
+
+    def grid_for(name: str, width: int):
+        kept = int(name.split(".")[2]) in eight_bit and name.endswith(("self_attn.v_proj", "mlp.down_proj"))
+        return None if kept else grid
+
+    return grid_for
+
+
+# llama.cpp types whose grid GPTQ reproduces: blocks of 32, scale = largest / -8 (Q4_0) or / -16 (Q5_0).
+GGUF_GRIDS = {"Q4_0": 4, "Q5_0": 5}
+
+
+def gguf_grids(request: ExportRequest, profile: TargetProfile):
+    """Q4_0/Q5_0 grids for the Linears llama.cpp's recipe stores in those types (K-quants set their own scales)."""
+    from distill.export_gguf import gguf_name, llama_cpp_types
+    from distill.gptq import Grid
+
+    types = llama_cpp_types(request.src, profile.gguf_quant, request.threads)
+    if not any(t in GGUF_GRIDS for t in types.values()):
+        return None
+
+    def grid_for(name: str, width: int):
+        bits = GGUF_GRIDS.get(types.get(gguf_name(name + ".weight"), ""))
+        return Grid(block_size=32, symmetric=True, bits=bits) if bits else None
+
+    return grid_for
 
 
 def _write_manifest(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,

@@ -19,7 +19,7 @@ from distill.targets import TARGETS
               help="folder for the packages (OUT/<name>-<target>-<format>)")
 @click.option("--name", help="model name in the manifests [default: MODEL_DIR's name]")
 @click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True,
-              help="4-bit rounding: rtn (round to nearest), hqq (ONNX only), gptq (calibrated; ONNX and GGUF Q4_0)")
+              help="4-bit rounding: rtn (round to nearest), hqq (ONNX only), gptq (calibrated: ONNX, and the GGUF weights llama.cpp keeps in Q4_0/Q5_0)")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="gptq: a text file to calibrate on [default: the model's own answers to varied prompts]")
 @click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")

@@ -51,7 +51,7 @@ def gguf_tensors(state: dict, config) -> dict[str, np.ndarray]:
     """GGUF name -> array, q/k permuted, 1-D norms kept f32."""
     out = {}
     for hf_name, tensor in state.items():
-        name = _gguf_name(hf_name)
+        name = gguf_name(hf_name)
         array = tensor.float().numpy()
         if name.endswith("attn_q.weight"):
             array = permute_qk(array, config.num_attention_heads)
@@ -63,7 +63,7 @@ def gguf_tensors(state: dict, config) -> dict[str, np.ndarray]:
     return out
 
 
-def _gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str) -> str:
     if hf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[hf_name]
     parts = hf_name.split(".")
@@ -242,12 +242,22 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None) 
     return Path(out)
 
 
-def export_gguf(src: Path, out: Path, name: str, quant: str, threads: int | None = None) -> Path:
+def llama_cpp_types(src: Path, quant: str, threads: int | None = None) -> dict[str, str]:
+    """GGUF tensor name -> the type llama.cpp's quant recipe gives it for this model (e.g. Q4_K_M keeps rows that
+    are not whole 256-blocks in Q5_0), found by quantizing a scratch copy."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = export_gguf(src, Path(tmp) / f"probe.{quant}.gguf", "probe", quant, threads, progress=False)
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(quantized).tensors}
+
+
+def export_gguf(src: Path, out: Path, name: str, quant: str, threads: int | None = None, progress: bool = True) -> Path:
     """HF folder -> quantized GGUF file out; the unquantized intermediate is removed."""
     out = Path(out)
     full = out.with_name(out.stem + ".f32.gguf")
     try:
-        write_gguf(src, full, name, progress=True)
+        write_gguf(src, full, name, progress=progress)
         if quant == "F32":
             return full.replace(out)
         return quantize_gguf(full, out, quant, threads)

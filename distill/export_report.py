@@ -43,12 +43,32 @@ entirely: a label had been swapped during a repair the previous winter.
 They corrected the label, logged the discrepancy, and restarted the pump. For a few seconds the vibration rose,
 then fell to a steady hum that Mara judged, by ear, to be better than it had sounded in months. The meter agreed
 with her. On the drive back, the fog had lifted, and the river was bright and quiet under a clear sky.
+
+A heat pump moves heat instead of making it. Inside the outdoor unit, a refrigerant evaporates at a low
+temperature and absorbs warmth from the air, even when the air feels cold to us. A compressor then squeezes the
+vapour, which raises both its pressure and its temperature. The hot vapour flows to a coil indoors, where it
+condenses back into a liquid and releases its heat into the room. Finally, the liquid passes through an expansion
+valve, its pressure drops, and the cycle starts again. Because most of the delivered heat is taken from outside,
+a heat pump can provide three or four units of heat for every unit of electricity it uses. The ratio falls as the
+outdoor temperature drops, which is why installers size the system for the coldest week of the year rather than
+for an average day. In summer the same machine can run in reverse and cool the house.
+
+If you want to keep a small vegetable garden on a balcony, start with the light. Watch how many hours of direct
+sun the balcony gets on a clear day: tomatoes and peppers need at least six, while lettuce, spinach and most herbs
+are content with four. Next, choose containers that are deeper than you think you need, because shallow pots dry
+out within hours in July. Fill them with a light potting mix rather than garden soil, which compacts and drains
+poorly. Water in the early morning, and check the soil with your finger before watering again. Finally, keep a
+short notebook of what you planted and when. By the second season, it will be the most useful tool you own.
 """
 PROMPTS = (
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nGive me three tips for staying focused while studying.<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nExplain what a pump bearing does, in two sentences.<|im_end|>\n<|im_start|>assistant\n",
     "The history of the bicycle begins in",
+    "<|im_start|>user\nWrite a Python function that returns the largest of three numbers.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWhy do leaves change colour in autumn?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nDraft a short note telling my team the meeting moved to Thursday.<|im_end|>\n<|im_start|>assistant\n",
+    "To replace a worn bearing, the first step is",
 )
 NEW_TOKENS = 64
 SPEED_TIMEOUT_S = 900  # a decode of 64 tokens never needs this long; a stuck one must not hang the export

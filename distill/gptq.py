@@ -1,4 +1,4 @@
-"""GPTQ: round weights to a 4-bit grid so the layer's outputs move least, not each weight.
+"""GPTQ: round weights to a low-bit grid so the layer's outputs move least, not each weight.
 
 Round-to-nearest (RTN) rounds every weight on its own. GPTQ (Frantar et al.,
 2022, arXiv:2210.17323) rounds one input column at a time and spreads each
@@ -8,12 +8,14 @@ layers are processed in order, each fed the outputs of the already-rounded
 layers before it.
 
 This module works on the HF model in torch and leaves the weights *on* the grid
-(``scale * (code - zero)``, in float). The grid is chosen so the exporters'
-own round-to-nearest reproduces it exactly: ONNX Runtime's symmetric 4-bit
-blocks and llama.cpp's Q4_0 both take ``scale = (signed largest weight) / -8``,
-and a block already on such a grid rounds to itself. So GPTQ needs no packer of
-its own: ``appliance export --algorithm gptq`` rounds here, then quantizes as
-usual (tests/test_export.py checks that the packages equal the rounded model).
+(``scale * (code - zero)``, in float). The grid is the one the exporters'
+own round-to-nearest derives: ONNX Runtime's symmetric blocks and llama.cpp's
+Q4_0 take ``scale = (signed largest weight) / -8`` (Q5_0: / -16), ONNX's
+asymmetric blocks ``(max - min) / 15``. Each block keeps the weights that set its
+scale at the end codes, so the block rounds to itself and the exporter's scale
+is GPTQ's. GPTQ therefore needs no packer of its own: ``appliance export
+--algorithm gptq`` rounds here, then quantizes as usual, and
+tests/test_gptq.py checks that the packages hold exactly the rounded weights.
 
 Calibration text is, by default, the model's own answers to the distillation
 prompts (data-free, as in LLM-QAT, arXiv:2305.17888), so an offline machine needs
@@ -40,12 +42,12 @@ class BlockGrid(NamedTuple):
     scale: torch.Tensor  # [rows]
     zero: torch.Tensor  # [rows]
     lowest_at: torch.Tensor  # [rows] column in the block that must get code 0
-    highest_at: torch.Tensor  # [rows] column in the block that must get code 15
+    highest_at: torch.Tensor  # [rows] column in the block that must get the highest code
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A 4-bit blockwise grid along each weight row's input dimension, by the exporters' own rules.
+    """A blockwise grid along each weight row's input dimension, by the exporters' own rules.
 
     A rounded block reproduces under those rules only if its extremes still sit at the end codes
     (the exporters derive the scale from them), so the weights that set the scale are pinned there.
@@ -53,35 +55,45 @@ class Grid:
 
     block_size: int = 32
     symmetric: bool = True  # zero point 8 (ONNX symmetric, GGUF Q4_0), or one per block (ONNX asymmetric)
+    bits: int = 4  # 4, or 5 for GGUF Q5_0 (what llama.cpp's Q4_K_M stores rows that are not whole 256-blocks in)
+    # ONNX Runtime pads a row's short last block with zeros, which leaves its grid that of the real weights
+    # (576 = 4.5 blocks of 128 in SmolLM2); llama.cpp instead stores such rows in another type.
+    short_last_block: bool = False
+
+    @property
+    def top(self) -> int:
+        return 2**self.bits - 1  # the highest code
 
     def params(self, w: torch.Tensor) -> BlockGrid:
-        """The grid of the block w [rows, block]: Q4_0's scale = largest / -8, or ONNX's (max - min) / 15."""
+        """The grid of the block w [rows, block]: Q4_0's scale = largest / -8 (Q5_0: / -16), or ONNX's (max - min) / 15."""
         none = torch.full((w.shape[0],), -1, dtype=torch.long, device=w.device)
         if self.symmetric:
             at = w.abs().argmax(1)
             largest = w.gather(1, at[:, None])[:, 0]
-            scale = (largest / -8).half().float()  # fp16-exact: Q4_0 and fp16 graphs store scales in fp16
-            return BlockGrid(_nonzero(scale), torch.full_like(scale, 8), torch.where(scale != 0, at, none), none)
+            middle = 2 ** (self.bits - 1)
+            scale = (largest / -middle).half().float()  # fp16-exact: GGUF and fp16 graphs store scales in fp16
+            return BlockGrid(_nonzero(scale), torch.full_like(scale, middle), torch.where(scale != 0, at, none), none)
         low, high = w.min(1), w.max(1)
         low_value, high_value = low.values.clamp(max=0), high.values.clamp(min=0)  # the range always holds 0
-        scale = _nonzero(((high_value - low_value) / 15).half().float())
-        zero = torch.round(-low_value / scale).clamp(0, 15)
+        scale = _nonzero(((high_value - low_value) / self.top).half().float())
+        zero = torch.round(-low_value / scale).clamp(0, self.top)
         return BlockGrid(scale, zero, torch.where(low_value < 0, low.indices, none),
                          torch.where(high_value > 0, high.indices, none))
 
     def round_column(self, column: torch.Tensor, grid: BlockGrid, index: int) -> torch.Tensor:
         """Column index of a block put on its grid, in float, its extremes pinned to the end codes."""
-        codes = torch.round(column / grid.scale + grid.zero).clamp(0, 15)
+        codes = torch.round(column / grid.scale + grid.zero).clamp(0, self.top)
         codes = torch.where(grid.lowest_at == index, torch.zeros_like(codes), codes)
-        codes = torch.where(grid.highest_at == index, torch.full_like(codes, 15), codes)
+        codes = torch.where(grid.highest_at == index, torch.full_like(codes, self.top), codes)
         return grid.scale * (codes - grid.zero)
 
     def round_to_nearest(self, weight: torch.Tensor) -> torch.Tensor:
         """Plain RTN on this grid: what the exporters do without GPTQ."""
-        blocks = weight.reshape(-1, self.block_size)
+        padded = torch.nn.functional.pad(weight, (0, -weight.shape[1] % self.block_size))  # zeros: grid unchanged
+        blocks = padded.reshape(-1, self.block_size)
         grid = self.params(blocks)
         columns = [self.round_column(blocks[:, i], grid, i) for i in range(self.block_size)]
-        return torch.stack(columns, 1).reshape(weight.shape)
+        return torch.stack(columns, 1).reshape(padded.shape)[:, : weight.shape[1]]
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
@@ -193,21 +205,21 @@ def _layer_inputs(model, samples: torch.Tensor, batch: int) -> tuple[list[torch.
     return hidden, extras
 
 
-def quantize_model(model, samples: torch.Tensor, grid: Grid, skip: Callable[[str], bool] = lambda name: False,
-                   batch: int = 8, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Round every Linear of the decoder layers (less skip) with GPTQ, in place; returns the names rounded.
+GridFor = Callable[[str, int], "Grid | None"]  # (Linear name, input width) -> its grid, or None to leave it
 
-    Linears whose input width is not whole blocks are left alone (the exporters fall back to RTN there).
-    """
+
+def quantize_model(model, samples: torch.Tensor, grid_for: GridFor, batch: int = 8,
+                   progress: Callable[[str], None] | None = None) -> list[str]:
+    """Round every decoder-layer Linear that grid_for gives a grid with GPTQ, in place; returns the names rounded."""
     rounded = []
     with torch.no_grad():
         hidden, extras = _layer_inputs(model, samples, batch)
         for index, layer in enumerate(model.model.layers):
-            chosen = {name: module for name, module in _linears(layer, index)
-                      if not skip(name) and module.in_features % grid.block_size == 0}
+            grids = {name: grid_for(name, module.in_features) for name, module in _linears(layer, index)}
+            chosen = {name: module for name, module in _linears(layer, index) if grids[name] is not None}
             hessians = _hessians(layer, chosen, hidden, extras[index])
             for name, module in chosen.items():
-                module.weight.data = gptq_weight(module.weight.data, hessians[name], grid)
+                module.weight.data = gptq_weight(module.weight.data, hessians[name], grids[name])
                 rounded.append(name)
             hidden = [_hidden(layer(h, **kwargs)) for h, kwargs in zip(hidden, extras[index])]
             if progress:
@@ -247,7 +259,7 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def write_rounded_copy(src: Path, dst: Path, grid: Grid, skip: Callable[[str], bool], samples: torch.Tensor,
+def write_rounded_copy(src: Path, dst: Path, grid_for: GridFor, samples: torch.Tensor,
                        progress: Callable[[str], None] | None = None) -> list[str]:
     """An HF folder dst like src, with its decoder Linears rounded by GPTQ; returns the names rounded."""
     import shutil
@@ -255,7 +267,7 @@ def write_rounded_copy(src: Path, dst: Path, grid: Grid, skip: Callable[[str], b
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().to(best_device())
-    rounded = quantize_model(model, samples, grid, skip=skip, progress=progress)
+    rounded = quantize_model(model, samples, grid_for, progress=progress)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.gguf"))
     model.cpu().save_pretrained(dst)
     return rounded

@@ -10,10 +10,10 @@ import torch
 from onnx import helper, numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.export import ExportRequest, export
+from distill.export import ExportRequest, export, gguf_grids, onnx_grids
 from distill.export_gguf import permute_qk
 from distill.gptq import Grid, gptq_weight, sampled_calibration, text_calibration, write_rounded_copy
-from distill.quantize_onnx import more_bits_layers
+from distill.targets import get_target
 from tests.onnx_models import CORPUS, build_tiny_llama
 from tests.test_export import greedy_text, runner_for
 
@@ -43,6 +43,26 @@ def test_gptq_moves_the_layer_output_less_than_round_to_nearest(symmetric):
     assert not torch.equal(gptq, rtn)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("width", [256, 192])  # 192: a short last block of 64, which ONNX Runtime pads with zeros
+def test_onnx_runtimes_own_quantizer_gives_back_the_gptq_weights(symmetric, width):
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    grid = Grid(block_size=128, symmetric=symmetric, short_last_block=True)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, width, generator=generator)
+    rounded = gptq_weight(torch.randn(16, width, generator=generator) * 0.05, 2 * x.T @ x / len(x), grid).numpy()
+    rows, blocks = rounded.shape[0], -(-width // 128)
+    packed = np.zeros((rows, blocks, 64), np.uint8)
+    scales = np.zeros((rows, blocks), np.float32)
+    zero_points = np.zeros((rows, (blocks + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(rounded.T), scales, zero_points, 128, rows, width, symmetric)
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(rows, blocks, 128).astype(np.float32)
+    zeros = np.full((rows, blocks), 8.0) if symmetric else np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)[:, :blocks]
+    stored = (scales[..., None] * (codes - zeros[..., None])).reshape(rows, -1)[:, :width]
+    np.testing.assert_array_equal(stored, rounded)
+
+
 def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     folder = build_tiny_llama(tmp_path / "tiny")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
@@ -52,22 +72,25 @@ def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     assert torch.equal(samples, sampled_calibration(model, tokenizer, count=3, length=40, batch=4)), "seeded"
 
 
-@pytest.fixture(scope="module")
-def gptq_arm(tmp_path_factory):
-    """The tiny Llama exported for arm with GPTQ, and the rounded weights the packages must carry."""
-    work = tmp_path_factory.mktemp("gptq")
+def export_with_gptq(work, target: str):
+    """The tiny Llama exported for target with GPTQ, and per format the rounded copy the package must carry."""
     src = build_tiny_llama(work / "tiny")
     text = work / "calibration.txt"
     text.write_text("\n".join(CORPUS * 4))
-    packages = export(ExportRequest(src=src, out=work / "packages", target="arm", algorithm="gptq", calibration=text,
-                                    measure=False), progress=lambda line: None)
+    request = ExportRequest(src=src, out=work / "packages", target=target, algorithm="gptq", calibration=text,
+                            measure=False)
+    packages = {p.name.rsplit("-", 1)[1]: p for p in export(request, progress=lambda line: None)}
     samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text())
+    profile = get_target(target)
     expected = {}
-    for fmt, skip in (("gguf", lambda name: False), ("onnx", lambda name: int(name.split(".")[2]) in more_bits_layers(2)
-                                                        and name.endswith(("v_proj", "down_proj")))):
-        rounded = write_rounded_copy(src, work / f"rounded-{fmt}", Grid(32, True), skip, samples)
-        expected[fmt] = (work / f"rounded-{fmt}", rounded)
-    return src, {p.name.rsplit("-", 1)[1]: p for p in packages}, expected
+    for fmt, grid_for in (("gguf", gguf_grids(request, profile)), ("onnx", onnx_grids(src, profile))):
+        expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples))
+    return src, packages, expected
+
+
+@pytest.fixture(scope="module")
+def gptq_arm(tmp_path_factory):
+    return export_with_gptq(tmp_path_factory.mktemp("gptq-arm"), "arm")
 
 
 def hf_weights(folder) -> dict[str, np.ndarray]:
@@ -75,28 +98,47 @@ def hf_weights(folder) -> dict[str, np.ndarray]:
     return {name: t.detach().numpy() for name, t in model.state_dict().items()}
 
 
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def assert_gguf_holds(package, folder, rounded, source) -> set[str]:
+    """Every rounded Linear is stored in Q4_0/Q5_0 with exactly the rounded weights; returns the types seen."""
+    weights, config, original = hf_weights(folder), AutoModelForCausalLM.from_pretrained(folder).config, hf_weights(source)
+    tensors = {t.name: t for t in gguf.GGUFReader(next(package.glob("*.gguf"))).tensors}
+    types = set()
+    for name in rounded:
+        kind = name.split(".")[-1]
+        tensor = tensors[f"blk.{name.split('.')[2]}.{GGUF_NAMES[kind]}.weight"]
+        types.add(tensor.tensor_type.name)
+        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, tensor.shape[0])
+        want = weights[name + ".weight"]
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(kind)
+        want = permute_qk(want, heads) if heads else want
+        np.testing.assert_array_equal(stored, want, err_msg=tensor.name)
+        assert not np.array_equal(want, original[name + ".weight"])
+    assert types <= {"Q4_0", "Q5_0"}
+    return types
+
+
 @pytest.mark.slow
 def test_the_gguf_q4_0_package_holds_exactly_the_gptq_weights(gptq_arm):
     src, packages, expected = gptq_arm
     folder, rounded = expected["gguf"]
     assert len(rounded) == 14, "every decoder Linear of both layers"
-    weights, config = hf_weights(folder), AutoModelForCausalLM.from_pretrained(folder).config
-    original = hf_weights(src)
-    reader = gguf.GGUFReader(next(packages["gguf"].glob("*.gguf")))
-    tensors = {t.name: t for t in reader.tensors}
-    for name in rounded:
-        layer, kind = name.split(".")[2], name.split(".")[-1]
-        gguf_name = f"blk.{layer}." + {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                                       "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind] + ".weight"
-        tensor = tensors[gguf_name]
-        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
-        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, tensor.shape[0])
-        want = weights[name + ".weight"]
-        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(kind)
-        want = permute_qk(want, heads) if heads else want
-        np.testing.assert_array_equal(stored, want, err_msg=gguf_name)
-        assert not np.array_equal(want, original[name + ".weight"])
+    assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"Q4_0"}
     assert read_quantization(packages["gguf"]) == "Q4_0-gptq"
+
+
+@pytest.mark.slow
+def test_q4_k_m_gets_gptq_on_the_rows_llama_cpp_keeps_in_q5_0(tmp_path):
+    """The tiny model's 64-wide rows are not whole 256-blocks, so llama.cpp's Q4_K_M stores them in Q5_0 (or Q8_0)."""
+    src, packages, expected = export_with_gptq(tmp_path, "cpu")
+    folder, rounded = expected["gguf"]
+    assert rounded, "some Linears are Q5_0 in this recipe"
+    assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"Q5_0"}
+    assert read_quantization(packages["gguf"]) == "Q4_K_M-gptq"
+    assert greedy_text(runner_for(packages["gguf"]), "The quick brown fox", n=8)
 
 
 def onnx_4bit_weights(package) -> dict[str, np.ndarray]:

@@ -9,8 +9,9 @@
 # to runs/ (git-ignored; kept on a warm machine):  mkdir -p runs && cp .carry/teacher.part_a runs/
 # The 'distill' call carries .carry3/ = teacher.part_b, the gguf and llama-cpp-python wheels and site/ (pure
 # Python packages: diskcache, which llama_cpp needs and the device lacks; click, which it has). Add /.carry3/ to
-# .git/info/exclude. Each stage fits one 10-minute call (359 s and 186 s on an H200 on 2026-11-27); the student
+# .git/info/exclude. Each stage fits one 10-minute call (on an H200 on 2026-11-27: distil 315-359 s; export RTN + GPTQ 270-353 s); the student
 # lives in runs/student/run/student/ between them, so the calls must follow within the machine's 30 s.
+# ALGORITHMS (default "rtn gptq"; hqq also works) picks the rounding of the export stage.
 # Same generation/training settings as gpu_run_generated.sh (the distillation of bench/results/distill/generated),
 # without the CE-only baseline. Measurements (perplexity, agreement, speed, RSS) run on the device's CPU with
 # THREADS threads: speed and RSS are the lent machine's, not an edge box's.
@@ -18,7 +19,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STAGE=${1:?usage: $0 distill|export}
-GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}; HQQ=${HQQ:-1}
+GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}; ALGORITHMS=${ALGORITHMS:-rtn gptq}
 BUDGET=${BUDGET:-570}  # seconds this call may spend (a command may run 600)
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -51,21 +52,20 @@ fi
 
 [ "$STAGE" = export ] || { echo "unknown stage $STAGE"; exit 2; }
 [ -f "$STUDENT/config.json" ] || { echo "no student at $STUDENT: run the distill stage first on this machine"; exit 1; }
-P=$W/packages; mkdir -p "$P/rtn" "$P/hqq"
+P=$W/packages
 lscpu | grep -E "^Model name|^CPU\(s\)"
-# One export per target: the fp32 source is measured, then both formats are built and measured.
-for target in arm gpu; do
-  log "appliance export --target $target --format both (rtn)"
-  timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format both \
-    --out "$P/rtn" --name student --threads "$THREADS" 2>&1 | grep -v -E "^writing |[0-9](it/s|s/it)" | tail -20
-done
-# HQQ for the ONNX packages, as long as time is left (about 50 s each on the lent 16-core machine).
-for target in arm gpu; do
-  [ "${HQQ:-1}" = 1 ] || break  # HQQ=0 skips them
-  [ $(( BUDGET - $(elapsed) )) -gt 120 ] || { log "no time left for hqq $target"; continue; }
-  log "appliance export --target $target --format onnx --algorithm hqq"
-  timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format onnx \
-    --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" 2>&1 | grep -v -E "[0-9](it/s|s/it)" | tail -20
+# One export per target and algorithm: the fp32 source is measured, then each format is built and measured.
+# GPTQ calibrates and rounds on the GPU; HQQ is ONNX-only.
+for algorithm in $ALGORITHMS; do
+  for target in arm gpu; do
+    fmt=both
+    [ "$algorithm" = hqq ] && fmt=onnx
+    [ $(( BUDGET - $(elapsed) )) -gt 90 ] || { log "no time left for $algorithm $target"; continue; }
+    log "appliance export --target $target --format $fmt --algorithm $algorithm"
+    timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format "$fmt" \
+      --algorithm "$algorithm" --out "$P/$algorithm" --name student --threads "$THREADS" 2>&1 \
+      | grep -v -E "^writing |[0-9](it/s|s/it)|converting to|^llama_model_quantize" | tail -25
+  done
 done
 # The reports only (never weights), in one archive: $OUT takes at most 8 files.
 (cd "$P" && find . -name "report.*" -o -name manifest.json | sort | tar -czf "$OUT/reports.tar.gz" -T -)
