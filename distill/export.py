@@ -176,7 +176,8 @@ def onnx_grids(src: Path, profile: TargetProfile):
     from distill.gptq import Grid
     from distill.quantize_onnx import more_bits_layers
 
-    grid = Grid(block_size=profile.block_size, symmetric=profile.symmetric, short_last_block=True)
+    # A row's short last block (576 = 4.5 x 128) is padded with zeros by ONNX Runtime, which leaves its grid alone.
+    grid = Grid(block_size=profile.block_size, symmetric=profile.symmetric, fp16=profile.compute == "fp16")
     eight_bit = more_bits_layers(json.loads((src / "config.json").read_text())["num_hidden_layers"]) if profile.mixed else set()
 
     def grid_for(name: str, width: int):
@@ -243,11 +244,11 @@ def _publish(folder: Path, final: Path) -> None:
 # -- report ------------------------------------------------------------------------
 def _write_report(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,
                   reference, progress: Progress) -> None:
-    from distill.export_report import measure_speed, quality, scorer
+    from distill.export_report import context_needed, measure_speed, quality, scorer
 
     model_path = _served_path(fmt, folder)
     with step(f"measure the {fmt} package (perplexity, greedy agreement)", progress):
-        metrics = quality(scorer(fmt, model_path, request.threads), reference)
+        metrics = quality(scorer(fmt, model_path, request.threads, context_needed(reference)), reference)
     with step(f"measure the {fmt} package (decode tokens/s, peak RSS)", progress):
         metrics |= measure_speed(fmt, model_path, request.threads)
     report = build_report(request, profile, fmt, folder, quantization, reference, metrics)

@@ -140,10 +140,10 @@ class GgufScorer:
 class OnnxScorer:
     """Logits of every position from ONNX Runtime (the served graph, empty KV cache)."""
 
-    def __init__(self, folder: Path, threads: int):
+    def __init__(self, folder: Path, threads: int, context: int = 4096):
         from appliance.backends.onnx_runtime import OnnxRuntimeBackend
 
-        self.backend = OnnxRuntimeBackend(folder, threads=threads, context_length=4096, provider="cpu")
+        self.backend = OnnxRuntimeBackend(folder, threads=threads, context_length=context, provider="cpu")
         self.backend.load()
 
     def logits(self, tokens: list[int]) -> np.ndarray:
@@ -160,8 +160,9 @@ class OnnxScorer:
         return [next(tokens) for _ in range(n)]
 
 
-def scorer(fmt: str, path: Path, threads: int):
-    return GgufScorer(path, threads) if fmt == "gguf" else OnnxScorer(path, threads)
+def scorer(fmt: str, path: Path, threads: int, context: int = 2048):
+    """A package's scorer with room for context tokens (the held-out text, or a prompt and its answer)."""
+    return GgufScorer(path, threads, n_ctx=context) if fmt == "gguf" else OnnxScorer(path, threads, context)
 
 
 def teacher_forced_agreement(score, prompt: list[int], reference: list[int]) -> float:
@@ -172,6 +173,12 @@ def teacher_forced_agreement(score, prompt: list[int], reference: list[int]) -> 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def context_needed(ref: Reference) -> int:
+    """Tokens a scorer must hold: the held-out text in one pass, or the longest prompt and its answer."""
+    longest = max((len(p) + len(g) for p, g in zip(ref.prompt_ids, ref.greedy)), default=0)
+    return max(2048, len(ref.text_ids), longest)
 
 
 def quality(score, ref: Reference) -> dict:

@@ -56,9 +56,9 @@ class Grid:
     block_size: int = 32
     symmetric: bool = True  # zero point 8 (ONNX symmetric, GGUF Q4_0), or one per block (ONNX asymmetric)
     bits: int = 4  # 4, or 5 for GGUF Q5_0 (what llama.cpp's Q4_K_M stores rows that are not whole 256-blocks in)
-    # ONNX Runtime pads a row's short last block with zeros, which leaves its grid that of the real weights
-    # (576 = 4.5 blocks of 128 in SmolLM2); llama.cpp instead stores such rows in another type.
-    short_last_block: bool = False
+    # The graph is fp16, so ONNX Runtime quantizes fp16 copies of the weights: the scale then keeps 7
+    # significant bits, so every scale * (code - zero) is exact in fp16 and the scale comes back unchanged.
+    fp16: bool = False
 
     @property
     def top(self) -> int:
@@ -72,10 +72,12 @@ class Grid:
             largest = w.gather(1, at[:, None])[:, 0]
             middle = 2 ** (self.bits - 1)
             scale = (largest / -middle).half().float()  # fp16-exact: GGUF and fp16 graphs store scales in fp16
+            scale = _significant_bits(scale, 7) if self.fp16 else scale
             return BlockGrid(_nonzero(scale), torch.full_like(scale, middle), torch.where(scale != 0, at, none), none)
         low, high = w.min(1), w.max(1)
         low_value, high_value = low.values.clamp(max=0), high.values.clamp(min=0)  # the range always holds 0
         scale = _nonzero(((high_value - low_value) / self.top).half().float())
+        scale = _significant_bits(scale, 7) if self.fp16 else scale
         zero = torch.round(-low_value / scale).clamp(0, self.top)
         return BlockGrid(scale, zero, torch.where(low_value < 0, low.indices, none),
                          torch.where(high_value > 0, high.indices, none))
@@ -88,16 +90,21 @@ class Grid:
         return grid.scale * (codes - grid.zero)
 
     def round_to_nearest(self, weight: torch.Tensor) -> torch.Tensor:
-        """Plain RTN on this grid: what the exporters do without GPTQ."""
+        """Plain round-to-nearest on this grid, each weight on its own: the baseline GPTQ is measured against."""
         padded = torch.nn.functional.pad(weight, (0, -weight.shape[1] % self.block_size))  # zeros: grid unchanged
         blocks = padded.reshape(-1, self.block_size)
         grid = self.params(blocks)
-        columns = [self.round_column(blocks[:, i], grid, i) for i in range(self.block_size)]
-        return torch.stack(columns, 1).reshape(padded.shape)[:, : weight.shape[1]]
+        codes = torch.round(blocks / grid.scale[:, None] + grid.zero[:, None]).clamp(0, self.top)
+        return (grid.scale[:, None] * (codes - grid.zero[:, None])).reshape(padded.shape)[:, : weight.shape[1]]
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: any scale keeps it zero
+
+
+def _significant_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent)
 
 
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -137,32 +144,36 @@ def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, se
     """
     import random
 
-    from distill.generate import DEFAULT_PROMPTS
+    from distill.generate import DEFAULT_PROMPTS, chat_prompt
 
     prompts = random.Random(seed).sample(DEFAULT_PROMPTS, len(DEFAULT_PROMPTS))
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    stops = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream: list[int] = []
     for start in range(0, len(prompts), batch):
         if len(stream) >= count * length:
             break
-        texts = [_as_chat(tokenizer, p) for p in prompts[start:start + batch]]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(device)
-        out = model.generate(**encoded, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
+        texts = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch]]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        out = model.generate(**encoded.to(device), do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
                              pad_token_id=pad)
-        for row in out.cpu().tolist():
-            stream += [t for t in row if t != pad]
+        width = encoded["input_ids"].shape[1]
+        for row, mask in zip(out.cpu().tolist(), encoded["attention_mask"].cpu().tolist()):
+            answer = row[width:]
+            # Up to the first stop token (pad can be the end-of-turn token itself: SmolLM2), not every non-pad.
+            end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
+            stream += row[mask.index(1):width] + answer[:end]
         if progress:
             progress(f"calibration text: {min(len(stream), count * length)}/{count * length} tokens")
     return _cut(stream, length)[:count]
 
 
-def _as_chat(tokenizer, prompt: str) -> str:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
+def _stop_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
 def text_calibration(tokenizer, text: str, count: int = 64, length: int = 256) -> torch.Tensor:

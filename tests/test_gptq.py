@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.export import ExportRequest, export, gguf_grids, onnx_grids
-from distill.export_gguf import permute_qk
+from distill.export_gguf import gguf_name, permute_qk
 from distill.gptq import Grid, gptq_weight, sampled_calibration, text_calibration, write_rounded_copy
 from distill.targets import get_target
 from tests.onnx_models import CORPUS, build_tiny_llama
@@ -38,28 +38,39 @@ def test_gptq_moves_the_layer_output_less_than_round_to_nearest(symmetric):
 
     rtn, gptq = grid.round_to_nearest(weight), gptq_weight(weight, hessian, grid)
     assert output_error(gptq) < 0.7 * output_error(rtn)
-    # On the grid: the exporters' own round-to-nearest must give back exactly these weights.
-    assert torch.equal(grid.round_to_nearest(gptq), gptq)
-    assert not torch.equal(gptq, rtn)
+
+
+def dequantize_matmul_nbits(packed, scales, zero_points, rows: int, width: int) -> np.ndarray:
+    """The [rows, width] weight a 4-bit MatMulNBits holds: two codes per byte, low nibble first; zero point 8 if none."""
+    blocks = scales.size // rows
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(rows, blocks, -1).astype(np.float32)
+    if zero_points is None:
+        zeros = np.full((rows, blocks), 8.0)
+    else:
+        zeros = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)[:, :blocks].astype(np.float32)
+    scales = scales.reshape(rows, blocks).astype(np.float32)
+    return (scales[..., None] * (codes - zeros[..., None])).reshape(rows, -1)[:, :width]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("width", [256, 192])  # 192: a short last block of 64, which ONNX Runtime pads with zeros
-def test_onnx_runtimes_own_quantizer_gives_back_the_gptq_weights(symmetric, width):
+@pytest.mark.parametrize("width", [256, 576])  # 576 = 4.5 blocks of 128 (SmolLM2): ONNX Runtime pads the last one
+@pytest.mark.parametrize("fp16", [False, True])  # the gpu and jetson profiles quantize an fp16 graph
+def test_onnx_runtimes_own_quantizer_gives_back_the_gptq_weights(symmetric, width, fp16):
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    grid = Grid(block_size=128, symmetric=symmetric, short_last_block=True)
+    grid = Grid(block_size=128, symmetric=symmetric, fp16=fp16)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2048, width, generator=generator)
-    rounded = gptq_weight(torch.randn(16, width, generator=generator) * 0.05, 2 * x.T @ x / len(x), grid).numpy()
+    rounded = gptq_weight(torch.randn(256, width, generator=generator) * 0.05, 2 * x.T @ x / len(x), grid).numpy()
+    dtype = np.float16 if fp16 else np.float32
     rows, blocks = rounded.shape[0], -(-width // 128)
     packed = np.zeros((rows, blocks, 64), np.uint8)
-    scales = np.zeros((rows, blocks), np.float32)
+    scales = np.zeros((rows, blocks), dtype)
     zero_points = np.zeros((rows, (blocks + 1) // 2), np.uint8)
-    quantize_matmul_4bits(packed, np.ascontiguousarray(rounded.T), scales, zero_points, 128, rows, width, symmetric)
-    codes = np.stack([packed & 15, packed >> 4], -1).reshape(rows, blocks, 128).astype(np.float32)
-    zeros = np.full((rows, blocks), 8.0) if symmetric else np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)[:, :blocks]
-    stored = (scales[..., None] * (codes - zeros[..., None])).reshape(rows, -1)[:, :width]
+    weights = np.ascontiguousarray(rounded.T.astype(dtype))
+    assert np.array_equal(weights.astype(np.float32).T, rounded), "every rounded weight is exact in the graph's type"
+    quantize_matmul_4bits(packed, weights, scales, zero_points, 128, rows, width, symmetric)
+    stored = dequantize_matmul_nbits(packed, scales, None if symmetric else zero_points, rows, width)
     np.testing.assert_array_equal(stored, rounded)
 
 
@@ -98,10 +109,6 @@ def hf_weights(folder) -> dict[str, np.ndarray]:
     return {name: t.detach().numpy() for name, t in model.state_dict().items()}
 
 
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
 def assert_gguf_holds(package, folder, rounded, source) -> set[str]:
     """Every rounded Linear is stored in Q4_0/Q5_0 with exactly the rounded weights; returns the types seen."""
     weights, config, original = hf_weights(folder), AutoModelForCausalLM.from_pretrained(folder).config, hf_weights(source)
@@ -109,7 +116,7 @@ def assert_gguf_holds(package, folder, rounded, source) -> set[str]:
     types = set()
     for name in rounded:
         kind = name.split(".")[-1]
-        tensor = tensors[f"blk.{name.split('.')[2]}.{GGUF_NAMES[kind]}.weight"]
+        tensor = tensors[gguf_name(name + ".weight")]
         types.add(tensor.tensor_type.name)
         stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, tensor.shape[0])
         want = weights[name + ".weight"]
@@ -142,7 +149,7 @@ def test_q4_k_m_gets_gptq_on_the_rows_llama_cpp_keeps_in_q5_0(tmp_path):
 
 
 def onnx_4bit_weights(package) -> dict[str, np.ndarray]:
-    """HF Linear name -> the [N, K] weight its 4-bit MatMulNBits computes with (symmetric: zero point 8)."""
+    """HF Linear name -> the [N, K] weight its 4-bit MatMulNBits computes with."""
     graph = onnx.load(str(package / "model.onnx"))
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     out = {}
@@ -150,10 +157,10 @@ def onnx_4bit_weights(package) -> dict[str, np.ndarray]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type != "MatMulNBits" or attrs["bits"] != 4 or "lm_head" in node.name:
             continue
-        packed, scales = tensors[node.input[1]], tensors[node.input[2]].reshape(attrs["N"], -1)
-        codes = np.stack([packed & 15, packed >> 4], -1).reshape(attrs["N"], scales.shape[1], -1).astype(np.float32)
+        zero_points = tensors[node.input[3]] if len(node.input) > 3 and node.input[3] else None
         linear = node.name.removeprefix("/model/").removesuffix("/MatMul_Q4").replace("/", ".")  # /model/model/layers.0/...
-        out[linear] = (scales[..., None] * (codes - 8)).reshape(attrs["N"], -1)[:, : attrs["K"]]
+        out[linear] = dequantize_matmul_nbits(tensors[node.input[1]], tensors[node.input[2]], zero_points,
+                                              attrs["N"], attrs["K"])
     return out
 
 
