@@ -161,7 +161,7 @@ def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, sampl
     from distill.gptq import write_rounded_copy
 
     with step(f"choose the {fmt} weights GPTQ can round", progress):
-        grid_for = onnx_grids(request.src, profile) if fmt == "onnx" else gguf_grids(request, profile)
+        grid_for = onnx_grids(request.src, profile) if fmt == "onnx" else gguf_grids(request, profile, dst.parent)
     if grid_for is None:
         progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here, so it keeps its own rounding")
         return None
@@ -191,12 +191,15 @@ def onnx_grids(src: Path, profile: TargetProfile):
 GGUF_GRIDS = {"Q4_0": 4, "Q5_0": 5}
 
 
-def gguf_grids(request: ExportRequest, profile: TargetProfile):
-    """Q4_0/Q5_0 grids for the Linears llama.cpp's recipe stores in those types (K-quants set their own scales)."""
+def gguf_grids(request: ExportRequest, profile: TargetProfile, scratch: Path | None = None):
+    """Q4_0/Q5_0 grids for the Linears llama.cpp's recipe stores in those types (K-quants set their own scales).
+
+    scratch: where the probe's full-precision GGUF goes (the export's own folder, not a small /tmp).
+    """
     from distill.export_gguf import gguf_name, llama_cpp_types
     from distill.gptq import Grid
 
-    types = llama_cpp_types(request.src, profile.gguf_quant, request.threads)
+    types = llama_cpp_types(request.src, profile.gguf_quant, request.threads, scratch)
     if not any(t in GGUF_GRIDS for t in types.values()):
         return None
 

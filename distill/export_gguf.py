@@ -242,12 +242,12 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None) 
     return Path(out)
 
 
-def llama_cpp_types(src: Path, quant: str, threads: int | None = None) -> dict[str, str]:
+def llama_cpp_types(src: Path, quant: str, threads: int | None = None, scratch: Path | None = None) -> dict[str, str]:
     """GGUF tensor name -> the type llama.cpp's quant recipe gives it for this model (e.g. Q4_K_M keeps rows that
-    are not whole 256-blocks in Q5_0), found by quantizing a scratch copy."""
+    are not whole 256-blocks in Q5_0), found by quantizing a copy in a temporary folder under scratch."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         quantized = export_gguf(src, Path(tmp) / f"probe.{quant}.gguf", "probe", quant, threads, progress=False)
         return {t.name: t.tensor_type.name for t in gguf.GGUFReader(quantized).tensors}
 

@@ -137,17 +137,6 @@ def test_the_gguf_q4_0_package_holds_exactly_the_gptq_weights(gptq_arm):
     assert read_quantization(packages["gguf"]) == "Q4_0-gptq"
 
 
-@pytest.mark.slow
-def test_q4_k_m_gets_gptq_on_the_rows_llama_cpp_keeps_in_q5_0(tmp_path):
-    """The tiny model's 64-wide rows are not whole 256-blocks, so llama.cpp's Q4_K_M stores them in Q5_0 (or Q8_0)."""
-    src, packages, expected = export_with_gptq(tmp_path, "cpu")
-    folder, rounded = expected["gguf"]
-    assert rounded, "some Linears are Q5_0 in this recipe"
-    assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"Q5_0"}
-    assert read_quantization(packages["gguf"]) == "Q4_K_M-gptq"
-    assert greedy_text(runner_for(packages["gguf"]), "The quick brown fox", n=8)
-
-
 def onnx_4bit_weights(package) -> dict[str, np.ndarray]:
     """HF Linear name -> the [N, K] weight its 4-bit MatMulNBits computes with."""
     graph = onnx.load(str(package / "model.onnx"))
@@ -164,18 +153,38 @@ def onnx_4bit_weights(package) -> dict[str, np.ndarray]:
     return out
 
 
+def assert_onnx_holds(package, folder, rounded) -> None:
+    """The 4-bit MatMulNBits are exactly the rounded Linears, and hold exactly the rounded weights."""
+    weights, stored = hf_weights(folder), onnx_4bit_weights(package)
+    assert sorted(stored) == sorted(rounded)
+    for name in rounded:
+        np.testing.assert_array_equal(stored[name], weights[name + ".weight"], err_msg=name)
+
+
 @pytest.mark.slow
 def test_the_onnx_package_holds_exactly_the_gptq_weights_and_keeps_8_bits_where_mixed(gptq_arm):
     src, packages, expected = gptq_arm
     folder, rounded = expected["onnx"]
     assert len(rounded) == 12, "layer 1's v_proj and down_proj are 8-bit in the mixed profile, so GPTQ leaves them"
-    weights = hf_weights(folder)
-    stored = onnx_4bit_weights(packages["onnx"])
-    assert len(stored) == 12
-    assert sorted(stored) == sorted(rounded)
-    for name in rounded:
-        np.testing.assert_array_equal(stored[name], weights[name + ".weight"], err_msg=name)
+    assert_onnx_holds(packages["onnx"], folder, rounded)
     assert read_quantization(packages["onnx"]) == "int4-block32-sym-gptq-head8-mixed"
+
+
+@pytest.mark.slow
+def test_the_gpu_profile_gets_exact_gptq_in_fp16_onnx_and_in_q4_k_ms_q5_0_rows(tmp_path):
+    """gpu: an fp16 graph with asymmetric blocks of 128 over 64-wide rows (one short block each), and Q4_K_M,
+    which stores rows that are not whole 256-blocks in Q5_0."""
+    src, packages, expected = export_with_gptq(tmp_path, "gpu")
+    folder, rounded = expected["onnx"]
+    assert len(rounded) == 12
+    assert_onnx_holds(packages["onnx"], folder, rounded)
+    assert read_quantization(packages["onnx"]) == "int4-block128-asym-gptq-head8-mixed-fp16"
+    folder, rounded = expected["gguf"]
+    assert rounded, "some Linears are Q5_0 in this recipe"
+    assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"Q5_0"}
+    assert read_quantization(packages["gguf"]) == "Q4_K_M-gptq"
+    for package in packages.values():
+        assert greedy_text(runner_for(package), "The quick brown fox", n=8)
 
 
 @pytest.mark.slow
