@@ -9,6 +9,7 @@ every file. A failure names its step and leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -61,11 +62,10 @@ def export(request: ExportRequest, progress: Progress = print, reference=None, s
 
             reference = reference_from_hf(request.src)
     reference = reference if request.measure else None
-    if request.algorithm != "gptq":
-        samples = None
-    elif samples is None:
-        samples = calibration_samples(request, progress)
-    return [_export_one(request, profile, fmt, reference, progress, samples) for fmt in formats]
+    calibration = None
+    if request.algorithm == "gptq":  # sampled once, and only if some format has weights GPTQ can round
+        calibration = (lambda: samples) if samples is not None else functools.cache(lambda: calibration_samples(request, progress))
+    return [_export_one(request, profile, fmt, reference, progress, calibration) for fmt in formats]
 
 
 @contextmanager
@@ -86,13 +86,13 @@ def package_name(request: ExportRequest, profile: TargetProfile, fmt: str) -> st
 
 
 def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, reference, progress: Progress,
-                samples=None) -> Path:
+                calibration=None) -> Path:
     final = request.out / package_name(request, profile, fmt)
     request.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=request.out))
     try:
         folder = work / "package"
-        rounded = _gptq_source(request, profile, fmt, samples, work / "gptq-source", progress) if samples is not None else None
+        rounded = _gptq_source(request, profile, fmt, calibration, work / "gptq-source", progress) if calibration else None
         quantization = BUILDERS[fmt](replace(request, src=rounded) if rounded else request, profile, folder, progress)
         if rounded and fmt == "gguf":
             quantization += "-gptq"
@@ -155,7 +155,7 @@ def calibration_samples(request: ExportRequest, progress: Progress = print):
         return sampled_calibration(model, tokenizer, progress=progress)
 
 
-def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, samples, dst: Path,
+def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, calibration, dst: Path,
                  progress: Progress) -> Path | None:
     """A copy of the source whose low-bit weights GPTQ put on the format's grids; None where none applies."""
     from distill.gptq import write_rounded_copy
@@ -166,7 +166,8 @@ def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, sampl
         progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here, so it keeps its own rounding")
         return None
     with step(f"round the {fmt} weights with GPTQ", progress):
-        rounded = write_rounded_copy(request.src, dst, grid_for, samples, progress=lambda line: progress(f"[export] {line}"))
+        rounded = write_rounded_copy(request.src, dst, grid_for, calibration(),
+                                     progress=lambda line: progress(f"[export] {line}"))
     progress(f"[export] gptq: {len(rounded)} weights rounded")
     return dst
 
