@@ -82,6 +82,21 @@ def stream_completion(port: int, body: dict) -> dict:
     return {"start": start, "stamps": stamps, "usage": usage}
 
 
+def side_by_side(prompts: list[str], first, second, label: str, describe) -> tuple[list[dict], list[dict]]:
+    """first(prompt) then second(prompt) for every prompt, interleaved so drift hits both alike.
+
+    Round 0 warms both sides up and is not counted. describe(a, b) is the line printed per round.
+    """
+    firsts, seconds = [], []
+    for i, prompt in enumerate(prompts):
+        a, b = first(prompt), second(prompt)
+        print(f"{label} round {i}: {describe(a, b)}", flush=True)
+        if i:
+            firsts.append(a)
+            seconds.append(b)
+    return firsts, seconds
+
+
 def middle_half(values: list[float]) -> list[float]:
     """First and third quartile: the range the middle half of the rounds fell in."""
     q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3

@@ -23,7 +23,8 @@ from pathlib import Path
 import llama_cpp
 
 from appliance.backends import create_backend
-from bench.common import PROMPTS, machine, middle_half, save_report, start_service, stream_completion, verdict
+from bench.common import (PROMPTS, machine, middle_half, save_report, side_by_side, start_service, stream_completion,
+                          verdict)
 from models import find_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -137,17 +138,13 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
 def bench_threads(entry, prompts: list[str], threads: int, max_tokens: int) -> dict:
     llm = llama_cpp.Llama(str(entry.path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
     proc, port = start_service(threads)
-    raw, svc = [], []
     try:
-        # Round 0 warms both sides up and is not counted.
-        for i, prompt in enumerate(prompts):
-            r = raw_run(llm, prompt, max_tokens)
-            s = service_run(port, prompt, max_tokens)
-            print(f"threads {threads} round {i}: raw {r['decode_tps']:.1f} tok/s ttft {r['ttft_ms']:.1f} ms | "
-                  f"service {s['decode_tps']:.1f} tok/s ttft {s['ttft_ms']:.1f} ms ({s['tokens']} tokens)", flush=True)
-            if i:
-                raw.append(r)
-                svc.append(s)
+        raw, svc = side_by_side(
+            prompts, lambda prompt: raw_run(llm, prompt, max_tokens), lambda prompt: service_run(port, prompt, max_tokens),
+            f"threads {threads}",
+            lambda r, s: f"raw {r['decode_tps']:.1f} tok/s ttft {r['ttft_ms']:.1f} ms | "
+                         f"service {s['decode_tps']:.1f} tok/s ttft {s['ttft_ms']:.1f} ms ({s['tokens']} tokens)",
+        )
     finally:
         proc.terminate()
         proc.wait(30)

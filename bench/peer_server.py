@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, middle_half, save_report, start_server, start_service, stream_completion, verdict
+from bench.common import (machine, middle_half, save_report, side_by_side, start_server, start_service,
+                          stream_completion, verdict)
 from bench.overhead import build_prompts
 from models import find_model
 
@@ -40,17 +41,17 @@ def bench_threads(model: Path, prompts: list[str], threads: int, max_tokens: int
                       "--n_threads_batch", str(threads), "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port)],
         ready_path="/v1/models",
     )
-    appliance, llama_server = [], []
+    def body(prompt: str) -> dict:
+        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
     try:
-        for i, prompt in enumerate(prompts):  # round 0 warms both up and is not counted
-            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-            a = timed_stream(our_port, body)
-            b = timed_stream(peer_port, body | {"repeat_penalty": 1.0})  # its default is 1.1; ours has none
-            print(f"threads {threads} round {i}: appliance {a['decode_tps']:.1f} tok/s ttft {a['ttft_ms']:.0f} ms | "
-                  f"llama_cpp.server {b['decode_tps']:.1f} tok/s ttft {b['ttft_ms']:.0f} ms", flush=True)
-            if i:
-                appliance.append(a)
-                llama_server.append(b)
+        appliance, llama_server = side_by_side(
+            prompts, lambda prompt: timed_stream(our_port, body(prompt)),
+            lambda prompt: timed_stream(peer_port, body(prompt) | {"repeat_penalty": 1.0}),  # its default is 1.1; ours has none
+            f"threads {threads}",
+            lambda a, b: f"appliance {a['decode_tps']:.1f} tok/s ttft {a['ttft_ms']:.0f} ms | "
+                         f"llama_cpp.server {b['decode_tps']:.1f} tok/s ttft {b['ttft_ms']:.0f} ms",
+        )
     finally:
         for proc in (ours, peer):
             proc.terminate()

@@ -14,6 +14,7 @@ from distill.export import ExportRequest, export, gguf_grids, onnx_grids
 from distill.export_gguf import gguf_name, permute_qk
 from distill.gptq import Grid, gptq_weight, sampled_calibration, text_calibration, write_rounded_copy
 from distill.targets import get_target
+from models.manifest import read_manifest
 from tests.onnx_models import CORPUS, build_tiny_llama
 from tests.test_export import greedy_text, runner_for
 
@@ -195,6 +196,4 @@ def test_gptq_packages_load_and_generate_in_both_backends(gptq_arm):
 
 
 def read_quantization(package) -> str:
-    from models.manifest import read_manifest
-
     return read_manifest(package).quantization
