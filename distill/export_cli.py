@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from distill.targets import TARGETS
+from distill.export import ALGORITHMS
+from distill.targets import GGUF_QUANT_TYPES, TARGETS
 
 
 @click.command("export")
@@ -18,26 +19,31 @@ from distill.targets import TARGETS
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="folder for the packages (OUT/<name>-<target>-<format>)")
 @click.option("--name", help="model name in the manifests [default: MODEL_DIR's name]")
-@click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True,
-              help="4-bit rounding: rtn (round to nearest), hqq (ONNX only), gptq (calibrated: ONNX, and the GGUF weights llama.cpp keeps in Q4_0/Q5_0)")
+@click.option("--algorithm", type=click.Choice(list(ALGORITHMS)), default="rtn", show_default=True,
+              help="4-bit rounding: rtn (round to nearest, no data), hqq (ONNX only, no data); calibrated: "
+                   "gptq (ONNX, and the GGUF rows llama.cpp keeps in Q4_0/Q5_0), imatrix (GGUF only: llama.cpp's "
+                   "importance matrix)")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="gptq: a text file to calibrate on [default: the model's own answers to varied prompts]")
+              help="gptq, imatrix: a text file to calibrate on [default: the model's own answers to varied prompts]")
+@click.option("--gguf-quant", type=click.Choice(list(GGUF_QUANT_TYPES)),
+              help="llama.cpp quant type instead of the target's (e.g. Q4_0 for an older llama.cpp)")
 @click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")
 @click.option("-t", "--threads", type=int, default=2, show_default=True, help="threads for quantizing and measuring")
-def export_command(model_dir, target, fmt, out, name, algorithm, calibration, no_report, threads):
+def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gguf_quant, no_report, threads):
     """Export an HF model folder to INT4 model packages for one target, each with a report.
 
     \b
     Example:
       appliance export ./student --target arm --format both --out ./packages
       appliance models add ./packages/student-arm-gguf
-      appliance export ./student --target arm --algorithm gptq --out ./packages
+      appliance export ./student --target gpu --algorithm gptq --out ./packages
+      appliance export ./student --target arm --format gguf --algorithm imatrix --out ./packages
     """
     from distill.export import ExportError, ExportRequest, export
     from distill.targets import UnknownTarget
 
     request = ExportRequest(src=model_dir, out=out, target=target, format=fmt, name=name, algorithm=algorithm,
-                            calibration=calibration, measure=not no_report, threads=threads)
+                            calibration=calibration, gguf_quant=gguf_quant, measure=not no_report, threads=threads)
     try:
         packages = export(request, progress=lambda line: click.echo(line, err=True))
     except (ExportError, UnknownTarget) as exc:

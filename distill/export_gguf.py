@@ -19,8 +19,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-# llama.cpp quant types by name -> llama_ftype (include/llama.h).
-QUANT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+from distill.targets import GGUF_QUANT_TYPES as QUANT_TYPES
+
 # HF tensor name suffix -> GGUF name (llama.cpp's LLM_ARCH_LLAMA tensor map).
 _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -227,8 +227,13 @@ def write_gguf(src: Path, out: Path, name: str, outtype: str = "F32", progress: 
     return out
 
 
-def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None) -> Path:
-    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize), as `llama-quantize` does."""
+def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None,
+                  importance: dict[str, np.ndarray] | None = None) -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize), as `llama-quantize` does.
+
+    importance: GGUF tensor name -> importance matrix row (``distill.calibration.importance``), as
+    ``llama-quantize --imatrix`` reads it: llama.cpp then weighs each weight's rounding error by it.
+    """
     import llama_cpp
 
     if quant not in QUANT_TYPES:
@@ -236,10 +241,27 @@ def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None) 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
+    keep_alive: list = []  # the C array and the buffers it points into, alive until llama.cpp returns
+    if importance:
+        params.imatrix = _importance_array(importance, keep_alive)
     status = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if status != 0 or not Path(out).is_file():
         raise GgufExportError(f"llama.cpp could not quantize {src} to {quant} (status {status})")
     return Path(out)
+
+
+def _importance_array(importance: dict[str, np.ndarray], keep_alive: list):
+    """A null-terminated C array of llama_model_imatrix_data."""
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+    for entry, (name, values) in zip(entries, importance.items()):
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        keep_alive += [name.encode(), values]
+        entry.name, entry.size = keep_alive[-2], values.size
+        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    keep_alive.append(entries)
+    return entries
 
 
 def llama_cpp_types(src: Path, quant: str, threads: int | None = None, scratch: Path | None = None) -> dict[str, str]:

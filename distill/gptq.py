@@ -17,10 +17,7 @@ is GPTQ's. GPTQ therefore needs no packer of its own: ``appliance export
 --algorithm gptq`` rounds here, then quantizes as usual, and
 tests/test_gptq.py checks that the packages hold exactly the rounded weights.
 
-Calibration text is, by default, the model's own answers to the distillation
-prompts (data-free, as in LLM-QAT, arXiv:2305.17888), so an offline machine needs
-no dataset and the report's held-out text is never seen; a text file can be
-given instead.
+The calibration text comes from ``distill.calibration``.
 """
 
 from __future__ import annotations
@@ -134,60 +131,6 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> torc
     return rounded.to(weight.dtype)
 
 
-# -- calibration text ------------------------------------------------------------
-def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, seed: int = 0, batch: int = 16,
-                        progress: Callable[[str], None] | None = None) -> torch.Tensor:
-    """count x length tokens of the model's own answers to varied instructions (distill.generate's prompts).
-
-    Prompts and answers run together and are cut into sequences, so every token is real text in the
-    model's chat format. Sampled at temperature 0.7: text like what the model will be asked to write.
-    """
-    import random
-
-    from distill.generate import DEFAULT_PROMPTS, chat_prompt
-
-    prompts = random.Random(seed).sample(DEFAULT_PROMPTS, len(DEFAULT_PROMPTS))
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    stops = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stream: list[int] = []
-    for start in range(0, len(prompts), batch):
-        if len(stream) >= count * length:
-            break
-        texts = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch]]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        out = model.generate(**encoded.to(device), do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
-                             pad_token_id=pad)
-        width = encoded["input_ids"].shape[1]
-        for row, mask in zip(out.cpu().tolist(), encoded["attention_mask"].cpu().tolist()):
-            answer = row[width:]
-            # Up to the first stop token (pad can be the end-of-turn token itself: SmolLM2), not every non-pad.
-            end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
-            stream += row[mask.index(1):width] + answer[:end]
-        if progress:
-            progress(f"calibration text: {min(len(stream), count * length)}/{count * length} tokens")
-    return _cut(stream, length)[:count]
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured]
-    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
-
-
-def text_calibration(tokenizer, text: str, count: int = 64, length: int = 256) -> torch.Tensor:
-    """A calibration text cut into up to count sequences of length tokens."""
-    return _cut(tokenizer(text)["input_ids"], length)[:count]
-
-
-def _cut(ids: list[int], length: int) -> torch.Tensor:
-    count = len(ids) // length
-    if count == 0:
-        raise ValueError(f"calibration text has {len(ids)} tokens; GPTQ needs at least {length}")
-    return torch.tensor(ids[: count * length]).reshape(count, length)
-
-
 # -- the model, layer by layer ------------------------------------------------------
 def _layer_inputs(model, samples: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """The first layer's hidden states per batch, and what every layer gets besides (rotary tables, mask).
@@ -277,12 +220,10 @@ def write_rounded_copy(src: Path, dst: Path, grid_for: GridFor, samples: torch.T
 
     from transformers import AutoModelForCausalLM
 
+    from distill.calibration import best_device
+
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().to(best_device())
     rounded = quantize_model(model, samples, grid_for, progress=progress)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.gguf"))
     model.cpu().save_pretrained(dst)
     return rounded
-
-
-def best_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

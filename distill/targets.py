@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMATS = ("onnx", "gguf")
+# llama.cpp quant types by name -> llama_ftype (include/llama.h), for gguf_quant.
+GGUF_QUANT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17,
+                    "Q6_K": 18, "IQ4_NL": 25}
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class TargetProfile:
     symmetric: bool  # ONNX INT4: zero point fixed at 8 (symmetric) or stored per block
     compute: str  # ONNX graph precision: "fp32" (int8 activations on CPU kernels) or "fp16" (GPU tensor cores)
     accuracy_level: int  # MatMulNBits compute type: 4 = int8 activations (fast CPU kernels), 0 = as the graph's float
-    gguf_quant: str  # llama.cpp quant type: Q4_0 has ARM's repacked NEON/i8mm kernels, Q4_K_M is best on x86 and CUDA
+    # llama.cpp quant type. IQ4_NL: Q4_0's size and repacked ARM NEON kernels, a non-linear grid that rounds closer;
+    # Q4_K_M: best on x86 and CUDA (bench/results/export/gguf-rounding-*.md)
+    gguf_quant: str
     provider: str  # ONNX Runtime execution provider the package is built for: cpu, cuda or tensorrt
     quantize_embedding: bool = True  # the token embedding, the largest tensor of small models; a tied one shares the head's bits
     lm_head_bits: int = 8  # output projection: 8 costs little and is what keeps small models' answers close; 4; 0 = float
@@ -39,7 +44,7 @@ TARGETS: dict[str, TargetProfile] = {
         TargetProfile(
             name="arm", description="ARM boards without a usable GPU (Raspberry Pi 5, Graviton, RK3588)",
             formats=("gguf", "onnx"), block_size=32, symmetric=True, compute="fp32", accuracy_level=4,
-            gguf_quant="Q4_0", provider="cpu",
+            gguf_quant="IQ4_NL", provider="cpu",
         ),
         TargetProfile(
             name="gpu", description="small discrete NVIDIA GPU in a PC (RTX A2000, T4, L4)",

@@ -57,7 +57,7 @@ def test_every_target_profile_is_complete_and_consistent():
         assert profile.block_size in (16, 32, 64, 128) and profile.compute in ("fp32", "fp16")
         assert profile.provider in ("cpu", "cuda", "tensorrt")
         assert formats_for(profile, "both") == profile.formats
-    assert get_target("arm").gguf_quant == "Q4_0" and get_target("gpu").gguf_quant == "Q4_K_M"
+    assert get_target("arm").gguf_quant == "IQ4_NL" and get_target("gpu").gguf_quant == "Q4_K_M"
     with pytest.raises(UnknownTarget, match="use one of jetson, arm, gpu, cpu"):
         get_target("tpu")
 
@@ -225,12 +225,12 @@ def test_cli_export_writes_a_measured_package_with_its_report(tiny_hf, tmp_path,
     assert result.exit_code == 0, result.output
     package = out / "tiny-arm-gguf"
     report = json.loads((package / "report.json").read_text())
-    assert report["quantization"] == "Q4_0" and report["model_bytes"] < report["fp32_bytes"] / 3
+    assert report["quantization"] == "IQ4_NL" and report["model_bytes"] < report["fp32_bytes"] / 3
     assert report["perplexity_fp32"] > 1 and report["perplexity_int4"] > 1
     assert 0 <= report["greedy_agreement"] <= 1 and report["decode_tokens_per_s"] > 0 and report["peak_rss_mb"] > 0
     assert "held-out perplexity" in (package / "report.md").read_text()
     manifest = read_manifest(package)
-    assert {"report.json", "report.md", "tiny.Q4_0.gguf"} <= {f.path for f in manifest.files}
+    assert {"report.json", "report.md", "tiny.IQ4_NL.gguf"} <= {f.path for f in manifest.files}
     assert manifest.metrics["greedy_agreement"] == report["greedy_agreement"]
     added = CliRunner().invoke(cli, ["models", "add", str(package)])
     assert added.exit_code == 0 and "tiny-arm-gguf" in added.output

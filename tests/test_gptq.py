@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gguf
 import numpy as np
 import onnx
@@ -12,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.export import ExportRequest, export, gguf_grids, onnx_grids
 from distill.export_gguf import gguf_name, permute_qk
-from distill.gptq import Grid, gptq_weight, sampled_calibration, text_calibration, write_rounded_copy
+from distill.calibration import sampled_calibration, text_calibration
+from distill.gptq import Grid, gptq_weight, write_rounded_copy
 from distill.targets import get_target
 from models.manifest import read_manifest
 from tests.onnx_models import CORPUS, build_tiny_llama
@@ -84,16 +87,16 @@ def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     assert torch.equal(samples, sampled_calibration(model, tokenizer, count=3, length=40, batch=4)), "seeded"
 
 
-def export_with_gptq(work, target: str):
+def export_with_gptq(work, target: str, gguf_quant: str | None = None):
     """The tiny Llama exported for target with GPTQ, and per format the rounded copy the package must carry."""
     src = build_tiny_llama(work / "tiny")
     text = work / "calibration.txt"
     text.write_text("\n".join(CORPUS * 4))
     request = ExportRequest(src=src, out=work / "packages", target=target, algorithm="gptq", calibration=text,
-                            measure=False)
+                            gguf_quant=gguf_quant, measure=False)
     packages = {p.name.rsplit("-", 1)[1]: p for p in export(request, progress=lambda line: None)}
     samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text())
-    profile = get_target(target)
+    profile = replace(get_target(target), gguf_quant=gguf_quant or get_target(target).gguf_quant)
     expected = {}
     for fmt, grid_for in (("gguf", gguf_grids(request, profile)), ("onnx", onnx_grids(src, profile))):
         expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples))
@@ -102,7 +105,8 @@ def export_with_gptq(work, target: str):
 
 @pytest.fixture(scope="module")
 def gptq_arm(tmp_path_factory):
-    return export_with_gptq(tmp_path_factory.mktemp("gptq-arm"), "arm")
+    """arm with Q4_0 (--gguf-quant), the GGUF type whose whole grid GPTQ reproduces."""
+    return export_with_gptq(tmp_path_factory.mktemp("gptq-arm"), "arm", gguf_quant="Q4_0")
 
 
 def hf_weights(folder) -> dict[str, np.ndarray]:
@@ -183,7 +187,7 @@ def test_the_gpu_profile_gets_exact_gptq_in_fp16_onnx_and_in_q4_k_ms_q5_0_rows(t
     folder, rounded = expected["gguf"]
     assert rounded, "some Linears are Q5_0 in this recipe"
     assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"Q5_0"}
-    assert read_quantization(packages["gguf"]) == "Q4_K_M-gptq"
+    assert read_quantization(packages["gguf"]) == "Q4_K_M-gptq-imatrix", "the rows left to llama.cpp get the imatrix"
     for package in packages.values():
         assert greedy_text(runner_for(package), "The quick brown fox", n=8)
 

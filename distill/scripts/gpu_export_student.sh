@@ -4,6 +4,7 @@
 #
 #   distill/scripts/gpu_export_student.sh distill   # call 2: teacher samples (GEN_SECONDS) + distil STEPS steps
 #   distill/scripts/gpu_export_student.sh export    # call 3, same warm machine: export + measure, reports to $OUT
+#   distill/scripts/gpu_export_student.sh rounding  # call 4: GGUF types x rounding (bench/gguf_rounding.py)
 #
 # The teacher GGUF (92 MB) is over one call's 64 MiB, so a first call carries .carry/teacher.part_a and copies it
 # to runs/ (git-ignored; kept on a warm machine):  mkdir -p runs && cp .carry/teacher.part_a runs/
@@ -11,15 +12,17 @@
 # Python packages: diskcache, which llama_cpp needs and the device lacks; click, which it has). Add /.carry3/ to
 # .git/info/exclude. Each stage fits one 10-minute call (on an H200 on 2026-11-27: distil 315-359 s; export RTN + GPTQ 270-353 s); the student
 # lives in runs/student/run/student/ between them, so the calls must follow within the machine's 30 s.
-# ALGORITHMS (default "rtn gptq"; hqq also works) picks the rounding of the export stage.
+# ALGORITHMS (default "rtn gptq"; hqq and imatrix also work, each for the one format that takes it) picks the
+# rounding of the export stage; TYPES and ROUNDINGS (default "Q4_0 IQ4_NL Q4_K_M", "rtn imatrix") the rounding stage's.
 # Same generation/training settings as gpu_run_generated.sh (the distillation of bench/results/distill/generated),
 # without the CE-only baseline. Measurements (perplexity, agreement, speed, RSS) run on the device's CPU with
 # THREADS threads: speed and RSS are the lent machine's, not an edge box's.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGE=${1:?usage: $0 distill|export}
+STAGE=${1:?usage: $0 distill|export|rounding}
 GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}; ALGORITHMS=${ALGORITHMS:-rtn gptq}
+TYPES=${TYPES:-Q4_0 IQ4_NL Q4_K_M}; ROUNDINGS=${ROUNDINGS:-rtn imatrix}
 BUDGET=${BUDGET:-570}  # seconds this call may spend (a command may run 600)
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -50,16 +53,25 @@ if [ "$STAGE" = distill ]; then
   exit 0
 fi
 
-[ "$STAGE" = export ] || { echo "unknown stage $STAGE"; exit 2; }
 [ -f "$STUDENT/config.json" ] || { echo "no student at $STUDENT: run the distill stage first on this machine"; exit 1; }
+if [ "$STAGE" = rounding ]; then
+  log "bench.gguf_rounding: $TYPES x $ROUNDINGS"
+  timeout $(( BUDGET - $(elapsed) )) python3 -m bench.gguf_rounding "$STUDENT" --name student --types $TYPES \
+    --algorithms $ROUNDINGS --work "$W/rounding" --results "$OUT/rounding" --threads "$THREADS" 2>&1 \
+    | grep -v -E "^writing |[0-9](it/s|s/it)|converting to|^llama_model_quantize" | tail -25
+  log "done"
+  exit 0
+fi
+[ "$STAGE" = export ] || { echo "unknown stage $STAGE"; exit 2; }
 P=$W/packages
 lscpu | grep -E "^Model name|^CPU\(s\)"
 # One export per target and algorithm: the fp32 source is measured, then each format is built and measured.
-# GPTQ calibrates and rounds on the GPU; HQQ is ONNX-only.
+# GPTQ and the imatrix calibrate on the GPU; HQQ is ONNX-only, the imatrix GGUF-only.
 for algorithm in $ALGORITHMS; do
   for target in arm gpu; do
     fmt=both
     [ "$algorithm" = hqq ] && fmt=onnx
+    [ "$algorithm" = imatrix ] && fmt=gguf
     [ $(( BUDGET - $(elapsed) )) -gt 90 ] || { log "no time left for $algorithm $target"; continue; }
     log "appliance export --target $target --format $fmt --algorithm $algorithm"
     timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format "$fmt" \

@@ -1,0 +1,102 @@
+"""Calibration: text to run a model on before rounding it, and what is measured on it.
+
+GPTQ (``distill.gptq``) and llama.cpp's importance matrix both weigh rounding
+errors by the activations a model sees. The text is, by default, the model's own
+answers to the distillation prompts (data-free, as in LLM-QAT, arXiv:2305.17888),
+so an offline machine needs no dataset and the report's held-out text is never
+seen; a text file can be given instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, seed: int = 0, batch: int = 16,
+                        progress: Callable[[str], None] | None = None) -> torch.Tensor:
+    """count x length tokens of the model's own answers to varied instructions (distill.generate's prompts).
+
+    Prompts and answers run together and are cut into sequences, so every token is real text in the
+    model's chat format. Sampled at temperature 0.7: text like what the model will be asked to write.
+    """
+    import random
+
+    from distill.generate import DEFAULT_PROMPTS, chat_prompt
+
+    prompts = random.Random(seed).sample(DEFAULT_PROMPTS, len(DEFAULT_PROMPTS))
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    stops = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream: list[int] = []
+    for start in range(0, len(prompts), batch):
+        if len(stream) >= count * length:
+            break
+        texts = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch]]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        out = model.generate(**encoded.to(device), do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
+                             pad_token_id=pad)
+        width = encoded["input_ids"].shape[1]
+        for row, mask in zip(out.cpu().tolist(), encoded["attention_mask"].cpu().tolist()):
+            answer = row[width:]
+            # Up to the first stop token (pad can be the end-of-turn token itself: SmolLM2), not every non-pad.
+            end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
+            stream += row[mask.index(1):width] + answer[:end]
+        if progress:
+            progress(f"calibration text: {min(len(stream), count * length)}/{count * length} tokens")
+    return _cut(stream, length)[:count]
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def text_calibration(tokenizer, text: str, count: int = 64, length: int = 256) -> torch.Tensor:
+    """A calibration text cut into up to count sequences of length tokens."""
+    return _cut(tokenizer(text)["input_ids"], length)[:count]
+
+
+def _cut(ids: list[int], length: int) -> torch.Tensor:
+    count = len(ids) // length
+    if count == 0:
+        raise ValueError(f"calibration text has {len(ids)} tokens; GPTQ needs at least {length}")
+    return torch.tensor(ids[: count * length]).reshape(count, length)
+
+
+# -- importance matrix -------------------------------------------------------------
+def importance(model, samples: torch.Tensor, batch: int = 8) -> dict[str, np.ndarray]:
+    """Linear name -> the mean square of each input column over the samples: llama.cpp's importance matrix.
+
+    llama.cpp's quantizer weighs each weight's rounding error by its column's value, as ``llama-imatrix``
+    measures it (the diagonal of GPTQ's Hessian, up to a factor the quantizer does not see).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def accumulate(name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return hook
+
+    hooks = [m.register_forward_hook(accumulate(name)) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, len(samples), batch):
+                model(samples[i:i + batch].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (sums[name] / rows[name]).cpu().numpy().astype(np.float32) for name in sums}
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
