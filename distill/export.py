@@ -53,9 +53,13 @@ ALGORITHMS = {
     "hqq": ("onnx",),  # half-quadratic (ONNX Runtime's); needs no data
     # calibrated: rounding errors weighed by the activations of a calibration text (distill/calibration.py)
     "gptq": ("onnx", "gguf"),  # GPTQ (distill/gptq.py); GGUF: the Q4_0/Q5_0 rows, llama.cpp's imatrix for the rest
+    "qat": ("onnx", "gguf"),  # fine-tuned through the rounding to follow the float model (distill/qat.py); GGUF: as gptq
     "imatrix": ("gguf",),  # llama.cpp's own quantizer, weighted by the importance matrix (llama-quantize --imatrix)
 }
-CALIBRATED = ("gptq", "imatrix")
+CALIBRATED = ("gptq", "qat", "imatrix")
+ROUNDED_BEFORE_EXPORT = ("gptq", "qat")  # these put the weights on the exporters' grids themselves
+# Calibration sequences of 256 tokens: QAT trains on them, so it takes as many answers as the prompts give.
+CALIBRATION_SEQUENCES = {"qat": 256}
 
 
 def export(request: ExportRequest, progress: Progress = print, reference=None, samples=None) -> list[Path]:
@@ -121,16 +125,16 @@ def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, refere
     try:
         folder = work / "package"
         rounded = None
-        if calibration and request.algorithm == "gptq":
-            rounded = _gptq_source(request, profile, fmt, calibration, work / "gptq-source", progress)
+        if calibration and request.algorithm in ROUNDED_BEFORE_EXPORT:
+            rounded = _rounded_source(request, profile, fmt, calibration, work / "rounded-source", progress)
         built = replace(request, src=rounded.folder) if rounded else request
         if fmt == "onnx":
             quantization = _build_onnx(built, profile, folder, progress)
         else:
-            # llama.cpp weighs what GPTQ left to it (K-quant rows) by the importance matrix
+            # llama.cpp weighs what was not rounded before (K-quant rows) by the importance matrix
             importance = calibration.importance(skip=rounded.names if rounded else ()) if calibration else None
             quantization = _build_gguf(built, profile, folder, progress, importance)
-            quantization += ("-gptq" if rounded else "") + ("-imatrix" if importance else "")
+            quantization += (f"-{request.algorithm}" if rounded else "") + ("-imatrix" if importance else "")
         _write_manifest(request, profile, fmt, folder, quantization)
         if reference is not None:
             _write_report(request, profile, fmt, folder, quantization, reference, progress)
@@ -174,7 +178,6 @@ def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, pr
     return profile.gguf_quant
 
 
-
 # -- calibration: GPTQ's rounded copy of the source, llama.cpp's importance matrix -----
 class Calibration:
     """The calibration text of one export and what is measured on it, each made once, when first needed."""
@@ -202,12 +205,13 @@ def calibration_samples(request: ExportRequest, progress: Progress = print):
     from distill.calibration import best_device, sampled_calibration, text_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(request.src)
+    count = CALIBRATION_SEQUENCES.get(request.algorithm, 64)
     if request.calibration is not None:
         with step(f"read the calibration text {request.calibration}", progress):
-            return text_calibration(tokenizer, Path(request.calibration).read_text(encoding="utf-8"))
+            return text_calibration(tokenizer, Path(request.calibration).read_text(encoding="utf-8"), count=count)
     with step("sample calibration text from the source (its answers to the distillation prompts)", progress):
         model = AutoModelForCausalLM.from_pretrained(request.src).eval().to(best_device())
-        return sampled_calibration(model, tokenizer, progress=progress)
+        return sampled_calibration(model, tokenizer, count=count, progress=progress)
 
 
 def source_importance(request: ExportRequest, samples, progress: Progress = print) -> dict:
@@ -226,24 +230,27 @@ def source_importance(request: ExportRequest, samples, progress: Progress = prin
 
 class RoundedSource(NamedTuple):
     folder: Path  # an HF folder like the source, its rounded Linears on the format's grids
-    names: list[str]  # the Linears GPTQ rounded
+    names: list[str]  # the Linears rounded
 
 
-def _gptq_source(request: ExportRequest, profile: TargetProfile, fmt: str, calibration: Calibration, dst: Path,
-                 progress: Progress) -> RoundedSource | None:
-    """A copy of the source whose low-bit weights GPTQ put on the format's grids; None where none applies."""
-    from distill.gptq import write_rounded_copy
+def _rounded_source(request: ExportRequest, profile: TargetProfile, fmt: str, calibration: Calibration, dst: Path,
+                    progress: Progress) -> RoundedSource | None:
+    """A copy of the source whose low-bit weights GPTQ or QAT put on the format's grids; None where none applies."""
+    from distill.gptq import quantize_model, write_rounded_copy
+    from distill.qat import train_on_grids
 
-    with step(f"choose the {fmt} weights GPTQ can round", progress):
+    name = request.algorithm.upper()
+    with step(f"choose the {fmt} weights {name} can round", progress):
         grid_for = onnx_grids(request.src, profile) if fmt == "onnx" else gguf_grids(request, profile, dst.parent)
     if grid_for is None:
-        progress(f"[export] gptq: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here: it rounds them all itself, "
-                 "weighted by the importance matrix")
+        progress(f"[export] {request.algorithm}: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here: it "
+                 "rounds them all itself, weighted by the importance matrix")
         return None
-    with step(f"round the {fmt} weights with GPTQ", progress):
+    method = {"gptq": quantize_model, "qat": train_on_grids}[request.algorithm]
+    with step(f"round the {fmt} weights with {name}", progress):
         rounded = write_rounded_copy(request.src, dst, grid_for, calibration.samples(),
-                                     progress=lambda line: progress(f"[export] {line}"))
-    progress(f"[export] gptq: {len(rounded)} weights rounded")
+                                     progress=lambda line: progress(f"[export] {line}"), method=method)
+    progress(f"[export] {request.algorithm}: {len(rounded)} weights rounded")
     return RoundedSource(dst, rounded)
 
 

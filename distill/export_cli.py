@@ -21,10 +21,10 @@ from distill.targets import GGUF_QUANT_TYPES, TARGETS
 @click.option("--name", help="model name in the manifests [default: MODEL_DIR's name]")
 @click.option("--algorithm", type=click.Choice(list(ALGORITHMS)), default="rtn", show_default=True,
               help="4-bit rounding: rtn (round to nearest, no data), hqq (ONNX only, no data); calibrated: "
-                   "gptq (ONNX, and the GGUF rows llama.cpp keeps in Q4_0/Q5_0), imatrix (GGUF only: llama.cpp's "
-                   "importance matrix)")
+                   "gptq (ONNX, and the GGUF rows llama.cpp keeps in Q4_0/Q5_0), qat (as gptq, fine-tuned through "
+                   "the rounding: minutes on a GPU), imatrix (GGUF only: llama.cpp's importance matrix)")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="gptq, imatrix: a text file to calibrate on [default: the model's own answers to varied prompts]")
+              help="gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers to varied prompts]")
 @click.option("--gguf-quant", type=click.Choice(list(GGUF_QUANT_TYPES)),
               help="llama.cpp quant type instead of the target's (e.g. Q4_0 for an older llama.cpp)")
 @click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")

@@ -88,10 +88,22 @@ class Grid:
 
     def round_to_nearest(self, weight: torch.Tensor) -> torch.Tensor:
         """Plain round-to-nearest on this grid, each weight on its own: the baseline GPTQ is measured against."""
+        return self._blockwise(weight, pin=False)
+
+    def snap(self, weight: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest with each block's extremes pinned to the end codes, as GPTQ leaves them: weights
+        that the exporters' own quantizers give back unchanged (what distill.qat trains through)."""
+        return self._blockwise(weight, pin=True)
+
+    def _blockwise(self, weight: torch.Tensor, pin: bool) -> torch.Tensor:
         padded = torch.nn.functional.pad(weight, (0, -weight.shape[1] % self.block_size))  # zeros: grid unchanged
         blocks = padded.reshape(-1, self.block_size)
         grid = self.params(blocks)
         codes = torch.round(blocks / grid.scale[:, None] + grid.zero[:, None]).clamp(0, self.top)
+        if pin:
+            column = torch.arange(self.block_size, device=weight.device)[None, :]
+            codes = torch.where(column == grid.lowest_at[:, None], torch.zeros_like(codes), codes)
+            codes = torch.where(column == grid.highest_at[:, None], torch.full_like(codes, self.top), codes)
         return (grid.scale[:, None] * (codes - grid.zero[:, None])).reshape(padded.shape)[:, : weight.shape[1]]
 
 
@@ -169,8 +181,8 @@ def quantize_model(model, samples: torch.Tensor, grid_for: GridFor, batch: int =
     with torch.no_grad():
         hidden, extras = _layer_inputs(model, samples, batch)
         for index, layer in enumerate(model.model.layers):
-            grids = {name: grid_for(name, module.in_features) for name, module in _linears(layer, index)}
-            chosen = {name: module for name, module in _linears(layer, index) if grids[name] is not None}
+            grids = {name: grid_for(name, module.in_features) for name, module in layer_linears(layer, index)}
+            chosen = {name: module for name, module in layer_linears(layer, index) if grids[name] is not None}
             hessians = _hessians(layer, chosen, hidden, extras[index])
             for name, module in chosen.items():
                 module.weight.data = gptq_weight(module.weight.data, hessians[name], grids[name])
@@ -181,7 +193,7 @@ def quantize_model(model, samples: torch.Tensor, grid_for: GridFor, batch: int =
     return rounded
 
 
-def _linears(layer, index: int) -> Iterator[tuple[str, torch.nn.Linear]]:
+def layer_linears(layer, index: int) -> Iterator[tuple[str, torch.nn.Linear]]:
     for name, module in layer.named_modules():
         if isinstance(module, torch.nn.Linear):
             yield f"model.layers.{index}.{name}", module
@@ -214,8 +226,12 @@ def _hidden(output):
 
 
 def write_rounded_copy(src: Path, dst: Path, grid_for: GridFor, samples: torch.Tensor,
-                       progress: Callable[[str], None] | None = None) -> list[str]:
-    """An HF folder dst like src, with its decoder Linears rounded by GPTQ; returns the names rounded."""
+                       progress: Callable[[str], None] | None = None, method: Callable | None = None) -> list[str]:
+    """An HF folder dst like src, its decoder Linears rounded onto grid_for's grids; returns the names rounded.
+
+    method(model, samples, grid_for, progress=...) rounds in place: quantize_model (GPTQ, the default) or
+    distill.qat.train_on_grids.
+    """
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -223,7 +239,7 @@ def write_rounded_copy(src: Path, dst: Path, grid_for: GridFor, samples: torch.T
     from distill.calibration import best_device
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().to(best_device())
-    rounded = quantize_model(model, samples, grid_for, progress=progress)
+    rounded = (method or quantize_model)(model, samples, grid_for, progress=progress)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.gguf"))
     model.cpu().save_pretrained(dst)
     return rounded

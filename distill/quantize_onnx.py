@@ -18,7 +18,7 @@ import onnx
 import onnx.version_converter
 from onnx import helper, numpy_helper
 
-ALGORITHMS = ("rtn", "hqq", "gptq")
+ALGORITHMS = ("rtn", "hqq", "gptq", "qat")
 INT4_OPSET = 21
 
 
@@ -28,7 +28,7 @@ class Int4Options:
     symmetric: bool = True  # zero point fixed at 8, or one stored per block
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations on CPU, 0 = the graph's float type
     # rtn: the quantizer's blockwise round-to-nearest; hqq: half-quadratic (torch, no data);
-    # gptq: the source was rounded by distill.gptq onto this grid beforehand (appliance export does it)
+    # gptq, qat: the source was rounded by distill.gptq or distill.qat onto this grid beforehand (appliance export does it)
     algorithm: str = "rtn"
     embedding: bool = True  # quantize the token embedding (shared with the LM head when the model ties them)
     lm_head_bits: int = 8  # output projection: 8 or 4 bits, 0 keeps it at graph precision
@@ -123,8 +123,8 @@ def _algo_config(options: Int4Options, op_types):
         return None  # _quantize builds the blockwise RTN config from the options
     if options.algorithm == "hqq":
         return nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4, op_types_to_quantize=op_types)
-    if options.algorithm == "gptq":
-        return None  # distill.gptq already put the weights on this grid; round-to-nearest keeps them there
+    if options.algorithm in ("gptq", "qat"):
+        return None  # the weights are already on this grid; round-to-nearest keeps them there
     raise ValueError(f"unknown INT4 algorithm {options.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
 
 

@@ -12,10 +12,11 @@ import torch
 from onnx import helper, numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.export import ExportRequest, export, gguf_grids, onnx_grids
+from distill.export import CALIBRATION_SEQUENCES, ExportRequest, export, gguf_grids, onnx_grids
 from distill.export_gguf import gguf_name, permute_qk
 from distill.calibration import sampled_calibration, text_calibration
-from distill.gptq import Grid, gptq_weight, write_rounded_copy
+from distill.gptq import Grid, gptq_weight, quantize_model, write_rounded_copy
+from distill.qat import train_on_grids
 from distill.targets import get_target
 from models.manifest import read_manifest
 from tests.onnx_models import CORPUS, build_tiny_llama
@@ -59,13 +60,15 @@ def dequantize_matmul_nbits(packed, scales, zero_points, rows: int, width: int) 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("width", [256, 576])  # 576 = 4.5 blocks of 128 (SmolLM2): ONNX Runtime pads the last one
 @pytest.mark.parametrize("fp16", [False, True])  # the gpu and jetson profiles quantize an fp16 graph
-def test_onnx_runtimes_own_quantizer_gives_back_the_gptq_weights(symmetric, width, fp16):
+@pytest.mark.parametrize("method", ["gptq", "snap"])  # snap: the pinned round-to-nearest QAT trains through
+def test_onnx_runtimes_own_quantizer_gives_back_the_rounded_weights(symmetric, width, fp16, method):
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     grid = Grid(block_size=128, symmetric=symmetric, fp16=fp16)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2048, width, generator=generator)
-    rounded = gptq_weight(torch.randn(256, width, generator=generator) * 0.05, 2 * x.T @ x / len(x), grid).numpy()
+    weight = torch.randn(256, width, generator=generator) * 0.05
+    rounded = (gptq_weight(weight, 2 * x.T @ x / len(x), grid) if method == "gptq" else grid.snap(weight)).numpy()
     dtype = np.float16 if fp16 else np.float32
     rows, blocks = rounded.shape[0], -(-width // 128)
     packed = np.zeros((rows, blocks, 64), np.uint8)
@@ -87,19 +90,21 @@ def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     assert torch.equal(samples, sampled_calibration(model, tokenizer, count=3, length=40, batch=4)), "seeded"
 
 
-def export_with_gptq(work, target: str, gguf_quant: str | None = None):
-    """The tiny Llama exported for target with GPTQ, and per format the rounded copy the package must carry."""
+def export_with_gptq(work, target: str, gguf_quant: str | None = None, algorithm: str = "gptq"):
+    """The tiny Llama exported for target with GPTQ (or QAT), and per format the rounded copy the package must carry."""
     src = build_tiny_llama(work / "tiny")
     text = work / "calibration.txt"
     text.write_text("\n".join(CORPUS * 4))
-    request = ExportRequest(src=src, out=work / "packages", target=target, algorithm="gptq", calibration=text,
+    request = ExportRequest(src=src, out=work / "packages", target=target, algorithm=algorithm, calibration=text,
                             gguf_quant=gguf_quant, measure=False)
     packages = {p.name.rsplit("-", 1)[1]: p for p in export(request, progress=lambda line: None)}
-    samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text())
+    samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text(), count=CALIBRATION_SEQUENCES.get(algorithm, 64))
+    method = {"gptq": quantize_model, "qat": train_on_grids}[algorithm]
     profile = replace(get_target(target), gguf_quant=gguf_quant or get_target(target).gguf_quant)
     expected = {}
     for fmt, grid_for in (("gguf", gguf_grids(request, profile)), ("onnx", onnx_grids(src, profile))):
-        expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples))
+        expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples,
+                                                                     method=method))
     return src, packages, expected
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import llama_cpp
 
 from appliance.backends.base import Backend, BackendError, SamplingParams
+from distill.targets import GGUF_QUANT_TYPES
 
 
 class LlamaCppBackend(Backend):
@@ -117,5 +118,5 @@ class LlamaCppBackend(Backend):
         return info
 
 
-# general.file_type values of the GGUF spec that the appliance ships or exports.
-_FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "14": "Q4_K_S", "15": "Q4_K_M", "32": "BF16"}
+# general.file_type values (llama_ftype) of the types the appliance ships or exports, as llama.cpp names them.
+_FILE_TYPES = {str(ftype): name for name, ftype in GGUF_QUANT_TYPES.items()}
