@@ -177,7 +177,7 @@ def test_the_onnx_package_holds_exactly_the_gptq_weights_and_keeps_8_bits_where_
     folder, rounded = expected["onnx"]
     assert len(rounded) == 12, "layer 1's v_proj and down_proj are 8-bit in the mixed profile, so GPTQ leaves them"
     assert_onnx_holds(packages["onnx"], folder, rounded)
-    assert read_quantization(packages["onnx"]) == "int4-block32-sym-gptq-head8-mixed"
+    assert read_quantization(packages["onnx"]) == "int4-block64-sym-gptq-head8-mixed"
 
 
 @pytest.mark.slow

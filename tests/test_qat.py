@@ -44,6 +44,6 @@ def test_qat_packages_hold_exactly_the_trained_weights_and_generate(tmp_path):
     assert read_quantization(packages["gguf"]) == "Q4_0-qat"
     folder, rounded = expected["onnx"]
     assert_onnx_holds(packages["onnx"], folder, rounded)
-    assert read_quantization(packages["onnx"]) == "int4-block32-sym-qat-head8-mixed"
+    assert read_quantization(packages["onnx"]) == "int4-block64-sym-qat-head8-mixed"
     for package in packages.values():
         assert greedy_text(runner_for(package), "The quick brown fox", n=8)

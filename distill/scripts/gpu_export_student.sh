@@ -12,8 +12,9 @@
 # Python packages: diskcache, which llama_cpp needs and the device lacks; click, which it has). Add /.carry3/ to
 # .git/info/exclude. Each stage fits one 10-minute call (on an H200 on 2026-11-27: distil 315-359 s; export RTN + GPTQ 270-353 s); the student
 # lives in runs/student/run/student/ between them, so the calls must follow within the machine's 30 s.
-# ALGORITHMS (default "rtn gptq"; hqq and imatrix also work, each for the one format that takes it) picks the
-# rounding of the export stage; TYPES and ROUNDINGS (default "Q4_0 IQ4_NL Q4_K_M", "rtn imatrix") the rounding stage's.
+# ALGORITHMS (default "rtn gptq"; qat too, and hqq and imatrix for the one format each takes) picks the rounding
+# of the export stage, ARM_GGUF_QUANT (e.g. Q4_0) the arm GGUF's type if not the profile's; TYPES and ROUNDINGS
+# (default "Q4_0 IQ4_NL Q4_K_M", "rtn imatrix") the rounding stage's.
 # Same generation/training settings as gpu_run_generated.sh (the distillation of bench/results/distill/generated),
 # without the CE-only baseline. Measurements (perplexity, agreement, speed, RSS) run on the device's CPU with
 # THREADS threads: speed and RSS are the lent machine's, not an edge box's.
@@ -22,7 +23,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STAGE=${1:?usage: $0 distill|export|rounding}
 GEN_N=${GEN_N:-16384}; GEN_SECONDS=${GEN_SECONDS:-150}; STEPS=${STEPS:-1000}; THREADS=${THREADS:-8}; ALGORITHMS=${ALGORITHMS:-rtn gptq}
-TYPES=${TYPES:-Q4_0 IQ4_NL Q4_K_M}; ROUNDINGS=${ROUNDINGS:-rtn imatrix}
+TYPES=${TYPES:-Q4_0 IQ4_NL Q4_K_M}; ROUNDINGS=${ROUNDINGS:-rtn imatrix}; ARM_GGUF_QUANT=${ARM_GGUF_QUANT:-}
 BUDGET=${BUDGET:-570}  # seconds this call may spend (a command may run 600)
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -72,10 +73,11 @@ for algorithm in $ALGORITHMS; do
     fmt=both
     [ "$algorithm" = hqq ] && fmt=onnx
     [ "$algorithm" = imatrix ] && fmt=gguf
+    quant=(); [ "$target" = arm ] && [ -n "$ARM_GGUF_QUANT" ] && quant=(--gguf-quant "$ARM_GGUF_QUANT")
     [ $(( BUDGET - $(elapsed) )) -gt 90 ] || { log "no time left for $algorithm $target"; continue; }
     log "appliance export --target $target --format $fmt --algorithm $algorithm"
     timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format "$fmt" \
-      --algorithm "$algorithm" --out "$P/$algorithm" --name student --threads "$THREADS" 2>&1 \
+      --algorithm "$algorithm" "${quant[@]}" --out "$P/$algorithm" --name student --threads "$THREADS" 2>&1 \
       | grep -v -E "^writing |[0-9](it/s|s/it)|converting to|^llama_model_quantize" | tail -25
   done
 done
