@@ -64,7 +64,7 @@ def text_calibration(tokenizer, text: str, count: int = 64, length: int = 256) -
 def _cut(ids: list[int], length: int) -> torch.Tensor:
     count = len(ids) // length
     if count == 0:
-        raise ValueError(f"calibration text has {len(ids)} tokens; GPTQ needs at least {length}")
+        raise ValueError(f"calibration text has {len(ids)} tokens; calibration needs at least {length}")
     return torch.tensor(ids[: count * length]).reshape(count, length)
 
 

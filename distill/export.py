@@ -38,7 +38,7 @@ class ExportRequest:
     format: str = "both"  # onnx, gguf or both (every format the target serves)
     name: str | None = None  # model name in the manifests [default: the source folder's name]
     algorithm: str = "rtn"  # rounding, one of ALGORITHMS
-    calibration: Path | None = None  # gptq, imatrix: a text file to calibrate on [default: the model's own answers]
+    calibration: Path | None = None  # gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers]
     gguf_quant: str | None = None  # llama.cpp type instead of the target's (distill/targets.py), e.g. Q4_0
     measure: bool = True  # write report.md/report.json (perplexity, agreement, speed, RSS)
     threads: int = 2
@@ -66,7 +66,7 @@ def export(request: ExportRequest, progress: Progress = print, reference=None, s
     """Build one package per format; returns their folders.
 
     reference: the source's measured answers (``export_report.reference_from_hf``), to reuse across targets.
-    samples: the calibration sequences (``calibration_samples``) of gptq and imatrix, to reuse across targets.
+    samples: the calibration sequences (``calibration_samples``) of the CALIBRATED algorithms, to reuse across targets.
     """
     profile = get_target(request.target)
     if request.gguf_quant:

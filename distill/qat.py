@@ -2,7 +2,7 @@
 
 GPTQ (``distill.gptq``) rounds one layer at a time. This trains the whole model
 through the rounding instead: the forward pass uses each weight as the exporter
-will round it (the grid's round-to-nearest), the backward pass treats the
+will round it (``Grid.snap``), the backward pass treats the
 rounding as the identity (the straight-through estimator), and the loss is the
 KL divergence from the original float model's next-token distribution on the
 calibration text, the model's own answers (LLM-QAT, arXiv:2305.17888: no
@@ -15,6 +15,7 @@ own round-to-nearest reproduces them exactly, as with GPTQ.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -61,9 +62,9 @@ def train_on_grids(model, samples: torch.Tensor, grid_for: GridFor, steps: int =
     try:
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             x = samples[torch.randint(len(samples), (batch,), generator=order)].to(device)
-            loss = _kl_from(teacher, model, x)
+            loss = kl_from_float(teacher, model, x)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -76,7 +77,7 @@ def train_on_grids(model, samples: torch.Tensor, grid_for: GridFor, steps: int =
     return list(chosen)
 
 
-def _kl_from(teacher, student, x: torch.Tensor) -> torch.Tensor:
+def kl_from_float(teacher, student, x: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per predicted token."""
     with torch.no_grad():
         target = F.log_softmax(teacher(x, use_cache=False).logits.float(), -1)

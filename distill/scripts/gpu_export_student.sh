@@ -10,7 +10,8 @@
 # to runs/ (git-ignored; kept on a warm machine):  mkdir -p runs && cp .carry/teacher.part_a runs/
 # The 'distill' call carries .carry3/ = teacher.part_b, the gguf and llama-cpp-python wheels and site/ (pure
 # Python packages: diskcache, which llama_cpp needs and the device lacks; click, which it has). Add /.carry3/ to
-# .git/info/exclude. Each stage fits one 10-minute call (on an H200 on 2026-11-27: distil 315-359 s; export RTN + GPTQ 270-353 s); the student
+# .git/info/exclude. Each stage fits one 10-minute call (on an H200 on 2026-11-27: distil 315-359 s; export RTN + GPTQ 270-353 s,
+# QAT alone about 400 s; rounding about 100 s); the student
 # lives in runs/student/run/student/ between them, so the calls must follow within the machine's 30 s.
 # ALGORITHMS (default "rtn gptq"; qat too, and hqq and imatrix for the one format each takes) picks the rounding
 # of the export stage, ARM_GGUF_QUANT (e.g. Q4_0) the arm GGUF's type if not the profile's; TYPES and ROUNDINGS
