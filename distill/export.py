@@ -52,7 +52,7 @@ ALGORITHMS = {
     "rtn": ("onnx", "gguf"),  # round to nearest, each weight on its own; needs no data
     "hqq": ("onnx",),  # half-quadratic (ONNX Runtime's); needs no data
     # calibrated: rounding errors weighed by the activations of a calibration text (distill/calibration.py)
-    "gptq": ("onnx", "gguf"),  # GPTQ (distill/gptq.py); GGUF: the Q4_0/Q5_0 rows, llama.cpp's imatrix for the rest
+    "gptq": ("onnx", "gguf"),  # GPTQ (distill/gptq.py); GGUF: Q4_0/Q5_0/IQ4_NL rows, llama.cpp's imatrix for the rest
     "qat": ("onnx", "gguf"),  # fine-tuned through the rounding to follow the float model (distill/qat.py); GGUF: as gptq
     "imatrix": ("gguf",),  # llama.cpp's own quantizer, weighted by the importance matrix (llama-quantize --imatrix)
 }
@@ -243,7 +243,7 @@ def _rounded_source(request: ExportRequest, profile: TargetProfile, fmt: str, ca
     with step(f"choose the {fmt} weights {name} can round", progress):
         grid_for = onnx_grids(request.src, profile) if fmt == "onnx" else gguf_grids(request, profile, dst.parent)
     if grid_for is None:
-        progress(f"[export] {request.algorithm}: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0 weights here: it "
+        progress(f"[export] {request.algorithm}: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0/IQ4_NL weights here: it "
                  "rounds them all itself, weighted by the importance matrix")
         return None
     method = {"gptq": quantize_model, "qat": train_on_grids}[request.algorithm]
@@ -270,25 +270,22 @@ def onnx_grids(src: Path, profile: TargetProfile):
     return grid_for
 
 
-# llama.cpp types whose grid GPTQ reproduces: blocks of 32, scale = largest / -8 (Q4_0) or / -16 (Q5_0).
-GGUF_GRIDS = {"Q4_0": 4, "Q5_0": 5}
-
-
 def gguf_grids(request: ExportRequest, profile: TargetProfile, scratch: Path | None = None):
-    """Q4_0/Q5_0 grids for the Linears llama.cpp's recipe stores in those types (K-quants set their own scales).
+    """The grids of the Linears llama.cpp's recipe stores in Q4_0, Q5_0 or IQ4_NL (K-quants set their own scales).
 
     scratch: where the probe's full-precision GGUF goes (the export's own folder, not a small /tmp).
     """
     from distill.export_gguf import gguf_name, llama_cpp_types
-    from distill.gptq import Grid
+    from distill.gptq import IQ4_NL_VALUES, Grid
 
+    # Blocks of 32, scale = largest / -8 (Q4_0) or / -16 (Q5_0), or largest / -127 over IQ4_NL's values.
+    grids = {"Q4_0": Grid(bits=4), "Q5_0": Grid(bits=5), "IQ4_NL": Grid(table=IQ4_NL_VALUES)}
     types = llama_cpp_types(request.src, profile.gguf_quant, request.threads, scratch)
-    if not any(t in GGUF_GRIDS for t in types.values()):
+    if not any(t in grids for t in types.values()):
         return None
 
     def grid_for(name: str, width: int):
-        bits = GGUF_GRIDS.get(types.get(gguf_name(name + ".weight"), ""))
-        return Grid(block_size=32, symmetric=True, bits=bits) if bits else None
+        return grids.get(types.get(gguf_name(name + ".weight"), ""))
 
     return grid_for
 

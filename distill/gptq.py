@@ -42,6 +42,10 @@ class BlockGrid(NamedTuple):
     highest_at: torch.Tensor  # [rows] column in the block that must get the highest code
 
 
+# llama.cpp's IQ4_NL: a block's weights are scale * one of these 16 values (kvalues_iq4nl), denser near 0.
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
 @dataclass(frozen=True)
 class Grid:
     """A blockwise grid along each weight row's input dimension, by the exporters' own rules.
@@ -56,6 +60,9 @@ class Grid:
     # The graph is fp16, so ONNX Runtime quantizes fp16 copies of the weights: the scale then keeps 7
     # significant bits, so every scale * (code - zero) is exact in fp16 and the scale comes back unchanged.
     fp16: bool = False
+    # A non-linear grid, symmetric blocks only: weight = scale * table[code], scale = largest / table[0]
+    # (IQ4_NL_VALUES). None: the evenly spaced codes above.
+    table: tuple[int, ...] | None = None
 
     @property
     def top(self) -> int:
@@ -68,7 +75,8 @@ class Grid:
             at = w.abs().argmax(1)
             largest = w.gather(1, at[:, None])[:, 0]
             middle = 2 ** (self.bits - 1)
-            scale = (largest / -middle).half().float()  # fp16-exact: GGUF and fp16 graphs store scales in fp16
+            lowest = self.table[0] if self.table else -middle
+            scale = (largest / lowest).half().float()  # fp16-exact: GGUF and fp16 graphs store scales in fp16
             scale = _significant_bits(scale, 7) if self.fp16 else scale
             return BlockGrid(_nonzero(scale), torch.full_like(scale, middle), torch.where(scale != 0, at, none), none)
         low, high = w.min(1), w.max(1)
@@ -81,10 +89,21 @@ class Grid:
 
     def round_column(self, column: torch.Tensor, grid: BlockGrid, index: int) -> torch.Tensor:
         """Column index of a block put on its grid, in float, its extremes pinned to the end codes."""
-        codes = torch.round(column / grid.scale + grid.zero).clamp(0, self.top)
+        codes = self._nearest_codes(column / grid.scale, grid.zero)
         codes = torch.where(grid.lowest_at == index, torch.zeros_like(codes), codes)
         codes = torch.where(grid.highest_at == index, torch.full_like(codes, self.top), codes)
-        return grid.scale * (codes - grid.zero)
+        return self._values(codes, grid.scale, grid.zero)
+
+    def _nearest_codes(self, scaled: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if self.table:
+            table = torch.tensor(self.table, dtype=scaled.dtype, device=scaled.device)
+            return torch.bucketize(scaled.contiguous(), (table[1:] + table[:-1]) / 2).to(scaled.dtype)
+        return torch.round(scaled + zero).clamp(0, self.top)
+
+    def _values(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if self.table:
+            return scale * torch.tensor(self.table, dtype=scale.dtype, device=scale.device)[codes.long()]
+        return scale * (codes - zero)
 
     def round_to_nearest(self, weight: torch.Tensor) -> torch.Tensor:
         """Plain round-to-nearest on this grid, each weight on its own: the baseline GPTQ is measured against."""
@@ -99,12 +118,13 @@ class Grid:
         padded = torch.nn.functional.pad(weight, (0, -weight.shape[1] % self.block_size))  # zeros: grid unchanged
         blocks = padded.reshape(-1, self.block_size)
         grid = self.params(blocks)
-        codes = torch.round(blocks / grid.scale[:, None] + grid.zero[:, None]).clamp(0, self.top)
+        codes = self._nearest_codes(blocks / grid.scale[:, None], grid.zero[:, None])
         if pin:
             column = torch.arange(self.block_size, device=weight.device)[None, :]
             codes = torch.where(column == grid.lowest_at[:, None], torch.zeros_like(codes), codes)
             codes = torch.where(column == grid.highest_at[:, None], torch.full_like(codes, self.top), codes)
-        return (grid.scale[:, None] * (codes - grid.zero[:, None])).reshape(padded.shape)[:, : weight.shape[1]]
+        rounded = self._values(codes, grid.scale[:, None], grid.zero[:, None])
+        return rounded.reshape(padded.shape)[:, : weight.shape[1]]
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:

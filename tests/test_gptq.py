@@ -120,7 +120,7 @@ def hf_weights(folder) -> dict[str, np.ndarray]:
 
 
 def assert_gguf_holds(package, folder, rounded, source) -> set[str]:
-    """Every rounded Linear is stored in Q4_0/Q5_0 with exactly the rounded weights; returns the types seen."""
+    """Every rounded Linear is stored in Q4_0/Q5_0/IQ4_NL with exactly the rounded weights; returns the types seen."""
     weights, config, original = hf_weights(folder), AutoModelForCausalLM.from_pretrained(folder).config, hf_weights(source)
     tensors = {t.name: t for t in gguf.GGUFReader(next(package.glob("*.gguf"))).tensors}
     types = set()
@@ -134,7 +134,7 @@ def assert_gguf_holds(package, folder, rounded, source) -> set[str]:
         want = permute_qk(want, heads) if heads else want
         np.testing.assert_array_equal(stored, want, err_msg=tensor.name)
         assert not np.array_equal(want, original[name + ".weight"])
-    assert types <= {"Q4_0", "Q5_0"}
+    assert types <= {"Q4_0", "Q5_0", "IQ4_NL"}
     return types
 
 
@@ -195,6 +195,17 @@ def test_the_gpu_profile_gets_exact_gptq_in_fp16_onnx_and_in_q4_k_ms_q5_0_rows(t
     assert read_quantization(packages["gguf"]) == "Q4_K_M-gptq-imatrix", "the rows left to llama.cpp get the imatrix"
     for package in packages.values():
         assert greedy_text(runner_for(package), "The quick brown fox", n=8)
+
+
+@pytest.mark.slow
+def test_the_arm_profiles_iq4_nl_gguf_holds_exactly_the_gptq_weights(tmp_path):
+    """IQ4_NL's grid is non-linear (scale * one of 16 values): llama.cpp's own quantizer gives GPTQ's weights back."""
+    src, packages, expected = export_with_gptq(tmp_path, "arm", algorithm="gptq")
+    folder, rounded = expected["gguf"]
+    assert len(rounded) == 14
+    assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"IQ4_NL"}
+    assert read_quantization(packages["gguf"]) == "IQ4_NL-gptq"
+    assert greedy_text(runner_for(packages["gguf"]), "The quick brown fox", n=8)
 
 
 @pytest.mark.slow

@@ -73,12 +73,6 @@ def test_an_imatrix_gguf_package_is_labelled_and_generates(tiny, tmp_path):
     assert greedy_text(runner_for(weighted), "The quick brown fox", n=8)
 
 
-@pytest.mark.slow
-def test_gptq_leaves_a_type_whose_grid_it_cannot_reproduce_to_the_imatrix(tiny, tmp_path):
-    package, = export_tiny(tiny, tmp_path / "gptq", target="arm", format="gguf", algorithm="gptq")
-    assert read_manifest(package).quantization == "IQ4_NL-imatrix", "IQ4_NL's grid is non-linear: GPTQ rounds nothing"
-
-
 def test_the_gguf_type_can_be_chosen_per_export(tiny, tmp_path):
     package, = export_tiny(tiny, tmp_path / "q4_0", target="arm", format="gguf", gguf_quant="Q4_0")
     assert read_manifest(package).quantization == "Q4_0"
