@@ -21,7 +21,7 @@ from distill.targets import GGUF_QUANT_TYPES, TARGETS
 @click.option("--name", help="model name in the manifests [default: MODEL_DIR's name]")
 @click.option("--algorithm", type=click.Choice(list(ALGORITHMS)), default="rtn", show_default=True,
               help="4-bit rounding: rtn (round to nearest, no data), hqq (ONNX only, no data); calibrated: "
-                   "gptq (ONNX, and the GGUF rows llama.cpp keeps in Q4_0/Q5_0), qat (as gptq, fine-tuned through "
+                   "gptq (ONNX, and the GGUF rows llama.cpp keeps in Q4_0/Q5_0/IQ4_NL), qat (as gptq, fine-tuned through "
                    "the rounding: minutes on a GPU), imatrix (GGUF only: llama.cpp's importance matrix)")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers to varied prompts]")

@@ -11,7 +11,8 @@ This module works on the HF model in torch and leaves the weights *on* the grid
 (``scale * (code - zero)``, in float). The grid is the one the exporters'
 own round-to-nearest derives: ONNX Runtime's symmetric blocks and llama.cpp's
 Q4_0 take ``scale = (signed largest weight) / -8`` (Q5_0: / -16), ONNX's
-asymmetric blocks ``(max - min) / 15``. Each block keeps the weights that set its
+asymmetric blocks ``(max - min) / 15``, and llama.cpp's IQ4_NL ``largest / -127``
+over its 16 non-linear values. Each block keeps the weights that set its
 scale at the end codes, so the block rounds to itself and the exporter's scale
 is GPTQ's. GPTQ therefore needs no packer of its own: ``appliance export
 --algorithm gptq`` rounds here, then quantizes as usual, and
