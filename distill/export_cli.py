@@ -27,9 +27,14 @@ from distill.targets import GGUF_QUANT_TYPES, TARGETS
               help="gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers to varied prompts]")
 @click.option("--gguf-quant", type=click.Choice(list(GGUF_QUANT_TYPES)),
               help="llama.cpp quant type instead of the target's (e.g. Q4_0 for an older llama.cpp)")
+@click.option("--calibration-sequences", type=click.IntRange(1), metavar="N",
+              help="gptq, qat, imatrix: sequences of 256 tokens to calibrate on [default: 256 for qat, 64 otherwise]")
+@click.option("--qat-steps", type=click.IntRange(1), metavar="N",
+              help="qat: fine-tuning steps of 8 sequences [default: 1000]")
 @click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")
 @click.option("-t", "--threads", type=int, default=2, show_default=True, help="threads for quantizing and measuring")
-def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gguf_quant, no_report, threads):
+def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gguf_quant, calibration_sequences,
+                   qat_steps, no_report, threads):
     """Export an HF model folder to INT4 model packages for one target, each with a report.
 
     \b
@@ -43,7 +48,8 @@ def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gg
     from distill.targets import UnknownTarget
 
     request = ExportRequest(src=model_dir, out=out, target=target, format=fmt, name=name, algorithm=algorithm,
-                            calibration=calibration, gguf_quant=gguf_quant, measure=not no_report, threads=threads)
+                            calibration=calibration, gguf_quant=gguf_quant, calibration_sequences=calibration_sequences,
+                            qat_steps=qat_steps, measure=not no_report, threads=threads)
     try:
         packages = export(request, progress=lambda line: click.echo(line, err=True))
     except (ExportError, UnknownTarget) as exc:

@@ -24,7 +24,9 @@ from torch.nn.utils import parametrize
 
 from distill.gptq import Grid, GridFor, layer_linears
 
-STEPS = 300
+# Side by side on one student (run 10), 1000 steps beat 300 in the arm GGUF: perplexity ratio 1.013 -> 1.006,
+# agreement 90.8% -> 92.2%; the KL was still falling. About three minutes on an H200.
+STEPS = 1000
 # Peak, decayed to zero by a cosine. On the student, 2e-4 beat 5e-5 in all three packages tried (perplexity
 # ratio 1.011 -> 0.992, 1.038 -> 1.011, 1.030 -> 1.004: bench/results/export/student/README.md, run 8).
 LEARNING_RATE = 2e-4

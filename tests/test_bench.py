@@ -31,3 +31,11 @@ def test_a_verdict_needs_the_middle_half_of_the_rounds_on_one_side():
     assert verdict([0.98, 1.02], 0.97) == "✅"
     assert verdict([0.90, 0.96], 0.97) == "❌"
     assert verdict([0.95, 1.01], 0.97) == "(within noise)"
+
+
+def test_the_export_summary_is_what_the_bench_writes_from_the_committed_reports():
+    from bench.export_smollm2 import RESULTS, committed_reports, summary_markdown
+
+    published = json.loads((RESULTS / "smollm2-vs-published.json").read_text())
+    expected = summary_markdown(committed_reports(RESULTS), published)
+    assert (RESULTS / "summary.md").read_text() == expected, "re-run python -m bench.export_smollm2"

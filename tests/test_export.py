@@ -234,3 +234,19 @@ def test_cli_export_writes_a_measured_package_with_its_report(tiny_hf, tmp_path,
     assert manifest.metrics["greedy_agreement"] == report["greedy_agreement"]
     added = CliRunner().invoke(cli, ["models", "add", str(package)])
     assert added.exit_code == 0 and "tiny-arm-gguf" in added.output
+
+
+@pytest.mark.slow
+def test_smollm2_written_and_quantized_to_q4_1_gives_the_published_tensors_back(tmp_path):
+    """The writer's check on a real model: SmolLM2's published Q4_1 GGUF, dequantized to an HF folder, written by
+    our GGUF writer and quantized by llama.cpp to Q4_1 again, is the published file tensor for tensor, byte for
+    byte (tensor names, the q/k row order, every block)."""
+    from bench.export_smollm2 import bundled_gguf, smollm2_source, tensor_match
+
+    published = bundled_gguf()
+    src = smollm2_source(tmp_path, published)
+    request = ExportRequest(src=src, out=tmp_path / "packages", target="cpu", format="gguf", gguf_quant="Q4_1",
+                            measure=False)
+    package, = export(request, progress=lambda line: None)
+    match = tensor_match(next(package.glob("*.gguf")), published)
+    assert match == {"tensors": 272, "same_names": True, "byte_identical_tensors": 272}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import gguf
 import numpy as np
@@ -90,16 +91,28 @@ def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     assert torch.equal(samples, sampled_calibration(model, tokenizer, count=3, length=40, batch=4)), "seeded"
 
 
+def test_sampled_calibration_pads_a_batch_when_the_tokenizer_has_no_pad_token(tmp_path):
+    """A tokenizer transformers reads from a GGUF (SmolLM2's) has none: the end-of-text token pads instead."""
+    folder = build_tiny_llama(tmp_path / "tiny")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    assert sampled_calibration(model, tokenizer, count=2, length=24, batch=4).shape == (2, 24)
+
+
 def export_with_gptq(work, target: str, gguf_quant: str | None = None, algorithm: str = "gptq"):
-    """The tiny Llama exported for target with GPTQ (or QAT), and per format the rounded copy the package must carry."""
+    """The tiny Llama exported for target with GPTQ (or QAT), and per format the rounded copy the package must carry.
+
+    QAT runs with its own --qat-steps and --calibration-sequences, so the packages match only if both reach it."""
     src = build_tiny_llama(work / "tiny")
     text = work / "calibration.txt"
     text.write_text("\n".join(CORPUS * 4))
+    knobs = {"qat_steps": 40, "calibration_sequences": 48} if algorithm == "qat" else {}
     request = ExportRequest(src=src, out=work / "packages", target=target, algorithm=algorithm, calibration=text,
-                            gguf_quant=gguf_quant, measure=False)
+                            gguf_quant=gguf_quant, measure=False, **knobs)
     packages = {p.name.rsplit("-", 1)[1]: p for p in export(request, progress=lambda line: None)}
-    samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text(), count=CALIBRATION_SEQUENCES.get(algorithm, 64))
-    method = {"gptq": quantize_model, "qat": train_on_grids}[algorithm]
+    count = knobs.get("calibration_sequences", CALIBRATION_SEQUENCES.get(algorithm, 64))
+    samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text(), count=count)
+    method = {"gptq": quantize_model, "qat": partial(train_on_grids, steps=knobs.get("qat_steps"))}[algorithm]
     profile = replace(get_target(target), gguf_quant=gguf_quant or get_target(target).gguf_quant)
     expected = {}
     for fmt, grid_for in (("gguf", gguf_grids(request, profile)), ("onnx", onnx_grids(src, profile))):
