@@ -24,9 +24,9 @@ def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, se
     """
     import random
 
-    from distill.generate import DEFAULT_PROMPTS, chat_prompt
+    from distill.generate import DEFAULT_PROMPTS
 
-    prompts = random.Random(seed).sample(DEFAULT_PROMPTS, len(DEFAULT_PROMPTS))
+    order = random.Random(seed)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     stops = _stop_ids(model, tokenizer)
@@ -34,22 +34,33 @@ def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, se
         tokenizer.pad_token = tokenizer.eos_token
     pad = tokenizer.pad_token_id
     stream: list[int] = []
-    for start in range(0, len(prompts), batch):
-        if len(stream) >= count * length:
-            break
-        texts = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch]]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        out = model.generate(**encoded.to(device), do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
-                             pad_token_id=pad)
-        width = encoded["input_ids"].shape[1]
-        for row, mask in zip(out.cpu().tolist(), encoded["attention_mask"].cpu().tolist()):
-            answer = row[width:]
-            # Up to the first stop token (pad can be the end-of-turn token itself: SmolLM2), not every non-pad.
-            end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
-            stream += row[mask.index(1):width] + answer[:end]
-        if progress:
-            progress(f"calibration text: {min(len(stream), count * length)}/{count * length} tokens")
+    while len(stream) < count * length:  # the prompts run out after a few hundred sequences: sample them again
+        prompts = order.sample(DEFAULT_PROMPTS, len(DEFAULT_PROMPTS))
+        for start in range(0, len(prompts), batch):
+            if len(stream) >= count * length:
+                break
+            stream += _answers(model, tokenizer, prompts[start:start + batch], length, pad, stops, device)
+            if progress:
+                progress(f"calibration text: {min(len(stream), count * length)}/{count * length} tokens")
     return _cut(stream, length)[:count]
+
+
+def _answers(model, tokenizer, prompts: list[str], length: int, pad: int, stops: set[int], device) -> list[int]:
+    """Each prompt in the chat format followed by the model's sampled answer, up to its first stop token."""
+    from distill.generate import chat_prompt
+
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    out = model.generate(**encoded.to(device), do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=length,
+                         pad_token_id=pad)
+    width = encoded["input_ids"].shape[1]
+    tokens: list[int] = []
+    for row, mask in zip(out.cpu().tolist(), encoded["attention_mask"].cpu().tolist()):
+        answer = row[width:]
+        # Up to the first stop token (pad can be the end-of-turn token itself: SmolLM2), not every non-pad.
+        end = next((i + 1 for i, t in enumerate(answer) if t in stops), len(answer))
+        tokens += row[mask.index(1):width] + answer[:end]
+    return tokens
 
 
 def _stop_ids(model, tokenizer) -> set[int]:

@@ -91,6 +91,14 @@ def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     assert torch.equal(samples, sampled_calibration(model, tokenizer, count=3, length=40, batch=4)), "seeded"
 
 
+def test_sampled_calibration_samples_the_prompts_again_until_it_has_enough(tmp_path, monkeypatch):
+    monkeypatch.setattr("distill.generate.DEFAULT_PROMPTS", ["Name a colour.", "Count to three.", "Say hello."])
+    folder = build_tiny_llama(tmp_path / "tiny")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    samples = sampled_calibration(model, tokenizer, count=8, length=32, batch=4)
+    assert samples.shape == (8, 32)  # 3 prompts and answers of up to 32 tokens give fewer than 256 tokens a pass
+
+
 def test_sampled_calibration_pads_a_batch_when_the_tokenizer_has_no_pad_token(tmp_path):
     """A tokenizer transformers reads from a GGUF (SmolLM2's) has none: the end-of-text token pads instead."""
     folder = build_tiny_llama(tmp_path / "tiny")
