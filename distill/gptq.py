@@ -91,9 +91,13 @@ class Grid:
     def round_column(self, column: torch.Tensor, grid: BlockGrid, index: int) -> torch.Tensor:
         """Column index of a block put on its grid, in float, its extremes pinned to the end codes."""
         codes = self._nearest_codes(column / grid.scale, grid.zero)
-        codes = torch.where(grid.lowest_at == index, torch.zeros_like(codes), codes)
-        codes = torch.where(grid.highest_at == index, torch.full_like(codes, self.top), codes)
+        codes = self._pinned(codes, grid.lowest_at, grid.highest_at, index)
         return self._values(codes, grid.scale, grid.zero)
+
+    def _pinned(self, codes: torch.Tensor, lowest_at: torch.Tensor, highest_at: torch.Tensor, column) -> torch.Tensor:
+        """codes with the weights at column that set a block's scale moved to the end codes."""
+        codes = torch.where(lowest_at == column, torch.zeros_like(codes), codes)
+        return torch.where(highest_at == column, torch.full_like(codes, self.top), codes)
 
     def _nearest_codes(self, scaled: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         if self.table:
@@ -122,8 +126,7 @@ class Grid:
         codes = self._nearest_codes(blocks / grid.scale[:, None], grid.zero[:, None])
         if pin:
             column = torch.arange(self.block_size, device=weight.device)[None, :]
-            codes = torch.where(column == grid.lowest_at[:, None], torch.zeros_like(codes), codes)
-            codes = torch.where(column == grid.highest_at[:, None], torch.full_like(codes, self.top), codes)
+            codes = self._pinned(codes, grid.lowest_at[:, None], grid.highest_at[:, None], column)
         rounded = self._values(codes, grid.scale[:, None], grid.zero[:, None])
         return rounded.reshape(padded.shape)[:, : weight.shape[1]]
 
