@@ -73,16 +73,20 @@ def compare_with_published(packages: list[Path], threads: int, gguf: Path) -> di
             "new_tokens": NEW_TOKENS, "packages": rows}
 
 
-def writer_check(src: Path, work: Path, published: Path, threads: int, reference) -> dict:
-    """Our GGUF writer, quantized by llama.cpp to the published file's own type (Q4_1), against that file:
-    tensor by tensor (names, types, bytes) and token by token; and, holding the source's own weights, against
-    the fp32 source (what llama.cpp's arithmetic alone costs)."""
+def writer_check_package(src: Path, work: Path, threads: int, reference) -> Path:
+    """Our GGUF writer, quantized by llama.cpp to the published file's own type (Q4_1), measured against the source."""
     from distill.export import ExportRequest, export
 
     request = ExportRequest(src=src, out=work / "packages" / "writer-check", target="cpu", format="gguf",
                             name="smollm2-135m-instruct", gguf_quant="Q4_1", threads=threads)
     package, = export(request, reference=reference)
-    tokens = compare_with_published([package], threads, published)["packages"][result_name(package)]
+    return package
+
+
+def writer_check(package: Path, published: Path, tokens: dict) -> dict:
+    """The writer-check package against the published file: tensor by tensor (names, types, bytes) and token by
+    token (its compare_with_published row); and, holding the source's own weights, against the fp32 source (what
+    llama.cpp's arithmetic alone costs)."""
     report = json.loads((package / "report.json").read_text())
     vs_source = {"greedy_agreement": report["greedy_agreement"], "perplexity_ratio": report["perplexity_ratio"]}
     return {"type": "Q4_1", **tensor_match(next(package.glob("*.gguf")), published), **tokens, "vs_source": vs_source}
@@ -186,7 +190,7 @@ def summary_markdown(reports: dict[str, dict], published: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.export import ALGORITHMS, ExportRequest, calibration_samples, export
+    from distill.export import ALGORITHMS, CALIBRATED, Calibration, ExportRequest, export
     from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,18 +205,20 @@ def main(argv: list[str] | None = None) -> None:
     published_gguf = args.published or bundled_gguf()
     src = smollm2_source(args.work, published_gguf)
     reference = reference_from_hf(src)  # the fp32 source's answers, measured once for every target
-    packages, samples = [], {}
+    packages = []
     for algorithm in args.algorithms:
-        formats = ALGORITHMS[algorithm]
+        formats, calibration = ALGORITHMS[algorithm], None
         for target in args.targets:
             request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target=target,
                                     format="both" if len(formats) == 2 else formats[0],
                                     name="smollm2-135m-instruct", algorithm=algorithm, threads=args.threads)
-            if algorithm != "rtn" and algorithm not in samples:
-                samples[algorithm] = calibration_samples(request)  # the same calibration text for every target
-            packages += export(request, reference=reference, samples=samples.get(algorithm))
-    published = compare_with_published([p for p in packages if p.name.endswith("-gguf")], args.threads, published_gguf)
-    published["writer_check"] = writer_check(src, args.work, published_gguf, args.threads, reference)
+            if algorithm in CALIBRATED and calibration is None:
+                calibration = Calibration(request)  # one calibration text and importance matrix for every target
+            packages += export(request, reference=reference, calibration=calibration)
+    writer = writer_check_package(src, args.work, args.threads, reference)
+    ggufs = [p for p in packages if p.name.endswith("-gguf")]
+    published = compare_with_published([*ggufs, writer], args.threads, published_gguf)
+    published["writer_check"] = writer_check(writer, published_gguf, published["packages"].pop(result_name(writer)))
     write_results(packages, published, args.results)
     print((args.results / "summary.md").read_text())
 

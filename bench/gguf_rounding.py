@@ -18,18 +18,19 @@ RESULTS = Path(__file__).parent / "results" / "export"
 
 
 def run(src: Path, work: Path, types: list[str], algorithms: list[str], threads: int, name: str) -> list[dict]:
-    from distill.export import ExportRequest, calibration_samples, export
+    from distill.export import CALIBRATED, Calibration, ExportRequest, export
     from distill.export_report import reference_from_hf
 
     reference = reference_from_hf(src)
-    samples, rows = None, []
+    calibration, rows = None, []
     for quant in types:
         for algorithm in algorithms:
             request = ExportRequest(src=src, out=work / f"{quant}-{algorithm}", target="cpu", format="gguf", name=name,
                                     algorithm=algorithm, gguf_quant=quant, threads=threads)
-            if algorithm != "rtn" and samples is None:
-                samples = calibration_samples(request)  # one calibration text for every package
-            package, = export(request, reference=reference, samples=samples)
+            if algorithm in CALIBRATED and calibration is None:
+                # one calibration text and importance matrix for every package (gptq and imatrix take as many sequences)
+                calibration = Calibration(request)
+            package, = export(request, reference=reference, calibration=calibration)
             report = json.loads((package / "report.json").read_text())
             rows.append({"type": quant, "algorithm": algorithm, **report})
     return rows

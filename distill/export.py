@@ -65,11 +65,12 @@ ROUNDED_BEFORE_EXPORT = ("gptq", "qat")  # these put the weights on the exporter
 CALIBRATION_SEQUENCES = {"qat": 256}
 
 
-def export(request: ExportRequest, progress: Progress = print, reference=None, samples=None) -> list[Path]:
+def export(request: ExportRequest, progress: Progress = print, reference=None,
+           calibration: Calibration | None = None) -> list[Path]:
     """Build one package per format; returns their folders.
 
     reference: the source's measured answers (``export_report.reference_from_hf``), to reuse across targets.
-    samples: the calibration sequences (``calibration_samples``) of the CALIBRATED algorithms, to reuse across targets.
+    calibration: a ``Calibration`` of the same source, to reuse its text and importance matrix across targets.
     """
     profile = get_target(request.target)
     if request.gguf_quant:
@@ -83,7 +84,10 @@ def export(request: ExportRequest, progress: Progress = print, reference=None, s
 
             reference = reference_from_hf(request.src)
     reference = reference if request.measure else None
-    calibration = Calibration(request, progress, samples) if request.algorithm in CALIBRATED else None
+    if request.algorithm not in CALIBRATED:
+        calibration = None
+    elif calibration is None:
+        calibration = Calibration(request, progress)
     return [_export_one(request, profile, fmt, reference, progress, calibration) for fmt in formats]
 
 
@@ -183,10 +187,13 @@ def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, pr
 
 # -- calibration: GPTQ's rounded copy of the source, llama.cpp's importance matrix -----
 class Calibration:
-    """The calibration text of one export and what is measured on it, each made once, when first needed."""
+    """The calibration text of one source and what is measured on it, each made once, when first needed.
 
-    def __init__(self, request: ExportRequest, progress: Progress, samples=None):
-        self.request, self.progress, self._samples, self._importance = request, progress, samples, None
+    The request's source, calibration settings and algorithm decide them, never its target, so one
+    Calibration serves every target's export."""
+
+    def __init__(self, request: ExportRequest, progress: Progress = print):
+        self.request, self.progress, self._samples, self._importance = request, progress, None, None
 
     def samples(self):
         if self._samples is None:
