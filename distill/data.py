@@ -1,7 +1,8 @@
 """Text in, fixed-length token blocks out: read files, tokenize, pack, split, cache.
 
-Documents are split into train and held-out by a hash of their name, so no
-held-out block shares a document with training. Each split is concatenated
+Documents are split into train and held-out by a hash of their name (relative
+to the folder or glob they come from), so no held-out block shares a document
+with training and the split is the same on every machine. Each split is concatenated
 (EOS between documents) and cut into blocks of ``block_size`` tokens; the
 tail shorter than a block is dropped. Blocks are cached as a uint16 (or uint32) .npy pair
 under out_dir/data/ with a manifest saying what they were built from.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -25,21 +27,34 @@ def generated_path(cfg: DistillConfig) -> Path:
     return cfg.out / "data" / "generated.jsonl"
 
 
-def expand_sources(patterns: list[str]) -> list[Path]:
-    """Files named by the patterns: a file, a folder (recursively, text suffixes only) or a glob."""
-    files: list[Path] = []
+def expand_sources(patterns: list[str]) -> list[tuple[Path, str]]:
+    """(file, name) of every file the patterns name: a file, a folder (recursively, text suffixes only) or a glob.
+
+    A name is the file's path relative to its source (the folder, the fixed part of the glob, or just
+    the file's own name), so the split, which hashes names, is the same wherever the data lives.
+    """
+    files: list[tuple[Path, str]] = []
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            files += _named(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES), path)
         elif path.is_file():
-            files.append(path)
+            files.append((path, path.name))
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not matches:
                 raise ConfigError(f"data: {pattern!r} matches no file")
-            files += matches
+            files += _named(matches, _glob_base(path))
     return files
+
+
+def _named(files: list[Path], base: Path) -> list[tuple[Path, str]]:
+    return [(f, f.relative_to(base).as_posix()) for f in files]
+
+
+def _glob_base(pattern: Path) -> Path:
+    """The folder a glob starts from: its parts before the first one with a wildcard."""
+    return Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
 
 
 def read_documents(cfg: DistillConfig):
@@ -47,7 +62,7 @@ def read_documents(cfg: DistillConfig):
     patterns = cfg.data or [str(generated_path(cfg))]
     if not cfg.data and not generated_path(cfg).exists():
         raise ConfigError("no data: give --data FILES, or run `distill generate --generate-n N` first")
-    for path in expand_sources(patterns):
+    for path, name in expand_sources(patterns):
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for i, line in enumerate(f):
@@ -55,13 +70,13 @@ def read_documents(cfg: DistillConfig):
                         record = json.loads(line)
                         if cfg.text_field not in record:
                             raise ConfigError(f"{path}:{i + 1}: no {cfg.text_field!r} key (set --text-field)")
-                        yield f"{path}:{i}", record[cfg.text_field]
+                        yield f"{name}:{i}", record[cfg.text_field]
         else:
-            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            yield name, path.read_text(encoding="utf-8", errors="replace")
 
 
 def is_heldout(name: str, fraction: float) -> bool:
-    """Held out or not, by the document's name alone: the same split whatever the seed or the run."""
+    """Held out or not, by the document's name alone: the same split whatever the seed, the run or the machine."""
     digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
