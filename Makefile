@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make serve   creates .venv, installs the service and the bundled model, serves it on 127.0.0.1:8080
-#   make test    creates .venv, installs the service and its test tools, runs the whole test suite
+#   make test    creates .venv, installs the service and its test tools (and Chromium for the UI tests), runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -39,8 +39,17 @@ $(VENV)/.installed-test: $(VENV)/.installed-serve
 serve: $(VENV)/.installed-serve
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/appliance serve $(ARGS)
 
+# The web UI tests need Debian's chromium and chromium-driver: installed first when missing
+# (tests/browser-deps.sh). BROWSER_TESTS=no skips both the install and those tests.
+BROWSER_TESTS ?= yes
+ifeq ($(BROWSER_TESTS),no)
 test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not browser" $(PYTEST_ARGS)
+else
+test: $(VENV)/.installed-test
+	sh tests/browser-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+endif
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.overhead $(ARGS)
