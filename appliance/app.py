@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     app.json.ensure_ascii = False
     if runner is None:
         runner = ModelRunner(
-            find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
+            find_model(settings.model, home=settings.home), threads=settings.threads, context_length=settings.context_length,
             provider=settings.provider,
         )
     db = db or Database(settings.db_path, store_text=settings.log_text)

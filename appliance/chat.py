@@ -18,7 +18,7 @@ from models import find_model
 
 def run_chat(settings: Settings, system: str | None, temperature: float, max_tokens: int) -> None:
     runner = ModelRunner(
-        find_model(settings.model), threads=settings.threads, context_length=settings.context_length,
+        find_model(settings.model, home=settings.home), threads=settings.threads, context_length=settings.context_length,
         provider=settings.provider,
     )
     db = Database(settings.db_path, store_text=settings.log_text)

@@ -103,6 +103,14 @@ def chat(ctx, model, system, temperature, max_tokens, threads):
     run_chat(settings, system=system, temperature=temperature, max_tokens=max_tokens)
 
 
+_home_option = click.option("--home", type=click.Path(file_okay=False), help="data folder [default: ~/.appliance]")
+
+
+def _home(ctx: click.Context, home: str | None) -> Path:
+    """The data folder from the one config (flag < env < default), where models.json lives."""
+    return _settings(ctx, home=home).home
+
+
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def models(ctx):
@@ -113,11 +121,13 @@ def models(ctx):
 
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def models_list(as_json):
+@_home_option
+@click.pass_context
+def models_list(ctx, as_json, home):
     """List known models, where their files are and whether they are installed."""
     from models import list_models
 
-    entries = list_models()
+    entries = list_models(home=_home(ctx, home))
     if as_json:
         click.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
         return
@@ -127,12 +137,14 @@ def models_list(as_json):
 
 
 @models.command("verify")
-def models_verify():
+@_home_option
+@click.pass_context
+def models_verify(ctx, home):
     """Recompute the sha256 of every installed model file; exit 1 on any mismatch."""
     from models import list_models, verify_model
 
     failed = False
-    for e in list_models():
+    for e in list_models(home=_home(ctx, home)):
         ok, detail = verify_model(e)
         failed |= not ok and e.available
         click.echo(f"{'OK  ' if ok else 'FAIL'} {e.name:<24} {detail}")
@@ -141,10 +153,13 @@ def models_verify():
 
 @models.command("add")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def models_add(path):
+@_home_option
+@click.pass_context
+def models_add(ctx, path, home):
     """Register a model package folder (with manifest.json) after checking every file's sha256.
 
-    The list of packages lives in $APPLIANCE_HOME/models.json; the files stay where they are.
+    The list of packages lives in models.json in the data folder (--home, else $APPLIANCE_HOME, else
+    ~/.appliance); the files stay where they are.
 
     \b
     Example:
@@ -153,14 +168,16 @@ def models_add(path):
     """
     from models.registry import add_package
 
-    manifest = add_package(path)
+    manifest = add_package(path, home=_home(ctx, home))
     click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
                f"serve it with appliance serve --model {manifest.name}")
 
 
 @models.command("remove")
 @click.argument("name_or_path")
-def models_remove(name_or_path):
+@_home_option
+@click.pass_context
+def models_remove(ctx, name_or_path, home):
     """Forget a package added with ``models add``, by name or folder; its files are left on disk.
 
     \b
@@ -169,7 +186,7 @@ def models_remove(name_or_path):
     """
     from models.registry import remove_package
 
-    folder = remove_package(name_or_path)
+    folder = remove_package(name_or_path, home=_home(ctx, home))
     click.echo(f"removed {folder} from the registry (its files are still there)")
 
 

@@ -29,10 +29,20 @@ def resolve_teacher(spec: str) -> tuple[Path, str | None]:
     except ImportError:  # the catalog is part of the appliance; a bare copy of distill/ has no catalog
         raise TeacherNotFound(f"teacher {spec!r}: no such file or folder") from None
     try:
-        entry = find_model(spec)
+        entry = find_model(spec, home=_appliance_home())
     except ModelNotFound as exc:
         raise TeacherNotFound(f"teacher {spec!r}: not a file or folder, and {exc}") from None
     return entry.path.parent, entry.path.name
+
+
+def _appliance_home() -> Path:
+    """The appliance's data folder, from its one config, whose registered packages can be teachers too."""
+    from appliance.config import ConfigError, load_settings
+
+    try:
+        return load_settings().home
+    except ConfigError as exc:
+        raise TeacherNotFound(f"cannot look up registered model packages: {exc}") from None
 
 
 def load_tokenizer(spec: str):

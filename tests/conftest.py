@@ -114,7 +114,8 @@ def start_service(
 ) -> Service:
     port = free_port()
     model = model or ServedModel("llama.cpp", "Q4_1", env={})
-    env = dict(os.environ, APPLIANCE_HOME=str(home), PYTHONUNBUFFERED="1", **model.env, **(extra_env or {}))
+    env = {**os.environ, "APPLIANCE_HOME": str(home), "PYTHONUNBUFFERED": "1", **model.env, **(extra_env or {})}
+    env = {name: value for name, value in env.items() if value is not None}  # None in extra_env unsets it
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "serve.log"
     proc = subprocess.Popen(

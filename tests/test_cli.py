@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
+
+from models.manifest import write_manifest
 
 
 def run(*args, home=None, input=None, check=True):
@@ -80,3 +83,57 @@ def test_chat_streams_an_answer_and_logs_it(tmp_path):
     assert "1" in result.stdout and "3" in result.stdout
     rows = json.loads(run("logs", "--json", home=tmp_path).stdout)
     assert rows[0]["endpoint"] == "cli:chat" and rows[0]["status"] == 200
+
+
+# -- the data folder comes from the one config ---------------------------------------
+
+
+def package_of(folder: Path, name: str, gguf: Path | None = None) -> Path:
+    """A model package holding one GGUF: a link to a real file, or a few bytes that are never loaded."""
+    folder.mkdir(parents=True)
+    if gguf:
+        (folder / "model.gguf").symlink_to(gguf)
+    else:
+        (folder / "model.gguf").write_bytes(b"GGUF not a real model")
+    write_manifest(folder, name=name, architecture="llama", format="gguf", quantization="Q4_1", target="cpu",
+                   context_length=2048)
+    return folder
+
+
+def run_as_user(tmp_path: Path, *args, check=True):
+    """The command as a user runs it with no APPLIANCE_HOME: ~ is tmp_path/user, so ~/.appliance is empty."""
+    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_HOME"} | {"HOME": str(tmp_path / "user")}
+    result = subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
+def test_models_add_list_and_remove_use_the_given_home(tmp_path):
+    package, data = package_of(tmp_path / "pkg", "home-test-model"), tmp_path / "data"
+    assert "added home-test-model" in run_as_user(tmp_path, "models", "add", str(package), "--home", str(data)).stdout
+    assert (data / "models.json").exists() and not (tmp_path / "user" / ".appliance" / "models.json").exists()
+    names = [e["name"] for e in json.loads(run_as_user(tmp_path, "models", "list", "--json", "--home", str(data)).stdout)]
+    assert "home-test-model" in names
+    names = [e["name"] for e in json.loads(run_as_user(tmp_path, "models", "list", "--json").stdout)]
+    assert "home-test-model" not in names  # ~/.appliance has no packages
+    run_as_user(tmp_path, "models", "remove", "home-test-model", "--home", str(data))
+    assert json.loads((data / "models.json").read_text())["packages"] == []
+
+
+@pytest.mark.slow
+def test_serve_with_home_serves_a_package_registered_there(tmp_path):
+    from models import find_model
+    from tests.conftest import start_service
+
+    data = tmp_path / "data"
+    package = package_of(tmp_path / "pkg", "home-served-model", gguf=find_model("smollm2").path)
+    data.mkdir()
+    (data / "models.json").write_text(json.dumps({"packages": [str(package)]}))  # as `models add` writes it
+    service = start_service(tmp_path / "out", extra_env={"APPLIANCE_HOME": None, "HOME": str(tmp_path / "user")},
+                            args=("--home", str(data), "--model", "home-served-model"))
+    try:
+        models = requests.get(service.url + "/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == ["home-served-model"]
+        assert (data / "logs.db").exists() and not (tmp_path / "user" / ".appliance").exists()
+    finally:
+        service.stop()

@@ -192,18 +192,18 @@ def test_a_tied_embedding_reads_the_lm_heads_quantized_weights(cpu_packages, tin
 
 @pytest.mark.slow
 def test_models_add_registers_a_package_with_the_catalog(cpu_packages, home):
-    manifest = add_package(cpu_packages["gguf"])
-    assert registered_packages() == [cpu_packages["gguf"].resolve()]
-    assert manifest.name in [e.name for e in list_models()]
-    entry = find_model(manifest.name)
+    manifest = add_package(cpu_packages["gguf"], home=home)
+    assert registered_packages(home=home) == [cpu_packages["gguf"].resolve()]
+    assert manifest.name in [e.name for e in list_models(home=home)]
+    entry = find_model(manifest.name, home=home)
     assert entry.package == cpu_packages["gguf"].resolve() and verify_model(entry) == (True, "sha256 ok (every file of the package)")
-    add_package(cpu_packages["gguf"])  # adding twice keeps one entry
-    assert len(registered_packages()) == 1
+    add_package(cpu_packages["gguf"], home=home)  # adding twice keeps one entry
+    assert len(registered_packages(home=home)) == 1
     missing = CliRunner().invoke(cli, ["models", "remove", "no-such-package"])
     assert missing.exit_code == 1 and "no registered package matches" in missing.output
     removed = CliRunner().invoke(cli, ["models", "remove", manifest.name])
     assert removed.exit_code == 0, removed.output
-    assert registered_packages() == [] and manifest.name not in [e.name for e in list_models()]
+    assert registered_packages(home=home) == [] and manifest.name not in [e.name for e in list_models(home=home)]
     assert (cpu_packages["gguf"] / "manifest.json").exists()  # the files stay
 
 
@@ -212,10 +212,10 @@ def test_models_add_refuses_a_corrupted_package(cpu_packages, home, tmp_path):
     folder = shutil.copytree(cpu_packages["onnx"], tmp_path / "pkg")
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(ManifestError, match="tokenizer.json"):
-        add_package(folder)
+        add_package(folder, home=home)
     result = CliRunner().invoke(cli, ["models", "add", str(folder)])
     assert result.exit_code == 1 and "tokenizer.json" in result.output
-    assert registered_packages() == []
+    assert registered_packages(home=home) == []
 
 
 @pytest.mark.slow

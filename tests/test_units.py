@@ -193,6 +193,23 @@ def test_corrupted_model_file_fails_verification(tmp_path):
     assert not ok and "mismatch" in detail
 
 
+def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_path, monkeypatch):
+    from models.manifest import write_manifest
+    from models.registry import add_package
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "model.gguf").write_bytes(b"GGUF")
+    write_manifest(package, name="pkg-model", architecture="llama", format="gguf", quantization="Q4_1",
+                   target="cpu", context_length=2048)
+    add_package(package, home=tmp_path / "home")
+    assert find_model("pkg-model", home=tmp_path / "home").package == package
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelNotFound, match="unknown model 'pkg-model'"):
+        find_model("pkg-model", home=tmp_path / "elsewhere")
+    assert "pkg-model" not in [e.name for e in list_models(home=tmp_path / "elsewhere")]
+
+
 def test_unknown_backend_format_is_a_clear_error():
     with pytest.raises(BackendError, match="no backend"):
         backend_class("safetensors")
