@@ -22,21 +22,32 @@ PROMPTS = [
 ]
 
 
-def start_service(threads: int, extra_env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    """``appliance serve`` on a free loopback port with a data folder of its own, once it is ready."""
-    env = {"APPLIANCE_HOME": tempfile.mkdtemp(prefix="bench-home-"), **(extra_env or {})}
-    return start_server(lambda port: ["-m", "appliance", "serve", "--port", str(port), "--threads", str(threads)],
-                        ready_path="/readyz", extra_env=env)
+def start_service(threads: int, extra_env: dict | None = None, args: tuple[str, ...] | list[str] = (),
+                  log: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """``appliance serve ARGS`` on a free loopback port, once it is ready; with a data folder of its own
+    unless extra_env names one (APPLIANCE_HOME)."""
+    env = dict(extra_env or {})
+    env.setdefault("APPLIANCE_HOME", tempfile.mkdtemp(prefix="bench-home-"))
+    return start_server(lambda port: ["-m", "appliance", "serve", "--port", str(port), "--threads", str(threads), *args],
+                        ready_path="/readyz", extra_env=env, log=log)
 
 
-def start_server(args_for_port, ready_path: str, extra_env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    """``python ARGS`` on a free loopback port, returned once GET ready_path answers 200 (within 60 s)."""
+def start_server(args_for_port, ready_path: str, extra_env: dict | None = None, program: str = sys.executable,
+                 log: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """``program ARGS`` (python by default) on a free loopback port, returned once GET ready_path answers 200
+    (within 60 s). Its output goes to the file log, or nowhere."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, *args_for_port(port)], env=dict(os.environ, **(extra_env or {})),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen([program, *args_for_port(port)], env=dict(os.environ, **(extra_env or {})),
+                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    if log:
+        out.close()  # the child holds its own copy
+    where = f" (its output: {log})" if log else ""
     for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(args_for_port(port))} exited with status {proc.returncode}{where}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", ready_path)
@@ -46,7 +57,7 @@ def start_server(args_for_port, ready_path: str, extra_env: dict | None = None) 
             pass
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"{' '.join(args_for_port(port))} did not get ready in 60 s")
+    raise RuntimeError(f"{' '.join(args_for_port(port))} did not get ready in 60 s{where}")
 
 
 def machine() -> dict:
@@ -61,25 +72,35 @@ def machine() -> dict:
             "python": platform.python_version(), "llama_cpp_python": llama_version, "load_avg": os.getloadavg()}
 
 
-def stream_completion(port: int, body: dict) -> dict:
-    """POST /v1/completions (body has stream on): when it was sent, when each event with text came, the usage."""
+def stream_completion(port: int, body: dict, path: str = "/v1/completions") -> dict:
+    """POST path (body has stream on): when it was sent, when each event with text came, the usage, and
+    whether the stream ended with ``data: [DONE]``.
+
+    Completions carry text in ``choices[0].text``, chats in ``choices[0].delta.content``. An error event
+    in the stream raises, as a non-200 status does."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    start = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
-    stamps, usage = [], None
-    for raw in response:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        event = json.loads(line[6:])
-        usage = event.get("usage") or usage
-        if event["choices"] and event["choices"][0]["text"]:
-            stamps.append(time.perf_counter())
-    conn.close()
-    return {"start": start, "stamps": stamps, "usage": usage}
+    stamps, usage, done = [], None, False
+    try:
+        start = time.perf_counter()
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+        for raw in response:
+            line = raw.decode().strip()
+            done = done or line == "data: [DONE]"
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"error event after {len(stamps)} text events: {event['error']}")
+            usage = event.get("usage") or usage
+            choice = event["choices"][0] if event.get("choices") else {}
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                stamps.append(time.perf_counter())
+    finally:
+        conn.close()
+    return {"start": start, "stamps": stamps, "usage": usage, "done": done}
 
 
 def side_by_side(prompts: list[str], first, second, label: str, describe) -> tuple[list[dict], list[dict]]:

@@ -39,3 +39,33 @@ def test_the_export_summary_is_what_the_bench_writes_from_the_committed_reports(
     published = json.loads((RESULTS / "smollm2-vs-published.json").read_text())
     expected = summary_markdown(committed_reports(RESULTS), published)
     assert (RESULTS / "summary.md").read_text() == expected, "re-run python -m bench.export_smollm2"
+
+
+def test_the_load_bench_counts_lost_rows_and_sums_a_level(tmp_path, monkeypatch):
+    import bench.load as load
+
+    rows = [{"id": 3, "finished": "t", "status": 200, "completion_tokens": 5},
+            {"id": 4, "finished": None, "status": None, "completion_tokens": None},
+            {"id": 5, "finished": "t", "status": 499, "completion_tokens": 2}]
+    assert load.lost_rows(rows, sent=4) == {"rows": 3, "missing": 1, "unfinished": 1, "non_200": 1, "lost": 3,
+                                            "logged_completion_tokens": 7}
+    requests = [{"start": 0.0, "end": 2.0, "tokens": 10, "ttft_ms": 100.0, "decode_tps": 5.0},
+                {"start": 1.0, "end": 4.0, "tokens": 30, "ttft_ms": 300.0, "decode_tps": 10.0},
+                {"start": 0.5, "end": 1.0, "error": "HTTP 500"}]
+    summary = load.summarize(requests)
+    assert summary["aggregate_tps"] == 10.0  # 40 tokens over the level's 4 s, not the sum of per-stream speeds
+    assert (summary["errors"], summary["ttft_p50_ms"], summary["ttft_p99_ms"]) == (1, 200.0, 298.0)
+
+    peer = {"server": "llama-server", "clients": 4, "summary": load.summarize(requests[:2])}
+    ours = {"server": "appliance", "clients": 4, "summary": summary, "log_rows": load.lost_rows(rows, 4)}
+    runs = load.with_ratios([ours, peer])
+    assert runs[0]["aggregate_ratio"] == 1.0 and runs[0]["ttft_p50_ratio"] == 1.0
+    meta = {"model": "m.gguf", "threads": 2, "parallel": 8, "context": 4096, "requests_per_client": 2, "max_tokens": 128,
+            "machine": {"cpu": "cpu", "physical_cores": 2, "logical_cpus": 2, "python": "3", "llama_cpp_python": "0"},
+            "llama_server_version": "v", "date": "d", "load_average": [0.0], "load_average_end": [0.0],
+            "servers": {"appliance": {"command": "python -m appliance serve", "note": ""}}, "report": "load",
+            "command": "python -m bench.load"}
+    monkeypatch.setattr(load, "RESULTS", tmp_path)
+    text = load.write_report(meta, runs).read_text()
+    assert "| 4 | appliance | 10.0 | 1.00 | 7.5 | 200 | 1.00 | 298 | 1 | 3 |" in text
+    assert "- 4 clients: aggregate ✅, TTFT ✅, no errors or lost rows ❌" in text
