@@ -39,6 +39,15 @@ BAD_REQUESTS = [
     ("missing-prompt", COMPLETIONS, {"max_tokens": 3}, 400, "prompt", "missing_field"),
     ("several-prompts", COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
     ("prompt-wrong-type", COMPLETIONS, {"prompt": 42}, 400, None, "invalid_value"),
+    ("nested-10000-deep", CHAT, "[" * 10_000 + "]" * 10_000, 400, None, "invalid_json"),
+    ("nested-in-a-field", COMPLETIONS, '{"prompt": "x", "stop": ' + "[" * 10_000 + "]" * 10_000 + "}", 400, None, "invalid_json"),
+    ("integer-of-5000-digits", CHAT, '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": ' + "9" * 5000 + "}",
+     400, None, "invalid_value"),
+    ("lone-surrogate-in-content", CHAT, '{"messages": [{"role": "user", "content": "Hi \\ud800"}]}', 400,
+     "messages.0.content", "invalid_value"),
+    ("lone-surrogate-in-prompt", COMPLETIONS, '{"prompt": "\\udfff there"}', 400, "prompt", "invalid_value"),
+    ("seed-beyond-32-bits", CHAT, {"messages": HI, "seed": 2**32 + 7}, 400, "seed", "invalid_value"),
+    ("seed-that-means-random", CHAT, {"messages": HI, "seed": 2**32 - 1}, 400, "seed", "invalid_value"),
 ]
 
 

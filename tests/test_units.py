@@ -301,3 +301,45 @@ def test_verified_files_refuses_a_corrupted_bundled_model_and_says_how_to_fix_it
 def test_unknown_backend_format_is_a_clear_error():
     with pytest.raises(BackendError, match="no backend"):
         backend_class("safetensors")
+
+
+# -- request bodies ----------------------------------------------------------------
+
+HI_JSON = '"messages": [{"role": "user", "content": "Hi"}]'
+HOSTILE_BODIES = [
+    # (id, body, param, code, words of the message)
+    ("nested-10000-deep", "[" * 10_000 + "]" * 10_000, None, "invalid_json", "too deeply"),
+    ("nested-in-a-field", "{" + HI_JSON + ', "stop": ' + "[" * 10_000 + "]" * 10_000 + "}", None, "invalid_json", "too deeply"),
+    ("integer-of-5000-digits", "{" + HI_JSON + ', "max_tokens": ' + "9" * 5000 + "}", None, "invalid_value", "5000 digits"),
+    ("negative-integer-of-5000-digits", "{" + HI_JSON + ', "seed": -' + "9" * 5000 + "}", None, "invalid_value", "5000 digits"),
+    ("lone-surrogate-in-content", '{"messages": [{"role": "user", "content": "Hi \\ud800"}]}', "messages.0.content",
+     "invalid_value", "lone UTF-16 surrogate"),
+    ("lone-surrogate-in-a-part", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content.0.text", "invalid_value", "lone UTF-16 surrogate"),
+    ("lone-surrogate-in-a-key", "{" + HI_JSON + ', "\\ud800": 1}', None, "invalid_value", "lone UTF-16 surrogate"),
+    ("seed-beyond-32-bits", "{" + HI_JSON + f', "seed": {2**32 + 7}' + "}", "seed", "invalid_value", "0 to 4294967294"),
+    ("seed-that-means-random", "{" + HI_JSON + f', "seed": {2**32 - 1}' + "}", "seed", "invalid_value", "0 to 4294967294"),
+    ("negative-seed", "{" + HI_JSON + ', "seed": -1}', "seed", "invalid_value", "0 to 4294967294"),
+]
+
+
+@pytest.mark.parametrize("body, param, code, words", [b[1:] for b in HOSTILE_BODIES], ids=[b[0] for b in HOSTILE_BODIES])
+def test_hostile_bodies_are_a_400_naming_the_problem(body, param, code, words):
+    from appliance.api.schemas import ChatCompletionRequest, parse_body
+    from appliance.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_body(body.encode(), ChatCompletionRequest)
+    error = caught.value.body()["error"]
+    assert caught.value.status == 400 and error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code) and words in error["message"]
+    error["message"].encode("utf-8")  # the message itself can be logged and sent
+
+
+def test_bodies_at_the_limits_are_accepted():
+    from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+
+    chat = parse_body(("{" + HI_JSON + f', "seed": {2**32 - 2}, "priority": "interactive"' + "}").encode(), ChatCompletionRequest)
+    assert chat.seed == 2**32 - 2 and chat.priority == "interactive"
+    pair = parse_body(b'{"prompt": "smile \\ud83d\\ude00", "seed": 0}', CompletionRequest)  # a whole surrogate pair
+    assert pair.prompt == "smile \U0001f600" and pair.seed == 0

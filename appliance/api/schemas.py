@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from appliance.errors import InvalidRequest
 
 
+# llama.cpp seeds are uint32 and 0xFFFFFFFF means "pick one at random".
+MAX_SEED = 2**32 - 2
+# Longer integer literals are refused while parsing: no field needs one, and past 4300 digits
+# Python's int() raises a ValueError (a 500) whatever sys.set_int_max_str_digits says elsewhere.
+MAX_INT_DIGITS = 100
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -48,19 +55,28 @@ class _GenerationRequest(_Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="llama.cpp-style extension; 0 disables it")
     stop: Union[str, list[str], None] = Field(None, description="up to 16 strings that end the generation")
-    seed: int | None = Field(None, ge=0, description="same seed + same request = same output")
+    seed: int | None = Field(None, description=f"same seed + same request = same output; 0 to {MAX_SEED}")
     n: int = Field(1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     presence_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported")
     frequency_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported")
+    priority: str | None = Field(None, description="priority class name (see the priority_classes setting); the X-Priority header does the same")
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
         if isinstance(value, list) and len(value) > 16:
             raise ValueError("at most 16 stop strings")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits_the_engines(cls, value):
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be an integer from 0 to {MAX_SEED}: the engines take a 32-bit seed "
+                             f"({MAX_SEED + 1} means random there), and a larger one would be cut to another seed")
         return value
 
     @field_validator("n")
@@ -116,12 +132,10 @@ class PowerRequest(_Strict):
 
 def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     """Parse and validate a JSON body, or raise a 400 that names the bad field."""
-    try:
-        data = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    data = _load_json(raw)
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    _refuse_lone_surrogates(data)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -132,3 +146,41 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         if first["type"] == "extra_forbidden":
             message, code = f"unrecognized request argument: {param}", "unknown_parameter"
         raise InvalidRequest(f"{param}: {message}" if param else message, param=param, code=code) from None
+
+
+def _load_json(raw: bytes):
+    try:
+        return json.loads(raw, parse_int=_bounded_int) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("request body nests JSON arrays or objects too deeply: send a flatter body",
+                             code="invalid_json") from None
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidRequest(f"request body holds an integer of {len(digits.lstrip('-'))} digits; "
+                             f"numbers may have at most {MAX_INT_DIGITS}", code="invalid_value")
+    return int(digits)
+
+
+def _refuse_lone_surrogates(data) -> None:
+    """A \\ud800 escape without its pair parses to a str that cannot be encoded, tokenized or logged."""
+    pending = [((), data)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending += [(where, key) for key in value] + [(where + (key,), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [(where + (i,), item) for i, item in enumerate(value)]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                param = ".".join(map(str, where)) or None
+                raise InvalidRequest(
+                    f"{param or 'request body'}: text holds a lone UTF-16 surrogate ({value[exc.start]!r} at "
+                    f"character {exc.start}), which is not Unicode; escape characters outside the BMP as "
+                    "a complete surrogate pair or send them as UTF-8", param=param, code="invalid_value",
+                ) from None
