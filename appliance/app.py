@@ -8,7 +8,8 @@ from appliance import api, errors
 from appliance.config import Settings, load_settings
 from appliance.db import Database
 from appliance.power import PowerManager
-from appliance.runner import ModelRunner
+from appliance.runner.supervisor import ModelRunner
+from appliance.scheduler import Admission
 from appliance.state import AppState
 from models import find_model
 
@@ -21,8 +22,8 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     app.json.ensure_ascii = False
     if runner is None:
         runner = ModelRunner(
-            find_model(settings.model, home=settings.home), threads=settings.threads, context_length=settings.context_length,
-            provider=settings.provider,
+            find_model(settings.model, home=settings.home), threads=settings.threads,
+            context_length=settings.context_length, parallel=settings.parallel, provider=settings.provider,
         )
     db = db or Database(settings.db_path, store_text=settings.log_text)
     power = PowerManager(
@@ -31,7 +32,12 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         memory_low_mb=settings.memory_low_mb, sample_every=settings.sample_every,
         profile=settings.power_profile, dry_run=settings.power_dry_run,
     )
-    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner, power=power)
+    admission = Admission(
+        slots=settings.parallel, queue_size=settings.queue_size, classes=settings.priority_classes,
+        aging=settings.queue_aging, requests_per_minute=settings.rate_limit_rpm,
+        tokens_per_minute=settings.rate_limit_tpm,
+    )
+    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner, power=power, admission=admission)
     power.start()
     errors.init_app(app)
     api.init_app(app)

@@ -10,11 +10,14 @@ The config file is ``$APPLIANCE_HOME/config.toml`` unless ``--config`` or
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+from appliance.scheduler import DEFAULT_CLASSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,10 +47,17 @@ class Settings:
     port: int = field(default=8080, metadata={"help": "TCP port to listen on"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "catalog name or path of the model to serve"})
     threads: int = field(default_factory=default_threads, metadata={"help": "CPU threads for inference"})
-    context_length: int = field(default=4096, metadata={"help": "context window in tokens (capped at the model's own)"})
+    context_length: int = field(default=4096, metadata={"help": "context window of each slot in tokens: what one request may hold (capped at the model's own)"})
+    parallel: int = field(default=4, metadata={"help": "slots: requests generated together in one batch (each has its own KV cache of context_length tokens)"})
+    queue_size: int = field(default=32, metadata={"help": "requests that may wait for a slot; beyond that the service answers 429"})
+    queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
+    priority_classes: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLASSES], metadata={"help": "priority classes: name, priority (higher first), max_concurrency (0: no limit), timeout (seconds in the queue, 0: no limit)"})
+    rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
+    rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
+    max_prompt_chars: int = field(default=0, metadata={"help": "longest prompt in characters, checked before tokenizing (0: 16 per token of context)"})
     log_text: bool = field(default=True, metadata={"help": "store prompt and response text in the log; false stores only their sha256"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body accepted, in bytes"})
-    http_threads: int = field(default=8, metadata={"help": "HTTP worker threads (requests beyond one wait for the model)"})
+    http_threads: int = field(default=0, metadata={"help": "HTTP worker threads (0: parallel + queue_size + 4, so health probes always find one free)"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime execution provider: auto, cuda, tensorrt or cpu (auto: best available, else CPU)"})
     idle_after: float = field(default=300.0, metadata={"help": "seconds without requests before going idle (KV cache freed, power profile lowered)"})
     deep_idle_after: float = field(default=1800.0, metadata={"help": "seconds without requests before unloading the model"})
@@ -55,6 +65,15 @@ class Settings:
     sample_every: float = field(default=30.0, metadata={"help": "seconds between psutil samples of CPU, memory and temperature"})
     power_profile: str = field(default="auto", metadata={"help": "power profile: auto, jetson, linux-cpufreq or none"})
     power_dry_run: bool = field(default=False, metadata={"help": "record what the power profile would run instead of running it"})
+
+    @property
+    def worker_threads(self) -> int:
+        """HTTP threads: every slot and queue place may hold one, and a few stay free for probes and the UI."""
+        return self.http_threads or self.parallel + self.queue_size + 4
+
+    @property
+    def prompt_chars_limit(self) -> int:
+        return self.max_prompt_chars or 16 * self.context_length
 
     @property
     def db_path(self) -> Path:
@@ -91,9 +110,20 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return float(value)
         if kind == "Path":
             return Path(value).expanduser()
+        if kind == "list":
+            return _list_of_tables(value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name!r} must be a {kind}, got {value!r}") from None
+
+
+def _list_of_tables(value: Any) -> list[dict]:
+    """A list of TOML tables, or the same as JSON text (from the environment)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(value)
+    return value
 
 
 def load_settings(
@@ -145,10 +175,26 @@ PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 def _validate(settings: Settings) -> None:
     if settings.provider not in PROVIDERS:
         raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
-    for name in ("port", "threads", "context_length", "max_request_bytes", "http_threads", "idle_after", "deep_idle_after", "sample_every"):
+    for name in ("port", "threads", "context_length", "parallel", "max_request_bytes", "idle_after", "deep_idle_after",
+                 "sample_every", "queue_aging"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
+    for name in ("http_threads", "queue_size", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
+    _validate_classes(settings.priority_classes)
     _validate_power(settings)
+
+
+def _validate_classes(classes: list[dict]) -> None:
+    from appliance.scheduler import DEFAULT_CLASS, PriorityClass
+
+    try:
+        names = [PriorityClass(**c).name for c in classes]
+    except TypeError as exc:
+        raise ConfigError(f"setting 'priority_classes': {exc} (keys: name, priority, max_concurrency, timeout)") from None
+    if DEFAULT_CLASS not in names:
+        raise ConfigError(f"setting 'priority_classes' needs a class named {DEFAULT_CLASS!r}: requests without one use it")
 
 
 def _validate_power(settings: Settings) -> None:

@@ -53,6 +53,9 @@ def serve(app, host: str, port: int, http_threads: int, on_ready=print) -> None:
         st.power.stop()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=SHUTDOWN_GRACE)
         server.close()
+        st.runner.unload()
+        # Whatever the grace period did not let finish still gets a complete row.
+        st.db.close_open_rows(status=503, error="service shut down before the request finished")
         st.db.close()
         on_ready("appliance: stopped")
 

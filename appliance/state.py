@@ -10,7 +10,8 @@ from flask import current_app
 from appliance.config import Settings
 from appliance.db import Database
 from appliance.power import PowerManager
-from appliance.runner import ModelRunner
+from appliance.runner.supervisor import ModelRunner
+from appliance.scheduler import Admission
 
 
 @dataclass
@@ -19,6 +20,7 @@ class AppState:
     db: Database
     runner: ModelRunner
     power: PowerManager
+    admission: Admission
     shutting_down: threading.Event = field(default_factory=threading.Event)
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.formats import GGUF_QUANT_TYPES  # noqa: F401  (re-exported: the exporter's gguf_quant names)
+
 FORMATS = ("onnx", "gguf")
-# llama.cpp quant types by name -> llama_ftype (include/llama.h), for gguf_quant.
-GGUF_QUANT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17,
-                    "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ def readyz():
     if state().shutting_down.is_set():
         raise ServiceUnavailable("the service is shutting down", code="shutting_down")
     power = state().power.state
+    if runner.load_error:  # the next request tries the load again
+        raise ServiceUnavailable(f"model {runner.name!r} failed to load: {runner.load_error}", code="model_load_failed")
     if not runner.is_loaded and power != "deep_idle":  # deep idle serves: the next request reloads
-        if runner.load_error:
-            raise ServiceUnavailable(f"model {runner.name!r} failed to load: {runner.load_error}", code="model_load_failed")
         raise ServiceUnavailable(f"model {runner.name!r} is not loaded yet", code="model_not_loaded")
     return jsonify({"status": "ready", "power_state": power, "model": runner.info()})

@@ -7,11 +7,10 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from appliance.api.generation import Cancellation, GenerationResult, logged_generation, new_id, sse, usage_json
+from appliance.api.generation import Cancellation, Generation, GenerationFailed, new_id, sse, usage_json
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from appliance.backends import BackendError, SamplingParams
-from appliance.chat_template import ChatTemplateError
-from appliance.errors import ContextLengthExceeded, InvalidRequest, ModelNotFoundError, ServiceUnavailable
+from appliance.backends.base import SamplingParams
+from appliance.errors import InvalidRequest, ModelNotFoundError
 from appliance.state import state
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -21,13 +20,16 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 def _open_log_row():
     g.started = time.perf_counter()
     g.log_fields = {}
-    g.log_id = state().db.start_request(endpoint=request.path, client=request.remote_addr)
+    # Every generation request has a row from its arrival; listing models is not logged.
+    g.log_id = state().db.start_request(endpoint=request.path, client=request.remote_addr) \
+        if request.method == "POST" else None
 
 
 @bp.after_request
 def _close_log_row(response):
-    # Streams complete their own row when the stream ends.
-    if g.get("log_id") is not None and not g.get("streaming"):
+    generation = g.get("generation")
+    # A generation completes its own row (streams when the stream ends).
+    if g.get("log_id") is not None and not (generation and (generation.finished or g.get("streaming"))):
         state().db.finish_request(
             g.log_id,
             status=response.status_code,
@@ -54,55 +56,42 @@ def list_models():
 def chat_completions():
     req = parse_body(request.get_data(), ChatCompletionRequest)
     messages = [m.as_template_message() for m in req.messages]
-    g.log_fields.update(prompt=json.dumps(messages, ensure_ascii=False))
-    runner = _runner_for(req.model)
-    with runner.session() as backend:
-        try:
-            prompt_text = backend.render_chat(messages)
-        except (ChatTemplateError, BackendError) as exc:
-            raise InvalidRequest(str(exc), param="messages", code="chat_template_error") from None
-        prompt = backend.tokenize(prompt_text)
-        params = _sampling_params(req, len(prompt), backend.context_length, prompt_param="messages")
-    return _respond(req, prompt, params, chat=True)
+    _check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
+    _arrived(req, prompt=json.dumps(messages, ensure_ascii=False))
+    return _respond(req, messages=messages, prompt=None, chat=True)
 
 
 @bp.post("/completions")
 def completions():
     req = parse_body(request.get_data(), CompletionRequest)
-    g.log_fields.update(prompt=req.prompt)
-    runner = _runner_for(req.model)
-    with runner.session() as backend:
-        prompt = backend.tokenize(req.prompt)
-        params = _sampling_params(req, len(prompt), backend.context_length, prompt_param="prompt")
-    return _respond(req, prompt, params, chat=False)
+    _check_prompt_size(len(req.prompt), "prompt")
+    _arrived(req, prompt=req.prompt)
+    return _respond(req, messages=None, prompt=req.prompt, chat=False)
 
 
-def _runner_for(model: str | None):
+def _check_prompt_size(chars: int, param: str) -> None:
+    """Refuse a prompt that cannot fit before spending time to tokenize it."""
+    limit = state().settings.prompt_chars_limit
+    if chars > limit:
+        raise InvalidRequest(f"the prompt is {chars} characters; at most {limit} are accepted (max_prompt_chars), "
+                             "and no more can fit this model's context. Shorten the prompt.", param=param,
+                             code="prompt_too_long", status=413)
+
+
+def _arrived(req, prompt: str) -> None:
+    """Write what the request is into its row now, before it waits for a slot."""
     runner = state().runner
-    g.log_fields["model"] = runner.name
-    if not runner.answers_to(model):
-        raise ModelNotFoundError(f"model {model!r} is not served here; GET /v1/models lists the models")
-    if runner.load_error and not runner.is_loaded:
-        raise ServiceUnavailable(f"model {runner.name!r} failed to load: {runner.load_error}", code="model_load_failed")
-    return runner
+    if not runner.answers_to(req.model):
+        raise ModelNotFoundError(f"model {req.model!r} is not served here; GET /v1/models lists the models")
+    g.log_fields.update(model=runner.name, prompt=prompt)
+    g.streaming = req.stream
+    state().db.update_request(g.log_id, stream=int(req.stream), **g.log_fields)
+    g.log_fields.pop("prompt")  # written once: the row already holds it
 
 
-def _sampling_params(req, prompt_tokens: int, context: int, prompt_param: str) -> SamplingParams:
-    room = context - prompt_tokens
-    if room < 1:
-        raise ContextLengthExceeded(
-            f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens. Shorten the prompt.",
-            param=prompt_param,
-        )
-    if req.max_tokens is not None and req.max_tokens > room:
-        raise ContextLengthExceeded(
-            f"max_tokens={req.max_tokens} does not fit: the prompt takes {prompt_tokens} of the {context} tokens "
-            f"of context, so at most {room} can be generated",
-            param="max_tokens",
-        )
-    g.log_fields["prompt_tokens"] = prompt_tokens
+def _sampling_params(req) -> SamplingParams:
     return SamplingParams(
-        max_tokens=req.max_tokens or room,
+        max_tokens=req.max_tokens,
         temperature=0.8 if req.temperature is None else req.temperature,
         top_p=0.95 if req.top_p is None else req.top_p,
         top_k=40 if req.top_k is None else req.top_k,
@@ -111,44 +100,67 @@ def _sampling_params(req, prompt_tokens: int, context: int, prompt_param: str) -
     )
 
 
-def _respond(req, prompt: list[int], params: SamplingParams, chat: bool):
+def _respond(req, messages, prompt, chat: bool):
     st = state()
     client_gone = request.environ.get("waitress.client_disconnected", lambda: False)
-    cancel = Cancellation(client_gone=client_gone, shutting_down=st.shutting_down.is_set)
-    result = GenerationResult()
-    g.streaming = req.stream
-    st.db.update_request(g.log_id, stream=int(req.stream), **g.log_fields)
-    chunks = logged_generation(st.runner, st.db, g.log_id, g.started, prompt, params, cancel, result)
+    generation = Generation(
+        st.runner, st.db, st.admission, g.log_id, g.started,
+        Cancellation(client_gone=client_gone, shutting_down=st.shutting_down.is_set),
+        client=request.remote_addr or "", priority=req.priority or request.headers.get("X-Priority"),
+    )
+    g.generation = generation
+    g.streaming = False  # until the stream is handed to the server, errors are plain responses
+    generation.start(messages, prompt, _sampling_params(req))
     shape = _ChatShape(st.runner.name) if chat else _CompletionShape(st.runner.name)
     if req.stream:
+        g.streaming = True
         return Response(
-            _sse_stream(chunks, shape, result, req.include_usage),
+            _Stream(generation, shape, req.include_usage),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    for _ in chunks:
-        pass
-    if result.finish_reason == "cancelled":
-        status, reason = cancel.status()
-        raise ServiceUnavailable(f"generation cancelled: {reason}", code="cancelled", status=status)
-    g.log_id = None  # the generation already completed the row
-    return jsonify(shape.complete(result))
+    generation.run_to_end()
+    return jsonify(shape.complete(generation))
 
 
-def _sse_stream(chunks, shape, result: GenerationResult, include_usage: bool):
-    yield sse(shape.first_delta())
-    try:
-        for chunk in chunks:
-            if chunk.text:
-                yield sse(shape.delta(chunk.text))
-            if chunk.finish_reason:
-                yield sse(shape.delta("", chunk.finish_reason))
-    except Exception as exc:  # headers are gone: report the failure in the stream
-        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": "generation_failed"}})
-        return
-    if include_usage:
-        yield sse(shape.usage_only(result))
-    yield sse("[DONE]")
+class _Stream:
+    """The SSE body. ``close`` finishes the row even when the server never iterated it (the client left first)."""
+
+    def __init__(self, generation: Generation, shape, include_usage: bool):
+        self.generation = generation
+        self._events = self._events_of(generation, shape, include_usage)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+        self.generation.finish(*self.generation.cancel.status())  # a no-op when the stream ended by itself
+
+    @staticmethod
+    def _events_of(generation: Generation, shape, include_usage: bool):
+        yield sse(shape.first_delta())
+        try:
+            for output in generation.outputs():
+                if output.text:
+                    yield sse(shape.delta(output.text))
+                if output.finish_reason:
+                    yield sse(shape.delta("", output.finish_reason))
+        except GenerationFailed as exc:  # headers are gone: report the failure in the stream
+            generation.finish(exc.status, exc.message)
+            yield sse(exc.body())
+            return
+        if generation.finish_reason == "cancelled":
+            status, reason = generation.cancel.status()
+            generation.finish(status, reason)
+            return
+        generation.finish(200)
+        if include_usage:
+            yield sse(shape.usage_only(generation))
+        yield sse("[DONE]")
 
 
 class _ChatShape:
@@ -168,13 +180,13 @@ class _ChatShape:
         choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
-    def usage_only(self, result: GenerationResult) -> dict:
+    def usage_only(self, result: Generation) -> dict:
         return self._base(self.chunk_object) | {"choices": [], "usage": usage_json(result.usage)}
 
-    def complete(self, result: GenerationResult) -> dict:
+    def complete(self, result: Generation) -> dict:
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": result.text},
+            "message": {"role": "assistant", "content": result.response_text},
             "logprobs": None,
             "finish_reason": result.finish_reason,
         }
@@ -195,6 +207,6 @@ class _CompletionShape(_ChatShape):
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
-    def complete(self, result: GenerationResult) -> dict:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+    def complete(self, result: Generation) -> dict:
+        choice = {"index": 0, "text": result.response_text, "logprobs": None, "finish_reason": result.finish_reason}
         return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}

@@ -1,22 +1,24 @@
 """Inference engines behind one interface, registered by name.
 
 Built-in backends register through the same ``register`` call a plugin would.
-Nothing outside this package imports a backend module directly: ask
-``create_backend(model_format, ...)`` instead.
+Only the runner process (``appliance.runner.worker``) creates a backend: the
+HTTP process never imports an engine. Ask ``create_backend(model_format, ...)``.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from appliance.backends.base import Backend, BackendError, Chunk, SamplingParams, Usage
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, Usage
 
 # model format -> "module:Class", imported only when a model of that format is used,
 # so a box with only llama.cpp installed never imports onnxruntime and vice versa.
 _REGISTRY: dict[str, str | type[Backend]] = {
     "gguf": "appliance.backends.llama_cpp:LlamaCppBackend",
     "onnx": "appliance.backends.onnx_runtime:OnnxRuntimeBackend",
+    "fake": "appliance.backends.fake:FakeBackend",
 }
+_EXTRAS = {"gguf": "llama", "onnx": "onnx"}
 
 
 def register(model_format: str, backend: str | type[Backend]) -> None:
@@ -35,17 +37,20 @@ def backend_class(model_format: str) -> type[Backend]:
         except ImportError as exc:
             raise BackendError(
                 f"the backend for {model_format!r} models is not installed ({exc.name} missing): "
-                f"pip install 'edge-appliance[{'llama' if model_format == 'gguf' else 'onnx'}]'"
+                f"pip install 'edge-appliance[{_EXTRAS.get(model_format, model_format)}]'"
             ) from exc
         target = _REGISTRY[model_format] = getattr(module, class_name)
     return target
 
 
-def create_backend(model_format: str, model_path, threads: int, context_length: int, provider: str = "auto") -> Backend:
+def create_backend(
+    model_format: str, model_path, threads: int, context_length: int, n_slots: int = 1, provider: str = "auto"
+) -> Backend:
     cls = backend_class(model_format)
     # Settings only some engines have (e.g. the execution provider) go to those that list them in ``options``.
-    extra = {k: v for k, v in {"provider": provider}.items() if k in getattr(cls, "options", ())}
-    return cls(model_path, threads=threads, context_length=context_length, **extra)
+    extra = {k: v for k, v in {"provider": provider}.items() if k in cls.options}
+    return cls(model_path, threads=threads, context_length=context_length, n_slots=n_slots, **extra)
 
 
-__all__ = ["Backend", "BackendError", "Chunk", "SamplingParams", "Usage", "create_backend", "register", "backend_class"]
+__all__ = ["Backend", "BackendError", "Feed", "ModelFacts", "SamplingParams", "Usage", "create_backend", "register",
+           "backend_class"]

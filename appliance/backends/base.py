@@ -1,28 +1,31 @@
-"""The one interface every inference engine implements.
+"""The one interface every inference engine implements: a batched step over slots.
 
-A backend knows how to load a model, tokenize, and sample the next token.
-Everything above the token level (UTF-8 joining, stop strings, max_tokens,
-cancellation, usage counts) lives here once, so llama.cpp and ONNX Runtime
-behave the same through the API.
+A backend lives in the runner process (``appliance.runner.worker``), never in
+the HTTP process. It holds one KV cache with ``n_slots`` sequences. Each call
+of ``step`` runs one batched forward pass: the next token of every generating
+sequence plus chunks of the prompts of new ones, and samples the next token of
+every sequence that asked for it. Everything above the token level (turning
+tokens into text, stop strings, max_tokens, prefix reuse, cancellation) lives
+once in ``appliance.runner.scheduler``, so llama.cpp and ONNX Runtime behave
+the same through the API.
+
+Tokenizing and the chat template may be called from another thread than the
+step loop: they touch only the vocabulary, never the KV cache.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
-
-from appliance.backends.decoding import StopMatcher, Utf8Stream
-from appliance.chat_template import render_chat
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int
+    max_tokens: int | None = None  # None: the rest of the slot's context
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 0.95
     top_k: int = 40
+    min_p: float = 0.0
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
 
@@ -31,6 +34,7 @@ class SamplingParams:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier request
 
     @property
     def total_tokens(self) -> int:
@@ -38,12 +42,23 @@ class Usage:
 
 
 @dataclass
-class Chunk:
-    """A piece of generated text. The last chunk of a generation has a finish_reason."""
+class Feed:
+    """Tokens of one sequence for one step, starting at position ``pos`` of its slot."""
 
-    text: str
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
-    usage: Usage = field(default_factory=Usage)
+    slot: int
+    tokens: list[int]
+    pos: int
+    sample: bool  # sample the token after the last one (a prompt's last chunk, or a generating sequence)
+
+
+@dataclass
+class ModelFacts:
+    """What the loaded model is, for /v1/models, /readyz and the context checks."""
+
+    context_length: int  # tokens one slot holds (prompt + completion)
+    n_slots: int
+    n_batch: int  # most tokens one step may feed
+    info: dict = field(default_factory=dict)
 
 
 class BackendError(RuntimeError):
@@ -54,91 +69,53 @@ class Backend(abc.ABC):
     """Base class of the inference engines; see ``appliance.backends.register``."""
 
     name: str = ""
+    options: tuple[str, ...] = ()  # extra settings create_backend passes to this backend, e.g. ("provider",)
 
-    def __init__(self, model_path, threads: int, context_length: int):
+    def __init__(self, model_path, threads: int, context_length: int, n_slots: int):
         self.model_path = model_path
         self.threads = threads
         self.requested_context_length = context_length
+        self.n_slots = n_slots
 
     # -- lifecycle ---------------------------------------------------------
     @abc.abstractmethod
-    def load(self) -> None: ...
+    def load(self) -> ModelFacts: ...
 
     @abc.abstractmethod
-    def unload(self) -> None: ...
+    def close(self) -> None: ...
 
-    @property
+    # -- tokens (any thread) -------------------------------------------------
     @abc.abstractmethod
-    def is_loaded(self) -> bool: ...
-
-    def release_cache(self) -> None:
-        """Drop what the next request can rebuild cheaply (the KV cache); the model stays loaded."""
-
-    @property
-    @abc.abstractmethod
-    def context_length(self) -> int:
-        """Tokens of context the loaded model serves (prompt + completion)."""
-
-    # -- tokens ------------------------------------------------------------
-    @abc.abstractmethod
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of text; special tokens written in the text are parsed as such."""
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of text. ``parse_special``: control-token text (``<|im_start|>``) becomes those
+        tokens; without it, such text is tokenized as the plain characters it is."""
 
     @abc.abstractmethod
     def token_bytes(self, token: int) -> bytes:
-        """The bytes one generated token stands for (may be part of a UTF-8 character)."""
+        """The bytes one generated token stands for (may be part of a UTF-8 character; control tokens: b"")."""
 
     @abc.abstractmethod
     def is_end_of_generation(self, token: int) -> bool: ...
 
     @abc.abstractmethod
-    def sample_tokens(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-        """Yield sampled token ids one by one, without end; the caller decides when to stop."""
-
-    @abc.abstractmethod
     def chat_template(self) -> tuple[str, str, str]:
         """(jinja template, bos token text, eos token text) from the model's own files."""
 
-    def info(self) -> dict:
-        """Facts about the loaded model for /v1/models and /readyz."""
-        return {"backend": self.name, "context_length": self.context_length if self.is_loaded else None}
+    @property
+    def bos_token(self) -> int | None:
+        """The id a tokenizer puts first, if any (a template that writes it too would give two)."""
+        return None
 
-    # -- shared behaviour --------------------------------------------------
-    def render_chat(self, messages: list[dict]) -> str:
-        template, bos, eos = self.chat_template()
-        return render_chat(template, messages, bos_token=bos, eos_token=eos)
+    # -- the step loop (one thread only) ---------------------------------------
+    @abc.abstractmethod
+    def start_sequence(self, slot: int, keep: int, params: SamplingParams) -> None:
+        """Prepare ``slot`` for a new request: keep the first ``keep`` tokens of its KV cache, drop the rest,
+        and set up its sampler."""
 
-    def generate(
-        self,
-        prompt: list[int],
-        params: SamplingParams,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[Chunk]:
-        """Stream the completion of a tokenized prompt as text chunks.
+    @abc.abstractmethod
+    def step(self, feeds: list[Feed]) -> dict[int, int]:
+        """One batched forward pass; the sampled next token of every feed with ``sample``, by slot."""
 
-        ``cancelled`` is polled after every token; when it answers True the
-        generation ends with finish_reason "cancelled".
-        """
-        usage = Usage(prompt_tokens=len(prompt))
-        text = Utf8Stream()
-        stops = StopMatcher(params.stop)
-        finish = "length"
-        with closing(self.sample_tokens(prompt, params)) as tokens:
-            for token in tokens:
-                if self.is_end_of_generation(token):
-                    finish = "stop"
-                    break
-                usage.completion_tokens += 1
-                piece = stops.push(text.push(self.token_bytes(token)))
-                if piece:
-                    yield Chunk(piece, usage=usage)
-                if stops.stopped:
-                    finish = "stop"
-                    break
-                if usage.completion_tokens >= params.max_tokens:
-                    break
-                if cancelled():
-                    finish = "cancelled"
-                    break
-        tail = "" if stops.stopped else stops.push(text.flush()) + stops.flush()
-        yield Chunk(tail, finish_reason=finish, usage=usage)
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Drop the whole KV cache (the model stays loaded)."""

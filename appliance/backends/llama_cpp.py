@@ -1,122 +1,189 @@
-"""llama.cpp through llama-cpp-python: GGUF models, memory-mapped."""
+"""llama.cpp through llama-cpp-python's low-level API: GGUF models, memory-mapped, batched over slots.
+
+One context holds one KV cache stream per slot. ``step``
+fills one reused ``llama_batch`` (a token of every generating sequence plus
+prompt chunks), calls ``llama_decode`` once, and samples each sequence with
+its own ``llama_sampler`` chain in C. Traps kept in mind: a context is used
+from the step thread only; a logits pointer is valid only until the next
+decode (sampling happens right after it); positions continue each sequence.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
+from llama_cpp import _logger as llama_logger
 
-from appliance.backends.base import Backend, BackendError, SamplingParams
-from distill.targets import GGUF_QUANT_TYPES
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from models.formats import GGUF_FILE_TYPES
+
+N_BATCH = 512  # tokens per decode: a prompt longer than this is fed in chunks between decode steps
 
 
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
-    def __init__(self, model_path, threads: int, context_length: int):
-        super().__init__(model_path, threads, context_length)
-        self._llm: llama_cpp.Llama | None = None
+    def __init__(self, model_path, threads: int, context_length: int, n_slots: int):
+        super().__init__(model_path, threads, context_length, n_slots)
+        self._model = self._ctx = self._vocab = None
+        self._batch = None
+        self._samplers: dict[int, ctypes.c_void_p] = {}
+        self._piece = ctypes.create_string_buffer(256)
 
-    def load(self) -> None:
-        if self._llm is not None:
-            return
+    # -- lifecycle ---------------------------------------------------------
+    def load(self) -> ModelFacts:
+        llama_logger.set_verbose(False)
+        llama_cpp.llama_backend_init()
         path = Path(self.model_path)
-        try:
-            llm = self._open(path, self.requested_context_length)
-            trained = llm._model.n_ctx_train()
-            if 0 < trained < self.requested_context_length:
-                # Never serve more context than the model was trained for; mmap makes the reopen cheap.
-                llm.close()
-                llm = self._open(path, trained)
-            self._llm = llm
-        except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"llama.cpp could not load {path}: {exc}") from exc
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {path}: not a GGUF file it can read")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        trained = llama_cpp.llama_n_ctx_train(self._model)
+        # Never serve more context than the model was trained for.
+        per_slot = min(self.requested_context_length, trained) if trained > 0 else self.requested_context_length
+        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(per_slot))
+        if not self._ctx:
+            raise BackendError(f"llama.cpp could not make a context of {per_slot} x {self.n_slots} tokens for {path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        return ModelFacts(context_length=per_slot, n_slots=self.n_slots, n_batch=N_BATCH, info=self._info(path))
 
-    def _open(self, path: Path, n_ctx: int) -> llama_cpp.Llama:
-        return llama_cpp.Llama(
-            str(path), n_ctx=n_ctx, n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True, verbose=False
-        )
+    def _context_params(self, per_slot: int):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = per_slot * self.n_slots
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = self.n_slots
+        params.n_threads = params.n_threads_batch = self.threads
+        # One KV stream per slot, of exactly its context: attention then runs over each sequence's own cache,
+        # so a sequence's greedy tokens are the same batched as alone (a unified cache changes the last
+        # bits of the logits). The catch, a partial llama_memory_seq_cp aborting, does not apply: slots
+        # never copy each other's cache.
+        params.kv_unified = False
+        params.no_perf = True
+        return params
 
-    def unload(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+    def close(self) -> None:
+        for sampler in self._samplers.values():
+            llama_cpp.llama_sampler_free(sampler)
+        self._samplers.clear()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
 
-    def release_cache(self) -> None:
-        if self._llm is not None:
-            self._llm._ctx.kv_cache_clear()
-            self._llm.reset()
+    def _info(self, path: Path) -> dict:
+        file_type = self._meta("general.file_type")
+        return {
+            "backend": self.name,
+            "architecture": self._meta("general.architecture"),
+            "quantization": GGUF_FILE_TYPES.get(int(file_type), file_type) if file_type else None,
+            "threads": self.threads,
+            "provider": "gpu-capable" if llama_cpp.llama_supports_gpu_offload() else "cpu",
+            "file": str(path),
+        }
 
-    @property
-    def is_loaded(self) -> bool:
-        return self._llm is not None
+    def _meta(self, key: str) -> str | None:
+        size = 1 << 16
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n >= size:  # chat templates can be long
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
 
-    @property
-    def llm(self) -> llama_cpp.Llama:
-        if self._llm is None:
-            raise BackendError("model is not loaded")
-        return self._llm
-
-    @property
-    def context_length(self) -> int:
-        return self.llm.n_ctx()
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
-        bos = self.llm.token_bos()
-        # A chat template that writes the BOS text itself would otherwise give two.
-        if len(tokens) >= 2 and tokens[0] == tokens[1] == bos:
-            tokens = tokens[1:]
-        return tokens
+    # -- tokens ------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        tokens = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, room, add_special, parse_special)
+        if n < 0:
+            raise BackendError(f"llama.cpp could not tokenize {len(data)} bytes")
+        return tokens[:n]
 
     def token_bytes(self, token: int) -> bytes:
-        return self.llm.detokenize([token])
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n] if n > 0 else b""
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def sample_tokens(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-        if params.seed is not None:
-            # Reusing a cached prompt prefix changes the batch shapes of the prefill and with them
-            # the last bits of the logits; a seeded request must not depend on what ran before it.
-            self.llm.reset()
-        self.llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-        return self.llm.generate(
-            prompt,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=0.0,
-            repeat_penalty=1.0,
-        )
+    @property
+    def bos_token(self) -> int | None:
+        return llama_cpp.llama_vocab_bos(self._vocab) if llama_cpp.llama_vocab_get_add_bos(self._vocab) else None
 
     def chat_template(self) -> tuple[str, str, str]:
-        meta = self.llm.metadata
-        template = meta.get("tokenizer.chat_template")
+        template = self._meta("tokenizer.chat_template")
         if not template:
             raise BackendError(f"{self.model_path} has no chat template in its GGUF metadata; use /v1/completions")
-        return template, self._token_text(meta, "bos"), self._token_text(meta, "eos")
+        return template, self._special_text(llama_cpp.llama_vocab_bos), self._special_text(llama_cpp.llama_vocab_eos)
 
-    def _token_text(self, meta: dict, which: str) -> str:
-        token_id = meta.get(f"tokenizer.ggml.{which}_token_id")
-        if token_id is None:
+    def _special_text(self, which) -> str:
+        token = which(self._vocab)
+        if token < 0:
             return ""
-        return self.llm.detokenize([int(token_id)], special=True).decode("utf-8", errors="replace")
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
-    def info(self) -> dict:
-        info = super().info()
-        if self.is_loaded:
-            meta = self.llm.metadata
-            info.update(
-                architecture=meta.get("general.architecture"),
-                quantization=_FILE_TYPES.get(meta.get("general.file_type"), meta.get("general.file_type")),
-                threads=self.threads,
-                provider="cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu-capable",
-            )
-        return info
+    # -- the step loop -----------------------------------------------------
+    def start_sequence(self, slot: int, keep: int, params: SamplingParams) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1)
+        old = self._samplers.pop(slot, None)
+        if old is not None:
+            llama_cpp.llama_sampler_free(old)
+        self._samplers[slot] = _sampler_chain(params)
+
+    def step(self, feeds: list[Feed]) -> dict[int, int]:
+        batch, n = self._batch, 0
+        outputs = []  # (slot, index in the batch) of every feed that samples
+        for feed in feeds:
+            for i, token in enumerate(feed.tokens):
+                batch.token[n] = token
+                batch.pos[n] = feed.pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = feed.slot
+                batch.logits[n] = 0
+                n += 1
+            if feed.sample:
+                batch.logits[n - 1] = 1
+                outputs.append((feed.slot, n - 1))
+        if n > N_BATCH:
+            raise BackendError(f"a step of {n} tokens exceeds the batch of {N_BATCH}")
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise BackendError(f"llama_decode failed with status {status} (KV cache full or aborted)")
+        return {slot: llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index) for slot, index in outputs}
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
 
 
-# general.file_type values (llama_ftype) of the types the appliance ships or exports, as llama.cpp names them.
-_FILE_TYPES = {str(ftype): name for name, ftype in GGUF_QUANT_TYPES.items()}
+def _sampler_chain(params: SamplingParams):
+    """llama.cpp's usual order: top-k, top-p, min-p, temperature, then the seeded draw (or greedy at 0)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if params.temperature <= 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+    seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain

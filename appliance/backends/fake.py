@@ -1,0 +1,92 @@
+"""A fake engine for the fast tests: canned answers, one byte a token, real batching bookkeeping.
+
+The "model file" is a JSON file: ``{"reply": "...", "context_length": 256,
+"step_seconds": 0.0, "fail_on": "text"}``. Every sequence answers ``reply``
+(then ends), one byte per step; a prompt containing ``fail_on`` makes the
+step fail as an engine error would. Tokens are the prompt's UTF-8 bytes;
+``<|im_start|>`` and ``<|im_end|>`` are control tokens 256 and 257, which
+only a template may produce. It is never the proof that a feature works:
+the real-model tests are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+
+SPECIALS = {"<|im_start|>": 256, "<|im_end|>": 257}
+EOS = SPECIALS["<|im_end|>"]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+class FakeBackend(Backend):
+    name = "fake"
+
+    def __init__(self, model_path, threads: int, context_length: int, n_slots: int):
+        super().__init__(model_path, threads, context_length, n_slots)
+        self.config: dict = {}
+        self.steps: list[list[Feed]] = []  # every step's feeds, for tests that look at the batching
+        self._kv: dict[int, list[int]] = {}
+        self._produced: dict[int, int] = {}
+
+    def load(self) -> ModelFacts:
+        try:
+            self.config = json.loads(Path(self.model_path).read_text())
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"fake model {self.model_path} is unreadable: {exc}") from exc
+        self.reply = self.config.get("reply", "Hello from the fake engine.").encode()
+        context = min(self.requested_context_length, self.config.get("context_length", 256))
+        return ModelFacts(context_length=context, n_slots=self.n_slots, n_batch=self.config.get("n_batch", 64),
+                          info={"backend": self.name, "quantization": "none", "architecture": "fake"})
+
+    def close(self) -> None:
+        self._kv.clear()
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        tokens = []
+        while text:
+            special = next((s for s in SPECIALS if parse_special and text.startswith(s)), None)
+            if special:
+                tokens.append(SPECIALS[special])
+                text = text[len(special):]
+            else:
+                tokens += text[0].encode()
+                text = text[1:]
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token == EOS
+
+    def chat_template(self) -> tuple[str, str, str]:
+        return TEMPLATE, "", "<|im_end|>"
+
+    def start_sequence(self, slot: int, keep: int, params: SamplingParams) -> None:
+        self._kv[slot] = self._kv.get(slot, [])[:keep]
+        self._produced[slot] = 0
+
+    def step(self, feeds: list[Feed]) -> dict[int, int]:
+        self.steps.append(feeds)
+        time.sleep(self.config.get("step_seconds", 0.0))
+        out = {}
+        for feed in feeds:
+            kv = self._kv.setdefault(feed.slot, [])
+            if feed.pos != len(kv):
+                raise BackendError(f"slot {feed.slot}: position {feed.pos} does not continue its {len(kv)} tokens")
+            kv += feed.tokens
+            if self.config.get("fail_on") and self.config["fail_on"].encode() in bytes(t for t in kv if t < 256):
+                raise BackendError("the fake engine was told to fail on this prompt")
+            if feed.sample:
+                n = self._produced[feed.slot]
+                out[feed.slot] = self.reply[n] if n < len(self.reply) else EOS
+                self._produced[feed.slot] = n + 1
+        return out
+
+    def clear(self) -> None:
+        self._kv.clear()

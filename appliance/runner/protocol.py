@@ -1,0 +1,87 @@
+"""The small typed messages that cross the pipe between the service and a runner process.
+
+service -> runner: Submit, Cancel, ReleaseCache, Shutdown
+runner -> service: Ready or LoadFailed once at start, then Admitted or Refused for
+every Submit, a Step after every batched decode (text of each sequence in it),
+and Failed when the engine fails a sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.backends.base import ModelFacts, SamplingParams
+
+
+@dataclass(frozen=True)
+class Submit:
+    id: int
+    params: SamplingParams
+    messages: list[dict] | None = None  # a chat: rendered with the model's template
+    prompt: str | None = None  # a plain completion
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: int
+
+
+@dataclass(frozen=True)
+class ReleaseCache:
+    """Drop the KV cache of idle slots (the box goes idle)."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    facts: ModelFacts
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Admitted:
+    id: int
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV an idle slot already held
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The request cannot run on this model (too long for the context, the template refused it): a 400."""
+
+    id: int
+    message: str
+    code: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one sequence produced in one step. ``finish_reason`` set: its last output, its slot is free."""
+
+    id: int
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+
+@dataclass(frozen=True)
+class Step:
+    batch_size: int  # sequences in this decode
+    outputs: list[Output] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine failed this sequence (a 500); its slot is free."""
+
+    id: int
+    message: str

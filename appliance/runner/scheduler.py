@@ -1,0 +1,231 @@
+"""The runner's step loop: continuous batching over slots, with prefix reuse.
+
+One thread owns the backend. Each step feeds one token of every generating
+sequence plus chunks of the prompts of new ones (chunked prefill within the
+backend's ``n_batch``), runs one batched decode, and turns each sampled token
+into text (UTF-8 never split, stop strings never leaked). A request joins at
+the next step and leaves when it is done or cancelled; its slot then keeps
+its KV cache, so the next turn of the same conversation re-uses the common
+prefix instead of recomputing it.
+
+The service admits at most ``n_slots`` requests at a time (its queue holds
+the rest), so a request that arrives here always finds a free slot.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from appliance.backends.decoding import StopMatcher, Utf8Stream
+from appliance.chat_template import ChatTemplateError
+from appliance.runner import protocol as msg
+from appliance.runner.prompt import chat_tokens, completion_tokens
+
+
+@dataclass
+class Prepared:
+    """A request tokenized and checked against the context, ready for a slot."""
+
+    id: int
+    tokens: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    fed: int = 0  # prompt tokens already in the slot's KV cache
+    generated: int = 0
+    next_token: int | None = None  # sampled, not yet fed
+    cancelled: bool = False
+    utf8: Utf8Stream = field(default_factory=Utf8Stream)
+    stops: StopMatcher = None
+
+    def __post_init__(self):
+        self.stops = StopMatcher(self.params.stop)
+
+
+@dataclass
+class Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # what its KV cache holds, in order
+    seq: Sequence | None = None
+    last_used: float = 0.0
+
+
+def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit) -> Prepared | msg.Refused:
+    """Render, tokenize and check the context of one request (any thread: touches only the vocabulary)."""
+    try:
+        if submit.messages is not None:
+            tokens = chat_tokens(backend, submit.messages)
+        else:
+            tokens = completion_tokens(backend, submit.prompt or "")
+    except (ChatTemplateError, BackendError) as exc:
+        return msg.Refused(submit.id, str(exc), code="chat_template_error", param="messages")
+    param = "messages" if submit.messages is not None else "prompt"
+    context = facts.context_length
+    room = context - len(tokens)
+    if room < 1:
+        return msg.Refused(submit.id, f"the prompt is {len(tokens)} tokens; this model's context is {context} tokens "
+                           "per request. Shorten the prompt.", code="context_length_exceeded", param=param)
+    wanted = submit.params.max_tokens
+    if wanted is not None and wanted > room:
+        return msg.Refused(submit.id, f"max_tokens={wanted} does not fit: the prompt takes {len(tokens)} of the "
+                           f"{context} tokens of context, so at most {room} can be generated",
+                           code="context_length_exceeded", param="max_tokens")
+    return Prepared(submit.id, tokens, replace(submit.params, max_tokens=wanted or room))
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, facts: ModelFacts, emit: Callable[[object], None]):
+        self.backend, self.facts, self.emit = backend, facts, emit
+        self.slots = [Slot(i) for i in range(facts.n_slots)]
+        self.inbox: queue.Queue = queue.Queue()  # Prepared, Cancel, ReleaseCache, Shutdown
+        self._waiting: list[Prepared] = []  # only if the service ever sends more than there are slots
+        self._running = True
+
+    # -- the loop ----------------------------------------------------------
+    def run(self) -> None:
+        while self._running:
+            self.tick(block=not any(s.seq for s in self.slots) and not self._waiting)
+
+    def tick(self, block: bool = False) -> None:
+        """Take what arrived (waiting for it if ``block``), then run one step."""
+        self._drain(block)
+        self._assign()
+        outputs = self._drop_cancelled()
+        feeds = self._feeds()
+        if feeds:
+            outputs += self._step(feeds)
+        if outputs or feeds:
+            self.emit(msg.Step(batch_size=len(feeds), outputs=outputs))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get() if block else self.inbox.get_nowait()
+            while True:
+                self._handle(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle(self, item) -> None:
+        if isinstance(item, Prepared):
+            self._waiting.append(item)
+        elif isinstance(item, msg.Cancel):
+            for seq in self._sequences():
+                if seq.id == item.id:
+                    seq.cancelled = True
+            self._waiting = [p for p in self._waiting if p.id != item.id]
+        elif isinstance(item, msg.ReleaseCache):
+            self._release_cache()
+        elif isinstance(item, msg.Shutdown):
+            self._running = False
+
+    def _sequences(self) -> list[Sequence]:
+        return [s.seq for s in self.slots if s.seq]
+
+    # -- slots and prefix reuse ----------------------------------------------
+    def _assign(self) -> None:
+        while self._waiting:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            request = self._waiting.pop(0)
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, request.tokens), -s.last_used))
+            # A seeded request must not depend on what ran before it: prefill it whole.
+            reuse = 0 if request.params.seed is not None else _common_prefix(slot.tokens, request.tokens)
+            keep = min(reuse, len(request.tokens) - 1)  # the last prompt token is fed again for its logits
+            self.backend.start_sequence(slot.index, keep, request.params)
+            del slot.tokens[keep:]
+            slot.seq = Sequence(request.id, request.tokens, request.params, fed=keep)
+            self.emit(msg.Admitted(request.id, prompt_tokens=len(request.tokens), cached_tokens=keep))
+
+    def _release_cache(self) -> None:
+        if not any(s.seq for s in self.slots):
+            self.backend.clear()
+            for slot in self.slots:
+                slot.tokens.clear()
+
+    # -- one step ----------------------------------------------------------
+    def _feeds(self) -> list[Feed]:
+        feeds = [Feed(s.index, [s.seq.next_token], len(s.tokens), sample=True)
+                 for s in self.slots if s.seq and s.seq.next_token is not None]
+        budget = self.facts.n_batch - len(feeds)
+        prefilling = sorted((s for s in self.slots if s.seq and s.seq.next_token is None), key=lambda s: s.seq.id)
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            seq = slot.seq
+            chunk = seq.prompt[seq.fed : seq.fed + budget]
+            feeds.append(Feed(slot.index, chunk, len(slot.tokens), sample=seq.fed + len(chunk) == len(seq.prompt)))
+            budget -= len(chunk)
+        return feeds
+
+    def _step(self, feeds: list[Feed]) -> list[msg.Output]:
+        try:
+            sampled = self.backend.step(feeds)
+        except BackendError as exc:
+            self._fail_all(str(exc))
+            return []
+        outputs = []
+        for feed in feeds:
+            slot = self.slots[feed.slot]
+            slot.tokens += feed.tokens
+            seq = slot.seq
+            if seq.next_token is None:
+                seq.fed += len(feed.tokens)
+            if feed.slot in sampled:
+                output = self._on_token(slot, sampled[feed.slot])
+                if output is not None:
+                    outputs.append(output)
+        return outputs
+
+    def _on_token(self, slot: Slot, token: int) -> msg.Output | None:
+        seq = slot.seq
+        if self.backend.is_end_of_generation(token):
+            return self._finish(slot, _tail(seq), "stop")
+        seq.generated += 1
+        text = seq.stops.push(seq.utf8.push(self.backend.token_bytes(token)))
+        if seq.stops.stopped:
+            return self._finish(slot, text, "stop")
+        if seq.generated >= seq.params.max_tokens or len(slot.tokens) >= self.facts.context_length:
+            return self._finish(slot, text + _tail(seq), "length")
+        seq.next_token = token
+        return msg.Output(seq.id, text, seq.generated) if text else None
+
+    def _finish(self, slot: Slot, text: str, reason: str) -> msg.Output:
+        seq, slot.seq, slot.last_used = slot.seq, None, time.monotonic()
+        return msg.Output(seq.id, text, seq.generated, finish_reason=reason)
+
+    def _drop_cancelled(self) -> list[msg.Output]:
+        """A cancelled sequence leaves before the next decode, freeing its slot."""
+        return [self._finish(s, "", "cancelled") for s in self.slots if s.seq and s.seq.cancelled]
+
+    def _fail_all(self, message: str) -> None:
+        for slot in self.slots:
+            if slot.seq:
+                self.emit(msg.Failed(slot.seq.id, f"the engine failed: {message}"))
+                slot.seq = None
+        self.backend.clear()
+        for slot in self.slots:
+            slot.tokens.clear()
+
+
+def _tail(seq: Sequence) -> str:
+    """Text held back at the end: a partial UTF-8 character, the start of a stop string that never came."""
+    return seq.stops.push(seq.utf8.flush()) + seq.stops.flush()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,346 @@
+"""The service's side of a runner process: start it, stream its tokens, notice when it dies.
+
+The model lives in a child process (``appliance.runner.worker``) so that a
+crash of the engine (segfault, OOM kill, ``kill -9``) fails only its
+in-flight requests, and unloading the model (deep idle) hands all of its
+memory, a GPU context included, back to the system. The next request starts
+a new runner. Files are verified before every start; an unchanged file is
+not hashed again.
+
+The power manager works through this class (``ensure_loaded``, ``unload``,
+``release_cache`` and the ``on_begin``/``on_end`` hooks), never on a process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+
+from appliance.backends.base import BackendError, ModelFacts
+from appliance.runner import protocol as msg
+from models import ModelEntry
+from models.catalog import VerifiedFiles
+from models.manifest import ManifestError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 300  # seconds a runner may take to load its model
+
+
+class RunnerCrashed:
+    """Put on a request's stream when its runner died under it."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class RequestStream:
+    """The events of one request, in order: Admitted or Refused, then Outputs, ending with a finish, Failed or RunnerCrashed."""
+
+    def __init__(self, request_id: int):
+        self.id = request_id
+        self.events: queue.Queue = queue.Queue()
+
+    def get(self, timeout: float | None = None):
+        return self.events.get(timeout=timeout)
+
+
+class ModelRunner:
+    def __init__(self, entry: ModelEntry, threads: int, context_length: int, parallel: int = 1,
+                 provider: str = "auto", in_process: bool = False):
+        self.entry = entry
+        self.spec = {"format": entry.format, "path": str(entry.path), "threads": threads,
+                     "context_length": context_length, "parallel": parallel, "provider": provider}
+        # A thread instead of a process: only for the fake engine of the fast tests.
+        self.in_process = in_process
+        self.facts: ModelFacts | None = None
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self.load_count = 0
+        self.crash_count = 0
+        self.last_batch_size = 0
+        # Called as hook() when a request starts using the model and hook() again when it stops:
+        # the power manager counts activity and wakes the box through these.
+        self.on_begin: list = []
+        self.on_end: list = []
+        self._verified = VerifiedFiles()
+        self._ids = itertools.count(1)
+        self._streams: dict[int, RequestStream] = {}
+        self._lock = threading.Lock()  # _streams and the pipe's sending end
+        self._loading = threading.Lock()  # one start at a time, however many requests wait for it
+        self._child = None
+        self._conn: Connection | None = None
+        self._started = threading.Event()
+
+    # -- identity ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def answers_to(self, name: str | None) -> bool:
+        return name is None or name == self.entry.name or name in self.entry.aliases
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._child is not None and self._child.alive() and self.facts is not None
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self._streams)
+
+    # -- lifecycle -------------------------------------------------------------
+    def ensure_loaded(self) -> ModelFacts:
+        with self._loading:
+            if not self.is_loaded:
+                start = time.perf_counter()
+                try:
+                    self._verify_files()
+                    self._start()
+                except BackendError as exc:
+                    self.load_error = str(exc)
+                    raise
+                self.load_error = None
+                self.load_seconds = time.perf_counter() - start
+                self.load_count += 1
+            return self.facts
+
+    def _verify_files(self) -> None:
+        try:
+            self._verified.check(self.entry)
+        except (ManifestError, OSError) as exc:
+            raise BackendError(f"refusing to load {self.entry.name!r}: {exc}") from exc
+
+    def _start(self) -> None:
+        self._stop_child()
+        self.facts = None
+        self._started.clear()
+        self._ready: msg.Ready | msg.LoadFailed | None = None
+        self._conn, self._child = (_ThreadChild if self.in_process else _ProcessChild).start(self.spec)
+        threading.Thread(target=self._read, args=(self._conn, self._child), name="runner-events", daemon=True).start()
+        if not self._started.wait(START_TIMEOUT):
+            self._stop_child()
+            raise BackendError(f"the runner did not load {self.entry.name!r} in {START_TIMEOUT} s")
+        if isinstance(self._ready, msg.LoadFailed) or self._ready is None:
+            detail = self._ready.message if self._ready else f"the runner process exited ({self._child.exit_status()})"
+            self._stop_child()
+            raise BackendError(f"could not load {self.entry.name!r}: {detail}")
+        self.facts = self._ready.facts
+
+    def unload(self) -> None:
+        """End the runner process: all of the model's memory goes back to the system."""
+        with self._loading:
+            self._stop_child()
+            self.facts = None
+
+    def _stop_child(self) -> None:
+        with self._lock:
+            child, conn = self._child, self._conn
+            self._child = self._conn = None  # from here on its end is planned, not a crash
+        if child is None:
+            return
+        try:
+            conn.send(msg.Shutdown())
+        except OSError:
+            pass
+        if not child.wait(10):
+            child.kill()
+        conn.close()
+        self._fail_streams("the model was unloaded while this request ran")
+
+    def release_cache(self) -> None:
+        if self.is_loaded:
+            self._send(msg.ReleaseCache())
+
+    # -- requests ------------------------------------------------------------
+    def submit(self, messages: list[dict] | None, prompt: str | None, params) -> RequestStream:
+        stream = RequestStream(next(self._ids))
+        with self._lock:
+            self._streams[stream.id] = stream
+        try:
+            self._send(msg.Submit(stream.id, params, messages=messages, prompt=prompt))
+        except BackendError:
+            self._streams.pop(stream.id, None)
+            raise
+        return stream
+
+    def cancel(self, stream: RequestStream) -> None:
+        if stream.id in self._streams:
+            try:
+                self._send(msg.Cancel(stream.id))
+            except BackendError:
+                pass
+
+    def _send(self, message) -> None:
+        with self._lock:
+            if self._conn is None:
+                raise BackendError("the model is not loaded")
+            try:
+                self._conn.send(message)
+            except OSError as exc:
+                raise BackendError(f"the runner is gone: {exc}") from exc
+
+    def begin_use(self) -> None:
+        """A request starts using the model (the power manager wakes the box). Pair with end_use, even if this raises."""
+        for hook in self.on_begin:
+            hook()
+
+    def end_use(self) -> None:
+        for hook in self.on_end:
+            hook()
+
+    # -- events from the runner --------------------------------------------------
+    def _read(self, conn: Connection, child) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._dispatch(message)
+        if not self._started.is_set():  # died while loading
+            self._started.set()
+            return
+        if self._child is child:  # not a planned stop
+            self.crash_count += 1
+            status = child.exit_status()
+            log.error("runner of %s died (%s); the next request starts a new one", self.entry.name, status)
+            self._fail_streams(f"the model's runner process died ({status}); retry the request")
+            threading.Thread(target=self._restart, name="runner-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        try:
+            self.ensure_loaded()
+        except BackendError as exc:  # readyz reports it; the next request tries again
+            log.error("restarting the runner of %s failed: %s", self.entry.name, exc)
+
+    def _dispatch(self, message) -> None:
+        if isinstance(message, (msg.Ready, msg.LoadFailed)):
+            self._ready = message
+            self._started.set()
+        elif isinstance(message, msg.Step):
+            self.last_batch_size = message.batch_size
+            for output in message.outputs:
+                self._deliver(output.id, output, final=output.finish_reason is not None)
+        elif isinstance(message, (msg.Refused, msg.Failed)):
+            self._deliver(message.id, message, final=True)
+        elif isinstance(message, msg.Admitted):
+            self._deliver(message.id, message, final=False)
+
+    def _deliver(self, request_id: int, event, final: bool) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+        if stream is not None:
+            stream.events.put(event)
+
+    def _fail_streams(self, message: str) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.events.put(RunnerCrashed(message))
+
+    # -- facts -------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child else None
+
+    def info(self) -> dict:
+        info = {"id": self.entry.name, "format": self.entry.format, "path": str(self.entry.path),
+                "loaded": self.is_loaded, "load_count": self.load_count, "runner_crashes": self.crash_count,
+                "runner_pid": self.pid if self.is_loaded else None}
+        if self.facts is not None:
+            info.update(self.facts.info, context_length=self.facts.context_length, parallel=self.facts.n_slots)
+        else:
+            info.update(context_length=None, parallel=self.spec["parallel"])
+        if self.load_seconds is not None:
+            info["load_seconds"] = round(self.load_seconds, 3)
+        if self.load_error:
+            info["load_error"] = self.load_error
+        return info
+
+
+class _ProcessChild:
+    """A runner in its own process, talking over a socket pair."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.pid = proc.pid
+
+    @classmethod
+    def start(cls, spec: dict):
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "appliance.runner.worker", "--fd", str(theirs.fileno()), "--spec", json.dumps(spec)]
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_child_env())
+        theirs.close()
+        return Connection(ours.detach()), cls(proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def exit_status(self) -> str:
+        code = self.proc.wait()
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+class _ThreadChild:
+    """A runner on a thread of this process: the fast tests' fake engine only."""
+
+    pid = None
+
+    def __init__(self, thread: threading.Thread):
+        self.thread = thread
+
+    @classmethod
+    def start(cls, spec: dict):
+        from appliance.runner.worker import serve
+
+        ours, theirs = Pipe()
+
+        def run():
+            try:
+                serve(theirs, spec)
+            finally:
+                theirs.close()
+
+        thread = threading.Thread(target=run, name="runner-inprocess", daemon=True)
+        thread.start()
+        return ours, cls(thread)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def wait(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def kill(self) -> None:
+        pass
+
+    def exit_status(self) -> str:
+        return "thread ended"
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env

@@ -1,0 +1,224 @@
+"""Admission in front of the runner's slots: a bounded priority queue with aging, and token buckets.
+
+A request first passes its client's token buckets (requests per minute,
+generated tokens per minute), then takes a place in the queue of its
+priority class. The runner has ``slots`` sequences; whenever one is free the
+waiting request with the highest priority runs, FIFO within a class. Waiting
+raises a request's priority by one class every ``aging`` seconds, so batch
+work is never starved. A full queue or an empty bucket answers 429 with
+Retry-After; a request waiting past its class's timeout gets a clear 503.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.errors import APIError, InvalidRequest
+
+
+@dataclass(frozen=True)
+class PriorityClass:
+    name: str
+    priority: int  # higher runs first
+    max_concurrency: int = 0  # requests of this class queued or running at once; 0 = no limit
+    timeout: float = 0.0  # seconds a request may wait in the queue; 0 = no limit
+
+
+DEFAULT_CLASSES = (
+    {"name": "interactive", "priority": 2, "timeout": 120},
+    {"name": "default", "priority": 1, "timeout": 300},
+    {"name": "batch", "priority": 0, "timeout": 3600},
+)
+DEFAULT_CLASS = "default"
+
+
+class TooManyRequests(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, code: str, retry_after: float):
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+
+class QueueTimeout(APIError):
+    status = 503
+    type = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="queue_timeout")
+
+
+class Cancelled(Exception):
+    """The client left or the service is stopping while the request waited."""
+
+
+class TokenBucket:
+    def __init__(self, per_minute: float, clock: Callable[[], float]):
+        self.rate, self.capacity, self.clock = per_minute / 60.0, float(per_minute), clock
+        self.level, self.stamp = self.capacity, clock()
+
+    def refill(self) -> float:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.level
+
+    def seconds_until(self, level: float) -> float:
+        return max(0.0, (level - self.refill()) / self.rate)
+
+
+class Ticket:
+    """One request's place: waiting, then holding a slot until released."""
+
+    def __init__(self, admission: Admission, cls: PriorityClass, client: str, seq: int):
+        self.admission, self.cls, self.client, self.seq = admission, cls, client, seq
+        self.arrived = admission.clock()
+        self.running = False
+        self.done = False
+
+    def effective_priority(self, now: float) -> float:
+        return self.cls.priority + (now - self.arrived) / self.admission.aging
+
+    def wait(self, cancelled: Callable[[], bool]) -> None:
+        """Block until this request may run; raises QueueTimeout or Cancelled."""
+        self.admission._wait(self, cancelled)
+
+    def release(self, completion_tokens: int = 0) -> None:
+        self.admission._release(self, completion_tokens)
+
+
+class Admission:
+    def __init__(self, slots: int, queue_size: int, classes: list[dict] | tuple = DEFAULT_CLASSES, aging: float = 30.0,
+                 requests_per_minute: int = 0, tokens_per_minute: int = 0, clock: Callable[[], float] = time.monotonic):
+        self.slots, self.queue_size, self.aging, self.clock = slots, queue_size, aging, clock
+        self.classes = {c["name"]: PriorityClass(**c) for c in classes}
+        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self._cond = threading.Condition()
+        self._waiting: list[Ticket] = []
+        self._running = 0
+        self._per_class: dict[str, int] = {name: 0 for name in self.classes}
+        self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
+        self._seq = itertools.count()
+        self._waits = deque(maxlen=1000)  # seconds each recent request waited for its slot
+
+    # -- admission -----------------------------------------------------------
+    def admit(self, client: str, class_name: str | None) -> Ticket:
+        cls = self._class(class_name)
+        with self._cond:
+            self._check_buckets(client)
+            if len(self._waiting) >= self.queue_size and self._running >= self.slots:
+                raise TooManyRequests(f"the queue is full ({self.queue_size} requests waiting for "
+                                      f"{self.slots} slots); retry later", code="queue_full",
+                                      retry_after=self._expected_wait())
+            if cls.max_concurrency and self._per_class[cls.name] >= cls.max_concurrency:
+                raise TooManyRequests(f"priority class {cls.name!r} already has its {cls.max_concurrency} requests "
+                                      "in flight; retry later", code="class_busy", retry_after=self._expected_wait())
+            self._take_request_token(client)
+            self._per_class[cls.name] += 1
+            ticket = Ticket(self, cls, client, next(self._seq))
+            self._waiting.append(ticket)
+            return ticket
+
+    def _class(self, name: str | None) -> PriorityClass:
+        name = name or DEFAULT_CLASS
+        if name not in self.classes:
+            raise InvalidRequest(f"unknown priority class {name!r}: use one of {', '.join(self.classes)}",
+                                 param="priority", code="invalid_value")
+        return self.classes[name]
+
+    def _bucket_pair(self, client: str) -> tuple[TokenBucket | None, TokenBucket | None]:
+        if client not in self._buckets:
+            if len(self._buckets) > 10_000:  # forget clients whose buckets are full again
+                self._buckets = {k: v for k, v in self._buckets.items() if not _all_full(v)}
+            self._buckets[client] = (TokenBucket(self.rpm, self.clock) if self.rpm else None,
+                                     TokenBucket(self.tpm, self.clock) if self.tpm else None)
+        return self._buckets[client]
+
+    def _check_buckets(self, client: str) -> None:
+        requests, tokens = self._bucket_pair(client)
+        if requests is not None and requests.refill() < 1:
+            raise TooManyRequests(f"rate limit: {self.rpm} requests per minute per client", code="rate_limit_requests",
+                                  retry_after=requests.seconds_until(1))
+        if tokens is not None and tokens.refill() <= 0:
+            raise TooManyRequests(f"rate limit: {self.tpm} generated tokens per minute per client",
+                                  code="rate_limit_tokens", retry_after=tokens.seconds_until(1))
+
+    def _take_request_token(self, client: str) -> None:
+        requests, _ = self._bucket_pair(client)
+        if requests is not None:
+            requests.level -= 1
+
+    def _expected_wait(self) -> float:
+        return max(1.0, statistics.median(self._waits)) if self._waits else 1.0
+
+    # -- waiting -----------------------------------------------------------
+    def _wait(self, ticket: Ticket, cancelled: Callable[[], bool]) -> None:
+        with self._cond:
+            while not self._my_turn(ticket):
+                waited = self.clock() - ticket.arrived
+                if cancelled():
+                    self._leave(ticket)
+                    raise Cancelled()
+                if ticket.cls.timeout and waited >= ticket.cls.timeout:
+                    self._leave(ticket)
+                    raise QueueTimeout(f"waited {waited:.0f} s for a free slot, the timeout of priority class "
+                                       f"{ticket.cls.name!r}; the box is busy, retry later")
+                self._cond.wait(0.2)  # also re-checks cancellation and aging
+            self._waiting.remove(ticket)
+            self._running += 1
+            ticket.running = True
+            self._waits.append(self.clock() - ticket.arrived)
+            self._cond.notify_all()
+
+    def _my_turn(self, ticket: Ticket) -> bool:
+        if self._running >= self.slots:
+            return False
+        now = self.clock()
+        best = max(self._waiting, key=lambda t: (t.effective_priority(now), -t.seq))
+        return best is ticket
+
+    def _leave(self, ticket: Ticket) -> None:
+        self._waiting.remove(ticket)
+        self._per_class[ticket.cls.name] -= 1
+        ticket.done = True
+        self._cond.notify_all()
+
+    def _release(self, ticket: Ticket, completion_tokens: int) -> None:
+        with self._cond:
+            if ticket.done:
+                return
+            ticket.done = True
+            if ticket.running:
+                self._running -= 1
+            else:
+                self._waiting.remove(ticket)
+            self._per_class[ticket.cls.name] -= 1
+            _, tokens = self._bucket_pair(ticket.client)
+            if tokens is not None:
+                tokens.refill()
+                tokens.level -= completion_tokens
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            waits = sorted(self._waits)
+            return {
+                "slots": self.slots,
+                "busy_slots": self._running,
+                "queue_depth": len(self._waiting),
+                "queue_size": self.queue_size,
+                "queued_by_class": {name: sum(t.cls.name == name for t in self._waiting) for name in self.classes},
+                "wait_ms_p50": round(waits[len(waits) // 2] * 1000, 1) if waits else None,
+                "wait_ms_p99": round(waits[int(len(waits) * 0.99)] * 1000, 1) if waits else None,
+            }
+
+
+def _all_full(buckets) -> bool:
+    return all(b is None or b.refill() >= b.capacity for b in buckets)
