@@ -136,9 +136,10 @@ class Database:
         with self._lock:
             return list(self.db["power_events"].rows_where(order_by="id desc", limit=limit))
 
-    def recent_requests(self, limit: int = 20) -> list[dict]:
+    def recent_requests(self, limit: int = 20, offset: int = 0) -> list[dict]:
+        """Newest first, skipping the ``offset`` newest: pages of the log."""
         with self._lock:
-            return list(self.db["requests"].rows_where(order_by="id desc", limit=limit))
+            return list(self.db["requests"].rows_where(order_by="id desc", limit=limit, offset=offset))
 
     def get_request(self, request_id: int) -> dict:
         with self._lock:

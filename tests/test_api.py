@@ -137,3 +137,14 @@ def test_content_parts_are_joined(service):
     r = requests.post(service.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert json.loads(service.last_row()["prompt"]) == [{"role": "user", "content": "Say hi."}]
+
+
+def test_logs_api_pages_with_offset(service):
+    for _ in range(3):
+        requests.post(service.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    newest = [r["id"] for r in requests.get(service.url + "/api/logs?limit=3", timeout=10).json()["data"]]
+    page = [r["id"] for r in requests.get(service.url + "/api/logs?limit=2&offset=1", timeout=10).json()["data"]]
+    assert len(newest) == 3 and page == newest[1:]
+    for bad in ("-1", "abc", "1.5"):
+        response = requests.get(service.url + f"/api/logs?offset={bad}", timeout=10)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "offset", response.text

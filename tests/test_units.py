@@ -84,6 +84,14 @@ def test_rows_left_open_by_a_killed_process_are_marked_not_lost(tmp_path):
     assert "stopped before" in row["error"]
 
 
+def test_recent_requests_pages_with_an_offset(tmp_path):
+    db = Database(tmp_path / "logs.db")
+    ids = [db.start_request("/v1/completions", "127.0.0.1") for _ in range(5)]
+    assert [r["id"] for r in db.recent_requests(2)] == ids[:-3:-1]
+    assert [r["id"] for r in db.recent_requests(2, offset=2)] == [ids[2], ids[1]]
+    assert db.recent_requests(2, offset=5) == []
+
+
 def test_readonly_reader_does_not_touch_open_rows(tmp_path):
     db = Database(tmp_path / "logs.db")
     rid = db.start_request("/v1/completions", "127.0.0.1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from appliance.api.schemas import PowerRequest, parse_body
+from appliance.errors import InvalidRequest
 from appliance.state import state
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
@@ -26,9 +27,18 @@ def set_power():
 
 @bp.get("/logs")
 def logs():
-    """The most recent API requests from the SQLite log, newest first."""
+    """The most recent API requests from the SQLite log, newest first; ?offset=N skips the N newest."""
     limit = request.args.get("limit", default=50, type=int)
-    return jsonify({"data": state().db.recent_requests(max(1, min(limit, 1000)))})
+    offset = _offset_arg()
+    return jsonify({"data": state().db.recent_requests(max(1, min(limit, 1000)), offset=offset)})
+
+
+def _offset_arg() -> int:
+    raw = request.args.get("offset", "0")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise InvalidRequest(f"offset must be a whole number of rows to skip, 0 or more, got {raw!r}", param="offset",
+                             code="invalid_value")
+    return int(raw)
 
 
 @bp.get("/power/events")
