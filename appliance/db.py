@@ -4,20 +4,32 @@ One row per API request. The row is inserted when the request arrives and
 completed when it ends, so a request that fails, is cancelled or is cut off
 by a crash still leaves its row. WAL mode lets ``appliance logs`` read while
 the service writes.
+
+A write that fails for lack of space or an I/O error raises ``LogUnavailable``
+and is remembered in ``Database.log_error`` until a write succeeds again; no
+write is queued, the next one simply tries again, so the log recovers by itself
+when space returns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
+from appliance.errors import LogUnavailable
+
+log = logging.getLogger(__name__)
 migrations = Migrations("appliance")
+# SQLite's primary result codes for a full disk and an I/O error; extended codes keep them in the low byte.
+SQLITE_IOERR, SQLITE_FULL = 10, 13
 
 
 @migrations()
@@ -75,6 +87,15 @@ def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _storage_failure(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of space or because the disk failed, not because of our SQL."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (SQLITE_IOERR, SQLITE_FULL)
+    # Python 3.10 (Jetson) has no error codes on exceptions; these are SQLite's fixed texts for both codes.
+    return str(exc) in ("database or disk is full", "disk I/O error")
+
+
 class Database:
     """Owns the SQLite file. Thread-safe: one connection, one lock."""
 
@@ -82,6 +103,7 @@ class Database:
         """``readonly`` is for readers beside a running service (``appliance logs``, tests)."""
         self.path = Path(path)
         self.store_text = store_text
+        self.log_error: str | None = None  # why the last write failed; None once one succeeds
         self._lock = threading.Lock()
         if readonly:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
@@ -90,21 +112,50 @@ class Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         self.db = sqlite_utils.Database(conn)
-        self.db.enable_wal()
-        # WAL + NORMAL: a committed row survives the process dying; only a power cut may lose the last ones.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        with self._lock:
+        with self._lock, self._storage():
+            self.db.enable_wal()
+            # WAL + NORMAL: a committed row survives the process dying; only a power cut may lose the last ones.
+            self.db.execute("PRAGMA synchronous=NORMAL")
             migrations.apply(self.db)
-            self._close_interrupted()
+        self._close_interrupted()
 
     def _close_interrupted(self) -> None:
         """Rows a previous process left open (it was killed) are marked, not lost."""
-        with self.db.conn:
-            self.db.execute(
-                "UPDATE requests SET finished = ?, status = COALESCE(status, 500), "
-                "error = COALESCE(error, 'service stopped before the request finished') WHERE finished IS NULL",
-                [utcnow()],
-            )
+        try:
+            self.close_open_rows(500, "service stopped before the request finished")
+        except LogUnavailable as exc:  # start anyway: requests are refused and /readyz says why until space returns
+            log.warning("%s", exc.message)
+
+    def close_open_rows(self, status: int, error: str) -> int:
+        """Finish every row still open (finished IS NULL); returns how many.
+
+        A row that already has a status or an error keeps it; the others get these.
+        """
+        with self._write():
+            return self.db.execute(
+                "UPDATE requests SET finished = ?, status = COALESCE(status, ?), error = COALESCE(error, ?) "
+                "WHERE finished IS NULL",
+                [utcnow(), status, error],
+            ).rowcount
+
+    @contextmanager
+    def _storage(self):
+        """A failed write to the disk becomes LogUnavailable, remembered until a write succeeds."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if not _storage_failure(exc):
+                raise
+            error = LogUnavailable(self.path, str(exc))
+            self.log_error = error.message
+            raise error from exc
+        self.log_error = None
+
+    @contextmanager
+    def _write(self):
+        """One write: under the lock, in a transaction (rolled back if it fails)."""
+        with self._lock, self._storage(), self.db.conn:
+            yield
 
     def _texts(self, fields: dict) -> dict:
         """Apply the log_text switch: keep the text, or only its sha256."""
@@ -118,18 +169,18 @@ class Database:
 
     def start_request(self, endpoint: str, client: str | None, **fields) -> int:
         row = self._texts({"started": utcnow(), "endpoint": endpoint, "client": client, **fields})
-        with self._lock, self.db.conn:
+        with self._write():
             return self.db["requests"].insert(row).last_pk
 
     def update_request(self, request_id: int, **fields) -> None:
-        with self._lock, self.db.conn:
+        with self._write():
             self.db["requests"].update(request_id, self._texts(fields))
 
     def finish_request(self, request_id: int, **fields) -> None:
         self.update_request(request_id, finished=utcnow(), **fields)
 
     def record_power_event(self, **fields) -> int:
-        with self._lock, self.db.conn:
+        with self._write():
             return self.db["power_events"].insert({"time": utcnow(), **fields}).last_pk
 
     def power_events(self, limit: int = 100) -> list[dict]:

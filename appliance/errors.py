@@ -7,6 +7,7 @@ other failure, into a JSON response with the right status.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
@@ -49,6 +50,17 @@ class ContextLengthExceeded(APIError):
 class ServiceUnavailable(APIError):
     status = 503
     type = "server_error"
+
+
+class LogUnavailable(ServiceUnavailable):
+    """The request log cannot be written (disk full, I/O error): an appliance that must audit does not serve unlogged."""
+
+    def __init__(self, db_path, detail: str):
+        folder = Path(db_path).parent
+        super().__init__(
+            f"the request log {db_path} cannot be written ({detail}): free disk space under the data folder "
+            f"{folder}; requests are served again as soon as the log can be written", code="log_unavailable",
+        )
 
 
 def error_response(error: APIError):

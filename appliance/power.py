@@ -26,6 +26,7 @@ import psutil
 
 from appliance import power_profiles
 from appliance.db import Database
+from appliance.errors import LogUnavailable
 from appliance.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,18 @@ class PowerManager:
             with self._cond:
                 self.state, self.since = target, time.time()
                 self._cond.notify_all()
-            self.db.record_power_event(
-                from_state=source, to_state=target, reason=reason, rss_before=rss_before,
-                rss_after=self._process.memory_info().rss, wake_ms=wake_ms, actions=json.dumps(self.last_actions),
-            )
+            self._record(from_state=source, to_state=target, reason=reason, rss_before=rss_before,
+                         rss_after=self._process.memory_info().rss, wake_ms=wake_ms,
+                         actions=json.dumps(self.last_actions))
             log.info("power: %s -> %s (%s)", source, target, reason)
+
+    def _record(self, **event) -> None:
+        # The change has happened; a log that cannot take its row (disk full) must not undo or fail it.
+        # The database keeps the reason in log_error, which /readyz reports.
+        try:
+            self.db.record_power_event(**event)
+        except LogUnavailable as exc:
+            log.warning("power: %s -> %s not recorded: %s", event["from_state"], event["to_state"], exc.message)
 
     def _wake(self, source: str) -> float:
         start = time.perf_counter()
@@ -155,23 +163,36 @@ class PowerManager:
 
     # -- the watcher thread ----------------------------------------------------
     def _watch(self) -> None:
+        """Sleep until the next deadline or sample, act, repeat; nothing that goes wrong ends the thread."""
         next_sample = time.monotonic()
+        retry_at = 0.0  # after a failed step, nothing is tried again before this
         while True:
             target = None
             with self._cond:
                 if self._stopping:
                     return
                 due, candidate = self._next_transition()
+                due = None if due is None else max(due, retry_at)
                 now = time.monotonic()
                 if due is not None and due <= now:
                     target = candidate
                 else:
                     self._cond.wait(max(0.0, min(next_sample, due or next_sample) - now))
-            if time.monotonic() >= next_sample:
-                next_sample = time.monotonic() + self.sample_every
-                self._sample_and_check_memory()
-            if target is not None:
-                self.set_state(target, "no requests for %.0f s" % (time.monotonic() - self.last_activity))
+            try:
+                next_sample = self._step(target, next_sample)
+            except Exception:
+                # Without this thread the box never idles again: log, and try again at the next sample.
+                log.exception("power manager: a step failed; trying again in %.0f s", self.sample_every)
+                retry_at = next_sample = time.monotonic() + self.sample_every
+
+    def _step(self, target: str | None, next_sample: float) -> float:
+        """Take the sample and the transition that are due; returns when the next sample is."""
+        if time.monotonic() >= next_sample:
+            next_sample = time.monotonic() + self.sample_every
+            self._sample_and_check_memory()
+        if target is not None:
+            self.set_state(target, "no requests for %.0f s" % (time.monotonic() - self.last_activity))
+        return next_sample
 
     def _next_transition(self) -> tuple[float | None, str | None]:
         if self.in_flight:

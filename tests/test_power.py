@@ -116,6 +116,74 @@ def test_status_command_without_a_service_explains():
     assert out.returncode == 1 and "appliance serve" in out.stderr
 
 
+# -- the power-manager thread ------------------------------------------------------
+
+
+class StubRunner:
+    """Just enough of a model runner for the power manager; release_cache raises what is queued in .failures."""
+
+    name, is_loaded, load_count = "stub", True, 1
+
+    def __init__(self):
+        self.on_begin, self.on_end, self.failures, self.releases = [], [], [], 0
+
+    def ensure_loaded(self):
+        pass
+
+    def release_cache(self):
+        self.releases += 1
+        if self.failures:
+            raise self.failures.pop()
+
+    def unload(self):
+        pass
+
+
+def stub_power(tmp_path, **kw):
+    from appliance.db import Database
+    from appliance.power import PowerManager
+
+    settings = dict(idle_after=0.05, deep_idle_after=0.1, memory_low_mb=0, sample_every=0.3, profile="none") | kw
+    return PowerManager(StubRunner(), Database(tmp_path / "logs.db"), **settings)
+
+
+def test_the_power_manager_thread_survives_any_exception_and_tries_again(tmp_path, monkeypatch):
+    power = stub_power(tmp_path)
+    power.runner.failures.append(RuntimeError("cache release failed"))  # the first idle attempt fails
+    record = power.db.record_power_event
+    failures = [OSError("event not written")]  # and then the record of the second
+
+    def flaky_record(**event):
+        if failures:
+            raise failures.pop()
+        return record(**event)
+
+    monkeypatch.setattr(power.db, "record_power_event", flaky_record)
+    power.start()
+    try:
+        deadline = time.monotonic() + 10
+        while power.state != "deep_idle" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert power.state == "deep_idle" and power._thread.is_alive()
+        assert power.runner.releases == 2  # failed once, tried again at the next sample: no busy retry loop
+        assert [(e["from_state"], e["to_state"]) for e in power.db.power_events()] == [("idle", "deep_idle")]
+    finally:
+        power.stop()
+
+
+def test_a_power_event_the_full_log_cannot_take_does_not_fail_the_change(tmp_path, monkeypatch):
+    from appliance.errors import LogUnavailable
+
+    power = stub_power(tmp_path, idle_after=60, deep_idle_after=60)
+
+    def full(**event):
+        raise LogUnavailable(tmp_path / "logs.db", "database or disk is full")
+
+    monkeypatch.setattr(power.db, "record_power_event", full)
+    power.set_state("idle", "test")
+    assert power.state == "idle"
+
+
 # -- power profiles ------------------------------------------------------------
 
 
