@@ -54,10 +54,11 @@ def cli(ctx, config):
 @click.option("--port", type=int, help="TCP port [default: 8080]")
 @click.option("-m", "--model", help="catalog name or .gguf path [default: smollm2-135m-instruct]")
 @click.option("-t", "--threads", type=int, help="CPU threads for inference [default: physical cores]")
-@click.option("--context-length", type=int, help="context window in tokens [default: 4096]")
+@click.option("--context-length", type=int, help="context window of each slot in tokens [default: 4096]")
+@click.option("-p", "--parallel", type=int, help="slots: requests generated together in one batch [default: 4]")
 @click.option("--home", type=click.Path(file_okay=False), help="data folder [default: ~/.appliance]")
 @click.pass_context
-def serve(ctx, host, port, model, threads, context_length, home):
+def serve(ctx, host, port, model, threads, context_length, parallel, home):
     """Serve a model over the OpenAI-compatible REST API.
 
     \b
@@ -77,11 +78,12 @@ def serve(ctx, host, port, model, threads, context_length, home):
     from appliance.server import serve as run_server
 
     limit_malloc_arenas()
-    settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length, home=home)
+    settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length,
+                         parallel=parallel, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     click.echo(f"appliance: logging requests to {settings.db_path}", err=True)
-    run_server(app, settings.host, settings.port, settings.http_threads, on_ready=lambda m: click.echo(m, err=True))
+    run_server(app, settings.host, settings.port, settings.worker_threads, on_ready=lambda m: click.echo(m, err=True))
 
 
 @cli.command()

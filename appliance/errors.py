@@ -67,6 +67,8 @@ def error_response(error: APIError):
     g.log_error = error.message
     response = jsonify(error.body())
     response.status_code = error.status
+    if getattr(error, "retry_after", None):
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 

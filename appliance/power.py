@@ -27,7 +27,7 @@ import psutil
 from appliance import power_profiles
 from appliance.db import Database
 from appliance.errors import LogUnavailable
-from appliance.runner import ModelRunner
+from appliance.runner.supervisor import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PowerManager:
             source = self.state
             if source == target:
                 return
-            rss_before = self._process.memory_info().rss
+            rss_before = tree_rss(self._process)
             wake_ms = None
             if target == ACTIVE:
                 wake_ms = self._wake(source)
@@ -115,7 +115,7 @@ class PowerManager:
                 self.state, self.since = target, time.time()
                 self._cond.notify_all()
             self._record(from_state=source, to_state=target, reason=reason, rss_before=rss_before,
-                         rss_after=self._process.memory_info().rss, wake_ms=wake_ms,
+                         rss_after=tree_rss(self._process), wake_ms=wake_ms,
                          actions=json.dumps(self.last_actions))
             log.info("power: %s -> %s (%s)", source, target, reason)
 
@@ -228,11 +228,23 @@ class PowerManager:
         }
 
 
+def tree_rss(process: psutil.Process) -> int:
+    """Resident memory of the service and its runner processes, in bytes."""
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # it ended meanwhile
+            pass
+    return total
+
+
 def sample(process: psutil.Process) -> dict:
     """A cheap look at the process and the box (a few /proc reads)."""
     memory = psutil.virtual_memory()
     out = {
-        "rss": process.memory_info().rss,
+        "rss": tree_rss(process),  # the runner's model and KV cache included
+        "rss_service": process.memory_info().rss,
         "cpu_percent": process.cpu_percent(),
         "system_cpu_percent": psutil.cpu_percent(),
         "available_memory": memory.available,

@@ -143,8 +143,8 @@ class OnnxScorer:
     def __init__(self, folder: Path, threads: int, context: int = 4096):
         from appliance.backends.onnx_runtime import OnnxRuntimeBackend
 
-        self.backend = OnnxRuntimeBackend(folder, threads=threads, context_length=context, provider="cpu")
-        self.backend.load()
+        self.backend = OnnxRuntimeBackend(folder, threads=threads, context_length=context, n_slots=1, provider="cpu")
+        self.facts = self.backend.load()
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         graph = self.backend._graph
@@ -155,8 +155,9 @@ class OnnxScorer:
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         from appliance.backends.base import SamplingParams
+        from appliance.runner.scheduler import token_stream
 
-        tokens = self.backend.sample_tokens(prompt, SamplingParams(max_tokens=n, temperature=0))
+        tokens = token_stream(self.backend, self.facts, prompt, SamplingParams(temperature=0))
         return [next(tokens) for _ in range(n)]
 
 
@@ -209,12 +210,14 @@ def measure_speed(fmt: str, path: Path, threads: int, tokens: int = NEW_TOKENS) 
 def _speed(fmt: str, path: Path, threads: int, tokens: int) -> dict:
     from appliance.backends import create_backend
     from appliance.backends.base import SamplingParams
+    from appliance.runner.scheduler import token_stream
 
     start = time.perf_counter()
     backend = create_backend(fmt, path, threads=threads, context_length=2048, provider="cpu")
-    backend.load()
+    facts = backend.load()
     loaded = time.perf_counter()
-    stream = backend.sample_tokens(backend.tokenize(PROMPTS[1]), SamplingParams(max_tokens=tokens, temperature=0))
+    prompt = backend.tokenize(PROMPTS[1], add_special=True, parse_special=True)
+    stream = token_stream(backend, facts, prompt, SamplingParams(temperature=0))
     next(stream)  # the prefill and first token: not decode
     first = time.perf_counter()
     for _ in range(tokens - 1):

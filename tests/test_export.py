@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from appliance.backends import BackendError
 from appliance.backends.base import SamplingParams
-from appliance.runner import ModelRunner
+from appliance.runner import protocol as msg
+from appliance.runner.supervisor import ModelRunner, RunnerCrashed
 from distill.export import ExportError, ExportRequest, export
 from appliance.cli import cli
 from distill.export_cli import export_command
@@ -42,13 +43,21 @@ def home(tmp_path, monkeypatch):
 
 
 def runner_for(path) -> ModelRunner:
-    return ModelRunner(find_model(str(path)), threads=1, context_length=256)
+    return ModelRunner(find_model(str(path), home=None), threads=1, context_length=256)
 
 
 def greedy_text(runner: ModelRunner, prompt: str, n: int = 16) -> str:
-    backend = runner.ensure_loaded()
-    chunks = backend.generate(backend.tokenize(prompt), SamplingParams(max_tokens=n, temperature=0))
-    return "".join(c.text for c in chunks)
+    """Greedy text of a completion, through a real runner process."""
+    runner.ensure_loaded()
+    stream = runner.submit(None, prompt, SamplingParams(max_tokens=n, temperature=0))
+    text = []
+    while True:
+        event = stream.get(timeout=120)
+        assert not isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)), event
+        if isinstance(event, msg.Output):
+            text.append(event.text)
+            if event.finish_reason:
+                return "".join(text)
 
 
 def test_every_target_profile_is_complete_and_consistent():
@@ -91,7 +100,11 @@ def test_both_formats_export_load_and_generate(cpu_packages):
         runner = runner_for(package)
         assert verify_model(runner.entry)[0]
         assert greedy_text(runner, PROMPTS[0])  # real tokens out of the real engine
-    assert runner_for(gguf).ensure_loaded().info()["quantization"] == "Q4_K_M"
+        runner.unload()
+    runner = runner_for(gguf)
+    runner.ensure_loaded()
+    assert runner.info()["quantization"] == "Q4_K_M"
+    runner.unload()
     assert not list(gguf.parent.glob(".*partial"))
 
 

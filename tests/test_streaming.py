@@ -27,10 +27,10 @@ class RawStream:
     HTTP/1.0 makes the server send the SSE body unframed and close at the end.
     """
 
-    def __init__(self, port: int, body: dict):
+    def __init__(self, port: int, body: dict, path: str = "/v1/chat/completions"):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         data = json.dumps(body).encode()
-        head = f"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        head = f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
         self.sock.sendall(head.encode() + data)
         self.file = self.sock.makefile("rb")
         status = self.file.readline()
@@ -46,8 +46,8 @@ class RawStream:
         self.sock.close()
 
 
-def open_stream(port: int, body: dict) -> RawStream:
-    return RawStream(port, body)
+def open_stream(port: int, body: dict, path: str = "/v1/chat/completions") -> RawStream:
+    return RawStream(port, body, path)
 
 
 def read_event(stream: RawStream) -> dict | str:

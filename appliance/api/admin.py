@@ -14,7 +14,12 @@ bp = Blueprint("admin", __name__, url_prefix="/api")
 @bp.get("/status")
 def status():
     """Power state, time in state, last wake latency, model and system figures."""
-    return jsonify(state().power.status())
+    return jsonify(_status())
+
+
+def _status() -> dict:
+    st = state()
+    return st.power.status() | {"queue": st.admission.stats() | {"batch_size": st.runner.last_batch_size}}
 
 
 @bp.post("/power")
@@ -22,7 +27,7 @@ def set_power():
     """Force a power state: {"state": "active" | "idle" | "deep_idle"}."""
     req = parse_body(request.get_data(), PowerRequest)
     state().power.set_state(req.state, "admin request")
-    return jsonify(state().power.status())
+    return jsonify(_status())
 
 
 @bp.get("/logs")

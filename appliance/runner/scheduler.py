@@ -229,3 +229,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def token_stream(backend: Backend, facts: ModelFacts, prompt: list[int], params: SamplingParams):
+    """Yield the tokens one sequence samples (slot 0, no end): for reports and benches that want raw token ids."""
+    backend.start_sequence(0, 0, params)
+    pos = 0
+    for start in range(0, len(prompt), facts.n_batch):
+        chunk = prompt[start : start + facts.n_batch]
+        token = backend.step([Feed(0, chunk, pos, sample=start + len(chunk) == len(prompt))]).get(0)
+        pos += len(chunk)
+    while True:
+        yield token
+        token = backend.step([Feed(0, [token], pos, sample=True)])[0]
+        pos += 1
