@@ -21,8 +21,24 @@ def _settings(ctx: click.Context, **flags) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
+PLUGIN_GROUP = "appliance.commands"  # entry points: the model pipeline's commands (distill, export) come this way
+
+
 class _Group(click.Group):
-    """The catalog's own errors (unknown model, broken registry or package) end as one-line messages."""
+    """The catalog's own errors (unknown model, broken registry or package) end as one-line messages.
+
+    Commands of installed plugins (entry points in PLUGIN_GROUP) are listed by name and imported only
+    when run, so the service never imports the pipeline and ``appliance --help`` stays quick.
+    """
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_plugins()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in _plugins():
+            command = _plugins()[name].load()
+        return command
 
     def invoke(self, ctx):
         try:
@@ -269,13 +285,11 @@ def _fmt(value, digits: int = 0) -> str:
     return f"{value:.{digits}f}" if digits else str(value)
 
 
-# The model pipeline's commands; they import torch and friends only when they run.
-from distill.cli import distill as distill_group  # noqa: E402
-from distill.export_cli import export_command  # noqa: E402
+def _plugins() -> dict:
+    from importlib.metadata import entry_points
 
-cli.add_command(distill_group, "distill")  # appliance distill train|eval|generate|student (also python -m distill)
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
 
-cli.add_command(export_command)  # appliance export MODEL_DIR --target ... --format ... --out DIR
 
 if __name__ == "__main__":
     cli()

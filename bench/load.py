@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -78,32 +78,16 @@ class Server:
     note: str = ""
 
 
-def appliance_parallel() -> str | None:
-    """How this appliance takes its slot count: "flag", "env" (a setting without a flag) or None (it has none)."""
-    from appliance.cli import serve
-    from appliance.config import Settings
-
-    if any("--parallel" in getattr(p, "opts", ()) for p in serve.params):
-        return "flag"
-    return "env" if "parallel" in {f.name for f in fields(Settings)} else None
-
-
 def start_appliance(setup: Setup) -> Server:
     home = setup.workdir / "appliance-home"
     # No idle steps while other servers take their turn, and no power profile touching the shared box.
     env = {"APPLIANCE_HOME": str(home), "APPLIANCE_IDLE_AFTER": "86400", "APPLIANCE_DEEP_IDLE_AFTER": "86400",
            "APPLIANCE_POWER_PROFILE": "none"}
-    args = ["--context-length", str(setup.context)]
-    how = appliance_parallel()
-    if how == "flag":
-        args += ["--parallel", str(setup.parallel)]
-    elif how == "env":
-        env["APPLIANCE_PARALLEL"] = str(setup.parallel)
+    args = ["--context-length", str(setup.context), "--parallel", str(setup.parallel)]
     proc, port = start_service(setup.threads, env, args, log=setup.workdir / "appliance.log")
     command = " ".join([*(f"{k}={v}" for k, v in env.items() if k != "APPLIANCE_HOME"),
                         "python -m appliance serve --port PORT --threads", str(setup.threads), *args])
-    note = "" if how else "this version has no parallel setting: one request at a time"
-    return Server("appliance", proc, port, command, {"stream_options": {"include_usage": True}}, home, note)
+    return Server("appliance", proc, port, command, {"stream_options": {"include_usage": True}}, home)
 
 
 def start_llama_server(setup: Setup) -> Server:

@@ -145,7 +145,7 @@ def test_a_corrupted_file_is_refused_at_load(cpu_packages, tmp_path):
         raw[len(raw) // 2] ^= 0xFF  # same size, one byte changed
         data.write_bytes(bytes(raw))
         runner = runner_for(folder)
-        with pytest.raises(BackendError, match=f"{name.replace('.', '[.]')} does not match its sha256"):
+        with pytest.raises(BackendError, match=f"{name.replace('.', '[.]')} does not match its recorded sha256"):
             runner.ensure_loaded()
         assert not runner.is_loaded
 
