@@ -77,6 +77,8 @@ class Generation:
             self._using = True
             self.runner.begin_use()
             self._ticket.wait(self.cancel)
+            if self.cancel():  # the client left while the box woke: drop it before its prefill
+                raise Cancelled()
             self.runner.ensure_loaded()
             self._stream = self.runner.submit(messages, prompt, params)
             self._admitted(self._stream.get())

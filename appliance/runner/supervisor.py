@@ -80,7 +80,6 @@ class ModelRunner:
         self._loading = threading.Lock()  # one start at a time, however many requests wait for it
         self._child = None
         self._conn: Connection | None = None
-        self._started = threading.Event()
 
     # -- identity ------------------------------------------------------------
     @property
@@ -123,18 +122,18 @@ class ModelRunner:
     def _start(self) -> None:
         self._stop_child()
         self.facts = None
-        self._started.clear()
-        self._ready: msg.Ready | msg.LoadFailed | None = None
         self._conn, self._child = (_ThreadChild if self.in_process else _ProcessChild).start(self.spec)
-        threading.Thread(target=self._read, args=(self._conn, self._child), name="runner-events", daemon=True).start()
-        if not self._started.wait(START_TIMEOUT):
+        start = _Start()  # this child's own: a late end of the previous child's reader cannot touch it
+        threading.Thread(target=self._read, args=(self._conn, self._child, start), name="runner-events",
+                         daemon=True).start()
+        if not start.done.wait(START_TIMEOUT):
             self._stop_child()
             raise BackendError(f"the runner did not load {self.entry.name!r} in {START_TIMEOUT} s")
-        if isinstance(self._ready, msg.LoadFailed) or self._ready is None:
-            detail = self._ready.message if self._ready else f"the runner process exited ({self._child.exit_status()})"
+        if not isinstance(start.answer, msg.Ready):
+            detail = start.answer.message if start.answer else f"the runner process exited ({self._child.exit_status()})"
             self._stop_child()
             raise BackendError(f"could not load {self.entry.name!r}: {detail}")
-        self.facts = self._ready.facts
+        self.facts = start.answer.facts
 
     def unload(self) -> None:
         """End the runner process: all of the model's memory goes back to the system."""
@@ -199,15 +198,19 @@ class ModelRunner:
             hook()
 
     # -- events from the runner --------------------------------------------------
-    def _read(self, conn: Connection, child) -> None:
+    def _read(self, conn: Connection, child, start: _Start) -> None:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 break
-            self._dispatch(message)
-        if not self._started.is_set():  # died while loading
-            self._started.set()
+            if isinstance(message, (msg.Ready, msg.LoadFailed)):
+                start.answer = message
+                start.done.set()
+            else:
+                self._dispatch(message)
+        if not start.done.is_set():  # died while loading
+            start.done.set()
             return
         if self._child is child:  # not a planned stop
             self.crash_count += 1
@@ -223,10 +226,7 @@ class ModelRunner:
             log.error("restarting the runner of %s failed: %s", self.entry.name, exc)
 
     def _dispatch(self, message) -> None:
-        if isinstance(message, (msg.Ready, msg.LoadFailed)):
-            self._ready = message
-            self._started.set()
-        elif isinstance(message, msg.Step):
+        if isinstance(message, msg.Step):
             self.last_batch_size = message.batch_size
             for output in message.outputs:
                 self._deliver(output.id, output, final=output.finish_reason is not None)
@@ -265,6 +265,14 @@ class ModelRunner:
         if self.load_error:
             info["load_error"] = self.load_error
         return info
+
+
+class _Start:
+    """How one runner's start went: its Ready or LoadFailed, or nothing if it died first."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.answer: msg.Ready | msg.LoadFailed | None = None
 
 
 class _ProcessChild:
