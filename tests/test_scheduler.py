@@ -230,3 +230,30 @@ def test_queue_timeout_and_cancel_while_waiting():
     with pytest.raises(Cancelled):
         admission.admit("c", None).wait(lambda: True)
     assert admission.stats()["queue_depth"] == 0
+
+
+def test_a_setting_the_engine_refuses_fails_that_request_only(fake_model, monkeypatch):
+    sched, backend, facts, events = make_scheduler(fake_model, slots=1)
+
+    def refuse(slot, keep, params):
+        raise OverflowError("top_k does not fit a C int")
+
+    monkeypatch.setattr(backend, "start_sequence", refuse)
+    submit(sched, facts, backend, 1, "hello")
+    sched.tick()
+    assert [e.id for e in events if isinstance(e, msg.Failed)] == [1] and sched.slots[0].seq is None
+    monkeypatch.undo()
+    submit(sched, facts, backend, 2, "hello")
+    run_until_idle(sched)
+    assert texts(events)[2] == REPLY
+
+
+def test_sampling_values_the_engines_cannot_take_are_refused_at_the_door():
+    from appliance.api.schemas import ChatCompletionRequest, parse_body
+    from appliance.errors import InvalidRequest
+
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    for bad in ({"top_k": 2**31}, {"stop": "x" * 1001}, {"stop": ["ok", "y" * 5000]}):
+        with pytest.raises(InvalidRequest) as refused:
+            parse_body(json.dumps(base | bad).encode(), ChatCompletionRequest)
+        assert refused.value.param in ("top_k", "stop")

@@ -99,6 +99,8 @@ class Generation:
             raise InvalidRequest(event.message, param=event.param, code=event.code)
         if isinstance(event, RunnerCrashed):
             raise ServiceUnavailable(event.message, code="runner_crashed")
+        if isinstance(event, msg.Failed):
+            raise GenerationFailed(event.message, code="generation_failed", status=500)
         self.usage.prompt_tokens, self.usage.cached_tokens = event.prompt_tokens, event.cached_tokens
 
     # -- the tokens ----------------------------------------------------------

@@ -21,6 +21,10 @@ MAX_SEED = 2**32 - 2
 MAX_INT_DIGITS = 100
 
 
+MAX_TOP_K = 1_000_000  # more than any vocabulary; the engines take a 32-bit int
+MAX_STOP_CHARS = 1000  # every generated token is matched against each stop string
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -53,7 +57,7 @@ class _GenerationRequest(_Strict):
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; the rest of the context when omitted")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, description="llama.cpp-style extension; 0 disables it")
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="llama.cpp-style extension; 0 disables it")
     stop: Union[str, list[str], None] = Field(None, description="up to 16 strings that end the generation")
     seed: int | None = Field(None, description=f"same seed + same request = same output; 0 to {MAX_SEED}")
     n: int = Field(1, description="only 1 is supported")
@@ -67,8 +71,11 @@ class _GenerationRequest(_Strict):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
-        if isinstance(value, list) and len(value) > 16:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 16:
             raise ValueError("at most 16 stop strings")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("seed")

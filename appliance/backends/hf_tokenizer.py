@@ -5,7 +5,8 @@ across tokens is never emitted broken), hence every id must map to the exact
 bytes it stands for. Two vocabulary styles exist:
 byte-level BPE (GPT-2, Llama 3, SmolLM: each byte written as a printable
 stand-in character) and SentencePiece (Llama 2, Gemma: "▁" for a space and
-``<0xNN>`` tokens for raw bytes).
+``<0xNN>`` tokens for raw bytes). Text is encoded with or without parsing
+control-token text: a user's ``<|im_start|>`` must stay the characters it is.
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ class HfTokenizer:
     def __init__(self, folder: Path):
         path = Path(folder) / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(path))
+        # A second copy that reads special-token text as plain text, rather than one
+        # flag flipped around each call: tokenizing may run on another thread than the step loop.
+        self._plain = Tokenizer.from_file(str(path))
+        self._plain.encode_special_tokens = True
         spec = json.loads(path.read_text(encoding="utf-8"))
         self.special_ids = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
         # Added (non-special) tokens are stored as plain text even in byte-level vocabularies.
         self._plain_added_ids = {t["id"] for t in spec.get("added_tokens", []) if not t.get("special")}
         self._bytes = self._token_byte_table(_is_byte_level(spec))
+        self.added_bos = self._added_bos()
 
     def _token_byte_table(self, byte_level: bool) -> list[bytes]:
         size = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -63,8 +69,16 @@ class HfTokenizer:
                 table.append(_sentencepiece_bytes(piece))
         return table
 
-    def encode(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special).ids
+    def _added_bos(self) -> int | None:
+        """The id the post-processor puts first when asked to add special tokens, if any."""
+        with_special = self.tokenizer.encode("a", add_special_tokens=True).ids
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        return with_special[0] if with_special and with_special[:1] != plain[:1] else None
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of text; ``parse_special`` False keeps control-token text such as ``<|im_start|>`` plain."""
+        tokenizer = self.tokenizer if parse_special else self._plain
+        return tokenizer.encode(text, add_special_tokens=add_special).ids
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""

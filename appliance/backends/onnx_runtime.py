@@ -1,9 +1,18 @@
-"""ONNX Runtime: decoder graphs with a KV cache (fp32, fp16 or INT4 MatMulNBits), torch-free.
+"""ONNX Runtime: decoder graphs with a KV cache (fp32, fp16 or INT4 MatMulNBits), batched over slots, torch-free.
 
 A model is a package folder (see ``models/README.md``) holding ``model.onnx``
-in optimum's ``text-generation-with-past`` layout, its external weights,
+in optimum's ``text-generation-with-past`` layout (inputs ``input_ids``,
+``attention_mask``, optional ``position_ids``, ``past_key_values.N.key/value``;
+outputs ``logits``, ``present.N.key/value``), its external weights,
 ``tokenizer.json``, ``tokenizer_config.json``, ``config.json`` and
 ``manifest.json``. Only onnxruntime, numpy, tokenizers and jinja2 run here.
+
+Each slot keeps its own KV cache. A step runs every prompt chunk alone
+(batch 1), then the next token of all generating sequences in one batched
+run: each past left-padded to the longest, the padding masked out, every
+sequence at its own positions. While the same sequences keep decoding, one
+step's batched present is the next step's past as it is (no copying); the
+batch is re-packed only when a sequence joins or leaves it.
 """
 
 from __future__ import annotations
@@ -11,15 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from appliance.backends.base import Backend, BackendError, SamplingParams
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
 from appliance.backends.hf_tokenizer import HfTokenizer
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
 
@@ -34,6 +42,7 @@ PROVIDERS = {
 # builds engines for minutes on the first start; ask for it by name to use it.
 AUTO_ORDER = ("cuda", "cpu")
 GRAPH = "model.onnx"
+N_BATCH = 512  # most tokens one step feeds: the scheduler prefills a longer prompt in chunks between steps
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.InvalidProtobuf,
               ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.RuntimeException, ort_state.EPFail)
 
@@ -42,18 +51,18 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     options = ("provider",)  # extra settings create_backend passes to this backend
 
-    def __init__(self, model_path, threads: int, context_length: int, provider: str = "auto"):
-        super().__init__(model_path, threads, context_length)
+    def __init__(self, model_path, threads: int, context_length: int, n_slots: int = 1, provider: str = "auto"):
+        super().__init__(model_path, threads, context_length, n_slots)
         if provider not in (*PROVIDERS, "auto"):
             raise BackendError(f"unknown execution provider {provider!r}: use one of auto, {', '.join(PROVIDERS)}")
         self.requested_provider = provider
         self.provider: str | None = None
         self._session: ort.InferenceSession | None = None
+        self._caches: dict[int, _Cache] = {}
+        self._samplers: dict[int, tuple[SamplingParams, np.random.Generator]] = {}
 
     # -- lifecycle ---------------------------------------------------------
-    def load(self) -> None:
-        if self._session is not None:
-            return
+    def load(self) -> ModelFacts:
         folder = Path(self.model_path)
         try:
             self.manifest = read_manifest(folder)
@@ -64,6 +73,10 @@ class OnnxRuntimeBackend(Backend):
         except (ManifestError, OSError, ValueError, *ORT_ERRORS) as exc:
             raise BackendError(f"onnxruntime could not load {folder}: {exc}") from exc
         self._graph = _GraphSignature(self._session)
+        self._device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
+        trained = int(self.config.get("max_position_embeddings") or self.manifest.context_length)
+        return ModelFacts(context_length=min(self.requested_context_length, trained), n_slots=self.n_slots,
+                          n_batch=N_BATCH, info=self._info(folder))
 
     def _read_model_files(self, folder: Path) -> None:
         self.config = _read_json(folder / "config.json")
@@ -129,13 +142,21 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         return folder / GRAPH, options, cached
 
-    def unload(self) -> None:
+    def _info(self, folder: Path) -> dict:
+        return {
+            "backend": self.name,
+            "architecture": self.manifest.architecture,
+            "quantization": self.manifest.quantization,
+            "threads": self.threads,
+            "provider": self.provider,
+            "file": str(folder / GRAPH),
+        }
+
+    def close(self) -> None:
+        self._caches.clear()
+        self._samplers.clear()
         self._session = None
         self.provider = None
-
-    @property
-    def is_loaded(self) -> bool:
-        return self._session is not None
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -143,27 +164,19 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError("model is not loaded")
         return self._session
 
-    @property
-    def context_length(self) -> int:
-        self.session  # raises when not loaded
-        trained = int(self.config.get("max_position_embeddings") or self.manifest.context_length)
-        return min(self.requested_context_length, trained)
-
     # -- tokens ------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        self.session
-        tokens = self.tokenizer.encode(text, add_special)
-        bos = self._special_id("bos_token")
-        # A chat template that writes the BOS text itself would otherwise give two.
-        if bos is not None and len(tokens) >= 2 and tokens[0] == tokens[1] == bos:
-            tokens = tokens[1:]
-        return tokens
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special, parse_special)
 
     def token_bytes(self, token: int) -> bytes:
         return self.tokenizer.token_bytes(token)
 
     def is_end_of_generation(self, token: int) -> bool:
         return token in self._eog_ids
+
+    @property
+    def bos_token(self) -> int | None:
+        return self.tokenizer.added_bos
 
     def _end_of_generation_ids(self) -> frozenset[int]:
         ids = set()
@@ -184,31 +197,115 @@ class OnnxRuntimeBackend(Backend):
         return self.tokenizer.token_id(text) if text else None
 
     def chat_template(self) -> tuple[str, str, str]:
-        self.session
         if not self._template:
             raise BackendError(f"{self.model_path} has no chat template in tokenizer_config.json; use /v1/completions")
         return self._template, self._special_text("bos_token"), self._special_text("eos_token")
 
-    # -- generation --------------------------------------------------------
-    def sample_tokens(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-        rng = np.random.default_rng(params.seed if params.seed is not None else random.randrange(2**63))
-        decoder = _Decoder(self.session, self._graph, on_gpu=self.provider in ("cuda", "tensorrt"))
-        logits = decoder.step(prompt)
-        while True:
-            token = pick_token(logits, params, rng)
-            yield token
-            logits = decoder.step([token])
+    # -- the step loop -----------------------------------------------------
+    def start_sequence(self, slot: int, keep: int, params: SamplingParams) -> None:
+        cache = self._cache(slot)
+        if keep > cache.length:
+            raise BackendError(f"slot {slot} holds {cache.length} tokens, {keep} cannot be kept")
+        if keep == 0:
+            self._caches[slot] = self._empty_cache()
+        elif keep < cache.length or cache.shared:
+            self._caches[slot] = cache.detached(keep)
+        # No seed: numpy draws a fresh one from the OS.
+        self._samplers[slot] = (params, np.random.default_rng(params.seed))
 
-    def info(self) -> dict:
-        info = super().info()
-        if self.is_loaded:
-            info.update(
-                architecture=self.manifest.architecture,
-                quantization=self.manifest.quantization,
-                threads=self.threads,
-                provider=self.provider,
-            )
-        return info
+    def step(self, feeds: list[Feed]) -> dict[int, int]:
+        for feed in feeds:
+            self._check(feed)
+        decoding = [f for f in feeds if len(f.tokens) == 1]
+        last_logits = dict(zip((f.slot for f in decoding), self._decode(decoding))) if decoding else {}
+        for feed in feeds:
+            if len(feed.tokens) > 1:
+                last_logits[feed.slot] = self._prefill(feed)
+        return {f.slot: self._sample(f.slot, last_logits[f.slot]) for f in feeds if f.sample}
+
+    def clear(self) -> None:
+        self._caches.clear()
+
+    def _check(self, feed: Feed) -> None:
+        if not feed.tokens:
+            raise BackendError(f"slot {feed.slot}: a feed without tokens")
+        if feed.sample and feed.slot not in self._samplers:
+            raise BackendError(f"slot {feed.slot} was never started")
+        length = self._cache(feed.slot).length
+        if feed.pos != length:
+            raise BackendError(f"slot {feed.slot}: position {feed.pos} does not continue its {length} tokens")
+
+    def _prefill(self, feed: Feed) -> np.ndarray:
+        """One prompt chunk alone; the logits of its last token."""
+        cache = self._cache(feed.slot)
+        past = cache.detached().values if cache.shared else cache.values
+        n, total = len(feed.tokens), cache.length + len(feed.tokens)
+        logits, present = self._run([feed.tokens], np.ones((1, total), np.int64),
+                                    [list(range(feed.pos, feed.pos + n))], past)
+        self._caches[feed.slot] = _Cache(present)
+        return logits[0]
+
+    def _decode(self, feeds: list[Feed]) -> np.ndarray:
+        """The next token of every sequence in one batched run; the logits, a row per feed."""
+        caches = [self._cache(f.slot) for f in feeds]
+        past, pads = self._batched_past(caches, {f.slot for f in feeds})
+        mask = np.ones((len(feeds), _shape(past[0])[2] + 1), np.int64)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+        logits, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past)
+        for row, (feed, pad) in enumerate(zip(feeds, pads)):
+            self._caches[feed.slot] = _Cache(present, row, pad)
+        return logits
+
+    def _batched_past(self, caches: list[_Cache], slots: set[int]) -> tuple[list, list[int]]:
+        """The past of a batch and each row's left padding."""
+        first = caches[0].values
+        same_batch = _shape(first[0])[0] == len(caches) and all(
+            c.values is first and c.row == row for row, c in enumerate(caches))
+        if same_batch:  # the same sequences as the last step: its present is their past as it is
+            return first, [c.pad for c in caches]
+        # Idle slots would otherwise keep whole old batches alive for the few rows they hold.
+        for slot, cache in self._caches.items():
+            if slot not in slots and cache.shared:
+                self._caches[slot] = cache.detached()
+        return _pack(caches, self._graph.kv_dtype)
+
+    def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
+             past: list) -> tuple[np.ndarray, list]:
+        """One forward pass; the last position's logits (float32, a row per sequence) and the present."""
+        graph, binding = self._graph, self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        if graph.has_position_ids:  # without them the graph derives positions from the mask
+            binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
+        for name, value in zip(graph.past_names, past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in graph.present_names:
+            binding.bind_output(name, self._device)  # the cache stays where the graph runs
+        try:
+            self.session.run_with_iobinding(binding)
+        except ORT_ERRORS as exc:
+            raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
+        outputs = binding.get_outputs()
+        return outputs[0].numpy()[:, -1].astype(np.float32), outputs[1:]
+
+    def _sample(self, slot: int, logits: np.ndarray) -> int:
+        params, rng = self._samplers[slot]
+        return pick_token(logits, params, rng)
+
+    def _cache(self, slot: int) -> _Cache:
+        if slot not in self._caches:
+            self._caches[slot] = self._empty_cache()
+        return self._caches[slot]
+
+    def _empty_cache(self) -> _Cache:
+        graph = self._graph
+        empty = np.zeros((1, graph.kv_heads, 0, graph.head_dim), dtype=graph.kv_dtype)
+        return _Cache([empty] * len(graph.past_names))
 
 
 class _GraphSignature:
@@ -224,45 +321,70 @@ class _GraphSignature:
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
 
 
-class _Decoder:
-    """One generation's KV cache, kept where the graph runs (on the GPU under CUDA) between steps."""
+@dataclass
+class _Cache:
+    """One slot's KV cache: row ``row`` of per-layer arrays [rows, kv_heads, width, head_dim] (numpy, or
+    the OrtValues a run left on its device), whose last ``width - pad`` positions are the slot's."""
 
-    def __init__(self, session: ort.InferenceSession, graph: _GraphSignature, on_gpu: bool):
-        self.session, self.graph = session, graph
-        self.device = "cuda" if on_gpu else "cpu"
-        self.length = 0  # tokens already in the cache
-        empty = np.zeros((1, graph.kv_heads, 0, graph.head_dim), dtype=graph.kv_dtype)
-        self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device) for _ in graph.past_names]
+    values: list
+    row: int = 0
+    pad: int = 0
 
-    def step(self, tokens: list[int]) -> np.ndarray:
-        """Run tokens through the model; the logits of the last one."""
-        binding = self.session.io_binding()
-        total = self.length + len(tokens)
-        binding.bind_cpu_input("input_ids", np.array([tokens], dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        if self.graph.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.arange(self.length, total, dtype=np.int64)[None])
-        for name, value in zip(self.graph.past_names, self.past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self.graph.present_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.past = outputs[1:]
-        self.length = total
-        return outputs[0].numpy()[0, -1].astype(np.float32)
+    @property
+    def length(self) -> int:
+        return _shape(self.values[0])[2] - self.pad
+
+    @property
+    def shared(self) -> bool:
+        """Part of a batch's arrays, not arrays of its own."""
+        return _shape(self.values[0])[0] > 1 or self.pad > 0
+
+    def detached(self, keep: int | None = None) -> _Cache:
+        """Its first ``keep`` positions (all by default) copied into arrays of its own."""
+        end = self.pad + (self.length if keep is None else keep)
+        return _Cache([_host(v)[self.row : self.row + 1, :, self.pad : end].copy() for v in self.values])
+
+
+def _pack(caches: list[_Cache], dtype) -> tuple[list[np.ndarray], list[int]]:
+    """The caches as one batch, each left-padded with zeros to the longest; and each one's padding."""
+    width = max(c.length for c in caches)
+    pads = [width - c.length for c in caches]
+    hosts: dict[int, list[np.ndarray]] = {}  # each distinct set of arrays brought to the host once
+    for c in caches:
+        if id(c.values) not in hosts:
+            hosts[id(c.values)] = [_host(v) for v in c.values]
+    _, kv_heads, _, head_dim = _shape(caches[0].values[0])
+    past = []
+    for layer in range(len(caches[0].values)):
+        # Zeros, not garbage: masked positions still go through the attention's matmul.
+        batch = np.zeros((len(caches), kv_heads, width, head_dim), dtype=dtype)
+        for row, (c, pad) in enumerate(zip(caches, pads)):
+            batch[row, :, pad:] = hosts[id(c.values)][layer][c.row, :, c.pad:]
+        past.append(batch)
+    return past, pads
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
+
+
+def _host(value) -> np.ndarray:
+    """A numpy view of a cache array (a copy when it lives on a GPU)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def pick_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """llama.cpp's sampler chain: greedy at temperature 0, else top-k, top-p, temperature, draw."""
+    """llama.cpp's sampler chain: greedy at temperature 0, else top-k, top-p, min-p, temperature, draw."""
     if params.temperature <= 0:
         return int(np.argmax(logits))
     candidates = _top_k(logits, params.top_k)
     chosen = logits[candidates].astype(np.float64)
     if params.top_p < 1.0:
-        probs = _softmax(chosen)
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+        keep = int(np.searchsorted(np.cumsum(_softmax(chosen)), params.top_p)) + 1
+        candidates, chosen = candidates[:keep], chosen[:keep]
+    if params.min_p > 0.0:
+        # Largest first, so the tokens at least min_p times as likely as the best one are a prefix.
+        keep = int(np.count_nonzero(chosen >= chosen[0] + np.log(params.min_p)))
         candidates, chosen = candidates[:keep], chosen[:keep]
     probs = _softmax(chosen / params.temperature)
     return int(candidates[rng.choice(len(candidates), p=probs)])

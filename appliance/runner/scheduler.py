@@ -142,8 +142,12 @@ class Scheduler:
             # A seeded request must not depend on what ran before it: prefill it whole.
             reuse = 0 if request.params.seed is not None else _common_prefix(slot.tokens, request.tokens)
             keep = min(reuse, len(request.tokens) - 1)  # the last prompt token is fed again for its logits
-            self.backend.start_sequence(slot.index, keep, request.params)
             del slot.tokens[keep:]
+            try:
+                self.backend.start_sequence(slot.index, keep, request.params)
+            except Exception as exc:  # e.g. a sampler setting the engine refused: this request fails, not the runner
+                self.emit(msg.Failed(request.id, f"the engine refused the request's settings: {exc}"))
+                continue
             slot.seq = Sequence(request.id, request.tokens, request.params, fed=keep)
             self.emit(msg.Admitted(request.id, prompt_tokens=len(request.tokens), cached_tokens=keep))
 

@@ -55,7 +55,12 @@ def _read(conn: Connection, backend, facts, scheduler: Scheduler, emit) -> None:
             scheduler.inbox.put(msg.Shutdown())
             return
         if isinstance(message, msg.Submit):
-            message = prepare(backend, facts, message)
+            request_id = message.id
+            try:
+                message = prepare(backend, facts, message)
+            except Exception as exc:  # a bug must fail this request, never the reader (which would hang them all)
+                emit(msg.Failed(request_id, f"could not prepare the request: {exc.__class__.__name__}: {exc}"))
+                continue
             if isinstance(message, msg.Refused):
                 emit(message)
                 continue
