@@ -217,7 +217,11 @@ class OnnxRuntimeBackend(Backend):
         for feed in feeds:
             self._check(feed)
         decoding = [f for f in feeds if len(f.tokens) == 1]
-        last_logits = dict(zip((f.slot for f in decoding), self._decode(decoding))) if decoding else {}
+        # A graph without position_ids numbers positions itself, which left padding would shift: one at a time.
+        batches = [decoding] if self._graph.has_position_ids else [[f] for f in decoding]
+        last_logits = {}
+        for batch in filter(None, batches):
+            last_logits.update(zip((f.slot for f in batch), self._decode(batch)))
         for feed in feeds:
             if len(feed.tokens) > 1:
                 last_logits[feed.slot] = self._prefill(feed)
@@ -246,7 +250,7 @@ class OnnxRuntimeBackend(Backend):
         return logits[0]
 
     def _decode(self, feeds: list[Feed]) -> np.ndarray:
-        """The next token of every sequence in one batched run; the logits, a row per feed."""
+        """One-token feeds (generating sequences) in one batched run; the logits, a row per feed."""
         caches = [self._cache(f.slot) for f in feeds]
         past, pads = self._batched_past(caches, {f.slot for f in feeds})
         mask = np.ones((len(feeds), _shape(past[0])[2] + 1), np.int64)
@@ -276,7 +280,7 @@ class OnnxRuntimeBackend(Backend):
         graph, binding = self._graph, self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
-        if graph.has_position_ids:  # without them the graph derives positions from the mask
+        if graph.has_position_ids:
             binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
         for name, value in zip(graph.past_names, past):
             if isinstance(value, np.ndarray):
