@@ -257,3 +257,10 @@ def test_sampling_values_the_engines_cannot_take_are_refused_at_the_door():
         with pytest.raises(InvalidRequest) as refused:
             parse_body(json.dumps(base | bad).encode(), ChatCompletionRequest)
         assert refused.value.param in ("top_k", "stop")
+
+
+def test_an_empty_prompt_is_refused_not_fed(fake_model):
+    backend = FakeBackend(fake_model, threads=1, context_length=512, n_slots=1)
+    facts = backend.load()
+    refused = prepare(backend, facts, msg.Submit(1, SamplingParams(), prompt=""))
+    assert isinstance(refused, msg.Refused) and refused.code == "empty_prompt"

@@ -69,6 +69,8 @@ def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit) -> Prepared
     except (ChatTemplateError, BackendError) as exc:
         return msg.Refused(submit.id, str(exc), code="chat_template_error", param="messages")
     param = "messages" if submit.messages is not None else "prompt"
+    if not tokens:
+        return msg.Refused(submit.id, "the prompt is empty: send some text to complete", code="empty_prompt", param=param)
     context = facts.context_length
     room = context - len(tokens)
     if room < 1:
