@@ -167,6 +167,22 @@ class Database:
                     out[name] = None
         return out
 
+    def probe_write(self) -> bool:
+        """While writes fail: try one that leaves nothing behind (a row added and removed in one transaction).
+
+        True once the log takes writes again, which clears log_error; readiness asks this, so a box whose
+        disk got space back becomes ready without waiting for a request to try first.
+        """
+        if self.log_error is None:
+            return True
+        try:
+            with self._write():
+                rowid = self.db["power_events"].insert({"time": utcnow(), "reason": "write probe"}).last_pk
+                self.db["power_events"].delete(rowid)
+        except LogUnavailable:
+            return False
+        return True
+
     def start_request(self, endpoint: str, client: str | None, **fields) -> int:
         row = self._texts({"started": utcnow(), "endpoint": endpoint, "client": client, **fields})
         with self._write():

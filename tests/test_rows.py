@@ -427,10 +427,10 @@ def test_a_full_disk_refuses_generation_with_503_and_recovers(tmp_path, small_di
         assert requests.get(svc.url + "/v1/models", timeout=10).status_code == 200  # not logged, so not refused
 
         filler.unlink()
-        # Nothing is retried in the background: the next write that succeeds clears the error, /readyz with it.
+        # Readiness tries a write of its own, so the box is ready again before any request comes.
+        assert requests.get(svc.url + "/readyz", timeout=10).status_code == 200
         r = requests.post(svc.url + CHAT, json=body, timeout=120)
         assert r.status_code == 200, r.text
-        assert requests.get(svc.url + "/readyz", timeout=10).status_code == 200
         rows = svc.rows()
         assert [r["status"] for r in rows] == [200, 200] and all(r["finished"] for r in rows)  # nothing unlogged
     finally:

@@ -23,7 +23,7 @@ def readyz():
     if state().shutting_down.is_set():
         raise ServiceUnavailable("the service is shutting down", code="shutting_down")
     power = state().power.state
-    if state().db.log_error:  # generation is refused while it cannot be logged; this clears by itself
+    if not state().db.probe_write():  # generation is refused while it cannot be logged; this clears by itself
         raise ServiceUnavailable(f"the request log cannot be written: {state().db.log_error}", code="log_unavailable")
     if runner.load_error:  # the next request tries the load again
         raise ServiceUnavailable(f"model {runner.name!r} failed to load: {runner.load_error}", code="model_load_failed")
