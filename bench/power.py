@@ -146,7 +146,8 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
         f"interpreter before any model (row above), {floor['rss'] / active:.0%} of active RSS with this 135M model. The rest of",
         f"deep idle ({summary['deep_idle_uss_mib'] - summary['import_floor_uss_mib']:.0f} MiB of USS over that floor) is what the "
         "running service holds beyond a fresh interpreter",
-        "(threads, the SQLite connection, heap left by model loads; not broken down here).",
+        "(threads, the SQLite connection, the heap of the requests it served; not broken down here). Active RSS",
+        "grows with the slots: each of the `parallel` slots (4 by default) holds a KV cache of the context's length.",
         *([
             "The import floor alone is over 15% of active here: the HTTP process itself would have to shrink.",
         ] if floor["rss"] / active > 0.15 else []),

@@ -17,7 +17,7 @@ def _write(module, data: dict) -> None:
         module.write_report(data["meta"], data["runs"])
 
 
-@pytest.mark.parametrize("name", ["overhead", "power", "peer_server"])
+@pytest.mark.parametrize("name", ["overhead", "power", "peer_server", "load"])
 def test_committed_report_is_what_the_bench_writes(name, tmp_path, monkeypatch):
     module = importlib.import_module(f"bench.{name}")
     committed = (module.RESULTS / f"{name}.md").read_text()
