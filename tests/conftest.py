@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -167,3 +168,33 @@ def openai_client(service):
     import openai
 
     return openai.OpenAI(base_url=service.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs of this test's own, so that filling it harms nothing else."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+                                 capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no mount command here to make a small tmpfs to fill")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=30)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file until not one more byte fits; deleting it frees the space again."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for block in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler

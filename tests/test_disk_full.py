@@ -2,52 +2,20 @@
 
 from __future__ import annotations
 
-import errno
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from appliance.db import Database
 from appliance.errors import LogUnavailable
+from tests.conftest import fill_disk
 
 BIG = "x" * 512 * 1024  # more than any free room SQLite's files may have kept
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs of this test's own, so that filling it harms nothing else."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-                                 capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        pytest.skip("no mount command here to make a small tmpfs to fill")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    yield folder
-    # Lazy: a test that failed may leave a database open on it; the kernel detaches it once closed.
-    subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=30)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until the disk is full; deleting it frees the space again."""
-    filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 def test_a_full_disk_is_log_unavailable_until_space_returns(small_disk):
     db = Database(small_disk / "logs.db")
     open_row = db.start_request("/v1/chat/completions", "127.0.0.1", prompt="before")
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
 
     with pytest.raises(LogUnavailable) as caught:
         db.start_request("/v1/chat/completions", "127.0.0.1", prompt=BIG)

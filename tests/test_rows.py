@@ -8,13 +8,11 @@ bare sockets, so a test can hang up, or half-close, exactly when it wants.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import start_service
+from tests.conftest import fill_disk, start_service
 from tests.test_streaming import open_stream, read_event
 
 CHAT = "/v1/chat/completions"
@@ -377,35 +375,6 @@ def test_waking_from_deep_idle_does_not_hash_the_model_again(tmp_path, monkeypat
 
 
 # -- item 14: a full disk under the data folder ---------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB tmpfs of this test's own, so that filling it harms nothing else."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
-                                 capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        pytest.skip("no mount command here to make a small tmpfs to fill")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=30)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until not one more byte fits; deleting it frees the space again."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for block in (1 << 16, 1 << 12, 1):
-            try:
-                while True:
-                    f.write(b"\0" * block)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
-
-
 @pytest.mark.slow
 def test_a_full_disk_refuses_generation_with_503_and_recovers(tmp_path, small_disk):
     # The service's own output goes outside the small disk; only its data folder is on it.
@@ -414,7 +383,7 @@ def test_a_full_disk_refuses_generation_with_503_and_recovers(tmp_path, small_di
     try:
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         assert requests.post(svc.url + CHAT, json=body, timeout=120).status_code == 200
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
 
         r = requests.post(svc.url + CHAT, json=body, timeout=120)
         assert r.status_code == 503, r.text
