@@ -8,7 +8,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from appliance.backends import BackendError
+from appliance.backends import BackendError, create_backend
 from appliance.backends.base import SamplingParams
 from appliance.runner import protocol as msg
 from appliance.runner.supervisor import ModelRunner, RunnerCrashed
@@ -131,7 +131,10 @@ def test_gpu_profile_gives_an_fp16_onnx_graph_that_still_runs_on_cpu(tiny_hf, tm
     assert read_manifest(package).quantization == "int4-block128-asym-head8-mixed-fp16"
     runner = runner_for(package)
     assert greedy_text(runner, PROMPTS[1])
-    assert runner.backend._graph.kv_dtype.__name__ == "float16"
+    runner.unload()
+    backend = create_backend("onnx", package, threads=1, context_length=256, provider="cpu")
+    backend.load()  # in this process, to look at the graph the runner served
+    assert backend._graph.kv_dtype.__name__ == "float16"
     # fp16 scales and a zero point per block; the head takes 64-wide blocks where 128 do not tile its rows
     assert_lookup_reads_the_heads_weights(package, tiny_hf, fp16=True)
 
