@@ -6,6 +6,7 @@ model in a real runner process, once per backend where the feature is the backen
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import signal
@@ -57,12 +58,9 @@ def runner_pids(svc) -> list[int]:
     return [p.pid for p in psutil.Process(svc.proc.pid).children(recursive=True)]
 
 
-def token_agreement(a: str, b: str) -> float:
-    """Share of the longer answer's characters that match position by position (1.0: identical)."""
-    if not a and not b:
-        return 1.0
-    same = sum(x == y for x, y in zip(a, b))
-    return same / max(len(a), len(b))
+def similarity(a: str, b: str) -> float:
+    """How much of two answers is the same text, in order (1.0: identical), shifts forgiven."""
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +89,13 @@ def test_eight_concurrent_streams_answer_as_each_alone(batching_service, served_
     else:
         # ONNX Runtime's INT4 kernels round activations to int8, and a left-padded batch changes the last bits
         # before that rounding: about 1.5% of near-tied greedy picks flip (98.4-98.8% teacher-forced agreement,
-        # measured in tests/test_onnx_backend.py), and an answer differs from the first flip on. So: the same
-        # beginning for every request (nothing mixed up between sequences), and most of the text the same.
-        assert all(together[i][:8] == alone[i][:8] for i in range(8)), (together, alone)
-        agreement = sum(token_agreement(together[i], alone[i]) for i in range(8)) / 8
-        assert agreement >= 0.6, agreement
+        # measured in tests/test_onnx_backend.py), and an answer differs from the first flip on; which flips
+        # happen depends on what shared each step. So: every answer is closest to its own prompt's answer
+        # alone (nothing mixed up between sequences), and several are identical (6 of 8 in one measurement).
+        for i in range(8):
+            closest = max(range(8), key=lambda j: similarity(together[i], alone[j]))
+            assert closest == i, (i, together[i], alone)
+        assert sum(together[i] == alone[i] for i in range(8)) >= 3, (together, alone)
     rows = [r for r in svc.rows() if r["stream"] == 1][-8:]
     assert all(r["status"] == 200 and r["finished"] for r in rows)
 
