@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from appliance import api, errors
+from appliance import api, auth, errors
 from appliance.config import Settings, load_settings
 from appliance.db import Database
 from appliance.power import PowerManager
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         tokens_per_minute=settings.rate_limit_tpm,
     )
     app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner, power=power, admission=admission)
+    auth.init_app(app)  # first: refuses to build a service that would listen without the keys it needs
     power.start()
     errors.init_app(app)
     api.init_app(app)

@@ -1,10 +1,12 @@
-"""The ``appliance`` command: serve, chat, models, logs."""
+"""The ``appliance`` command: serve, chat, models, logs, status, keys."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -87,7 +89,11 @@ def serve(ctx, host, port, model, threads, context_length, parallel, home):
     \b
     Example:
       appliance serve --port 8080 --threads 4
-      curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+    Beyond loopback (--host 0.0.0.0) API keys are required: create an admin key first
+    with 'appliance keys create --role admin'.
     """
     from appliance.app import create_app
     from appliance.power import limit_malloc_arenas
@@ -97,7 +103,12 @@ def serve(ctx, host, port, model, threads, context_length, parallel, home):
     settings = _settings(ctx, host=host, port=port, model=model, threads=threads, context_length=context_length,
                          parallel=parallel, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    from appliance.auth import AuthSetupError
+
+    try:
+        app = create_app(settings)
+    except AuthSetupError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"appliance: logging requests to {settings.db_path}", err=True)
     run_server(app, settings.host, settings.port, settings.worker_threads, on_ready=lambda m: click.echo(m, err=True))
 
@@ -256,12 +267,18 @@ def status(ctx, url, power_state, as_json):
 
     settings = _settings(ctx)
     base = url or f"http://{settings.host}:{settings.port}"
+    key = os.environ.get("APPLIANCE_API_KEY")  # an admin key, where the service requires keys
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         if power_state:
             body = json.dumps({"state": power_state}).encode()
-            req = urllib.request.Request(base + "/api/power", data=body, headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(base + "/api/power", data=body,
+                                         headers={"Content-Type": "application/json", **auth})
             urllib.request.urlopen(req, timeout=120).read()
-        info = json.loads(urllib.request.urlopen(base + "/api/status", timeout=10).read())
+        info = json.loads(urllib.request.urlopen(urllib.request.Request(base + "/api/status", headers=auth),
+                                                 timeout=10).read())
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"{base} answered {exc.code}: {_error_message(exc)}") from None
     except urllib.error.URLError as exc:
         raise click.ClickException(f"no service answers at {base} ({exc.reason}): start it with 'appliance serve'") from None
     if as_json:
@@ -277,6 +294,107 @@ def status(ctx, url, power_state, as_json):
                f"{info['requests_in_flight']} request(s) in flight")
     click.echo(f"box        {system['available_memory'] / 2**20:.0f} MiB available of {system['total_memory'] / 2**20:.0f}, "
                f"CPU {system['system_cpu_percent']:.1f}%, power profile {info['profile']}{' (dry run)' if info['dry_run'] else ''}")
+
+
+def _error_message(exc) -> str:
+    try:
+        return json.loads(exc.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return str(exc.reason)
+
+
+# -- API keys -------------------------------------------------------------------------------------
+@cli.group()
+def keys():
+    """API keys: who may call the box, with which role.
+
+    \b
+    Roles:
+      user      /v1/* (chat, completions, models)
+      admin     /v1/* and the admin API (/api/status, /api/power, /api/logs)
+      auditor   only reads the log (/api/logs) and the metrics
+
+    Keys are required when the service listens beyond loopback, and on loopback once any key
+    exists (setting auth: auto, required or off). Clients send 'Authorization: Bearer <key>'.
+    """
+
+
+@contextmanager
+def _keys_db(ctx: click.Context, home: str | None):
+    from appliance.db import Database
+
+    # service=False: the service may be running; its open request rows are its own.
+    db = Database(_settings(ctx, home=home).db_path, service=False)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@keys.command("create")
+@click.option("--role", type=click.Choice(["user", "admin", "auditor"]), required=True)
+@click.option("--name", help="who or what the key is for")
+@click.option("--expires", help="last valid date (2027-01-31) or ISO date-time, UTC unless it says otherwise")
+@click.option("--priority", help="priority class of the key's requests (a request may ask for a lower one only)")
+@_home_option
+@click.pass_context
+def keys_create(ctx, role, name, expires, priority, home):
+    """Create a key and print it: it is shown this once, only its salted hash is kept.
+
+    \b
+    Example:
+      appliance keys create --role admin --name ops
+      appliance keys create --role user --name kiosk --expires 2027-06-30 --priority interactive
+    """
+    from appliance.auth import hash_secret, new_key, parse_expiry
+
+    settings = _settings(ctx, home=home)
+    classes = [c["name"] for c in settings.priority_classes]
+    if priority is not None and priority not in classes:
+        raise click.BadParameter(f"unknown priority class {priority!r}: use one of {', '.join(classes)}",
+                                 param_hint="--priority")
+    try:
+        expiry = parse_expiry(expires) if expires else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires") from None
+    key_id, key = new_key()
+    with _keys_db(ctx, home) as db:
+        db.add_api_key(id=key_id, name=name, role=role, priority=priority, expires=expiry, **hash_secret(key))
+    click.echo(key)
+    click.echo(f"key {key_id} ({role}) created; it is shown only now: keep it, send it as "
+               "'Authorization: Bearer <key>'", err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_home_option
+@click.pass_context
+def keys_list(ctx, as_json, home):
+    """List keys (ids, roles, state; never the keys themselves)."""
+    from appliance.auth import key_state
+
+    with _keys_db(ctx, home) as db:
+        rows = [row | {"state": key_state(row)} for row in db.api_keys()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'id':<14} {'role':<8} {'state':<8} {'priority':<12} {'expires':<26} name")
+    for r in rows:
+        click.echo(f"{r['id']:<14} {r['role']:<8} {r['state']:<8} {r['priority'] or '-':<12} "
+                   f"{r['expires'] or 'never':<26} {r['name'] or ''}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_home_option
+@click.pass_context
+def keys_revoke(ctx, key_id, home):
+    """Revoke a key by its id (from 'keys list'); a running service refuses it from its next request."""
+    with _keys_db(ctx, home) as db:
+        revoked = db.revoke_api_key(key_id.removeprefix("sk-").split("-")[0])
+    if not revoked:
+        raise click.ClickException(f"no active key {key_id!r}: 'appliance keys list' shows the keys")
+    click.echo(f"key {key_id} revoked")
 
 
 def _fmt(value, digits: int = 0) -> str:

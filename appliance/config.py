@@ -65,6 +65,8 @@ class Settings:
     sample_every: float = field(default=30.0, metadata={"help": "seconds between psutil samples of CPU, memory and temperature"})
     power_profile: str = field(default="auto", metadata={"help": "power profile: auto, jetson, linux-cpufreq or none"})
     power_dry_run: bool = field(default=False, metadata={"help": "record what the power profile would run instead of running it"})
+    auth: str = field(default="auto", metadata={"help": "API keys: auto (required beyond loopback, or once any key exists), required, or off"})
+    allowed_hosts: list[str] = field(default_factory=list, metadata={"help": "names clients may reach the box by (Host header), besides loopback names and IP addresses; '.example.lan' allows its subdomains, '*' any"})
 
     @property
     def worker_threads(self) -> int:
@@ -112,6 +114,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return Path(value).expanduser()
         if kind == "list":
             return _list_of_tables(value)
+        if kind == "list[str]":
+            return _list_of_strings(value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name!r} must be a {kind}, got {value!r}") from None
@@ -124,6 +128,15 @@ def _list_of_tables(value: Any) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise ValueError(value)
     return value
+
+
+def _list_of_strings(value: Any) -> list[str]:
+    """A TOML list of strings, or from the environment a JSON list or comma-separated text."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",")]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(value)
+    return [v.strip() for v in value if v.strip()]
 
 
 def load_settings(
@@ -182,6 +195,10 @@ def _validate(settings: Settings) -> None:
     for name in ("http_threads", "queue_size", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
+    from appliance.auth import AUTH_MODES
+
+    if settings.auth not in AUTH_MODES:
+        raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
     _validate_power(settings)
 

@@ -79,6 +79,28 @@ def m002_power_events(db: sqlite_utils.Database):
     )
 
 
+@migrations()
+def m003_api_keys(db: sqlite_utils.Database):
+    db["api_keys"].create(
+        {
+            "id": str,  # public: the middle of sk-<id>-<secret>, what the log and 'keys list' show
+            "name": str,
+            "role": str,  # user, admin or auditor
+            "priority": str,  # priority class the key's requests get by default; NULL: the default class
+            "created": str,  # ISO 8601, UTC
+            "expires": str,  # NULL: never
+            "revoked": str,  # when it was revoked; NULL while it is not
+            "salt": str,  # hex; the key itself is never stored
+            "scrypt_n": int,
+            "scrypt_r": int,
+            "scrypt_p": int,
+            "hash": str,  # hex scrypt of the whole key
+        },
+        pk="id",
+    )
+    db["requests"].add_column("key_id", str)  # the key that made the request (its id, never the key)
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -99,8 +121,11 @@ def _storage_failure(exc: sqlite3.Error) -> bool:
 class Database:
     """Owns the SQLite file. Thread-safe: one connection, one lock."""
 
-    def __init__(self, path: Path | str, store_text: bool = True, readonly: bool = False):
-        """``readonly`` is for readers beside a running service (``appliance logs``, tests)."""
+    def __init__(self, path: Path | str, store_text: bool = True, readonly: bool = False, service: bool = True):
+        """``readonly`` is for readers beside a running service (``appliance logs``, tests).
+
+        ``service=False`` is for writers beside it (``appliance keys``): they leave its open rows alone.
+        """
         self.path = Path(path)
         self.store_text = store_text
         self.log_error: str | None = None  # why the last write failed; None once one succeeds
@@ -117,7 +142,8 @@ class Database:
             # WAL + NORMAL: a committed row survives the process dying; only a power cut may lose the last ones.
             self.db.execute("PRAGMA synchronous=NORMAL")
             migrations.apply(self.db)
-        self._close_interrupted()
+        if service:
+            self._close_interrupted()
 
     def _close_interrupted(self) -> None:
         """Rows a previous process left open (it was killed) are marked, not lost."""
@@ -211,6 +237,37 @@ class Database:
     def get_request(self, request_id: int) -> dict:
         with self._lock:
             return self.db["requests"].get(request_id)
+
+    # -- API keys (auth.py hashes and checks them; only their hashes are here) ------------------
+    def add_api_key(self, **fields) -> None:
+        with self._write():
+            self.db["api_keys"].insert({"created": utcnow(), **fields})
+
+    def get_api_key(self, key_id: str) -> dict | None:
+        with self._lock:
+            rows = list(self.db["api_keys"].rows_where("id = ?", [key_id]))
+        return rows[0] if rows else None
+
+    def api_keys(self) -> list[dict]:
+        """Every key, oldest first, without its salt and hash."""
+        with self._lock:
+            rows = list(self.db["api_keys"].rows_where(order_by="created, id"))
+        return [{k: v for k, v in row.items() if k not in ("salt", "hash")} for row in rows]
+
+    def has_api_keys(self, role: str | None = None) -> bool:
+        """Whether a key that is neither revoked nor expired exists (of this role, if given)."""
+        sql = "SELECT 1 FROM api_keys WHERE revoked IS NULL AND (expires IS NULL OR expires > ?)"
+        args = [utcnow()]
+        if role is not None:
+            sql, args = sql + " AND role = ?", args + [role]
+        with self._lock:
+            return self.db.execute(sql + " LIMIT 1", args).fetchone() is not None
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke a key at once; False when no such key is there or it was revoked before."""
+        with self._write():
+            return self.db.execute("UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                                   [utcnow(), key_id]).rowcount == 1
 
     def close(self) -> None:
         with self._lock:

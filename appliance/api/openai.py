@@ -7,6 +7,7 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from appliance import auth
 from appliance.api.generation import Cancellation, Generation, GenerationFailed, new_id, sse, usage_json
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from appliance.backends.base import SamplingParams
@@ -21,8 +22,9 @@ def _open_log_row():
     g.started = time.perf_counter()
     g.log_fields = {}
     # Every generation request has a row from its arrival; listing models is not logged.
-    g.log_id = state().db.start_request(endpoint=request.path, client=request.remote_addr) \
-        if request.method == "POST" else None
+    key = g.get("api_key")
+    g.log_id = state().db.start_request(endpoint=request.path, client=request.remote_addr,
+                                        key_id=key.id if key else None) if request.method == "POST" else None
 
 
 @bp.after_request
@@ -106,7 +108,8 @@ def _respond(req, messages, prompt, chat: bool):
     generation = Generation(
         st.runner, st.db, st.admission, g.log_id, g.started,
         Cancellation(client_gone=client_gone, shutting_down=st.shutting_down.is_set),
-        client=request.remote_addr or "", priority=req.priority or request.headers.get("X-Priority"),
+        client=auth.client_id(),
+        priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), st.admission.classes),
     )
     g.generation = generation
     g.streaming = False  # until the stream is handed to the server, errors are plain responses

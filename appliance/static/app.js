@@ -6,6 +6,36 @@ const $ = (id) => document.getElementById(id);
 const conversation = [];
 let controller = null;
 
+// -- API key ----------------------------------------------------------------
+// Where the box requires keys, the UI asks for one when the API answers 401 and keeps it for this
+// tab only (sessionStorage). Every call goes through api(): JSON bodies with their Content-Type, and
+// the key as a Bearer header; the browser adds the Origin the box checks on POSTs.
+const KEY = "appliance.api_key";
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const key = sessionStorage.getItem(KEY);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) askForKey(await errorMessage(response.clone()));
+  return response;
+}
+
+function askForKey(message) {
+  $("key-message").textContent = message;
+  $("key-form").hidden = false;
+}
+
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) sessionStorage.setItem(KEY, key);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  refreshPower();
+});
+
 // -- tabs -------------------------------------------------------------------
 document.querySelectorAll("button.tab").forEach((tab) => {
   tab.addEventListener("click", () => {
@@ -68,9 +98,8 @@ async function send(text) {
   let finish = null;
   let usage = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await api("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
       signal: controller.signal,
       body: JSON.stringify({
         messages: conversation,
@@ -136,7 +165,8 @@ $("clear").addEventListener("click", () => {
 
 // -- logs -------------------------------------------------------------------
 async function loadLogs() {
-  const response = await fetch("/api/logs?limit=50");
+  const response = await api("/api/logs?limit=50");
+  if (!response.ok) return;
   const { data } = await response.json();
   $("log-rows").replaceChildren(
     ...data.map((r) => {
@@ -163,14 +193,17 @@ function showPower(status) {
 }
 
 async function loadStatus() {
-  const status = await (await fetch("/api/status")).json();
+  const response = await api("/api/status");
+  if (!response.ok) return;
+  const status = await response.json();
   showPower(status);
   $("status-detail").textContent = JSON.stringify(status, null, 2);
 }
 
 async function refreshPower() {
   try {
-    showPower(await (await fetch("/api/status")).json());
+    const response = await api("/api/status");
+    if (response.ok) showPower(await response.json());
   } catch {
     $("power").textContent = "offline";
   }
@@ -178,9 +211,8 @@ async function refreshPower() {
 
 document.querySelectorAll("button[data-power]").forEach((button) => {
   button.addEventListener("click", async () => {
-    const response = await fetch("/api/power", {
+    const response = await api("/api/power", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ state: button.dataset.power }),
     });
     if (response.ok) loadStatus();
