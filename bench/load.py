@@ -83,7 +83,7 @@ def start_appliance(setup: Setup) -> Server:
     # No idle steps while other servers take their turn, and no power profile touching the shared box.
     env = {"APPLIANCE_HOME": str(home), "APPLIANCE_IDLE_AFTER": "86400", "APPLIANCE_DEEP_IDLE_AFTER": "86400",
            "APPLIANCE_POWER_PROFILE": "none"}
-    args = ["--context-length", str(setup.context), "--parallel", str(setup.parallel)]
+    args = ["--model", str(setup.model), "--context-length", str(setup.context), "--parallel", str(setup.parallel)]
     proc, port = start_service(setup.threads, env, args, log=setup.workdir / "appliance.log")
     command = " ".join([*(f"{k}={v}" for k, v in env.items() if k != "APPLIANCE_HOME"),
                         "python -m appliance serve --port PORT --threads", str(setup.threads), *args])
@@ -329,6 +329,7 @@ def parse_args(argv):
     parser.add_argument("--context", type=int, default=4096, help="context tokens per slot (default 4096)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--llama-server", type=Path, help="llama-server binary (default: bench/build_llama_server.sh's)")
+    parser.add_argument("--report", help="report name under bench/results (default: load, or load-quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 and 2 clients, 1 request each, 16 tokens; writes load-quick.md")
     args = parser.parse_args(argv)
@@ -373,7 +374,7 @@ def main(argv=None) -> None:
             "llama_server_version": llama_server_version(setup.llama_server) if PEER in args.servers else None,
             "servers": {s.name: {"command": s.command, "note": s.note} for s in servers},
             "load_average": load_average, "load_average_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
-            "report": "load-quick" if args.quick else "load",
+            "report": args.report or ("load-quick" if args.quick else "load"),
             "command": "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])}
     print("report:", write_report(meta, runs))
 
