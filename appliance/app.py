@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from appliance import api, auth, errors
+from appliance import api, auth, errors, metrics
 from appliance.config import Settings, load_settings
 from appliance.db import Database
 from appliance.power import PowerManager
@@ -42,4 +42,5 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     power.start()
     errors.init_app(app)
     api.init_app(app)
+    metrics.init_app(app)
     return app

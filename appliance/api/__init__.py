@@ -2,7 +2,7 @@
 
 from flask import Flask
 
-from appliance.api import admin, health, openai, web
+from appliance.api import admin, health, openai, openapi, web
 
 
 def init_app(app: Flask) -> None:
@@ -10,3 +10,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(openapi.bp)

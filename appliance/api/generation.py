@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from appliance import metrics
 from appliance.backends.base import BackendError, SamplingParams, Usage
 from appliance.db import Database
 from appliance.errors import APIError, InvalidRequest, ServiceUnavailable
@@ -68,6 +69,9 @@ class Generation:
     _stream = None
     _ticket = None
     _using = False
+
+    def __post_init__(self):
+        self._observe = metrics.generation_observer()  # built now: a stream finishes outside its request
 
     # -- start: everything that can still become a plain HTTP error ---------------
     def start(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> None:
@@ -172,6 +176,10 @@ class Generation:
             prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens,
             ttft_ms=self.ttft_ms, total_ms=(end - self.started) * 1000, tokens_per_s=tokens_per_s,
         )
+        self._observe(status=status, model=self.runner.name, seconds=end - self.started,
+                      ttft_s=None if self.ttft_ms is None else self.ttft_ms / 1000,
+                      prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens,
+                      tokens_per_s=tokens_per_s)
 
     def _release(self) -> None:
         if self._ticket is not None:

@@ -58,14 +58,20 @@ class _GenerationRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="llama.cpp-style extension; 0 disables it")
-    stop: Union[str, list[str], None] = Field(None, description="up to 16 strings that end the generation")
-    seed: int | None = Field(None, description=f"same seed + same request = same output; 0 to {MAX_SEED}")
-    n: int = Field(1, description="only 1 is supported")
+    # json_schema_extra: what the validators below check, told to /openapi.json (each keyword applies to its type).
+    stop: Union[str, list[str], None] = Field(None, description="up to 16 strings that end the generation",
+                                              json_schema_extra={"maxItems": 16, "maxLength": MAX_STOP_CHARS,
+                                                                 "items": {"maxLength": MAX_STOP_CHARS}})
+    seed: int | None = Field(None, description=f"same seed + same request = same output; 0 to {MAX_SEED}",
+                             json_schema_extra={"minimum": 0, "maximum": MAX_SEED})
+    n: int = Field(1, description="only 1 is supported", json_schema_extra={"const": 1})
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported")
-    frequency_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported")
+    presence_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported",
+                                           json_schema_extra={"enum": [0, None]})
+    frequency_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported",
+                                            json_schema_extra={"enum": [0, None]})
     priority: str | None = Field(None, description="priority class name (see the priority_classes setting); the X-Priority header does the same")
 
     @field_validator("stop")
@@ -121,7 +127,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str]] = Field(description="one prompt, or a list holding exactly one",
+                                          json_schema_extra={"minLength": 1, "minItems": 1, "maxItems": 1,
+                                                             "items": {"minLength": 1}})
 
     @field_validator("prompt")
     @classmethod

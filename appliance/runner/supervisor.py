@@ -73,6 +73,7 @@ class ModelRunner:
         # the power manager counts activity and wakes the box through these.
         self.on_begin: list = []
         self.on_end: list = []
+        self.on_load: list = []  # hook(seconds) after each successful load: the metrics' load durations
         self._verified = VerifiedFiles()
         self._ids = itertools.count(1)
         self._streams: dict[int, RequestStream] = {}
@@ -111,6 +112,8 @@ class ModelRunner:
                 self.load_error = None
                 self.load_seconds = time.perf_counter() - start
                 self.load_count += 1
+                for hook in self.on_load:
+                    hook(self.load_seconds)
             return self.facts
 
     def _verify_files(self) -> None:

@@ -1,0 +1,183 @@
+"""Prometheus metrics at /metrics, one registry per app (never prometheus_client's global one).
+
+Two kinds of figures:
+
+- events, counted when they happen: one logged request (the same moment its row in the
+  ``requests`` table is finished, so the counters match the table), its latency, time to first
+  token, tokens and decode speed; model loads and their duration; requests refused because the
+  log could not be written;
+- state, read at scrape time: queue depth, busy slots, batch size, power state, the runner's
+  load and crash counts, whether the log is writable.
+
+README.md, "Metrics", documents every name. /metrics is not logged. It lives in its own
+blueprint, ``metrics``, so access control can be set on that blueprint alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from appliance import errors
+from appliance.errors import LogUnavailable
+from appliance.power import STATES
+
+bp = Blueprint("metrics", __name__)
+
+# Seconds, from 10 ms (a refused request, a warm first token) to 60 s (a long answer on a small box).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+NO_ROLE = "none"  # the role label of a request made without an API key
+
+
+class Metrics:
+    """The app's registry and its event metrics; the state gauges come from ``_StateCollector`` at scrape time."""
+
+    def __init__(self, app_state):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("appliance_requests", "Logged API requests (rows of the requests table), by how they ended",
+                                ["endpoint", "status", "model", "role"], registry=r)
+        self.latency = Histogram("appliance_request_duration_seconds", "Arrival to end of each logged API request",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("appliance_time_to_first_token_seconds",
+                              "Arrival to first generated text (queue and prefill included)", ["endpoint"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens of generations", ["model"], registry=r)
+        self.completion_tokens = Counter("appliance_completion_tokens", "Generated tokens", ["model"], registry=r)
+        self.tokens_per_s = Histogram("appliance_decode_tokens_per_second",
+                                      "Decode speed of each generation of more than one token", ["model"],
+                                      buckets=TOKENS_PER_S_BUCKETS, registry=r)
+        self.load_duration = Histogram("appliance_model_load_duration_seconds",
+                                       "Verify files, start the runner and load the model", ["model"],
+                                       buckets=LOAD_BUCKETS, registry=r)
+        self.log_refusals = Counter("appliance_log_unavailable_refusals",
+                                    "Requests refused with 503 log_unavailable: the request log could not be written",
+                                    registry=r)
+        r.register(_StateCollector(app_state))
+
+    # -- events -----------------------------------------------------------------------------
+    def request_finished(self, endpoint: str, status: int, model: str | None, role: str | None,
+                         seconds: float) -> None:
+        self.requests.labels(endpoint, str(status), model or "", role or NO_ROLE).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def generation_finished(self, endpoint: str, status: int, model: str, role: str | None, seconds: float,
+                            ttft_s: float | None, prompt_tokens: int, completion_tokens: int,
+                            tokens_per_s: float | None) -> None:
+        self.request_finished(endpoint, status, model, role, seconds)
+        if ttft_s is not None:
+            self.ttft.labels(endpoint).observe(ttft_s)
+        self.prompt_tokens.labels(model).inc(prompt_tokens or 0)
+        self.completion_tokens.labels(model).inc(completion_tokens or 0)
+        if tokens_per_s is not None:
+            self.tokens_per_s.labels(model).observe(tokens_per_s)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """Gauges and counters whose truth lives elsewhere (the queue, the runner, the power manager, the log)."""
+
+    def __init__(self, app_state):
+        self.st = app_state
+
+    def describe(self):
+        return []  # read at scrape time only: nothing to check at registration
+
+    def collect(self):
+        st, runner = self.st, self.st.runner
+        stats = st.admission.stats()
+        yield _gauge("appliance_slots", "Slots: requests that may generate at once", stats["slots"])
+        yield _gauge("appliance_busy_slots", "Slots held by a running request", stats["busy_slots"])
+        yield _gauge("appliance_queue_size", "Requests that may wait for a slot", stats["queue_size"])
+        depth = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a slot, by priority class",
+                                  labels=["priority_class"])
+        for name, count in stats["queued_by_class"].items():
+            depth.add_metric([name], count)
+        yield depth
+        yield _gauge("appliance_batch_size", "Sequences in the runner's last batched decode step",
+                     runner.last_batch_size)
+        yield _gauge("appliance_runner_streams", "Requests the runner holds now (generating or prefilling)",
+                     runner.busy_slots)
+        loaded = GaugeMetricFamily("appliance_model_loaded", "1 while the model's runner is up", labels=["model"])
+        loaded.add_metric([runner.name], int(runner.is_loaded))
+        yield loaded
+        loads = CounterMetricFamily("appliance_model_loads", "Successful model loads (first load, wakes, restarts)",
+                                    labels=["model"])
+        loads.add_metric([runner.name], runner.load_count)
+        yield loads
+        crashes = CounterMetricFamily("appliance_runner_crashes", "Runner processes that died unplanned",
+                                      labels=["model"])
+        crashes.add_metric([runner.name], runner.crash_count)
+        yield crashes
+        power = GaugeMetricFamily("appliance_power_state", "1 for the current power state, 0 for the others",
+                                  labels=["state"])
+        for name in STATES:
+            power.add_metric([name], int(st.power.state == name))
+        yield power
+        if st.power.last_wake_ms is not None:
+            yield _gauge("appliance_last_wake_seconds", "How long the last wake from idle or deep idle took",
+                         st.power.last_wake_ms / 1000)
+        yield _gauge("appliance_log_writable", "0 while writes to the request log fail (disk full or failing)",
+                     int(st.db.log_error is None))
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+# -- hooks for the code that finishes a request ------------------------------------------------
+def request_role() -> str:
+    """The role of the API key that made the current request (auth puts the key on ``g.api_key``); "none" without one."""
+    key = g.get("api_key")
+    return getattr(key, "role", None) or NO_ROLE
+
+
+def generation_observer() -> Callable[..., None]:
+    """For a Generation, built in its request: report its end, which may come after the request context is gone."""
+    if not has_request_context() or "metrics" not in current_app.extensions:
+        return lambda **_: None
+    metrics, endpoint, role = current_app.extensions["metrics"], request.path, request_role()
+    return lambda **fields: metrics.generation_finished(endpoint=endpoint, role=role, **fields)
+
+
+def _count_request_rows(response):
+    """Rows the API's own after_request finishes (the ones no Generation finishes: refused before or while admitted)."""
+    generation = g.get("generation")
+    if g.get("log_id") is not None and not (generation and (generation.finished or g.get("streaming"))):
+        current_app.extensions["metrics"].request_finished(
+            request.path, response.status_code, g.get("log_fields", {}).get("model"), request_role(),
+            time.perf_counter() - g.started,
+        )
+    return response
+
+
+def _log_unavailable(error: LogUnavailable):
+    current_app.extensions["metrics"].log_refusals.inc()
+    return errors.error_response(error)
+
+
+@bp.get("/metrics")
+def metrics_endpoint():
+    """Prometheus text exposition format (0.0.4)."""
+    return Response(current_app.extensions["metrics"].exposition(), mimetype=None,
+                    headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+
+def init_app(app: Flask) -> None:
+    """After errors.init_app and api.init_app: needs the app's state; adds the route, the counters' hooks."""
+    metrics = Metrics(app.extensions["appliance"])
+    app.extensions["metrics"] = metrics
+    runner = app.extensions["appliance"].runner
+    runner.on_load.append(lambda seconds: metrics.load_duration.labels(runner.name).observe(seconds))
+    app.after_request(_count_request_rows)
+    app.register_error_handler(LogUnavailable, _log_unavailable)
+    app.register_blueprint(bp)
