@@ -131,3 +131,21 @@ def test_metrics_are_not_logged_and_registries_are_per_app(make_box):
     assert [r["endpoint"] for r in first.rows()] == [CHAT]
     assert value(scrape(first), "appliance_requests", "appliance_requests_total") == 1
     assert value(scrape(second), "appliance_requests", "appliance_requests_total") == 0
+
+
+def test_requests_are_counted_by_the_role_of_their_key_and_metrics_need_admin_or_auditor(make_box):
+    from tests.test_auth import bearer, create_key
+
+    box = make_box()
+    keys = {role: create_key(box.settings.home, role) for role in ("user", "admin", "auditor")}
+    assert box.client.post(CHAT, json=chat_body(), headers=bearer(keys["user"])).status_code == 200
+    assert box.client.post(CHAT, json=chat_body(), headers=bearer(keys["admin"])).status_code == 200
+    assert box.client.get("/metrics").status_code == 401
+    assert box.client.get("/metrics", headers=bearer(keys["user"])).status_code == 403
+    assert box.client.get("/metrics", headers=bearer(keys["admin"])).status_code == 200
+    r = box.client.get("/metrics", headers=bearer(keys["auditor"]))
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.get_data(as_text=True))}
+    roles = Counter({s.labels["role"]: s.value for s in families["appliance_requests"].samples
+                     if s.name == "appliance_requests_total"})
+    assert roles == Counter({"user": 1, "admin": 1})
