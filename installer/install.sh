@@ -8,6 +8,12 @@
 # compiler); only then is the venv created. Running it twice is harmless: an existing venv, the
 # installed packages, the models and config.toml are kept or replaced by identical copies.
 #
+# Each build gets its own venv, PREFIX/venvs/VERSION-ID (ID: the start of SHA256SUMS' hash), and
+# PREFIX/venv is a symlink to the one in use (venvs cannot be moved: their scripts name their own
+# path). --upgrade installs the new build beside the old one, starts it on a spare port with a
+# scratch data folder and switches the symlink only once that answers /readyz; under systemd it
+# then restarts the unit and switches back if the service does not become ready.
+#
 # The signature is checked with the box's own openssl (3.0 or newer: Ed25519 with -rawin), never
 # with code from the bundle: a verifier shipped inside the bundle it verifies proves nothing.
 set -eu
@@ -25,6 +31,9 @@ PORT=8080
 VERIFY_ONLY=no
 BUILD_LLAMA=auto
 UNIT_ONLY=""
+UPGRADE=no
+UNINSTALL=no
+PURGE=no
 SERVICE_USER=appliance
 UNIT=/etc/systemd/system/appliance.service
 
@@ -32,7 +41,7 @@ usage() {
     cat <<EOF
 usage: $0 [options]
 
-  --prefix DIR       install under DIR (venv in DIR/venv) [/opt/appliance]
+  --prefix DIR       install under DIR (DIR/venv links to the build in use) [/opt/appliance]
   --data DIR         data folder: config.toml, logs.db, models [PREFIX/data]
   --pubkey FILE      Ed25519 public key (PEM) the bundle must be signed with
                      [$DEFAULT_PUBKEY if it exists]
@@ -44,6 +53,9 @@ usage: $0 [options]
   --no-systemd       no system user, no unit: for containers and tests
   --verify-only      check the bundle and the box, install nothing
   --write-unit FILE  write the systemd unit for these options to FILE and stop
+  --upgrade          replace another build in PREFIX (data and config kept; rolled back if not ready)
+  --uninstall        remove the unit, the venvs and this script's copy; the data folder stays
+  --purge            with --uninstall: remove the data folder (logs, keys, models) and the user too
   -h, --help         this text
 EOF
 }
@@ -64,7 +76,9 @@ while [ $# -gt 0 ]; do
         --no-systemd) SYSTEMD=no ;;
         --verify-only) VERIFY_ONLY=yes ;;
         --write-unit) UNIT_ONLY=${2:?--write-unit needs a file}; shift ;;
-        --upgrade|--uninstall) die "$1 is not implemented yet (see installer/README.md)" ;;
+        --upgrade) UPGRADE=yes ;;
+        --uninstall) UNINSTALL=yes ;;
+        --purge) PURGE=yes ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
@@ -114,6 +128,27 @@ EOF
 if [ -n "$UNIT_ONLY" ]; then
     write_unit "$UNIT_ONLY"
     say "wrote $UNIT_ONLY"
+    exit 0
+fi
+
+# --- uninstall: needs no bundle (PREFIX keeps a copy of this script) ----------------------------
+if [ "$UNINSTALL" = yes ]; then
+    if [ -f "$UNIT" ] && command -v systemctl >/dev/null 2>&1; then
+        say "stopping and removing appliance.service"
+        systemctl disable --now appliance.service >/dev/null 2>&1 || true
+        rm -f "$UNIT"
+        systemctl daemon-reload || true
+    fi
+    rm -rf "$PREFIX/venvs" "$PREFIX/venv" "$PREFIX/bundle-manifest.json" "$PREFIX/install.sh"
+    if [ "$PURGE" = yes ]; then
+        say "removing the data folder $DATA"
+        rm -rf "$DATA"
+        if id -u "$SERVICE_USER" >/dev/null 2>&1; then userdel "$SERVICE_USER" || true; fi
+    else
+        say "kept the data folder $DATA (logs, keys, models; --purge removes it)"
+    fi
+    rmdir "$PREFIX" 2>/dev/null || true
+    say "uninstalled from $PREFIX"
     exit 0
 fi
 
@@ -214,28 +249,38 @@ fi
 for var in $(env | sed -n 's/^\(PIP_[A-Z_]*\)=.*/\1/p'); do unset "$var"; done
 export PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_FIND_LINKS="$BUNDLE/wheels" PIP_DISABLE_PIP_VERSION_CHECK=1
 
-mkdir -p "$PREFIX" "$DATA/models"
-if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$BUNDLE_PYTHON" ]; then
-    say "keeping the venv $VENV"
+BUILD_ID=$BUNDLE_VERSION-$(sha256sum "$BUNDLE/SHA256SUMS" | cut -c1-12)
+NEW=$PREFIX/venvs/$BUILD_ID
+if [ -e "$VENV" ] && [ ! -L "$VENV" ]; then die "$VENV exists and is not this installer's link: move it away first"; fi
+current=$(readlink "$VENV" 2>/dev/null || true)   # venvs/ID of the build in use, or empty
+if [ -n "$current" ] && [ "$current" != "venvs/$BUILD_ID" ] && [ "$UPGRADE" = no ]; then
+    die "$PREFIX holds another build (${current#venvs/}); run with --upgrade to replace it (data and config are kept)"
+fi
+[ "$UPGRADE" = no ] || [ -n "$current" ] || die "nothing installed in $PREFIX to upgrade: run without --upgrade"
+
+mkdir -p "$PREFIX/venvs" "$DATA/models"
+if [ -x "$NEW/bin/python" ] && [ "$("$NEW/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$BUNDLE_PYTHON" ]; then
+    say "keeping the venv $NEW"
 else
-    say "creating the venv $VENV"
-    "$PYTHON" -m venv "$VENV"
+    say "creating the venv $NEW"
+    rm -rf "$NEW"
+    "$PYTHON" -m venv "$NEW"
 fi
 say "installing the service from the bundle's wheels"
-"$VENV/bin/python" -m pip install --quiet -r "$BUNDLE/requirements.txt"
+"$NEW/bin/python" -m pip install --quiet -r "$BUNDLE/requirements.txt"
 
-installed_llama=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)
+installed_llama=$("$NEW/bin/python" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)
 if [ "$installed_llama" = "$LLAMA_VERSION" ] && [ "$BUILD_LLAMA" = auto ]; then
     say "llama-cpp-python $LLAMA_VERSION is already installed"
 elif [ -n "$llama_wheel" ]; then
     say "installing llama-cpp-python $LLAMA_VERSION (prebuilt wheel)"
-    "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$llama_wheel"
-    "$VENV/bin/python" -m pip install --quiet "$llama_wheel"
+    "$NEW/bin/python" -m pip install --quiet --force-reinstall --no-deps "$llama_wheel"
+    "$NEW/bin/python" -m pip install --quiet "$llama_wheel"
 else
     jobs=$(nproc 2>/dev/null || echo 2)
     say "building llama-cpp-python $LLAMA_VERSION from source ($CMAKE_FLAGS), a few minutes on $jobs cores"
     CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
-        "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-cache-dir "$BUNDLE/$LLAMA_SDIST"
+        "$NEW/bin/python" -m pip install --quiet --force-reinstall --no-cache-dir "$BUNDLE/$LLAMA_SDIST"
 fi
 
 # --- 4. models and config ----------------------------------------------------------------------
@@ -252,9 +297,9 @@ for model in $MODELS; do
     fi
     # Every file checked against the package's manifest; registered so it can be served by name.
     if [ "$model" != "$DEFAULT_MODEL" ]; then
-        APPLIANCE_HOME=$DATA "$VENV/bin/appliance" models add "$dest" >/dev/null
+        APPLIANCE_HOME=$DATA "$NEW/bin/appliance" models add "$dest" >/dev/null
     else
-        "$VENV/bin/python" -c 'import sys; from models.manifest import load_verified; load_verified(sys.argv[1])' "$dest"
+        "$NEW/bin/python" -c 'import sys; from models.manifest import load_verified; load_verified(sys.argv[1])' "$dest"
     fi
 done
 
@@ -270,9 +315,70 @@ port = $PORT
 model = "$DATA/models/$DEFAULT_MODEL"
 EOF
 fi
-cp "$BUNDLE/manifest.json" "$PREFIX/bundle-manifest.json"
 
-# --- 5. the service ----------------------------------------------------------------------------
+# --- 5. switch to the new build ----------------------------------------------------------------
+wait_ready() {  # URL SECONDS [PID]: until URL answers 200, the time runs out or PID ends
+    "$NEW/bin/python" - "$@" <<'EOF'
+import os, sys, time, urllib.request
+url, deadline, pid = sys.argv[1], time.time() + float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+while time.time() < deadline:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    if pid:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit(1)
+    time.sleep(1)
+sys.exit(1)
+EOF
+}
+
+probe() {  # start the new build on a spare port with a copy of the config, so the serving one is untouched
+    scratch=$(mktemp -d)
+    for f in config.toml models.json; do [ ! -f "$DATA/$f" ] || cp "$DATA/$f" "$scratch/"; done
+    spare=$("$NEW/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$NEW/bin/appliance" serve --home "$scratch" --host 127.0.0.1 --port "$spare" > "$scratch/serve.log" 2>&1 &
+    pid=$!
+    ok=yes
+    wait_ready "http://127.0.0.1:$spare/readyz" 180 "$pid" || ok=no
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    [ "$ok" = yes ] || tail -n 20 "$scratch/serve.log" >&2
+    rm -rf "$scratch"
+    [ "$ok" = yes ]
+}
+
+switch_to() {  # atomically point PREFIX/venv at venvs/ID
+    ln -sfn "$1" "$PREFIX/venv.switch"
+    mv -T "$PREFIX/venv.switch" "$VENV"
+}
+
+if [ "$current" = "venvs/$BUILD_ID" ]; then
+    say "build $BUILD_ID is already the one in use"
+else
+    if [ -n "$current" ]; then
+        say "upgrade: starting build $BUILD_ID on a spare port before switching"
+        if ! probe; then
+            rm -rf "$NEW"
+            die "build $BUILD_ID did not become ready (its output is above): kept ${current#venvs/}, which goes on serving"
+        fi
+    fi
+    switch_to "venvs/$BUILD_ID"
+    say "build $BUILD_ID is now $VENV${current:+ (previous: ${current#venvs/})}"
+    # Keep the new build and the one before it (still running until restarted, and a way back).
+    for old in "$PREFIX"/venvs/*; do
+        case "venvs/${old##*/}" in "venvs/$BUILD_ID"|"$current") ;; *) rm -rf "$old" ;; esac
+    done
+fi
+cp "$BUNDLE/manifest.json" "$PREFIX/bundle-manifest.json"
+cp "$BUNDLE/install.sh" "$PREFIX/install.sh"   # for --uninstall later, without the bundle
+
+# --- 6. the service ----------------------------------------------------------------------------
 if [ "$SYSTEMD" = no ]; then
     say "installed $BUNDLE_VERSION in $PREFIX (no systemd). Start it with:"
     printf '    APPLIANCE_HOME=%s %s/bin/appliance serve\n' "$DATA" "$VENV"
@@ -290,20 +396,12 @@ systemctl restart appliance.service
 port=$(sed -n 's/^port *= *\([0-9]*\).*/\1/p' "$DATA/config.toml" | head -n 1)
 url=http://127.0.0.1:${port:-8080}
 say "waiting for $url/readyz"
-if ! "$VENV/bin/python" - "$url/readyz" <<'EOF'
-import sys, time, urllib.request
-deadline = time.time() + 180
-while time.time() < deadline:
-    try:
-        with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
-            if r.status == 200:
-                sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(1)
-sys.exit(1)
-EOF
-then
+if ! wait_ready "$url/readyz" 180; then
+    if [ -n "$current" ] && [ "$current" != "venvs/$BUILD_ID" ]; then
+        switch_to "$current"
+        systemctl restart appliance.service
+        die "build $BUILD_ID did not become ready under systemd: rolled back to ${current#venvs/} (journalctl -u appliance.service)"
+    fi
     die "the service did not become ready within 180 s: journalctl -u appliance.service"
 fi
 say "the appliance is serving on $url (web UI: $url/, API: $url/v1)"

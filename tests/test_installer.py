@@ -187,7 +187,7 @@ for _ in range(2):  # the second run proves installing twice is harmless
     if proc.returncode != 0:
         sys.exit("install.sh failed:\n" + proc.stdout + proc.stderr)
 env = {"APPLIANCE_HOME": prefix + "/data", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-log = open(prefix + "/serve.log", "w")
+log = open(prefix + ".serve.log", "w")
 server = subprocess.Popen([prefix + "/venv/bin/appliance", "serve", "--port", "8080", "--threads", "2"],
                           env=env, stdout=log, stderr=subprocess.STDOUT)
 try:
@@ -199,7 +199,7 @@ try:
                 break
         except OSError:
             if time.time() > deadline or server.poll() is not None:
-                sys.exit("not ready: " + open(prefix + "/serve.log").read()[-3000:])
+                sys.exit("not ready: " + open(prefix + ".serve.log").read()[-3000:])
             time.sleep(0.5)
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="not-needed")
@@ -298,3 +298,100 @@ def test_a_missing_wheel_names_the_package_and_platform(tmp_path):
     with pytest.raises(BundleError) as info:
         download_wheels(["llama-cpp-python"], tmp_path, Target("linux_aarch64", "3.10"), lambda line: None, extra=None)
     assert "llama-cpp-python" in str(info.value) and "linux_aarch64" in str(info.value)
+
+
+def _source_copy(dest: Path, version: str, *, broken: bool) -> Path:
+    """A copy of the project at another version; broken: `appliance serve` dies at start."""
+    src = Path(os.environ.get("INSTALLER_TEST_SOURCE", str(ROOT)))
+    for name in ("appliance", "models", "distill", "installer"):
+        shutil.copytree(src / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(src / name, dest / name)
+    cfg = dest / "setup.cfg"
+    cfg.write_text(re.sub(r"^version = .*$", f"version = {version}", cfg.read_text(), count=1, flags=re.M))
+    if broken:
+        with open(dest / "appliance/app.py", "a") as f:
+            f.write('\nraise SystemExit("this build is broken on purpose")\n')
+    return dest
+
+
+def _bundle_of(source: Path, tmp: Path) -> Path:
+    out = tmp / f"{source.name}.tar"
+    proc = _appliance("bundle", "--platform", HOST.platform, "--python", HOST.python, "--source", str(source),
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with tarfile.open(out) as tar:
+        tar.extractall(tmp / f"{source.name}-bundle", filter="tar")
+    out.unlink()
+    (top,) = (tmp / f"{source.name}-bundle").iterdir()
+    return top
+
+
+UPGRADE_DRIVER = r"""
+import json, os, subprocess, sys, time, urllib.request
+prefix, bad, good = sys.argv[1:4]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+def run(*args):
+    p = subprocess.run(["sh", *args, "--no-systemd", "--prefix", prefix], capture_output=True, text=True)
+    return {"rc": p.returncode, "out": p.stdout, "err": p.stderr, "link": os.readlink(prefix + "/venv")
+            if os.path.islink(prefix + "/venv") else None}
+def chat():
+    body = json.dumps({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}).encode()
+    req = urllib.request.Request("http://127.0.0.1:8080/v1/chat/completions", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)["choices"][0]["message"]["content"]
+before = os.readlink(prefix + "/venv")
+server = subprocess.Popen([prefix + "/venv/bin/appliance", "serve", "--port", "8080", "--threads", "2"],
+                          env={"APPLIANCE_HOME": prefix + "/data", "PATH": "/usr/bin:/bin"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+try:
+    for _ in range(240):
+        try:
+            urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=5)
+            break
+        except OSError:
+            time.sleep(0.5)
+    result = {"before": before, "no_flag": run(good + "/install.sh"), "bad": run(bad + "/install.sh", "--upgrade")}
+    result["still_serving"] = chat()
+    result["good"] = run(good + "/install.sh", "--upgrade")
+    result["good_again"] = run(good + "/install.sh", "--upgrade")
+    result["venvs"] = sorted(os.listdir(prefix + "/venvs"))
+    result["manifest_version"] = json.load(open(prefix + "/bundle-manifest.json"))["version"]
+finally:
+    server.terminate()
+    server.wait(30)
+result["uninstall"] = run(prefix + "/install.sh", "--uninstall")
+result["left"] = sorted(os.listdir(prefix)) if os.path.isdir(prefix) else []
+print(json.dumps(result))
+"""
+
+
+def test_upgrade_rolls_back_a_build_that_cannot_start_then_upgrades_and_uninstalls(installed, tmp_path):
+    """Runs last: it upgrades, then uninstalls, the prefix the tests above installed."""
+    prefix, _ = installed
+    bad = _bundle_of(_source_copy(tmp_path / "v0.1.1-broken", "0.1.1", broken=True), tmp_path)
+    good = _bundle_of(_source_copy(tmp_path / "v0.1.2", "0.1.2", broken=False), tmp_path)
+    driver = tmp_path / "upgrade.py"
+    driver.write_text(UPGRADE_DRIVER)
+    proc = subprocess.run(["unshare", "-n", sys.executable, str(driver), str(prefix), str(bad), str(good)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Another build without --upgrade is refused; nothing changes.
+    assert r["no_flag"]["rc"] != 0 and "--upgrade" in r["no_flag"]["err"] and r["no_flag"]["link"] == r["before"]
+    # The broken build never becomes ready: the link stays, its venv is removed, the old one goes on serving.
+    assert r["bad"]["rc"] != 0 and "did not become ready" in r["bad"]["err"], r["bad"]
+    assert "broken on purpose" in r["bad"]["err"]
+    assert r["bad"]["link"] == r["before"]
+    assert r["still_serving"].strip()
+    # The good one is switched to, the old one kept for a rollback; running it again changes nothing.
+    assert r["good"]["rc"] == 0, r["good"]["err"]
+    assert r["good"]["link"].startswith("venvs/0.1.2-") and r["good"]["link"] != r["before"]
+    assert r["good_again"]["rc"] == 0 and "already the one in use" in r["good_again"]["out"]
+    assert r["venvs"] == sorted([r["before"][len("venvs/"):], r["good"]["link"][len("venvs/"):]])
+    assert r["manifest_version"] == "0.1.2"
+    # Uninstall removes the code and keeps the data.
+    assert r["uninstall"]["rc"] == 0, r["uninstall"]["err"]
+    assert r["left"] == ["data"]
+    assert (prefix / "data/config.toml").is_file()
