@@ -33,9 +33,17 @@ def set_power():
 @bp.get("/logs")
 def logs():
     """The most recent API requests from the SQLite log, newest first; ?offset=N skips the N newest."""
-    limit = request.args.get("limit", default=50, type=int)
-    offset = _offset_arg()
-    return jsonify({"data": state().db.recent_requests(max(1, min(limit, 1000)), offset=offset)})
+    return jsonify({"data": state().db.recent_requests(_limit_arg(), offset=_offset_arg())})
+
+
+def _limit_arg() -> int:
+    """?limit=N, held to 1..1000 (default 50); not a whole number is a 400, not a silent 50."""
+    raw = request.args.get("limit", "50")
+    digits = raw[1:] if raw[:1] in ("+", "-") else raw
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        raise InvalidRequest(f"limit must be a whole number of rows, 1 to 1000, got {raw!r}", param="limit",
+                             code="invalid_value")
+    return max(1, min(int(raw), 1000))
 
 
 def _offset_arg() -> int:
@@ -49,5 +57,4 @@ def _offset_arg() -> int:
 @bp.get("/power/events")
 def power_events():
     """The most recent state changes, newest first."""
-    limit = request.args.get("limit", default=50, type=int)
-    return jsonify({"data": state().db.power_events(max(1, min(limit, 1000)))})
+    return jsonify({"data": state().db.power_events(_limit_arg())})

@@ -118,7 +118,8 @@ def _json(name: str) -> dict:
     return {"application/json": {"schema": _ref(name)}}
 
 
-LIMIT = ("limit", {"type": "integer"}, "most rows to return, 1 to 1000 (default 50)")
+LIMIT = ("limit", {"type": "integer", "maximum": 10**18 - 1, "minimum": -(10**18) + 1},
+         "most rows to return, held to 1..1000 (default 50)")
 OPERATIONS = {
     "openai.chat_completions": Operation("Chat completion (OpenAI-compatible)", ChatCompletionRequest,
                                          _json("ChatCompletion") | SSE, tags=("openai",)),
