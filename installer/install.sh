@@ -24,7 +24,7 @@ DATA=""
 PUBKEY=""
 DEFAULT_PUBKEY=/etc/appliance/bundle-signing.pub   # a site may keep its builder's key here
 PYTHON=""
-GPU=no
+GPU=""   # default: what the bundle was built for (appliance bundle --gpu)
 CUDA_ARCH=""
 SYSTEMD=yes
 PORT=8080
@@ -47,6 +47,7 @@ usage: $0 [options]
                      [$DEFAULT_PUBKEY if it exists]
   --python PATH      Python interpreter to build the venv from [python<version of the bundle>]
   --gpu              build llama.cpp with CUDA (-DGGML_CUDA=on); Jetson Orin is detected (arch 87)
+                     [on for a bundle built with --gpu]
   --cuda-arch N      CUDA architecture for --gpu [87 on Jetson Orin, else native]
   --build-llama      compile llama-cpp-python from the bundled source even if a prebuilt wheel fits
   --port N           port written to a new config.toml [8080]
@@ -194,6 +195,7 @@ verify_signature
 verify_files
 # Safe to read now: it is one of the files just checked.
 . "$BUNDLE/bundle.env"
+GPU=${GPU:-$BUNDLE_GPU}
 
 # --- 2. the box --------------------------------------------------------------------------------
 machine=$(uname -m)
