@@ -86,6 +86,7 @@ def bundle(bundle_tar, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("extracted")
     with tarfile.open(bundle_tar) as tar:
         tar.extractall(dest, filter="tar")
+    bundle_tar.unlink()  # 300 MB that pytest would keep for three runs
     (top,) = dest.iterdir()
     return top
 
@@ -296,6 +297,7 @@ def test_bundle_for_jetson_python_310_resolves_completely(tmp_path):
     with tarfile.open(out) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("/manifest.json") and m.name.count("/") == 1)
         manifest = json.load(tar.extractfile(member))
+    out.unlink()
     wheels = manifest["wheels"]
     for w in wheels:
         tags = Path(w["file"]).stem.split("-")[-3:]
