@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         runner = ModelRunner(
             find_model(settings.model, home=settings.home), threads=settings.threads,
             context_length=settings.context_length, parallel=settings.parallel, provider=settings.provider,
+            stream_interval=settings.stream_interval,
         )
     db = db or Database(settings.db_path, store_text=settings.log_text)
     power = PowerManager(

@@ -49,6 +49,7 @@ class Settings:
     threads: int = field(default_factory=default_threads, metadata={"help": "CPU threads for inference"})
     context_length: int = field(default=4096, metadata={"help": "context window of each slot in tokens: what one request may hold (capped at the model's own)"})
     parallel: int = field(default=4, metadata={"help": "slots: requests generated together in one batch (each has its own KV cache of context_length tokens)"})
+    stream_interval: float = field(default=0.025, metadata={"help": "seconds a stream's text may be held to send several tokens at once (a request's first text and its end go at once; 0: every token)"})
     queue_size: int = field(default=32, metadata={"help": "requests that may wait for a slot; beyond that the service answers 429"})
     queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
     priority_classes: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLASSES], metadata={"help": "priority classes: name, priority (higher first), max_concurrency (0: no limit), timeout (seconds in the queue, 0: no limit)"})
@@ -192,7 +193,7 @@ def _validate(settings: Settings) -> None:
                  "sample_every", "queue_aging"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
-    for name in ("http_threads", "queue_size", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars"):
+    for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
     from appliance.auth import AUTH_MODES

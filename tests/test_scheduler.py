@@ -264,3 +264,21 @@ def test_an_empty_prompt_is_refused_not_fed(fake_model):
     facts = backend.load()
     refused = prepare(backend, facts, msg.Submit(1, SamplingParams(), prompt=""))
     assert isinstance(refused, msg.Refused) and refused.code == "empty_prompt"
+
+
+def test_text_is_coalesced_within_the_stream_interval_first_and_last_at_once(fake_model):
+    backend = FakeBackend(fake_model, threads=1, context_length=512, n_slots=2)
+    facts = backend.load()
+    sent = []
+    sched = Scheduler(backend, facts, sent.append, stream_interval=60.0)
+    submit(sched, facts, backend, 1, "hello")
+    run_until_idle(sched)
+    messages = [[o for o in e.outputs] for e in sent if isinstance(e, msg.Step)]
+    # The first text at once (time to first token), then everything else with the end.
+    assert [[o.text for o in m] for m in messages] == [[REPLY[0]], [REPLY[1:]]]
+    assert messages[-1][0].finish_reason == "stop" and messages[-1][0].completion_tokens == len(REPLY)
+    every_token = []
+    sched = Scheduler(backend, facts, every_token.append, stream_interval=0.0)
+    submit(sched, facts, backend, 2, "hello")
+    run_until_idle(sched)
+    assert sum(len(e.outputs) for e in every_token if isinstance(e, msg.Step)) == len(REPLY) + 1  # + the end

@@ -81,7 +81,7 @@ def test_first_token_reaches_the_client_long_before_the_end(service):
     stream.close()
     row = service.last_row()
     assert row["completion_tokens"] >= 100, "the prompt should give a long answer"
-    assert events >= 50
+    assert events >= 10  # many events, not one at the end (text is sent every stream_interval, 25 ms)
     assert first - start < (end - start) / 4, f"first token at {first - start:.2f}s of {end - start:.2f}s"
 
 

@@ -57,10 +57,11 @@ class RequestStream:
 
 class ModelRunner:
     def __init__(self, entry: ModelEntry, threads: int, context_length: int, parallel: int = 1,
-                 provider: str = "auto", in_process: bool = False):
+                 provider: str = "auto", in_process: bool = False, stream_interval: float = 0.0):
         self.entry = entry
         self.spec = {"format": entry.format, "path": str(entry.path), "threads": threads,
-                     "context_length": context_length, "parallel": parallel, "provider": provider}
+                     "context_length": context_length, "parallel": parallel, "provider": provider,
+                     "stream_interval": stream_interval}
         # A thread instead of a process: only for the fake engine of the fast tests.
         self.in_process = in_process
         self.facts: ModelFacts | None = None

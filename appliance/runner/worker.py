@@ -38,7 +38,7 @@ def serve(conn: Connection, spec: dict) -> None:
         emit(msg.LoadFailed(str(exc)))
         return
     emit(msg.Ready(facts))
-    scheduler = Scheduler(backend, facts, emit)
+    scheduler = Scheduler(backend, facts, emit, stream_interval=spec.get("stream_interval", 0.0))
     threading.Thread(target=_read, args=(conn, backend, facts, scheduler, emit), name="runner-reader",
                      daemon=True).start()
     try:
