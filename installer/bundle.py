@@ -133,27 +133,27 @@ def build(opts: Options) -> Path:
         top = Path(tmp) / name
         (top / "wheels").mkdir(parents=True)
         contents = Contents()
-        log(f"[1/7] building the project's wheel")
+        log("[1/7] building the project's wheel")
         own = build_own_wheel(opts.source, top / "wheels")
         log(f"[2/7] downloading the service's wheels for {target.platform}, Python {target.python}")
         reqs = service_requirements(target.gpu, opts.source)
         download_wheels(reqs, top / "wheels", target, log, extra=opts.extra_wheels)
-        log(f"[3/7] llama-cpp-python: source and build tools")
+        log("[3/7] llama-cpp-python: source and build tools")
         contents.llama = add_llama(top, target, log, prebuilt=opts.prebuilt_llama, extra=opts.extra_wheels)
         _complete_for_target(top / "wheels", target, log, extra=opts.extra_wheels, roots=reqs + list(BUILD_TOOLS)
                              + contents.llama["requires"])
         contents.wheels = [_wheel_record(p) for p in sorted((top / "wheels").glob("*.whl"))]
-        log(f"[4/7] models")
+        log("[4/7] models")
         wanted = ((DEFAULT_MODEL,) if opts.default_model else ()) + tuple(opts.models)
         contents.models = [add_model(m, top / "models", log) for m in dict.fromkeys(wanted)]
-        log(f"[5/7] install.sh, requirements.txt, bundle.env")
+        log("[5/7] install.sh, requirements.txt, bundle.env")
         pins = [f"{canonicalize_name(own.name)}=={own.version}"] + _pins(reqs, top / "wheels")
         (top / "requirements.txt").write_text("\n".join(pins) + "\n")
         (top / "bundle.env").write_text(_bundle_env(target, contents, project_version(opts.source)))
         shutil.copy2(INSTALL_SH, top / "install.sh")
         (top / "install.sh").chmod(0o755)
         key = _load_key(opts.sign) if opts.sign else None
-        log(f"[6/7] manifest.json and SHA256SUMS")
+        log("[6/7] manifest.json and SHA256SUMS")
         write_manifest(top, target, contents, key, project_version(opts.source))
         sums = write_sums(top)
         if key is not None:
