@@ -115,23 +115,25 @@ class Generation:
             try:
                 event = self._stream.get(timeout=POLL)
             except queue.Empty:
-                if cancel_sent is None and self.cancel():
-                    self.runner.cancel(self._stream)
-                    cancel_sent = time.monotonic()
-                elif cancel_sent is not None and time.monotonic() - cancel_sent > CANCEL_GRACE:
+                if cancel_sent is not None and time.monotonic() - cancel_sent > CANCEL_GRACE:
                     self.finish_reason = "cancelled"
                     return
+                cancel_sent = cancel_sent or self._cancel_if_gone()
                 continue
             if isinstance(event, (msg.Failed, RunnerCrashed)):
-                raise GenerationFailed(event.message, code="runner_crashed" if isinstance(event, RunnerCrashed)
-                                       else "generation_failed", status=503 if isinstance(event, RunnerCrashed) else 500)
+                raise _failure(event)
             self._record(event)
             yield event
             if event.finish_reason:
                 return
-            if cancel_sent is None and self.cancel():
-                self.runner.cancel(self._stream)
-                cancel_sent = time.monotonic()
+            cancel_sent = cancel_sent or self._cancel_if_gone()
+
+    def _cancel_if_gone(self) -> float | None:
+        """Ask the runner to stop this request if its client left or the service stops; when it was asked."""
+        if not self.cancel():
+            return None
+        self.runner.cancel(self._stream)
+        return time.monotonic()
 
     def _record(self, output: msg.Output) -> None:
         if self._first is None:
@@ -191,6 +193,12 @@ class Generation:
     @property
     def response_text(self) -> str:
         return "".join(self.text)
+
+
+def _failure(event: msg.Failed | RunnerCrashed) -> GenerationFailed:
+    if isinstance(event, RunnerCrashed):  # retrying may well work: a new runner is starting
+        return GenerationFailed(event.message, code="runner_crashed", status=503)
+    return GenerationFailed(event.message, code="generation_failed", status=500)
 
 
 def new_id(prefix: str) -> str:
