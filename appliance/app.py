@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from appliance import api, auth, errors, metrics
+from appliance.audit import RetentionWorker
 from appliance.config import Settings, load_settings
 from appliance.db import Database
 from appliance.power import PowerManager
@@ -26,7 +27,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
             context_length=settings.context_length, parallel=settings.parallel, provider=settings.provider,
             stream_interval=settings.stream_interval,
         )
-    db = db or Database(settings.db_path, store_text=settings.log_text)
+    db = db or Database.from_settings(settings)
     power = PowerManager(
         runner, db,
         idle_after=settings.idle_after, deep_idle_after=settings.deep_idle_after,
@@ -38,9 +39,12 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
         aging=settings.queue_aging, requests_per_minute=settings.rate_limit_rpm,
         tokens_per_minute=settings.rate_limit_tpm,
     )
-    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner, power=power, admission=admission)
+    retention = RetentionWorker(db, settings.retention)
+    app.extensions["appliance"] = AppState(settings=settings, db=db, runner=runner, power=power, admission=admission,
+                                           retention=retention)
     auth.init_app(app)  # first: refuses to build a service that would listen without the keys it needs
     power.start()
+    retention.start()
     errors.init_app(app)
     api.init_app(app)
     metrics.init_app(app)

@@ -4,7 +4,9 @@ A key is ``sk-<id>-<secret>``: the id is public (it is what the log records,
 ``keys list`` shows and ``keys revoke`` takes), the secret is stored only as a
 salted scrypt hash, so lookup is by id and verification by hash. A key has a
 role: ``user`` may call ``/v1/*``, ``admin`` also the admin API (``/api/*``),
-``auditor`` may only read the log (``/api/logs``) and the metrics.
+``auditor`` may only read the log (``/api/logs``) and the metrics, ``metrics``
+(a scrape token for Prometheus) only the metrics. A key may carry its own token
+buckets (requests and generated tokens per minute) and a priority class.
 
 When keys are required (setting ``auth``):
 - ``required``: always;
@@ -41,7 +43,7 @@ from appliance.state import state
 
 log = logging.getLogger(__name__)
 
-ROLES = ("user", "admin", "auditor")
+ROLES = ("user", "admin", "auditor", "metrics")  # metrics: a scrape token, /metrics only
 AUTH_MODES = ("auto", "required", "off")
 PREFIX = "sk-"
 # scrypt at the cost the Python docs and OWASP suggest for interactive logins (16 MiB, ~50 ms).
@@ -51,7 +53,7 @@ OPEN_PATHS = ("/healthz", "/readyz", "/", "/favicon.ico", "/openapi.json")
 RULES = (
     ("/v1/", {"user", "admin"}),
     ("/api/logs", {"admin", "auditor"}),
-    ("/metrics", {"admin", "auditor"}),
+    ("/metrics", {"admin", "auditor", "metrics"}),
     ("/api/", {"admin"}),
 )
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
@@ -90,6 +92,8 @@ class Key:
     role: str
     name: str | None = None
     priority: str | None = None
+    rpm: int | None = None  # the key's own token buckets; None: the service's rate_limit_rpm / _tpm
+    tpm: int | None = None
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -158,7 +162,8 @@ class KeyVerifier:
         if state != "active":
             raise AuthenticationError(f"API key {key_id} is {state}: ask an admin for a new one "
                                       "('appliance keys create')", code=f"{state}_api_key")
-        return Key(id=row["id"], role=row["role"], name=row["name"], priority=row["priority"])
+        return Key(id=row["id"], role=row["role"], name=row["name"], priority=row["priority"], rpm=row["rpm"],
+                   tpm=row["tpm"])
 
     def _matches(self, row: dict, presented: str) -> bool:
         quick = hashlib.sha256(presented.encode()).digest()
@@ -289,7 +294,7 @@ def _roles_for(path: str) -> set[str]:
     for prefix, roles in RULES:
         if path.startswith(prefix):
             return roles
-    return set(ROLES)
+    return set(ROLES) - {"metrics"}  # a scrape token reads the metrics and nothing else
 
 
 def _is_open(path: str) -> bool:
@@ -329,6 +334,12 @@ def client_id() -> str:
     """The token-bucket client: the key id when a key came with the request, else the peer address."""
     key = g.get("api_key")
     return f"key:{key.id}" if key else (request.remote_addr or "")
+
+
+def client_limits() -> tuple[int | None, int | None]:
+    """The key's own requests and tokens per minute; (None, None) leaves the service's."""
+    key = g.get("api_key")
+    return (key.rpm, key.tpm) if key else (None, None)
 
 
 def request_priority(requested: str | None, classes: dict) -> str | None:

@@ -20,7 +20,7 @@ from models import find_model
 def run_chat(settings: Settings, system: str | None, temperature: float, max_tokens: int) -> None:
     runner = ModelRunner(find_model(settings.model, home=settings.home), threads=settings.threads,
                          context_length=settings.context_length, parallel=1, provider=settings.provider)
-    db = Database(settings.db_path, store_text=settings.log_text)
+    db = Database.from_settings(settings, service=False)  # a running service's open rows are its own
     admission = Admission(slots=1, queue_size=1)
     click.echo(f"Loading {runner.name}...", err=True)
     runner.ensure_loaded()
@@ -42,6 +42,7 @@ def run_chat(settings: Settings, system: str | None, temperature: float, max_tok
                 messages.pop()
     finally:
         runner.unload()
+        db.close()
     click.echo("", err=True)
 
 

@@ -93,7 +93,8 @@ def serve(ctx, host, port, model, threads, context_length, parallel, home):
         -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
     Beyond loopback (--host 0.0.0.0) API keys are required: create an admin key first
-    with 'appliance keys create --role admin'.
+    with 'appliance keys create --role admin'. With the settings tls_cert and tls_key it
+    serves HTTPS ('appliance tls self-signed' makes a certificate).
     """
     from appliance.app import create_app
     from appliance.power import limit_malloc_arenas
@@ -104,13 +105,15 @@ def serve(ctx, host, port, model, threads, context_length, parallel, home):
                          parallel=parallel, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from appliance.auth import AuthSetupError
+    from appliance.tls import TLSSetupError, server_context
 
     try:
+        tls_context = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
         app = create_app(settings)
-    except AuthSetupError as exc:
+    except (AuthSetupError, TLSSetupError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"appliance: logging requests to {settings.db_path}", err=True)
-    run_server(app, settings.host, settings.port, settings.worker_threads, on_ready=lambda m: click.echo(m, err=True))
+    run_server(app, tls_context, on_ready=lambda m: click.echo(m, err=True))
 
 
 @cli.command()
@@ -224,19 +227,22 @@ def _entry_json(e) -> dict:
             "available": e.available, "source": e.source, "aliases": list(e.aliases)}
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("-n", "--count", type=int, default=20, show_default=True, help="how many recent requests")
 @click.option("--json", "as_json", is_flag=True, help="full rows as JSON")
-@click.option("--home", type=click.Path(file_okay=False), help="data folder [default: ~/.appliance]")
+@_home_option
 @click.pass_context
 def logs(ctx, count, as_json, home):
-    """Show recent requests from the SQLite log ($APPLIANCE_HOME/logs.db)."""
-    from appliance.db import Database
+    """Show recent requests from the SQLite log ($APPLIANCE_HOME/logs.db).
 
-    settings = _settings(ctx, home=home)
-    if not settings.db_path.exists():
-        raise click.ClickException(f"no log yet at {settings.db_path}: start the service with 'appliance serve'")
-    rows = Database(settings.db_path, readonly=True).recent_requests(count)
+    \b
+    Example:
+      appliance logs -n 50
+      appliance logs verify     # check the audit chain: edited or deleted rows
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _read_log(ctx, home).recent_requests(count)
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
@@ -247,6 +253,52 @@ def logs(ctx, count, as_json, home):
             f"{_fmt(r['prompt_tokens']):>5} {_fmt(r['completion_tokens']):>5} {_fmt(r['ttft_ms'], 1):>8} "
             f"{_fmt(r['tokens_per_s'], 1):>7}  {r['error'] or ''}"
         )
+
+
+@logs.command("verify")
+@click.option("--public-key", help="hex Ed25519 key the checkpoints must be signed with "
+              "[default: audit-key.pub in the data folder]; a copy kept off the box pins it")
+@click.option("--json", "as_json", is_flag=True, help="the result as JSON")
+@_home_option
+@click.pass_context
+def logs_verify(ctx, public_key, as_json, home):
+    """Check the log's hash chain and signed checkpoints; exit 1 when a row was edited or deleted.
+
+    Every finished row carries a digest over itself and the row before; the service signs the
+    chain's head every audit_checkpoint_rows rows, at shutdown and before pruning. An UPDATE or
+    DELETE made behind the service's back is reported with the row's id and place (seq).
+    Rows after the last checkpoint are chained but not yet signed: deleting them from the end
+    would not show, and the report says how many there are.
+
+    \b
+    Example:
+      appliance logs verify
+      appliance logs verify --public-key "$(cat /media/usb/audit-key.pub)"
+    """
+    from appliance.audit import trusted_public_key, verify_log
+
+    settings = _settings(ctx, home=home)
+    result = verify_log(_read_log(ctx, home), public_key or trusted_public_key(settings.home))
+    if as_json:
+        click.echo(json.dumps({"ok": result.ok, "rows": result.rows, "first_seq": result.first_seq,
+                               "last_seq": result.last_seq, "signed_through": result.signed_through,
+                               "open_rows": result.open_rows, "problems": result.problems}, indent=2))
+    else:
+        for problem in result.problems:
+            click.echo(f"FAIL {problem}")
+        span = f"seq {result.first_seq} to {result.last_seq}" if result.rows else "no rows yet"
+        click.echo(f"{'OK  ' if result.ok else 'FAIL'} {result.rows} chained row(s) ({span}), signed through seq "
+                   f"{result.signed_through or 0}; {result.unsigned_tail} not yet signed, {result.open_rows} still open")
+    sys.exit(0 if result.ok else 1)
+
+
+def _read_log(ctx: click.Context, home: str | None):
+    from appliance.db import Database
+
+    settings = _settings(ctx, home=home)
+    if not settings.db_path.exists():
+        raise click.ClickException(f"no log yet at {settings.db_path}: start the service with 'appliance serve'")
+    return Database(settings.db_path, readonly=True)
 
 
 @cli.command()
@@ -262,21 +314,26 @@ def status(ctx, url, power_state, as_json):
       appliance status
       appliance status --power deep_idle    # unload the model now
     """
+    import ssl
     import urllib.error
     import urllib.request
 
     settings = _settings(ctx)
-    base = url or f"http://{settings.host}:{settings.port}"
+    scheme = "https" if settings.tls_cert else "http"
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # a wildcard listens on loopback too
+    base = url or f"{scheme}://{host}:{settings.port}"
     key = os.environ.get("APPLIANCE_API_KEY")  # an admin key, where the service requires keys
     auth = {"Authorization": f"Bearer {key}"} if key else {}
+    # The box's own certificate is the one to trust (it may be self-signed).
+    tls = ssl.create_default_context(cafile=settings.tls_cert) if settings.tls_cert else None
     try:
         if power_state:
             body = json.dumps({"state": power_state}).encode()
             req = urllib.request.Request(base + "/api/power", data=body,
                                          headers={"Content-Type": "application/json", **auth})
-            urllib.request.urlopen(req, timeout=120).read()
+            urllib.request.urlopen(req, timeout=120, context=tls).read()
         info = json.loads(urllib.request.urlopen(urllib.request.Request(base + "/api/status", headers=auth),
-                                                 timeout=10).read())
+                                                 timeout=10, context=tls).read())
     except urllib.error.HTTPError as exc:
         raise click.ClickException(f"{base} answered {exc.code}: {_error_message(exc)}") from None
     except urllib.error.URLError as exc:
@@ -313,6 +370,7 @@ def keys():
       user      /v1/* (chat, completions, models)
       admin     /v1/* and the admin API (/api/status, /api/power, /api/logs)
       auditor   only reads the log (/api/logs) and the metrics
+      metrics   only reads the metrics (/metrics): a scrape token for Prometheus
 
     Keys are required when the service listens beyond loopback, and on loopback once any key
     exists (setting auth: auto, required or off). Clients send 'Authorization: Bearer <key>'.
@@ -332,19 +390,24 @@ def _keys_db(ctx: click.Context, home: str | None):
 
 
 @keys.command("create")
-@click.option("--role", type=click.Choice(["user", "admin", "auditor"]), required=True)
+@click.option("--role", type=click.Choice(["user", "admin", "auditor", "metrics"]), required=True)
 @click.option("--name", help="who or what the key is for")
 @click.option("--expires", help="last valid date (2027-01-31) or ISO date-time, UTC unless it says otherwise")
 @click.option("--priority", help="priority class of the key's requests (a request may ask for a lower one only)")
+@click.option("--rpm", type=click.IntRange(min=0), help="requests per minute for this key [default: rate_limit_rpm]")
+@click.option("--tpm", type=click.IntRange(min=0), help="generated tokens per minute for this key "
+              "[default: rate_limit_tpm]; 0: no limit")
 @_home_option
 @click.pass_context
-def keys_create(ctx, role, name, expires, priority, home):
+def keys_create(ctx, role, name, expires, priority, rpm, tpm, home):
     """Create a key and print it: it is shown this once, only its salted hash is kept.
 
     \b
     Example:
       appliance keys create --role admin --name ops
       appliance keys create --role user --name kiosk --expires 2027-06-30 --priority interactive
+      appliance keys create --role user --name batch-job --priority batch --rpm 10 --tpm 20000
+      appliance keys create --role metrics --name prometheus     # a scrape token for /metrics
     """
     from appliance.auth import hash_secret, new_key, parse_expiry
 
@@ -359,7 +422,8 @@ def keys_create(ctx, role, name, expires, priority, home):
         raise click.BadParameter(str(exc), param_hint="--expires") from None
     key_id, key = new_key()
     with _keys_db(ctx, home) as db:
-        db.add_api_key(id=key_id, name=name, role=role, priority=priority, expires=expiry, **hash_secret(key))
+        db.add_api_key(id=key_id, name=name, role=role, priority=priority, expires=expiry, rpm=rpm, tpm=tpm,
+                       **hash_secret(key))
     click.echo(key)
     click.echo(f"key {key_id} ({role}) created; it is shown only now: keep it, send it as "
                "'Authorization: Bearer <key>'", err=True)
@@ -378,9 +442,10 @@ def keys_list(ctx, as_json, home):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'id':<14} {'role':<8} {'state':<8} {'priority':<12} {'expires':<26} name")
+    click.echo(f"{'id':<14} {'role':<8} {'state':<8} {'priority':<12} {'rpm/tpm':<14} {'expires':<26} name")
     for r in rows:
-        click.echo(f"{r['id']:<14} {r['role']:<8} {r['state']:<8} {r['priority'] or '-':<12} "
+        limits = f"{_fmt(r['rpm'])}/{_fmt(r['tpm'])}"
+        click.echo(f"{r['id']:<14} {r['role']:<8} {r['state']:<8} {r['priority'] or '-':<12} {limits:<14} "
                    f"{r['expires'] or 'never':<26} {r['name'] or ''}")
 
 
@@ -395,6 +460,73 @@ def keys_revoke(ctx, key_id, home):
     if not revoked:
         raise click.ClickException(f"no active key {key_id!r}: 'appliance keys list' shows the keys")
     click.echo(f"key {key_id} revoked")
+
+
+# -- HTTPS ----------------------------------------------------------------------------------------
+@cli.group()
+def tls():
+    """HTTPS: a certificate and key for the service.
+
+    The settings tls_cert and tls_key (a PEM certificate and its key) turn HTTPS on. Sites without a PKI make a self-signed certificate here, and each client pins it: it trusts
+    that one certificate, copied to it, instead of a certificate authority.
+
+    \b
+    Example:
+      appliance tls self-signed --host box.lan --host 192.168.1.20
+    """
+
+
+@tls.command("self-signed")
+@click.option("--host", "hosts", multiple=True, help="a name or IP address clients reach the box by; repeat it for "
+              "each [default: this machine's hostname, localhost and 127.0.0.1]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="folder for cert.pem and key.pem [default: $APPLIANCE_HOME/tls]")
+@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True,
+              help="days the certificate is valid (825 is the most Apple's clients accept)")
+@click.option("--force", is_flag=True, help="replace the certificate and key that are there")
+@click.pass_context
+def tls_self_signed(ctx, hosts, out, days, force):
+    """Make a private key and a self-signed certificate.
+
+    The key is EC P-256, readable by its owner only. A client checks that the name in its URL is one of the certificate's, so give every name and
+    address clients use. The command prints the config lines that turn HTTPS on, and how clients
+    pin the certificate. Copy cert.pem to the clients; the key never leaves the box.
+
+    \b
+    Example:
+      appliance tls self-signed --host box.lan --host 192.168.1.20
+      appliance serve --host 0.0.0.0     # after adding the printed lines to config.toml
+      curl --cacert ~/.appliance/tls/cert.pem https://box.lan:8080/v1/models
+    """
+    from appliance.config import default_home
+    from appliance.tls import write_self_signed
+
+    try:
+        cert, key, fingerprint = write_self_signed(out or default_home() / "tls", list(hosts), days=days, force=force)
+    except FileExistsError as exc:
+        raise click.ClickException(f"{exc.filename} is there already: --force replaces it (and clients that "
+                                   "pinned the old certificate must then pin the new one)") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--host") from None
+    config = ctx.obj.get("config") or os.environ.get("APPLIANCE_CONFIG") or default_home() / "config.toml"
+    click.echo(_pinning_help(cert, key, fingerprint, hosts[0] if hosts else "127.0.0.1", config))
+
+
+def _pinning_help(cert: Path, key: Path, fingerprint: str, host: str, config) -> str:
+    url = f"https://{host}:8080"
+    # JSON strings are TOML strings too: quotes and backslashes in a path come out right.
+    return f"""wrote {cert} (the certificate) and {key} (its key, readable by you only)
+sha256 fingerprint {fingerprint}
+
+Turn HTTPS on: add these lines to {config}, then restart 'appliance serve':
+  tls_cert = {json.dumps(str(cert))}
+  tls_key = {json.dumps(str(key))}
+
+Clients pin the certificate (copy cert.pem to them, compare the fingerprint; never copy the key):
+  curl --cacert cert.pem {url}/v1/models
+  openai.OpenAI(base_url="{url}/v1", api_key=...,
+                http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile="cert.pem")))
+  SSL_CERT_FILE=cert.pem   for Python's ssl defaults and httpx (the openai client); it then trusts only this certificate"""
 
 
 def _fmt(value, digits: int = 0) -> str:

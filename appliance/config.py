@@ -57,6 +57,12 @@ class Settings:
     rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
     max_prompt_chars: int = field(default=0, metadata={"help": "longest prompt in characters, checked before tokenizing (0: 16 per token of context)"})
     log_text: bool = field(default=True, metadata={"help": "store prompt and response text in the log; false stores only their sha256"})
+    log_redact: list[str] = field(default_factory=list, metadata={"help": "regular expressions (Python syntax) whose matches are stored as [REDACTED] in the log's texts"})
+    log_text_max_chars: int = field(default=100_000, metadata={"help": "most characters of each prompt and response stored in the log (0: no cap); the sha256 is always of the whole text"})
+    log_keep_days: float = field(default=0.0, metadata={"help": "prune log rows older than this many days (0: keep them)"})
+    log_keep_rows: int = field(default=0, metadata={"help": "keep at most this many log rows, pruning the oldest (0: no limit)"})
+    log_keep_mb: float = field(default=0.0, metadata={"help": "keep the log's rows within this many MiB, pruning the oldest (0: no limit)"})
+    audit_checkpoint_rows: int = field(default=100, metadata={"help": "sign a checkpoint of the log's hash chain every this many rows (0: only at shutdown and pruning)"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body accepted, in bytes"})
     http_threads: int = field(default=0, metadata={"help": "HTTP worker threads (0: parallel + queue_size + 4, so health probes always find one free)"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime execution provider: auto, cuda, tensorrt or cpu (auto: best available, else CPU)"})
@@ -68,6 +74,8 @@ class Settings:
     power_dry_run: bool = field(default=False, metadata={"help": "record what the power profile would run instead of running it"})
     auth: str = field(default="auto", metadata={"help": "API keys: auto (required beyond loopback, or once any key exists), required, or off"})
     allowed_hosts: list[str] = field(default_factory=list, metadata={"help": "names clients may reach the box by (Host header), besides loopback names and IP addresses; '.example.lan' allows its subdomains, '*' any"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate file that turns on HTTPS, with tls_key (both or neither; 'appliance tls self-signed' makes a pair)"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key file of tls_cert, which turns on HTTPS (both or neither)"})
 
     @property
     def worker_threads(self) -> int:
@@ -77,6 +85,12 @@ class Settings:
     @property
     def prompt_chars_limit(self) -> int:
         return self.max_prompt_chars or 16 * self.context_length
+
+    @property
+    def retention(self):
+        from appliance.audit import Retention
+
+        return Retention(days=self.log_keep_days, rows=self.log_keep_rows, megabytes=self.log_keep_mb)
 
     @property
     def db_path(self) -> Path:
@@ -179,6 +193,7 @@ def load_settings(
     merged = layer(file_values, str(path)) | layer(env_values, "environment") | layer(overrides, "flags")
     settings = Settings(**merged)
     settings.home = Path(settings.home).expanduser()
+    settings.tls_cert, settings.tls_key = (os.path.expanduser(p) for p in (settings.tls_cert, settings.tls_key))
     _validate(settings)
     return settings
 
@@ -193,7 +208,8 @@ def _validate(settings: Settings) -> None:
                  "sample_every", "queue_aging"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
-    for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars"):
+    for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars",
+                 "log_text_max_chars", "log_keep_days", "log_keep_rows", "log_keep_mb", "audit_checkpoint_rows"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
     from appliance.auth import AUTH_MODES
@@ -201,7 +217,13 @@ def _validate(settings: Settings) -> None:
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
+    from appliance.audit import check_patterns
+
+    bad = check_patterns(settings.log_redact)
+    if bad:
+        raise ConfigError(f"setting 'log_redact': the pattern {bad}")
     _validate_power(settings)
+    _validate_tls(settings)
 
 
 def _validate_classes(classes: list[dict]) -> None:
@@ -218,6 +240,13 @@ def _validate_classes(classes: list[dict]) -> None:
 def _validate_power(settings: Settings) -> None:
     if settings.deep_idle_after < settings.idle_after:
         raise ConfigError("setting 'deep_idle_after' must not be shorter than 'idle_after'")
+
+
+def _validate_tls(settings: Settings) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        given, missing = ("tls_cert", "tls_key") if settings.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(f"setting {given!r} needs {missing!r} too: HTTPS takes a certificate and its key; "
+                          "'appliance tls self-signed' writes both and prints the two lines for config.toml")
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -5,6 +5,10 @@ completed when it ends, so a request that fails, is cancelled or is cut off
 by a crash still leaves its row. WAL mode lets ``appliance logs`` read while
 the service writes.
 
+A finished row joins the audit chain (``appliance.audit``): it takes the next
+``seq`` and a digest over itself and the row before, so an edit or a deletion
+made behind the service's back shows in ``appliance logs verify``.
+
 A write that fails for lack of space or an I/O error raises ``LogUnavailable``
 and is remembered in ``Database.log_error`` until a write succeeds again; no
 write is queued, the next one simply tries again, so the log recovers by itself
@@ -18,12 +22,14 @@ import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
+from appliance.audit import GENESIS, AuditKey, Retention, TextPolicy, checkpoint_payload, row_digest
 from appliance.errors import LogUnavailable
 
 log = logging.getLogger(__name__)
@@ -101,12 +107,58 @@ def m003_api_keys(db: sqlite_utils.Database):
     db["requests"].add_column("key_id", str)  # the key that made the request (its id, never the key)
 
 
+@migrations()
+def m004_audit(db: sqlite_utils.Database):
+    requests = db["requests"]
+    requests.add_column("seq", int)  # place in the audit chain, given when the row is finished
+    requests.add_column("digest", str)  # sha256 over the previous row's digest and this row
+    requests.add_column("text_cap", int)  # most characters of each text stored when the row was written
+    requests.add_column("prompt_chars", int)  # length of the text received / sent, before redaction and cap
+    requests.add_column("response_chars", int)
+    requests.add_column("redactions", int)  # matches of the redaction patterns replaced in the stored texts
+    requests.create_index(["seq"], unique=True)
+    db["api_keys"].add_column("rpm", int)  # the key's own token buckets; NULL: the service's setting
+    db["api_keys"].add_column("tpm", int)
+    _chain_existing_rows(db)
+    db["audit_checkpoints"].create(
+        {
+            "id": int,
+            "time": str,
+            "seq": int,  # the chain's head this checkpoint vouches for (0: before any row)
+            "digest": str,  # that row's digest
+            "reason": str,  # every N rows, shutdown, prune
+            "pruned_rows": int,  # rows deleted right after it (retention); 0 otherwise
+            "public_key": str,  # hex Ed25519 key that signed it
+            "signature": str,  # hex, over the other columns but id
+        },
+        pk="id",
+    )
+
+
+def _chain_existing_rows(db: sqlite_utils.Database) -> None:
+    """Rows an older release finished join the chain in the order they were written, so the audit
+    covers the log from the upgrade back; the first checkpoint the service signs vouches for them."""
+    previous = GENESIS
+    finished = db.execute("SELECT id FROM requests WHERE finished IS NOT NULL ORDER BY id").fetchall()
+    for seq, (request_id,) in enumerate(finished, start=1):
+        previous = row_digest(previous, db["requests"].get(request_id) | {"seq": seq})
+        db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [seq, previous, request_id])
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Sql:
+    """A column's new value as an SQL expression over its old one, with one argument."""
+
+    sql: str
+    arg: object
 
 
 def _storage_failure(exc: sqlite3.Error) -> bool:
@@ -121,15 +173,20 @@ def _storage_failure(exc: sqlite3.Error) -> bool:
 class Database:
     """Owns the SQLite file. Thread-safe: one connection, one lock."""
 
-    def __init__(self, path: Path | str, store_text: bool = True, readonly: bool = False, service: bool = True):
+    def __init__(self, path: Path | str, store_text: bool = True, readonly: bool = False, service: bool = True,
+                 text_policy: TextPolicy | None = None, audit_key: AuditKey | None = None, checkpoint_rows: int = 100):
         """``readonly`` is for readers beside a running service (``appliance logs``, tests).
 
         ``service=False`` is for writers beside it (``appliance keys``): they leave its open rows alone.
+        ``audit_key`` signs a checkpoint of the chain every ``checkpoint_rows`` finished rows (0: never).
         """
         self.path = Path(path)
         self.store_text = store_text
+        self.text_policy = text_policy or TextPolicy()
+        self.audit_key, self.checkpoint_rows = audit_key, checkpoint_rows
         self.log_error: str | None = None  # why the last write failed; None once one succeeds
         self._lock = threading.Lock()
+        self._closed = False
         if readonly:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
             self.db = sqlite_utils.Database(conn)
@@ -145,6 +202,13 @@ class Database:
         if service:
             self._close_interrupted()
 
+    @classmethod
+    def from_settings(cls, settings, service: bool = True) -> "Database":
+        """The log as the settings describe it: text policy, audit key and checkpoints."""
+        return cls(settings.db_path, store_text=settings.log_text, service=service,
+                   text_policy=TextPolicy(settings.log_redact, settings.log_text_max_chars),
+                   audit_key=AuditKey.load_or_create(settings.home), checkpoint_rows=settings.audit_checkpoint_rows)
+
     def _close_interrupted(self) -> None:
         """Rows a previous process left open (it was killed) are marked, not lost."""
         try:
@@ -157,12 +221,13 @@ class Database:
 
         A row that already has a status or an error keeps it; the others get these.
         """
-        with self._write():
-            return self.db.execute(
-                "UPDATE requests SET finished = ?, status = COALESCE(status, ?), error = COALESCE(error, ?) "
-                "WHERE finished IS NULL",
-                [utcnow(), status, error],
-            ).rowcount
+        with self._write(chain=True):
+            ids = [r[0] for r in self.db.execute("SELECT id FROM requests WHERE finished IS NULL ORDER BY id")]
+            for request_id in ids:
+                self.db.execute("UPDATE requests SET finished = ?, status = COALESCE(status, ?), "
+                                "error = COALESCE(error, ?) WHERE id = ?", [utcnow(), status, error, request_id])
+                self._chain(request_id)
+            return len(ids)
 
     @contextmanager
     def _storage(self):
@@ -178,19 +243,32 @@ class Database:
         self.log_error = None
 
     @contextmanager
-    def _write(self):
-        """One write: under the lock, in a transaction (rolled back if it fails)."""
+    def _write(self, chain: bool = False):
+        """One write: under the lock, in a transaction (rolled back if it fails).
+
+        ``chain``: the transaction takes SQLite's write lock at once, so that the chain's head it reads
+        is still the head when it writes (``appliance chat`` may log into the same file).
+        """
         with self._lock, self._storage(), self.db.conn:
+            if chain:
+                self.db.execute("BEGIN IMMEDIATE")
             yield
 
     def _texts(self, fields: dict) -> dict:
-        """Apply the log_text switch: keep the text, or only its sha256."""
+        """The sha256 of each text as received, then the text as stored: redacted, capped, or not at all."""
         out = dict(fields)
         for name in ("prompt", "response"):
-            if name in out:
-                out[f"{name}_sha256"] = sha256_text(out[name])
-                if not self.store_text:
-                    out[name] = None
+            if out.get(name) is None:
+                continue
+            text = out[name]
+            out[f"{name}_sha256"], out[f"{name}_chars"] = sha256_text(text), len(text)
+            if not self.store_text:
+                out[name] = None
+                continue
+            out[name], redactions = self.text_policy.apply(text)
+            out["text_cap"] = self.text_policy.max_chars or None
+            if redactions:
+                out["redactions"] = redactions
         return out
 
     def probe_write(self) -> bool:
@@ -215,11 +293,127 @@ class Database:
             return self.db["requests"].insert(row).last_pk
 
     def update_request(self, request_id: int, **fields) -> None:
+        """Change a row that is still open; a finished row is part of the chain and stays as it is."""
         with self._write():
-            self.db["requests"].update(request_id, self._texts(fields))
+            self._update_open(request_id, self._texts(fields))
 
     def finish_request(self, request_id: int, **fields) -> None:
-        self.update_request(request_id, finished=utcnow(), **fields)
+        """Complete the row and chain it; finishing a row twice changes nothing."""
+        with self._write(chain=True):
+            if self._update_open(request_id, self._texts({"finished": utcnow(), **fields})):
+                self._chain(request_id)
+
+    def _update_open(self, request_id: int, fields: dict) -> bool:
+        fields = dict(fields)
+        if "redactions" in fields:  # the prompt's count is in the row already; the response's adds to it
+            fields["redactions"] = _Sql("COALESCE(redactions, 0) + ?", fields["redactions"])
+        sets = ", ".join(f"[{name}] = {v.sql if isinstance(v, _Sql) else '?'}" for name, v in fields.items())
+        args = [v.arg if isinstance(v, _Sql) else v for v in fields.values()]
+        return self.db.execute(f"UPDATE requests SET {sets} WHERE id = ? AND finished IS NULL",
+                               [*args, request_id]).rowcount == 1
+
+    # -- the audit chain (appliance.audit explains it) -------------------------------------------
+    def _chain(self, request_id: int) -> None:
+        """Give a just-finished row its place in the chain; inside a chain=True write."""
+        seq, previous = self._head()
+        row = self.db["requests"].get(request_id) | {"seq": seq + 1}
+        digest = row_digest(previous, row)
+        self.db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [seq + 1, digest, request_id])
+        if self.audit_key and self.checkpoint_rows and (seq + 1) % self.checkpoint_rows == 0:
+            self._checkpoint("every %d rows" % self.checkpoint_rows, seq + 1, digest)
+
+    def _head(self) -> tuple[int, str]:
+        """(seq, digest) of the chain's last row; after pruning everything, the last checkpoint's."""
+        row = self.db.execute("SELECT seq, digest FROM requests WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
+                              ).fetchone()
+        checkpoint = self.db.execute("SELECT seq, digest FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        candidates = [c for c in (row, checkpoint) if c is not None]
+        return max(candidates) if candidates else (0, GENESIS)
+
+    def _checkpoint(self, reason: str, seq: int, digest: str, pruned_rows: int = 0) -> None:
+        checkpoint = {"time": utcnow(), "seq": seq, "digest": digest, "reason": reason, "pruned_rows": pruned_rows,
+                      "public_key": self.audit_key.public_key}
+        checkpoint["signature"] = self.audit_key.sign(checkpoint_payload(checkpoint))
+        self.db["audit_checkpoints"].insert(checkpoint)
+
+    def checkpoint(self, reason: str) -> bool:
+        """Sign the chain's head now (at shutdown); False when there is no key or nothing new to sign."""
+        if self.audit_key is None:
+            return False
+        with self._write(chain=True):
+            seq, digest = self._head()
+            last = self.db.execute("SELECT MAX(seq) FROM audit_checkpoints").fetchone()[0]
+            if seq == 0 or last == seq:
+                return False
+            self._checkpoint(reason, seq, digest)
+            return True
+
+    def prune(self, retention: Retention) -> int:
+        """Delete the oldest finished rows beyond the retention limits; returns how many.
+
+        A signed checkpoint of the last deleted row goes first, in the same transaction, so the rows
+        left still verify. Rows are deleted in chain order: a prefix of the chain, never one from the middle.
+        """
+        if self.audit_key is None:
+            raise ValueError("pruning needs the audit key: the chain could not be verified after it")
+        with self._write(chain=True):
+            first = self.db.execute("SELECT MIN(seq) FROM requests").fetchone()[0]
+            last = None
+            for _ in range(10):  # by size, rows are only roughly alike: a few passes may be needed
+                through = self._prune_through(retention)
+                if through is None:
+                    break
+                last = (through, self.db.execute("SELECT digest FROM requests WHERE seq = ?", [through]).fetchone()[0])
+                self.db.execute("DELETE FROM requests WHERE seq <= ?", [through])
+            if last is None:
+                return 0
+            self._checkpoint("prune", *last, pruned_rows=last[0] - first + 1)
+            return last[0] - first + 1
+
+    def _prune_through(self, retention: Retention) -> int | None:
+        """The highest seq to delete so that what is left keeps within every limit; None: nothing."""
+        marks = [0]
+        cutoff = retention.cutoff()
+        if cutoff:
+            marks.append(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests WHERE seq IS NOT NULL "
+                                         "AND finished < ?", [cutoff]).fetchone()[0])
+        chained = self.db.execute("SELECT COUNT(*) FROM requests WHERE seq IS NOT NULL").fetchone()[0]
+        if retention.rows and chained > retention.rows:
+            marks.append(self._nth_oldest_seq(chained - retention.rows))
+        if retention.megabytes and chained:
+            over = self._used_bytes() - retention.megabytes * 2**20
+            if over > 0:  # rows are roughly alike: drop the share of them that is over, and a little more
+                share = min(1.0, over / self._used_bytes() + 0.01)
+                marks.append(self._nth_oldest_seq(max(1, int(chained * share))))
+        return max(marks) or None
+
+    def _nth_oldest_seq(self, n: int) -> int:
+        return self.db.execute("SELECT seq FROM requests WHERE seq IS NOT NULL ORDER BY seq LIMIT 1 OFFSET ?",
+                               [n - 1]).fetchone()[0]
+
+    def _used_bytes(self) -> int:
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0] - self.db.execute("PRAGMA freelist_count"
+                                                                                      ).fetchone()[0]
+        return pages * self.db.execute("PRAGMA page_size").fetchone()[0]
+
+    def chained_rows(self, batch: int = 500):
+        """Every chained row in chain order, a batch at a time (the log may be large)."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = list(self.db["requests"].rows_where("seq > ?", [last], order_by="seq", limit=batch))
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1]["seq"]
+
+    def checkpoints(self) -> list[dict]:
+        with self._lock:
+            return list(self.db["audit_checkpoints"].rows_where(order_by="seq, id"))
+
+    def open_row_count(self) -> int:
+        with self._lock:
+            return self.db.execute("SELECT COUNT(*) FROM requests WHERE finished IS NULL").fetchone()[0]
 
     def record_power_event(self, **fields) -> int:
         with self._write():
@@ -270,5 +464,14 @@ class Database:
                                    [utcnow(), key_id]).rowcount == 1
 
     def close(self) -> None:
+        """Sign the chain's head (when this is the service's log) and close the file; closing twice is harmless."""
+        if self._closed:
+            return
+        if self.audit_key is not None:
+            try:
+                self.checkpoint("shutdown")
+            except LogUnavailable as exc:
+                log.warning("no shutdown checkpoint of the audit chain: %s", exc.message)
         with self._lock:
+            self._closed = True
             self.db.close()

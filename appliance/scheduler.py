@@ -109,10 +109,11 @@ class Admission:
         self._waits = deque(maxlen=1000)  # seconds each recent request waited for its slot
 
     # -- admission -----------------------------------------------------------
-    def admit(self, client: str, class_name: str | None) -> Ticket:
+    def admit(self, client: str, class_name: str | None, limits: tuple[int | None, int | None] = (None, None)) -> Ticket:
+        """``limits``: the client's own (requests, tokens) per minute, e.g. its key's; None: the service's."""
         cls = self._class(class_name)
         with self._cond:
-            self._check_buckets(client)
+            self._check_buckets(client, limits)
             if len(self._waiting) >= self.queue_size and self._running >= self.slots:
                 raise TooManyRequests(f"the queue is full ({self.queue_size} requests waiting for "
                                       f"{self.slots} slots); retry later", code="queue_full",
@@ -133,21 +134,24 @@ class Admission:
                                  param="priority", code="invalid_value")
         return self.classes[name]
 
-    def _bucket_pair(self, client: str) -> tuple[TokenBucket | None, TokenBucket | None]:
+    def _bucket_pair(self, client: str, limits: tuple[int | None, int | None] = (None, None)
+                     ) -> tuple[TokenBucket | None, TokenBucket | None]:
         if client not in self._buckets:
             if len(self._buckets) > 10_000:  # forget clients whose buckets are full again
                 self._buckets = {k: v for k, v in self._buckets.items() if not _all_full(v)}
-            self._buckets[client] = (TokenBucket(self.rpm, self.clock) if self.rpm else None,
-                                     TokenBucket(self.tpm, self.clock) if self.tpm else None)
+            rpm = self.rpm if limits[0] is None else limits[0]
+            tpm = self.tpm if limits[1] is None else limits[1]
+            self._buckets[client] = (TokenBucket(rpm, self.clock) if rpm else None,
+                                     TokenBucket(tpm, self.clock) if tpm else None)
         return self._buckets[client]
 
-    def _check_buckets(self, client: str) -> None:
-        requests, tokens = self._bucket_pair(client)
+    def _check_buckets(self, client: str, limits: tuple[int | None, int | None]) -> None:
+        requests, tokens = self._bucket_pair(client, limits)
         if requests is not None and requests.refill() < 1:
-            raise TooManyRequests(f"rate limit: {self.rpm} requests per minute per client", code="rate_limit_requests",
-                                  retry_after=requests.seconds_until(1))
+            raise TooManyRequests(f"rate limit: {requests.capacity:.0f} requests per minute per client",
+                                  code="rate_limit_requests", retry_after=requests.seconds_until(1))
         if tokens is not None and tokens.refill() <= 0:
-            raise TooManyRequests(f"rate limit: {self.tpm} generated tokens per minute per client",
+            raise TooManyRequests(f"rate limit: {tokens.capacity:.0f} generated tokens per minute per client",
                                   code="rate_limit_tokens", retry_after=tokens.seconds_until(1))
 
     def _take_request_token(self, client: str) -> None:

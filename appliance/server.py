@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 
 import waitress
+from waitress.server import BaseWSGIServer
 
+from appliance.auth import is_loopback
 from appliance.state import AppState
+from appliance.tls import TLSFrontend
 
 log = logging.getLogger("appliance")
 
@@ -21,19 +25,10 @@ log = logging.getLogger("appliance")
 SHUTDOWN_GRACE = 10
 
 
-def serve(app, host: str, port: int, http_threads: int, on_ready=print) -> None:
+def serve(app, tls_context: ssl.SSLContext | None = None, on_ready=print) -> None:
+    """Serve on the configured host and port: HTTPS through a TLSFrontend when given a TLS context."""
     st: AppState = app.extensions["appliance"]
-    server = waitress.create_server(
-        app,
-        host=host,
-        port=port,
-        threads=http_threads,
-        # Lets waitress notice a client that hangs up while its request runs,
-        # so a dropped stream stops generating (environ["waitress.client_disconnected"]).
-        channel_request_lookahead=1,
-        ident="appliance",
-        clear_untrusted_proxy_headers=True,
-    )
+    server, frontend, url = _listen(app, st.settings, tls_context)
     threading.Thread(target=_load_model, args=(st,), name="model-loader", daemon=True).start()
 
     def stop(signum, _frame):
@@ -43,21 +38,60 @@ def serve(app, host: str, port: int, http_threads: int, on_ready=print) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    on_ready(f"appliance: serving {st.runner.name} on http://{host}:{server.effective_port}/v1 (Ctrl-C stops)")
+    on_ready(f"appliance: serving {st.runner.name} on {url} (Ctrl-C stops)")
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         st.shutting_down.set()
+        if frontend is not None:
+            frontend.close()  # no new connections; the open ones end as waitress ends them
         st.power.stop()
+        st.retention.stop()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=SHUTDOWN_GRACE)
         server.close()
         st.runner.unload()
         # Whatever the grace period did not let finish still gets a complete row.
         st.db.close_open_rows(status=503, error="service shut down before the request finished")
-        st.db.close()
+        st.db.close()  # signs a checkpoint of the audit chain's head
         on_ready("appliance: stopped")
+
+
+def _listen(app, settings, tls_context: ssl.SSLContext | None) -> tuple[BaseWSGIServer, TLSFrontend | None, str]:
+    """waitress on the public address; with TLS, on loopback behind a TLSFrontend on the public address.
+
+    Returns the waitress server, the frontend (or None) and the address clients use.
+    """
+    if tls_context is None:
+        server = _waitress(app, settings.host, settings.port, settings.worker_threads)
+        _warn_if_clear_text(settings.host)
+        return server, None, f"http://{settings.host}:{server.effective_port}/v1"
+    frontend = TLSFrontend(tls_context, settings.host, settings.port)
+    server = _waitress(frontend.wrap(app), "127.0.0.1", 0, settings.worker_threads)
+    frontend.start(upstream_port=server.effective_port)
+    return server, frontend, f"https://{settings.host}:{frontend.port}/v1"
+
+
+def _waitress(app, host: str, port: int, threads: int) -> BaseWSGIServer:
+    return waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        # Lets waitress notice a client that hangs up while its request runs,
+        # so a dropped stream stops generating (environ["waitress.client_disconnected"]).
+        channel_request_lookahead=1,
+        ident="appliance",
+        clear_untrusted_proxy_headers=True,
+    )
+
+
+def _warn_if_clear_text(host: str) -> None:
+    if not is_loopback(host):
+        log.warning("listening on %s without TLS: API keys and prompts cross the network in clear text. For HTTPS "
+                    "run 'appliance tls self-signed --host NAME' and add the tls_cert and tls_key lines it prints "
+                    "to config.toml", host)
 
 
 def _load_model(st: AppState) -> None:

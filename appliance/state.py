@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from flask import current_app
 
+from appliance.audit import RetentionWorker
 from appliance.config import Settings
 from appliance.db import Database
 from appliance.power import PowerManager
@@ -21,6 +22,7 @@ class AppState:
     runner: ModelRunner
     power: PowerManager
     admission: Admission
+    retention: RetentionWorker
     shutting_down: threading.Event = field(default_factory=threading.Event)
 
 

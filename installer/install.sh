@@ -340,9 +340,14 @@ sys.exit(1)
 EOF
 }
 
-probe() {  # start the new build on a spare port with a copy of the config, so the serving one is untouched
+probe() {  # start the new build on a spare port with copies of the config and the log, so the serving one is untouched
     scratch=$(mktemp -d)
     for f in config.toml models.json; do [ ! -f "$DATA/$f" ] || cp "$DATA/$f" "$scratch/"; done
+    # A consistent copy of the log while the old build writes it (SQLite's backup API): the new build's
+    # database migrations run on this site's own rows before anything is switched.
+    [ ! -f "$DATA/logs.db" ] || "$NEW/bin/python" -c 'import sqlite3, sys
+src, dst = sqlite3.connect(sys.argv[1]), sqlite3.connect(sys.argv[2])
+src.backup(dst)' "$DATA/logs.db" "$scratch/logs.db"
     spare=$("$NEW/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     "$NEW/bin/appliance" serve --home "$scratch" --host 127.0.0.1 --port "$spare" > "$scratch/serve.log" 2>&1 &
     pid=$!

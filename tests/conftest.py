@@ -64,10 +64,11 @@ class Service:
     log_path: Path
     backend: str = "llama.cpp"  # what /readyz should report
     quantization: str = "Q4_1"
+    ca_file: Path | None = None  # set: the service speaks HTTPS with this (self-signed) certificate
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def db_path(self) -> Path:
@@ -111,7 +112,8 @@ class Service:
 
 
 def start_service(
-    home: Path, extra_env: dict | None = None, args: tuple = (), model: ServedModel | None = None
+    home: Path, extra_env: dict | None = None, args: tuple = (), model: ServedModel | None = None,
+    ca_file: Path | None = None,
 ) -> Service:
     port = free_port()
     model = model or ServedModel("llama.cpp", "Q4_1", env={})
@@ -125,13 +127,15 @@ def start_service(
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
     )
-    service = Service(home, port, proc, log_path, backend=model.backend, quantization=model.quantization)
+    service = Service(home, port, proc, log_path, backend=model.backend, quantization=model.quantization,
+                      ca_file=ca_file)
+    verify = str(ca_file) if ca_file else True
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"appliance serve exited with {proc.returncode}:\n{service.output()}")
         try:
-            if requests.get(service.url + "/readyz", timeout=1).status_code == 200:
+            if requests.get(service.url + "/readyz", timeout=1, verify=verify).status_code == 200:
                 return service
         except requests.ConnectionError:
             pass

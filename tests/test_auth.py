@@ -312,7 +312,7 @@ def test_a_keys_priority_class_and_id_reach_the_queue(make_box):
     batch = create_key(box.settings.home, "user", "--priority", "batch", "--name", "nightly")
     admitted = []
     admit = box.state.admission.admit
-    box.state.admission.admit = lambda client, cls: admitted.append((client, cls)) or admit(client, cls)
+    box.state.admission.admit = lambda client, cls, limits: admitted.append((client, cls)) or admit(client, cls, limits)
     other = create_key(box.settings.home, "user")
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(batch)).status_code == 200
     assert admitted[-1] == (f"key:{key_id(batch)}", "batch")
@@ -327,12 +327,48 @@ def test_a_keys_priority_class_and_id_reach_the_queue(make_box):
     assert "'batch'" in error["message"]
 
 
+def test_a_keys_own_limits_replace_the_services(make_box):
+    box = make_box(rate_limit_rpm=1)
+    generous = create_key(box.settings.home, "user", "--rpm", "3")
+    unlimited = create_key(box.settings.home, "user", "--rpm", "0")
+    plain = create_key(box.settings.home, "user")
+    statuses = lambda key: [box.client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code for _ in range(4)]
+    assert statuses(generous) == [200, 200, 200, 429]
+    assert statuses(unlimited) == [200, 200, 200, 200]
+    assert statuses(plain) == [200, 429, 429, 429]
+    error = box.client.post(CHAT, json=chat_body(), headers=bearer(generous)).get_json()["error"]
+    assert error["message"].startswith("rate limit: 3 requests per minute")
+    listed = CliRunner().invoke(cli, ["keys", "list", "--json", "--home", str(box.settings.home)])
+    assert {(r["rpm"], r["tpm"]) for r in json.loads(listed.stdout)} == {(3, None), (0, None), (None, None)}
+
+
+def test_a_metrics_key_reads_the_metrics_and_nothing_else(keyed):
+    scrape = create_key(keyed.settings.home, "metrics", "--name", "prometheus")
+    assert keyed.client.get("/metrics", headers=bearer(scrape)).status_code == 200
+    for method, path in (("get", "/api/logs"), ("get", "/api/status"), ("get", "/v1/models"), ("post", CHAT)):
+        r = getattr(keyed.client, method)(path, headers=bearer(scrape), json=chat_body())
+        assert_error(r, 403, "permission_error", "wrong_role")
+
+
+def test_logs_give_texts_only_when_asked(keyed):
+    assert keyed.client.post(CHAT, json=chat_body(), headers=bearer(keyed.keys["user"])).status_code == 200
+    for role in ("admin", "auditor"):
+        plain = keyed.client.get("/api/logs", headers=bearer(keyed.keys[role])).get_json()["data"][0]
+        assert "prompt" not in plain and "response" not in plain and len(plain["prompt_sha256"]) == 64
+        asked = keyed.client.get("/api/logs?text=true", headers=bearer(keyed.keys[role])).get_json()["data"][0]
+        assert "hi" in asked["prompt"] and asked["response"]
+    assert_error(keyed.client.get("/api/logs?text=true", headers=bearer(keyed.keys["user"])), 403,
+                 "permission_error", "wrong_role")
+    assert_error(keyed.client.get("/api/logs?text=yes please", headers=bearer(keyed.keys["admin"])), 400,
+                 "invalid_request_error", "invalid_value")
+
+
 def test_a_key_may_ask_for_a_lower_class(make_box):
     box = make_box()
     key = create_key(box.settings.home, "user", "--priority", "interactive")
     admitted = []
     admit = box.state.admission.admit
-    box.state.admission.admit = lambda client, cls: admitted.append(cls) or admit(client, cls)
+    box.state.admission.admit = lambda client, cls, limits: admitted.append(cls) or admit(client, cls, limits)
     assert box.client.post(CHAT, json=chat_body(priority="batch"), headers=bearer(key)).status_code == 200
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code == 200
     assert admitted == ["batch", "interactive"]

@@ -318,8 +318,23 @@ def test_a_missing_wheel_names_the_package_and_platform(tmp_path):
     assert "llama-cpp-python" in str(info.value) and "linux_aarch64" in str(info.value)
 
 
+# A later release's database migrations: one that adds a column, one that cannot run on a log with rows.
+NEW_MIGRATION = """
+@migrations()
+def m900_upgrade_adds_a_column(db):
+    db["requests"].add_column("added_by_upgrade", str)
+"""
+BROKEN_MIGRATION = """
+@migrations()
+def m900_upgrade_breaks_on_rows(db):
+    if db["requests"].count:
+        raise SystemExit("this build is broken on purpose: its migration fails on a log with rows")
+"""
+
+
 def _source_copy(dest: Path, version: str, *, broken: bool) -> Path:
-    """A copy of the project at another version; broken: `appliance serve` dies at start."""
+    """A copy of the project at another version with a new database migration; broken: the migration
+    fails on this site's log, so `appliance serve` dies at start."""
     src = Path(os.environ.get("INSTALLER_TEST_SOURCE", str(ROOT)))
     for name in ("appliance", "models", "distill", "installer"):
         shutil.copytree(src / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -327,9 +342,8 @@ def _source_copy(dest: Path, version: str, *, broken: bool) -> Path:
         shutil.copy2(src / name, dest / name)
     cfg = dest / "setup.cfg"
     cfg.write_text(re.sub(r"^version = .*$", f"version = {version}", cfg.read_text(), count=1, flags=re.M))
-    if broken:
-        with open(dest / "appliance/app.py", "a") as f:
-            f.write('\nraise SystemExit("this build is broken on purpose")\n')
+    with open(dest / "appliance/db.py", "a") as f:
+        f.write(BROKEN_MIGRATION if broken else NEW_MIGRATION)
     return dest
 
 
@@ -346,7 +360,7 @@ def _bundle_of(source: Path, tmp: Path) -> Path:
 
 
 UPGRADE_DRIVER = r"""
-import json, os, subprocess, sys, time, urllib.request
+import json, os, sqlite3, subprocess, sys, time, urllib.request
 prefix, bad, good = sys.argv[1:4]
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 def run(*args):
@@ -359,17 +373,26 @@ def chat():
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.load(r)["choices"][0]["message"]["content"]
-before = os.readlink(prefix + "/venv")
-server = subprocess.Popen([prefix + "/venv/bin/appliance", "serve", "--port", "8080", "--threads", "2"],
-                          env={"APPLIANCE_HOME": prefix + "/data", "PATH": "/usr/bin:/bin"},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-try:
+def start():
+    return subprocess.Popen([prefix + "/venv/bin/appliance", "serve", "--port", "8080", "--threads", "2"],
+                            env={"APPLIANCE_HOME": prefix + "/data", "PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def wait():
     for _ in range(240):
         try:
             urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=5)
-            break
+            return
         except OSError:
             time.sleep(0.5)
+def query(sql):
+    with sqlite3.connect(prefix + "/data/logs.db") as conn:
+        rows = conn.execute(sql).fetchall()
+    return rows[0][0] if len(rows) == 1 and len(rows[0]) == 1 else [list(r) for r in rows]
+before = os.readlink(prefix + "/venv")
+server = start()
+try:
+    wait()
+    chat()  # the log has rows: the broken build's migration fails on them
     result = {"before": before, "no_flag": run(good + "/install.sh"), "bad": run(bad + "/install.sh", "--upgrade")}
     result["still_serving"] = chat()
     result["good"] = run(good + "/install.sh", "--upgrade")
@@ -379,6 +402,20 @@ try:
 finally:
     server.terminate()
     server.wait(30)
+rows_before = query("SELECT COUNT(*) FROM requests")
+migrated_before = query("SELECT COUNT(*) FROM _sqlite_migrations WHERE name LIKE 'm900%'")
+server = start()  # the new build, on the real log: its migration runs now
+try:
+    wait()
+    result["new_build_answers"] = chat()
+finally:
+    server.terminate()
+    server.wait(30)
+result["rows"] = [rows_before, query("SELECT COUNT(*) FROM requests")]
+result["migrated"] = [migrated_before, query("SELECT name FROM _sqlite_migrations WHERE name LIKE 'm900%'")]
+verify = subprocess.run([prefix + "/venv/bin/appliance", "logs", "verify", "--home", prefix + "/data"],
+                        capture_output=True, text=True)
+result["verify"] = {"rc": verify.returncode, "out": verify.stdout + verify.stderr}
 result["uninstall"] = run(prefix + "/install.sh", "--uninstall")
 result["left"] = sorted(os.listdir(prefix)) if os.path.isdir(prefix) else []
 print(json.dumps(result))
@@ -409,6 +446,11 @@ def test_upgrade_rolls_back_a_build_that_cannot_start_then_upgrades_and_uninstal
     assert r["good_again"]["rc"] == 0 and "already the one in use" in r["good_again"]["out"]
     assert r["venvs"] == sorted([r["before"][len("venvs/"):], r["good"]["link"][len("venvs/"):]])
     assert r["manifest_version"] == "0.1.2"
+    # The new build's migration ran on the real log only once it served from it; the rows are all there
+    # (one more: the new build's own answer) and the audit chain still verifies across the upgrade.
+    assert r["migrated"] == [0, "m900_upgrade_adds_a_column"]
+    assert r["new_build_answers"].strip() and r["rows"][1] == r["rows"][0] + 1 >= 3
+    assert r["verify"]["rc"] == 0 and "OK" in r["verify"]["out"], r["verify"]
     # Uninstall removes the code and keeps the data.
     assert r["uninstall"]["rc"] == 0, r["uninstall"]["err"]
     assert r["left"] == ["data"]

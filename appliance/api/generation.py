@@ -60,6 +60,7 @@ class Generation:
     cancel: Cancellation
     client: str
     priority: str | None
+    limits: tuple[int | None, int | None] = (None, None)  # the client's own requests and tokens per minute
     text: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
@@ -77,7 +78,7 @@ class Generation:
     def start(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> None:
         """Queue, wake, load and submit; raises an APIError (the caller's error handler answers it)."""
         try:
-            self._ticket = self.admission.admit(self.client, self.priority)
+            self._ticket = self.admission.admit(self.client, self.priority, self.limits)
             self._using = True
             self.runner.begin_use()
             self._ticket.wait(self.cancel)

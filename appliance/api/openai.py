@@ -108,7 +108,7 @@ def _respond(req, messages, prompt, chat: bool):
     generation = Generation(
         st.runner, st.db, st.admission, g.log_id, g.started,
         Cancellation(client_gone=client_gone, shutting_down=st.shutting_down.is_set),
-        client=auth.client_id(),
+        client=auth.client_id(), limits=auth.client_limits(),
         priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), st.admission.classes),
     )
     g.generation = generation

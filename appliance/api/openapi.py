@@ -130,7 +130,9 @@ OPERATIONS = {
     "admin.set_power": Operation("Force a power state", PowerRequest, _json("Status"), tags=("admin",)),
     "admin.logs": Operation("Recent requests from the log, newest first", ok=_json("Rows"), tags=("admin",),
                             query=(LIMIT, ("offset", {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
-                                                   "newest rows to skip"))),
+                                                   "newest rows to skip"),
+                                   ("text", {"type": "boolean"}, "include the prompt and response texts "
+                                                                 "(admin and auditor keys; default false)"))),
     "admin.power_events": Operation("Recent power state changes, newest first", ok=_json("Rows"), tags=("admin",),
                                     query=(LIMIT,)),
     "health.healthz": Operation("Liveness: the process answers", ok=_json("Health"), tags=("health",)),
