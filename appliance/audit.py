@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from appliance.files import write_new_file
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +64,34 @@ class AuditKey:
 
     @classmethod
     def load_or_create(cls, home: Path) -> "AuditKey":
+        """The service's key: made on its first start."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = cls.load(home)
+        if key is not None:
+            return key
+        key = cls(Ed25519PrivateKey.generate())
+        try:
+            key._write(Path(home) / KEY_FILE)
+        except FileExistsError:  # another process of the box made it just now
+            return cls.load(home)
+        return key
+
+    @classmethod
+    def load(cls, home: Path) -> "AuditKey | None":
+        """The key where this user may read it; None where it is not (another user's, or not made yet)."""
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-        path = Path(home) / KEY_FILE
-        if path.exists():
-            return cls(load_pem_private_key(path.read_bytes(), password=None))
-        key = cls(Ed25519PrivateKey.generate())
-        key._write(path)
-        return key
+        try:
+            return cls(load_pem_private_key((Path(home) / KEY_FILE).read_bytes(), password=None))
+        except (FileNotFoundError, PermissionError):
+            return None
 
     def _write(self, path: Path) -> None:
         from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        pem = self._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
+        write_new_file(path, self._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), mode=0o600)
         (path.parent / PUBLIC_KEY_FILE).write_text(self.public_key + "\n")
 
     @property
@@ -218,8 +229,20 @@ class Verification:
         return self.last_seq - (self.signed_through or 0)
 
 
-def verify_log(db, public_key: str | None) -> Verification:
-    """Walk the chain and the checkpoints; every problem names the row (id and seq) where it shows."""
+def verify_log(db, public_key: str | None, checkpoint_rows: int = 0) -> Verification:
+    """Walk the chain and the checkpoints, in one snapshot of the file; every problem names the row
+    (id and seq) where it shows. ``checkpoint_rows``: how often the service signs (the setting)."""
+    with db.snapshot():
+        result = _verify(db, public_key.lower() if public_key else None)
+    if checkpoint_rows and result.unsigned_tail >= checkpoint_rows:
+        # The service signs every checkpoint_rows rows, so the unsigned end is always shorter than that.
+        result.problems.append(
+            f"{result.unsigned_tail} rows after seq {result.signed_through or 0} are not signed, but a checkpoint "
+            f"comes every {checkpoint_rows} rows: checkpoints were deleted (or audit_checkpoint_rows was lowered)")
+    return result
+
+
+def _verify(db, public_key: str | None) -> Verification:
     result = Verification()
     checkpoints = _checked_checkpoints(db.checkpoints(), public_key, result)
     # Where the chain left in the database must start: after the last pruning, else at seq 1.
@@ -248,6 +271,9 @@ def verify_log(db, public_key: str | None) -> Verification:
         result.rows += 1
         result.last_seq = seq
     _check_tail(checkpoints, result, expected_seq)
+    for request_id in db.unchained_rows():
+        result.problems.append(f"row id {request_id} is finished but has no place in the chain: "
+                               "it was added behind the service's back")
     result.open_rows = db.open_row_count()
     return result
 

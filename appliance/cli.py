@@ -278,7 +278,8 @@ def logs_verify(ctx, public_key, as_json, home):
     from appliance.audit import trusted_public_key, verify_log
 
     settings = _settings(ctx, home=home)
-    result = verify_log(_read_log(ctx, home), public_key or trusted_public_key(settings.home))
+    result = verify_log(_read_log(ctx, home), public_key or trusted_public_key(settings.home),
+                        checkpoint_rows=settings.audit_checkpoint_rows)
     if as_json:
         click.echo(json.dumps({"ok": result.ok, "rows": result.rows, "first_seq": result.first_seq,
                                "last_seq": result.last_seq, "signed_through": result.signed_through,
@@ -324,8 +325,10 @@ def status(ctx, url, power_state, as_json):
     base = url or f"{scheme}://{host}:{settings.port}"
     key = os.environ.get("APPLIANCE_API_KEY")  # an admin key, where the service requires keys
     auth = {"Authorization": f"Bearer {key}"} if key else {}
-    # The box's own certificate is the one to trust (it may be self-signed).
-    tls = ssl.create_default_context(cafile=settings.tls_cert) if settings.tls_cert else None
+    tls = None
+    if settings.tls_cert:  # the system's CAs, and the box's own certificate (it may be self-signed)
+        tls = ssl.create_default_context()
+        tls.load_verify_locations(cafile=settings.tls_cert)
     try:
         if power_state:
             body = json.dumps({"state": power_state}).encode()

@@ -141,8 +141,14 @@ def _chain_existing_rows(db: sqlite_utils.Database) -> None:
     previous = GENESIS
     finished = db.execute("SELECT id FROM requests WHERE finished IS NOT NULL ORDER BY id").fetchall()
     for seq, (request_id,) in enumerate(finished, start=1):
-        previous = row_digest(previous, db["requests"].get(request_id) | {"seq": seq})
-        db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [seq, previous, request_id])
+        previous = _link(db, request_id, seq, previous)
+
+
+def _link(db: sqlite_utils.Database, request_id: int, seq: int, previous: str) -> str:
+    """Give a finished row its place ``seq`` in the chain after ``previous``; returns its digest."""
+    digest = row_digest(previous, db["requests"].get(request_id) | {"seq": seq})
+    db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [seq, digest, request_id])
+    return digest
 
 
 def utcnow() -> str:
@@ -204,10 +210,15 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings, service: bool = True) -> "Database":
-        """The log as the settings describe it: text policy, audit key and checkpoints."""
+        """The log as the settings describe it: text policy, audit key and checkpoints.
+
+        The service makes the audit key on its first start; a writer beside it (``appliance chat``, maybe
+        another user) signs only where it may read the key, and never makes one.
+        """
+        key = AuditKey.load_or_create(settings.home) if service else AuditKey.load(settings.home)
         return cls(settings.db_path, store_text=settings.log_text, service=service,
                    text_policy=TextPolicy(settings.log_redact, settings.log_text_max_chars),
-                   audit_key=AuditKey.load_or_create(settings.home), checkpoint_rows=settings.audit_checkpoint_rows)
+                   audit_key=key, checkpoint_rows=settings.audit_checkpoint_rows)
 
     def _close_interrupted(self) -> None:
         """Rows a previous process left open (it was killed) are marked, not lost."""
@@ -316,9 +327,7 @@ class Database:
     def _chain(self, request_id: int) -> None:
         """Give a just-finished row its place in the chain; inside a chain=True write."""
         seq, previous = self._head()
-        row = self.db["requests"].get(request_id) | {"seq": seq + 1}
-        digest = row_digest(previous, row)
-        self.db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [seq + 1, digest, request_id])
+        digest = _link(self.db, request_id, seq + 1, previous)
         if self.audit_key and self.checkpoint_rows and (seq + 1) % self.checkpoint_rows == 0:
             self._checkpoint("every %d rows" % self.checkpoint_rows, seq + 1, digest)
 
@@ -348,35 +357,40 @@ class Database:
             self._checkpoint(reason, seq, digest)
             return True
 
-    def prune(self, retention: Retention) -> int:
+    def prune(self, retention: Retention, batch: int = 2000) -> int:
         """Delete the oldest finished rows beyond the retention limits; returns how many.
 
-        A signed checkpoint of the last deleted row goes first, in the same transaction, so the rows
-        left still verify. Rows are deleted in chain order: a prefix of the chain, never one from the middle.
+        Rows go in chain order (a prefix of the chain, never one from the middle), at most ``batch`` per
+        transaction so that requests are not held up by a long delete; each transaction first writes a
+        signed checkpoint of its last deleted row, so the rows left still verify.
         """
         if self.audit_key is None:
             raise ValueError("pruning needs the audit key: the chain could not be verified after it")
+        total = 0
+        while deleted := self._prune_batch(retention, batch):
+            total += deleted
+        return total
+
+    def _prune_batch(self, retention: Retention, batch: int) -> int:
         with self._write(chain=True):
-            first = self.db.execute("SELECT MIN(seq) FROM requests").fetchone()[0]
-            last = None
-            for _ in range(10):  # by size, rows are only roughly alike: a few passes may be needed
-                through = self._prune_through(retention)
-                if through is None:
-                    break
-                last = (through, self.db.execute("SELECT digest FROM requests WHERE seq = ?", [through]).fetchone()[0])
-                self.db.execute("DELETE FROM requests WHERE seq <= ?", [through])
-            if last is None:
+            through = self._prune_through(retention)
+            if through is None:
                 return 0
-            self._checkpoint("prune", *last, pruned_rows=last[0] - first + 1)
-            return last[0] - first + 1
+            through = min(through, self._nth_oldest_seq(batch) or through)
+            digest = self.db.execute("SELECT digest FROM requests WHERE seq = ?", [through]).fetchone()[0]
+            deleted = self.db.execute("DELETE FROM requests WHERE seq <= ?", [through]).rowcount
+            self._checkpoint("prune", through, digest, pruned_rows=deleted)
+            return deleted
 
     def _prune_through(self, retention: Retention) -> int | None:
         """The highest seq to delete so that what is left keeps within every limit; None: nothing."""
         marks = [0]
         cutoff = retention.cutoff()
-        if cutoff:
-            marks.append(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests WHERE seq IS NOT NULL "
-                                         "AND finished < ?", [cutoff]).fetchone()[0])
+        if cutoff:  # the rows before the first one that is still young: a clock stepped back deletes no newer row
+            marks.append(self.db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM requests WHERE seq IS NOT NULL AND seq < COALESCE("
+                "(SELECT MIN(seq) FROM requests WHERE seq IS NOT NULL AND finished >= ?), 9e18)", [cutoff]
+            ).fetchone()[0])
         chained = self.db.execute("SELECT COUNT(*) FROM requests WHERE seq IS NOT NULL").fetchone()[0]
         if retention.rows and chained > retention.rows:
             marks.append(self._nth_oldest_seq(chained - retention.rows))
@@ -387,9 +401,10 @@ class Database:
                 marks.append(self._nth_oldest_seq(max(1, int(chained * share))))
         return max(marks) or None
 
-    def _nth_oldest_seq(self, n: int) -> int:
-        return self.db.execute("SELECT seq FROM requests WHERE seq IS NOT NULL ORDER BY seq LIMIT 1 OFFSET ?",
-                               [n - 1]).fetchone()[0]
+    def _nth_oldest_seq(self, n: int) -> int | None:
+        row = self.db.execute("SELECT seq FROM requests WHERE seq IS NOT NULL ORDER BY seq LIMIT 1 OFFSET ?",
+                              [n - 1]).fetchone()
+        return row[0] if row else None
 
     def _used_bytes(self) -> int:
         pages = self.db.execute("PRAGMA page_count").fetchone()[0] - self.db.execute("PRAGMA freelist_count"
@@ -406,6 +421,23 @@ class Database:
                 return
             yield from rows
             last = rows[-1]["seq"]
+
+    @contextmanager
+    def snapshot(self):
+        """Reads inside see one state of the file, whatever the service writes or prunes meanwhile (WAL)."""
+        with self._lock:
+            self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self.db.execute("COMMIT")
+
+    def unchained_rows(self) -> list[int]:
+        """Ids of finished rows without a place in the chain: the service never leaves one."""
+        with self._lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT id FROM requests WHERE finished IS NOT NULL AND seq IS NULL ORDER BY id")]
 
     def checkpoints(self) -> list[dict]:
         with self._lock:

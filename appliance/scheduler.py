@@ -77,8 +77,10 @@ class TokenBucket:
 class Ticket:
     """One request's place: waiting, then holding a slot until released."""
 
-    def __init__(self, admission: Admission, cls: PriorityClass, client: str, seq: int):
+    def __init__(self, admission: Admission, cls: PriorityClass, client: str, seq: int,
+                 limits: tuple[int | None, int | None] = (None, None)):
         self.admission, self.cls, self.client, self.seq = admission, cls, client, seq
+        self.limits = limits  # the client's own buckets, should they be rebuilt before it is released
         self.arrived = admission.clock()
         self.running = False
         self.done = False
@@ -121,9 +123,9 @@ class Admission:
             if cls.max_concurrency and self._per_class[cls.name] >= cls.max_concurrency:
                 raise TooManyRequests(f"priority class {cls.name!r} already has its {cls.max_concurrency} requests "
                                       "in flight; retry later", code="class_busy", retry_after=self._expected_wait())
-            self._take_request_token(client)
+            self._take_request_token(client, limits)
             self._per_class[cls.name] += 1
-            ticket = Ticket(self, cls, client, next(self._seq))
+            ticket = Ticket(self, cls, client, next(self._seq), limits)
             self._waiting.append(ticket)
             return ticket
 
@@ -154,8 +156,8 @@ class Admission:
             raise TooManyRequests(f"rate limit: {tokens.capacity:.0f} generated tokens per minute per client",
                                   code="rate_limit_tokens", retry_after=tokens.seconds_until(1))
 
-    def _take_request_token(self, client: str) -> None:
-        requests, _ = self._bucket_pair(client)
+    def _take_request_token(self, client: str, limits: tuple[int | None, int | None]) -> None:
+        requests, _ = self._bucket_pair(client, limits)
         if requests is not None:
             requests.level -= 1
 
@@ -204,7 +206,7 @@ class Admission:
             else:
                 self._waiting.remove(ticket)
             self._per_class[ticket.cls.name] -= 1
-            _, tokens = self._bucket_pair(ticket.client)
+            _, tokens = self._bucket_pair(ticket.client, ticket.limits)
             if tokens is not None:
                 tokens.refill()
                 tokens.level -= completion_tokens

@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import os
 import selectors
 import socket
 import ssl
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from appliance.files import write_new_file
 
 log = logging.getLogger("appliance")
 
@@ -64,7 +66,8 @@ def write_self_signed(folder: Path | str, hosts: list[str], days: int = DEFAULT_
 
     Raises FileExistsError (unless ``force``) and ValueError for a host that is no name or address.
     """
-    names = _subject_alt_names(hosts or default_hosts())
+    # Loopback always: the box's own tools (appliance status, the installer) reach it there.
+    names = _subject_alt_names([*(hosts or default_hosts()), "localhost", "127.0.0.1"])
     folder = Path(folder).expanduser()
     cert_path, key_path = folder / CERT_FILE, folder / KEY_FILE
     for path in (cert_path, key_path):
@@ -76,8 +79,8 @@ def write_self_signed(folder: Path | str, hosts: list[str], days: int = DEFAULT_
     folder.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write_new_file(key_path, key_pem, mode=0o600, replace=force)
-    _write_new_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, replace=force)
+    write_new_file(key_path, key_pem, mode=0o600, replace=force)
+    write_new_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, replace=force)
     return cert_path, key_path, fingerprint(cert)
 
 
@@ -128,16 +131,6 @@ def _certificate(key: ec.EllipticCurvePrivateKey, names: list[x509.GeneralName],
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
-
-
-def _write_new_file(path: Path, data: bytes, mode: int, replace: bool) -> None:
-    """Create the file with its mode from the start, so a key is never readable by others, not even briefly."""
-    if replace:
-        path.unlink(missing_ok=True)  # O_EXCL below also refuses to write through a link planted there
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(fd, mode)  # the umask may have taken bits away, or left more
-        f.write(data)
 
 
 # -- the service's side: certificate and key from the config ------------------------------------
@@ -353,8 +346,8 @@ def _refuse_plain_http(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
     # Read the request to its end: closing with unread bytes resets the connection, and the reset can
     # overtake the answer. Up to a bound, so that a client that goes on sending cannot hold the thread.
-    received = 0
-    while received < PLAIN_HTTP_DRAIN and (data := conn.recv(CHUNK)):
+    received, deadline = 0, time.monotonic() + HANDSHAKE_TIMEOUT
+    while received < PLAIN_HTTP_DRAIN and time.monotonic() < deadline and (data := conn.recv(CHUNK)):
         received += len(data)
 
 

@@ -319,17 +319,22 @@ EOF
 fi
 
 # --- 5. switch to the new build ----------------------------------------------------------------
-wait_ready() {  # URL SECONDS [PID]: until URL answers 200, the time runs out or PID ends
+wait_ready() {  # URL SECONDS [PID]: until URL answers 200 (over HTTP, or HTTPS when tls_cert is set), the time runs out or PID ends
     "$NEW/bin/python" - "$@" <<'EOF'
-import os, sys, time, urllib.request
+import os, ssl, sys, time, urllib.request
 url, deadline, pid = sys.argv[1], time.time() + float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+# Only this box's own service on loopback is asked, and only whether it is ready: its certificate, which may
+# name the box's LAN names only, is not what this checks.
+loopback_tls = ssl.create_default_context()
+loopback_tls.check_hostname, loopback_tls.verify_mode = False, ssl.CERT_NONE
 while time.time() < deadline:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            if r.status == 200:
-                sys.exit(0)
-    except OSError:
-        pass
+    for attempt in (url, url.replace("http://", "https://", 1)):
+        try:
+            with urllib.request.urlopen(attempt, timeout=5, context=loopback_tls) as r:
+                if r.status == 200:
+                    sys.exit(0)
+        except OSError:
+            pass
     if pid:
         try:
             os.kill(pid, 0)

@@ -118,6 +118,80 @@ def test_finished_rows_are_not_changed_by_later_writes(audited):
     assert verify(db, key).ok
 
 
+def test_a_recomputed_chain_with_its_newest_checkpoints_deleted_is_caught(audited):
+    """Deleting the signed heads that would expose a rewrite leaves an unsigned end longer than the interval."""
+    db, key, add = audited
+    ids = add(14)  # checkpoints at 5 and 10
+    sqlite_shell(db.path, f"UPDATE requests SET response = 'forged' WHERE id = {ids[6]}; "
+                          "DELETE FROM audit_checkpoints WHERE seq = 10;")
+    with sqlite3.connect(db.path) as conn:
+        conn.row_factory = sqlite3.Row
+        previous = conn.execute("SELECT digest FROM requests WHERE seq = 6").fetchone()[0]
+        for row in conn.execute("SELECT * FROM requests WHERE seq >= 7 ORDER BY seq").fetchall():
+            previous = row_digest(previous, dict(row))
+            conn.execute("UPDATE requests SET digest = ? WHERE id = ?", [previous, row["id"]])
+    reader = Database(db.path, readonly=True)
+    assert verify_log(reader, key.public_key).ok  # without knowing the interval nothing shows...
+    problems = verify_log(reader, key.public_key, checkpoint_rows=5).problems
+    assert problems == ["9 rows after seq 5 are not signed, but a checkpoint comes every 5 rows: checkpoints "
+                        "were deleted (or audit_checkpoint_rows was lowered)"]
+
+
+def test_a_row_inserted_behind_the_services_back_is_caught(audited):
+    db, key, add = audited
+    add(3)
+    sqlite_shell(db.path, "INSERT INTO requests (started, finished, endpoint, status) "
+                          "VALUES ('2026-12-01', '2026-12-01', '/v1/completions', 200);")
+    [problem] = verify(db, key).problems
+    assert problem.endswith("is finished but has no place in the chain: it was added behind the service's back")
+
+
+def test_verify_reads_one_snapshot_while_the_service_prunes(audited):
+    db, key, add = audited
+    add(12)
+    reader = Database(db.path, readonly=True)
+    checkpoints = reader.checkpoints
+
+    def prune_meanwhile():  # the retention worker prunes between verify's reads
+        found = checkpoints()
+        db.prune(Retention(rows=2))
+        return found
+
+    reader.checkpoints = prune_meanwhile
+    result = verify_log(reader, key.public_key.upper())  # a key pasted in capitals is the same key
+    assert result.ok and (result.first_seq, result.last_seq) == (1, 12), result.problems
+    assert verify(db, key).first_seq == 11
+
+
+def test_pruning_goes_in_batches_each_behind_its_checkpoint(audited):
+    db, key, add = audited
+    add(10)
+    assert db.prune(Retention(rows=1), batch=3) == 9
+    assert [c["pruned_rows"] for c in db.checkpoints() if c["reason"] == "prune"] == [3, 3, 3]
+    assert verify(db, key).ok
+
+
+def test_a_clock_stepped_back_prunes_no_newer_row(audited):
+    db, key, add = audited
+    ids = add(3)
+    old = "2020-01-01T00:00:00.000+00:00"
+    sqlite_shell(db.path, f"UPDATE requests SET finished = '{old}' WHERE id IN ({ids[0]}, {ids[2]});")
+    assert db.prune(Retention(days=30)) == 1  # the second row is young: the third, stamped old, stays behind it
+
+
+def test_a_writer_beside_the_service_never_makes_the_key(tmp_path):
+    from appliance.config import load_settings
+
+    settings = load_settings(overrides={"home": tmp_path}, environ={})
+    beside = Database.from_settings(settings, service=False)  # appliance chat before the service ever ran
+    assert beside.audit_key is None and not (tmp_path / "audit-key.pem").exists()
+    beside.close()
+    service = Database.from_settings(settings)
+    assert service.audit_key is not None and (tmp_path / "audit-key.pem").exists()
+    service.close()
+    assert Database.from_settings(settings, service=False).audit_key.public_key == service.audit_key.public_key
+
+
 def test_rows_closed_at_startup_join_the_chain(tmp_path):
     key = AuditKey.load_or_create(tmp_path)
     db = Database(tmp_path / "logs.db", audit_key=key)

@@ -282,3 +282,14 @@ def test_text_is_coalesced_within_the_stream_interval_first_and_last_at_once(fak
     submit(sched, facts, backend, 2, "hello")
     run_until_idle(sched)
     assert sum(len(e.outputs) for e in every_token if isinstance(e, msg.Step)) == len(REPLY) + 1  # + the end
+
+
+def test_a_clients_own_limits_hold_even_when_its_buckets_are_rebuilt():
+    now = [0.0]
+    admission = Admission(slots=1, queue_size=4, tokens_per_minute=10_000, clock=lambda: now[0])
+    ticket = admission.admit("key:k", None, limits=(None, 100))
+    ticket.wait(lambda: False)
+    admission._buckets.clear()  # forgotten while it ran (the table holds at most 10,000 clients)
+    ticket.release(completion_tokens=150)
+    with pytest.raises(TooManyRequests, match="100 generated tokens per minute"):
+        admission.admit("key:k", None, limits=(None, 100))

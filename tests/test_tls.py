@@ -75,8 +75,8 @@ def test_self_signed_writes_a_private_key_and_a_certificate_for_every_host(tmp_p
     assert cert_path.stat().st_mode & 0o777 == 0o644
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["box.lan"]
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["192.168.1.20"]
+    assert names.get_values_for_type(x509.DNSName) == ["box.lan", "localhost"]  # loopback always: for local tools
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["192.168.1.20", "127.0.0.1"]
     assert 29 < (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 31
     # What it prints: the fingerprint, the two config lines, and how clients pin the certificate.
     assert tls.fingerprint(cert) in made.stdout
