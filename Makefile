@@ -39,15 +39,22 @@ $(VENV)/.installed-test: $(VENV)/.installed-serve
 serve: $(VENV)/.installed-serve
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/appliance serve $(ARGS)
 
-# The web UI tests need Debian's chromium and chromium-driver: installed first when missing
-# (tests/browser-deps.sh). BROWSER_TESTS=no skips both the install and those tests.
+# System tools the tests use, installed first when missing (tests/system-deps.sh): the installer test's
+# systemd-analyze, ip and unshare and the audit test's sqlite3 shell where they can be (without them those
+# tests skip a check or use Python's sqlite3), and Debian's chromium and chromium-driver, which the web UI
+# tests need.
+# BROWSER_TESTS=no skips both the browser install and those tests.
+SYSTEM_TOOLS = systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux
+BROWSER_TOOLS = /usr/bin/chromium=chromium /usr/bin/chromedriver=chromium-driver
 BROWSER_TESTS ?= yes
 ifeq ($(BROWSER_TESTS),no)
 test: $(VENV)/.installed-test
+	sh tests/system-deps.sh --optional $(SYSTEM_TOOLS)
 	$(BIN)/python -m pytest -m "not browser" $(PYTEST_ARGS)
 else
 test: $(VENV)/.installed-test
-	sh tests/browser-deps.sh
+	sh tests/system-deps.sh --optional $(SYSTEM_TOOLS)
+	sh tests/system-deps.sh $(BROWSER_TOOLS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 endif
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "browser-deps.sh"
+SCRIPT = ROOT / "tests" / "system-deps.sh"
 
 
 def test_ci_runs_exactly_make_test():
@@ -23,12 +23,16 @@ def _make_dry_run(*args: str) -> str:
     return subprocess.run(["make", "-n", "test", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
-def test_make_test_installs_the_browser_first_unless_told_not_to():
+BROWSER = "sh tests/system-deps.sh /usr/bin/chromium=chromium /usr/bin/chromedriver=chromium-driver"
+TOOLS = "sh tests/system-deps.sh --optional systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux"
+
+
+def test_make_test_installs_the_tools_and_the_browser_first_unless_told_not_to():
     steps = _make_dry_run().splitlines()
-    assert "sh tests/browser-deps.sh" in steps
-    assert steps.index("sh tests/browser-deps.sh") < next(i for i, s in enumerate(steps) if "-m pytest" in s)
-    without = _make_dry_run("BROWSER_TESTS=no")
-    assert "browser-deps" not in without and '-m pytest -m "not browser"' in without
+    pytest_step = next(i for i, s in enumerate(steps) if "-m pytest" in s)
+    assert steps.index(TOOLS) < pytest_step and steps.index(BROWSER) < pytest_step
+    without = _make_dry_run("BROWSER_TESTS=no").splitlines()
+    assert TOOLS in without and BROWSER not in without and any('-m pytest -m "not browser"' in s for s in without)
 
 
 @pytest.fixture
@@ -51,8 +55,9 @@ def fake_system(tmp_path):
         stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {calls}\n{provide if apt_provides else ""}\nexit {apt_status}')
         if sudo:
             stub(bin_dir / "sudo", f'echo sudo >> {calls}; exec "$@"')
-        env = {"PATH": str(bin_dir), "CHROMIUM": str(chromium), "CHROMEDRIVER": str(driver)}
-        result = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True, text=True)
+        args = [f"{chromium}=chromium", f"{driver}=chromium-driver"]
+        result = subprocess.run(["/bin/sh", str(SCRIPT), *args], env={"PATH": str(bin_dir)}, capture_output=True,
+                                text=True)
         return result, calls.read_text().splitlines() if calls.exists() else []
 
     if not Path("/usr/bin/env").exists():
@@ -94,3 +99,18 @@ def test_packages_that_do_not_provide_the_binaries_are_reported(fake_system):
 def test_nothing_is_installed_when_chromium_is_there(fake_system):
     result, calls = fake_system(uid=1000, installed=True)
     assert result.returncode == 0 and calls == []
+
+
+def test_an_optional_tool_that_cannot_be_installed_is_a_warning(tmp_path):
+    """systemd-analyze where apt-get is missing: the installer test skips its check, make test goes on."""
+    (tmp_path / "id").write_text("#!/bin/sh\necho 1000\n")
+    (tmp_path / "id").chmod(0o755)
+    result = subprocess.run(["/bin/sh", str(SCRIPT), "--optional", "no-such-tool-here=systemd"],
+                            env={"PATH": str(tmp_path)}, capture_output=True, text=True)
+    assert result.returncode == 0 and "systemd" in result.stderr and "skipped" in result.stderr
+
+
+def test_tools_that_are_there_need_nothing(tmp_path):
+    result = subprocess.run(["/bin/sh", str(SCRIPT), "sh=dash", "/bin/sh=dash"], env={"PATH": "/bin:/usr/bin"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
