@@ -425,8 +425,9 @@ def keys_create(ctx, role, name, expires, priority, rpm, tpm, home):
         raise click.BadParameter(str(exc), param_hint="--expires") from None
     key_id, key = new_key()
     with _keys_db(ctx, home) as db:
-        db.add_api_key(id=key_id, name=name, role=role, priority=priority, expires=expiry, rpm=rpm, tpm=tpm,
-                       **hash_secret(key))
+        fields = dict(name=name, role=role, priority=priority, expires=expiry, rpm=rpm, tpm=tpm)
+        db.add_api_key(id=key_id, **fields, **hash_secret(key))
+        db.record_action("cli:keys create", _operator(), key_id, json.dumps(fields))
     click.echo(key)
     click.echo(f"key {key_id} ({role}) created; it is shown only now: keep it, send it as "
                "'Authorization: Bearer <key>'", err=True)
@@ -459,7 +460,10 @@ def keys_list(ctx, as_json, home):
 def keys_revoke(ctx, key_id, home):
     """Revoke a key by its id (from 'keys list'); a running service refuses it from its next request."""
     with _keys_db(ctx, home) as db:
-        revoked = db.revoke_api_key(key_id.removeprefix("sk-").split("-")[0])
+        key_id = key_id.removeprefix("sk-").split("-")[0]
+        revoked = db.revoke_api_key(key_id)
+        if revoked:
+            db.record_action("cli:keys revoke", _operator(), key_id, "{}")
     if not revoked:
         raise click.ClickException(f"no active key {key_id!r}: 'appliance keys list' shows the keys")
     click.echo(f"key {key_id} revoked")
@@ -530,6 +534,16 @@ Clients pin the certificate (copy cert.pem to them, compare the fingerprint; nev
   openai.OpenAI(base_url="{url}/v1", api_key=...,
                 http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile="cert.pem")))
   SSL_CERT_FILE=cert.pem   for Python's ssl defaults and httpx (the openai client); it then trusts only this certificate"""
+
+
+def _operator() -> str:
+    """Who ran a command that changes the box, for its log row."""
+    import getpass
+
+    try:
+        return f"{getpass.getuser()} (terminal)"
+    except (KeyError, OSError):  # a uid with no name, as in some containers
+        return f"uid {os.getuid()} (terminal)"
 
 
 def _fmt(value, digits: int = 0) -> str:

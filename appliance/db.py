@@ -447,6 +447,12 @@ class Database:
         with self._lock:
             return self.db.execute("SELECT COUNT(*) FROM requests WHERE finished IS NULL").fetchone()[0]
 
+    def record_action(self, endpoint: str, client: str, key_id: str | None, details: str) -> int:
+        """A change made outside the HTTP API (``appliance keys``): one finished row, in the audit chain."""
+        request_id = self.start_request(endpoint, client, key_id=key_id, prompt=details)
+        self.finish_request(request_id, status=200)
+        return request_id
+
     def record_power_event(self, **fields) -> int:
         with self._write():
             return self.db["power_events"].insert({"time": utcnow(), **fields}).last_pk

@@ -65,7 +65,8 @@ def test_no_key_or_a_bad_key_is_401_once_keys_exist(keyed):
         assert_error(keyed.client.post(CHAT, json=chat_body(), headers=bearer(wrong)), 401,
                      "authentication_error", "invalid_api_key")
     assert_error(keyed.client.get("/api/logs"), 401, "authentication_error", "missing_api_key")
-    assert keyed.rows() == []  # refused before a row: an unauthenticated flood cannot fill the log
+    # Refused before a row: an unauthenticated flood cannot fill the log (the rows are the three keys made).
+    assert [r["endpoint"] for r in keyed.rows()] == ["cli:keys create"] * 3
     r = keyed.client.post(CHAT, json=chat_body(), headers=bearer(user))
     assert r.status_code == 200
     assert keyed.last_row()["key_id"] == key_id(user)
@@ -118,6 +119,8 @@ def test_expired_and_revoked_keys_are_401(keyed):
     assert states[key_id(user)] == "revoked" and states[key_id(old)] == "expired"
     assert states[key_id(keyed.keys["admin"])] == "active"
     assert "sk-" not in listed.stdout and "hash" not in listed.stdout
+    revoked = [r for r in keyed.rows() if r["endpoint"] == "cli:keys revoke"]
+    assert [r["key_id"] for r in revoked] == [key_id(user)] and revoked[0]["client"].endswith("(terminal)")
 
 
 def test_auth_off_serves_without_a_key_but_still_names_the_key(make_box):
@@ -126,7 +129,8 @@ def test_auth_off_serves_without_a_key_but_still_names_the_key(make_box):
     assert box.client.post(CHAT, json=chat_body()).status_code == 200
     assert box.client.post(CHAT, json=chat_body(), headers=bearer("garbage")).status_code == 200
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(user)).status_code == 200
-    assert [r["key_id"] for r in box.rows()] == [None, None, key_id(user)]
+    assert [(r["endpoint"], r["key_id"]) for r in box.rows()] == [
+        ("cli:keys create", key_id(user)), (CHAT, None), (CHAT, None), (CHAT, key_id(user))]
 
 
 # -- listening beyond loopback --------------------------------------------------------------------
@@ -463,3 +467,14 @@ def test_the_ui_asks_for_a_key_and_then_works(tmp_path, browser):
         browser.execute_script("sessionStorage.clear()")
     finally:
         svc.stop()
+
+
+def test_what_an_admin_changes_is_a_row_with_the_key_that_did_it(keyed):
+    admin = keyed.keys["admin"]
+    assert keyed.client.post("/api/power", json={"state": "idle"}, headers=bearer(admin)).status_code == 200
+    assert keyed.client.post("/api/power", json={"state": "asleep"}, headers=bearer(admin)).status_code == 400
+    keyed.client.get("/api/status", headers=bearer(admin))  # reads are not logged
+    bad, good = keyed.state.db.recent_requests(2)
+    assert (good["endpoint"], good["status"], good["key_id"]) == ("/api/power", 200, key_id(admin))
+    assert json.loads(good["prompt"]) == {"state": "idle"} and good["seq"] is not None
+    assert (bad["status"], bad["key_id"]) == (400, key_id(admin)) and "asleep" in bad["prompt"] and bad["error"]

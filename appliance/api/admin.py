@@ -1,14 +1,16 @@
-"""The box's own admin API: power state and status."""
+"""The box's own admin API: power state, status and the log; every change it makes is a log row."""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from appliance.api import request_log
 from appliance.api.schemas import PowerRequest, parse_body
 from appliance.errors import InvalidRequest
 from appliance.state import state
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
+request_log.attach(bp, record_body=True)  # what an admin changed, and with which key, is in the audit chain
 
 
 @bp.get("/status")

@@ -8,6 +8,7 @@ import time
 from flask import Blueprint, Response, g, jsonify, request
 
 from appliance import auth
+from appliance.api import request_log
 from appliance.api.generation import Cancellation, Generation, GenerationFailed, new_id, sse, usage_json
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from appliance.backends.base import SamplingParams
@@ -17,29 +18,7 @@ from appliance.state import state
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 
-@bp.before_request
-def _open_log_row():
-    g.started = time.perf_counter()
-    g.log_fields = {}
-    # Every generation request has a row from its arrival; listing models is not logged.
-    key = g.get("api_key")
-    g.log_id = state().db.start_request(endpoint=request.path, client=request.remote_addr,
-                                        key_id=key.id if key else None) if request.method == "POST" else None
-
-
-@bp.after_request
-def _close_log_row(response):
-    generation = g.get("generation")
-    # A generation completes its own row (streams when the stream ends).
-    if g.get("log_id") is not None and not (generation and (generation.finished or g.get("streaming"))):
-        state().db.finish_request(
-            g.log_id,
-            status=response.status_code,
-            error=g.get("log_error"),
-            total_ms=(time.perf_counter() - g.started) * 1000,
-            **g.log_fields,
-        )
-    return response
+request_log.attach(bp)
 
 
 @bp.get("/models")
