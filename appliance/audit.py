@@ -6,13 +6,12 @@ column in canonical JSON. A row changed afterwards no longer matches its digest;
 a row deleted leaves a gap in ``seq``. Rows are chained in the order they finish,
 which is the order they stop changing.
 
-Checkpoints. sha256 has no key, so someone who edits a row could recompute every
-digest after it. Every ``audit_checkpoint_rows`` rows, at shutdown and before
-pruning, the service signs the chain's head (seq and digest) with an Ed25519 key
-kept beside the database (``audit-key.pem``, readable by the service only); a
-rewritten chain no longer meets its signed heads. Rows after the last checkpoint
-are chained but not signed yet: removing them from the end would not show, and
-``verify`` says how many there are.
+Signatures. sha256 has no key, so someone who edits a row could recompute every
+digest after it. The service signs the chain's head (seq and digest) with an
+Ed25519 key kept beside the database (``audit-key.pem``, readable by the service
+only): into ``audit-head.json`` after every row, which also shows rows deleted
+from the end, and as a checkpoint row every ``audit_checkpoint_rows`` rows, at
+shutdown and before pruning. A rewritten chain no longer meets its signed heads.
 
 Retention. Pruning deletes the oldest rows (lowest seq) and first writes a signed
 checkpoint holding the digest of the last deleted row, so the rows left still
@@ -27,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ GENESIS = "0" * 64  # the "previous digest" of the first row ever
 REDACTED = "[REDACTED]"
 KEY_FILE = "audit-key.pem"
 PUBLIC_KEY_FILE = "audit-key.pub"
+HEAD_FILE = "audit-head.json"
 
 
 # -- the chain --------------------------------------------------------------------------------
@@ -119,6 +120,45 @@ def signature_valid(public_key: str, payload: bytes, signature: str | None) -> b
 def checkpoint_payload(checkpoint: dict) -> bytes:
     """What a checkpoint's signature covers: all of it but the signature and its own row id."""
     return canonical(checkpoint, skip=("id", "signature"))
+
+
+class SignedHead:
+    """The chain's newest (seq, digest), signed, in a file beside the database, rewritten after each row.
+
+    It is what catches rows deleted from the end between two checkpoints: the file says how far the chain
+    went, and only the key can sign a shorter one. It is written after the row's transaction commits, so
+    it may lag the log (a crash in between) but never lead it.
+    """
+
+    def __init__(self, path: Path, key: AuditKey):
+        self.path, self.key = Path(path), key
+        self._lock = threading.Lock()
+        current = read_head(self.path)
+        self.seq, self.digest = (current["seq"], current["digest"]) if current else (0, GENESIS)
+
+    def advance(self, seq: int, digest: str) -> None:
+        with self._lock:
+            if seq <= self.seq:
+                return  # another thread got there with a newer row
+            head = {"seq": seq, "digest": digest, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "public_key": self.key.public_key}
+            head["signature"] = self.key.sign(canonical(head, skip=("signature",)))
+            try:
+                scratch = self.path.with_name(self.path.name + ".new")
+                scratch.write_text(json.dumps(head))
+                os.replace(scratch, self.path)  # whole or not at all
+            except OSError as exc:  # the row is committed; only the head lags, as after a crash
+                log.warning("the audit chain's signed head was not written: %s", exc)
+                return
+            self.seq, self.digest = seq, digest
+
+
+def read_head(path: Path) -> dict | None:
+    try:
+        head = json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
 
 
 def trusted_public_key(home: Path) -> str | None:
@@ -229,11 +269,15 @@ class Verification:
         return self.last_seq - (self.signed_through or 0)
 
 
-def verify_log(db, public_key: str | None, checkpoint_rows: int = 0) -> Verification:
+def verify_log(db, public_key: str | None, checkpoint_rows: int = 0, head: dict | None = None) -> Verification:
     """Walk the chain and the checkpoints, in one snapshot of the file; every problem names the row
-    (id and seq) where it shows. ``checkpoint_rows``: how often the service signs (the setting)."""
+    (id and seq) where it shows. ``checkpoint_rows``: how often the service signs (the setting);
+    ``head``: the signed head file's content (``read_head``), None when there is none."""
+    public_key = public_key.lower() if public_key else None
     with db.snapshot():
-        result = _verify(db, public_key.lower() if public_key else None)
+        result = _verify(db, public_key)
+        if public_key is not None:
+            _check_head(db, head, public_key, result)
     if checkpoint_rows and result.unsigned_tail >= checkpoint_rows:
         # The service signs every checkpoint_rows rows, so the unsigned end is always shorter than that.
         result.problems.append(
@@ -276,6 +320,32 @@ def _verify(db, public_key: str | None) -> Verification:
                                "it was added behind the service's back")
     result.open_rows = db.open_row_count()
     return result
+
+
+def _check_head(db, head: dict | None, public_key: str, result: Verification) -> None:
+    """The signed head: the chain must reach it, and meet it."""
+    if head is None:
+        if db.checkpoints():  # whoever signs checkpoints writes the head too
+            result.problems.append(f"the signed head {HEAD_FILE} is missing: it was deleted, and rows deleted from "
+                                   "the end since the last checkpoint would not show")
+        return
+    payload = canonical(head, skip=("signature",))
+    if head.get("public_key") != public_key or not signature_valid(public_key, payload, head.get("signature")):
+        result.problems.append(f"the signed head {HEAD_FILE} does not carry a valid signature of the trusted key: "
+                               "it was edited")
+        return
+    seq, last = head["seq"], result.last_seq or 0
+    if seq > last:
+        gap = f"seq {last + 1}" if seq == last + 1 else f"seq {last + 1} to {seq}"
+        result.problems.append(f"row(s) {gap} missing at the end: the signed head says the chain reached seq {seq}: "
+                               "deleted")
+        return
+    row = db.chained_row(seq)
+    if row is not None and row["digest"] != head["digest"]:
+        result.problems.append(f"row id {row['id']} (seq {seq}) differs from the signed head: the chain up to it "
+                               "was rewritten")
+        return
+    result.signed_through = max(result.signed_through or 0, seq)
 
 
 def _checked_checkpoints(checkpoints: list[dict], public_key: str | None, result: Verification) -> list[dict]:

@@ -265,21 +265,21 @@ def logs_verify(ctx, public_key, as_json, home):
     """Check the log's hash chain and signed checkpoints; exit 1 when a row was edited or deleted.
 
     Every finished row carries a digest over itself and the row before; the service signs the
-    chain's head every audit_checkpoint_rows rows, at shutdown and before pruning. An UPDATE or
-    DELETE made behind the service's back is reported with the row's id and place (seq).
-    Rows after the last checkpoint are chained but not yet signed: deleting them from the end
-    would not show, and the report says how many there are.
+    chain's head into audit-head.json after every row, and as a checkpoint every
+    audit_checkpoint_rows rows, at shutdown and before pruning. An UPDATE, INSERT or DELETE made
+    behind the service's back is reported with the row's id and place (seq), rows cut from the
+    end included.
 
     \b
     Example:
       appliance logs verify
       appliance logs verify --public-key "$(cat /media/usb/audit-key.pub)"
     """
-    from appliance.audit import trusted_public_key, verify_log
+    from appliance.audit import HEAD_FILE, read_head, trusted_public_key, verify_log
 
     settings = _settings(ctx, home=home)
     result = verify_log(_read_log(ctx, home), public_key or trusted_public_key(settings.home),
-                        checkpoint_rows=settings.audit_checkpoint_rows)
+                        checkpoint_rows=settings.audit_checkpoint_rows, head=read_head(settings.db_path.parent / HEAD_FILE))
     if as_json:
         click.echo(json.dumps({"ok": result.ok, "rows": result.rows, "first_seq": result.first_seq,
                                "last_seq": result.last_seq, "signed_through": result.signed_through,

@@ -29,7 +29,8 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from appliance.audit import GENESIS, AuditKey, Retention, TextPolicy, checkpoint_payload, row_digest
+from appliance.audit import (GENESIS, HEAD_FILE, AuditKey, Retention, SignedHead, TextPolicy, checkpoint_payload,
+                             row_digest)
 from appliance.errors import LogUnavailable
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class Database:
         self.store_text = store_text
         self.text_policy = text_policy or TextPolicy()
         self.audit_key, self.checkpoint_rows = audit_key, checkpoint_rows
+        self.head = SignedHead(self.path.parent / HEAD_FILE, audit_key) if audit_key and not readonly else None
         self.log_error: str | None = None  # why the last write failed; None once one succeeds
         self._lock = threading.Lock()
         self._closed = False
@@ -206,6 +208,7 @@ class Database:
             self.db.execute("PRAGMA synchronous=NORMAL")
             migrations.apply(self.db)
         if service:
+            self._warn_if_cut()
             self._close_interrupted()
 
     @classmethod
@@ -220,6 +223,16 @@ class Database:
                    text_policy=TextPolicy(settings.log_redact, settings.log_text_max_chars),
                    audit_key=key, checkpoint_rows=settings.audit_checkpoint_rows)
 
+    def _warn_if_cut(self) -> None:
+        if self.head is None:
+            return
+        last = self.db.execute("SELECT MAX(COALESCE((SELECT MAX(seq) FROM requests), 0), COALESCE((SELECT MAX(seq) "
+                               "FROM audit_checkpoints WHERE pruned_rows > 0), 0))").fetchone()[0]  # pruned: gone by right
+        if self.head.seq > last:
+            log.warning("the request log ends at seq %d but its signed head says seq %d: rows were deleted from the "
+                        "end (or an older copy of logs.db was put back); the chain goes on after seq %d, and "
+                        "'appliance logs verify' reports the gap", last, self.head.seq, self.head.seq)
+
     def _close_interrupted(self) -> None:
         """Rows a previous process left open (it was killed) are marked, not lost."""
         try:
@@ -232,13 +245,15 @@ class Database:
 
         A row that already has a status or an error keeps it; the others get these.
         """
+        chained = None
         with self._write(chain=True):
             ids = [r[0] for r in self.db.execute("SELECT id FROM requests WHERE finished IS NULL ORDER BY id")]
             for request_id in ids:
                 self.db.execute("UPDATE requests SET finished = ?, status = COALESCE(status, ?), "
                                 "error = COALESCE(error, ?) WHERE id = ?", [utcnow(), status, error, request_id])
-                self._chain(request_id)
-            return len(ids)
+                chained = self._chain(request_id)
+        self._sign_head(chained)
+        return len(ids)
 
     @contextmanager
     def _storage(self):
@@ -310,9 +325,11 @@ class Database:
 
     def finish_request(self, request_id: int, **fields) -> None:
         """Complete the row and chain it; finishing a row twice changes nothing."""
+        chained = None
         with self._write(chain=True):
             if self._update_open(request_id, self._texts({"finished": utcnow(), **fields})):
-                self._chain(request_id)
+                chained = self._chain(request_id)
+        self._sign_head(chained)
 
     def _update_open(self, request_id: int, fields: dict) -> bool:
         fields = dict(fields)
@@ -324,19 +341,30 @@ class Database:
                                [*args, request_id]).rowcount == 1
 
     # -- the audit chain (appliance.audit explains it) -------------------------------------------
-    def _chain(self, request_id: int) -> None:
-        """Give a just-finished row its place in the chain; inside a chain=True write."""
+    def _chain(self, request_id: int) -> tuple[int, str]:
+        """Give a just-finished row its place in the chain; inside a chain=True write. Returns (seq, digest)."""
         seq, previous = self._head()
         digest = _link(self.db, request_id, seq + 1, previous)
         if self.audit_key and self.checkpoint_rows and (seq + 1) % self.checkpoint_rows == 0:
             self._checkpoint("every %d rows" % self.checkpoint_rows, seq + 1, digest)
+        return seq + 1, digest
+
+    def _sign_head(self, chained: tuple[int, str] | None) -> None:
+        """After the commit: the signed head file follows the chain (appliance.audit.SignedHead)."""
+        if self.head is not None and chained is not None:
+            self.head.advance(*chained)
 
     def _head(self) -> tuple[int, str]:
-        """(seq, digest) of the chain's last row; after pruning everything, the last checkpoint's."""
+        """(seq, digest) of the chain's last row; after pruning everything, the last checkpoint's.
+
+        Where the signed head is further on, rows were deleted from the end: the chain goes on from the
+        signed head, so that the gap stays in the log for ``logs verify`` to report.
+        """
         row = self.db.execute("SELECT seq, digest FROM requests WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
                               ).fetchone()
         checkpoint = self.db.execute("SELECT seq, digest FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        candidates = [c for c in (row, checkpoint) if c is not None]
+        signed = (self.head.seq, self.head.digest) if self.head is not None else None
+        candidates = [tuple(c) for c in (row, checkpoint, signed) if c is not None]
         return max(candidates) if candidates else (0, GENESIS)
 
     def _checkpoint(self, reason: str, seq: int, digest: str, pruned_rows: int = 0) -> None:
@@ -355,7 +383,8 @@ class Database:
             if seq == 0 or last == seq:
                 return False
             self._checkpoint(reason, seq, digest)
-            return True
+        self._sign_head((seq, digest))
+        return True
 
     def prune(self, retention: Retention, batch: int = 2000) -> int:
         """Delete the oldest finished rows beyond the retention limits; returns how many.
@@ -432,6 +461,11 @@ class Database:
         finally:
             with self._lock:
                 self.db.execute("COMMIT")
+
+    def chained_row(self, seq: int) -> dict | None:
+        with self._lock:
+            rows = list(self.db["requests"].rows_where("seq = ?", [seq]))
+        return rows[0] if rows else None
 
     def unchained_rows(self) -> list[int]:
         """Ids of finished rows without a place in the chain: the service never leaves one."""

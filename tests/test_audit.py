@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from appliance.audit import AuditKey, Retention, TextPolicy, row_digest, trusted_public_key, verify_log
+from appliance.audit import (HEAD_FILE, AuditKey, Retention, TextPolicy, read_head, row_digest, trusted_public_key,
+                             verify_log)
 from appliance.db import Database
 
 
@@ -42,8 +43,13 @@ def audited(tmp_path):
     db.close()
 
 
-def verify(db, key):
-    return verify_log(Database(db.path, readonly=True), key.public_key)
+def head_of(path) -> dict | None:
+    """The signed head file beside a log."""
+    return read_head(path.parent / HEAD_FILE)
+
+
+def verify(db, key, **options):
+    return verify_log(Database(db.path, readonly=True), key.public_key, head=head_of(db.path), **options)
 
 
 def test_an_untouched_log_verifies_and_checkpoints_are_signed(audited):
@@ -52,9 +58,12 @@ def test_an_untouched_log_verifies_and_checkpoints_are_signed(audited):
     result = verify(db, key)
     assert result.ok, result.problems
     assert (result.rows, result.first_seq, result.last_seq) == (12, 1, 12)
-    assert result.signed_through == 10 and result.unsigned_tail == 2  # a checkpoint every 5 rows
-    db.close()  # shutdown signs the head
-    assert verify(db, key).signed_through == 12
+    assert [c["seq"] for c in db.checkpoints()] == [5, 10]  # a checkpoint every 5 rows
+    assert result.signed_through == 12 and result.unsigned_tail == 0  # and the signed head after every row
+    assert head_of(db.path)["seq"] == 12
+    db.close()  # shutdown signs a checkpoint of the head
+    reader = Database(db.path, readonly=True)
+    assert [c["seq"] for c in reader.checkpoints()] == [5, 10, 12] and verify(db, key).ok
 
 
 def test_an_update_with_the_sqlite3_shell_is_caught_and_located(audited):
@@ -75,12 +84,39 @@ def test_a_delete_in_the_middle_is_caught_and_located(audited):
     assert result.problems == [f"row(s) seq 3 to 4 missing before row id {ids[4]} (seq 5): deleted"]
 
 
-def test_a_delete_at_the_end_is_caught_up_to_the_last_checkpoint(audited):
+def test_a_delete_at_the_end_is_caught_by_the_signed_head(audited):
     db, key, add = audited
-    ids = add(10)  # the checkpoint at row 10 signs the head
+    ids = add(8)  # the last checkpoint is at row 5
+    sqlite_shell(db.path, f"DELETE FROM requests WHERE id IN ({ids[-2]}, {ids[-1]});")
+    assert verify(db, key).problems == ["row(s) seq 7 to 8 missing at the end: the signed head says the chain "
+                                        "reached seq 8: deleted"]
+    # Without the head file only the checkpoints speak: rows up to the last one.
+    (db.path.parent / HEAD_FILE).unlink()
+    sqlite_shell(db.path, f"DELETE FROM requests WHERE id IN ({ids[4]}, {ids[5]});")
+    assert verify(db, key).problems[0] == "row(s) seq 5 missing at the end: checkpoint 1 signed seq 5: deleted"
+
+
+def test_rows_cut_from_the_end_stay_a_gap_after_the_service_goes_on(audited, caplog):
+    db, key, add = audited
+    ids = add(3)
+    db.close()
     sqlite_shell(db.path, f"DELETE FROM requests WHERE id = {ids[-1]};")
-    result = verify(db, key)
-    assert len(result.problems) == 1 and "seq 10 missing at the end" in result.problems[0]
+    reopened = Database(db.path, audit_key=key)  # the service starts again, and serves
+    assert "ends at seq 2 but its signed head says seq 3" in caplog.text
+    rid = reopened.start_request("/v1/completions", "127.0.0.1")
+    reopened.finish_request(rid, status=200)
+    assert reopened.get_request(rid)["seq"] == 4
+    assert verify(reopened, key).problems == [f"row(s) seq 3 missing before row id {rid} (seq 4): deleted"]
+    reopened.close()
+
+
+def test_an_edited_head_file_is_caught(audited):
+    db, key, add = audited
+    add(3)
+    head = head_of(db.path)
+    (db.path.parent / HEAD_FILE).write_text(json.dumps(head | {"seq": 2}))
+    assert verify(db, key).problems == [f"the signed head {HEAD_FILE} does not carry a valid signature of the "
+                                        "trusted key: it was edited"]
 
 
 def test_a_rewritten_chain_fails_at_its_signed_checkpoint(audited):
@@ -96,7 +132,8 @@ def test_a_rewritten_chain_fails_at_its_signed_checkpoint(audited):
             conn.execute("UPDATE requests SET digest = ? WHERE id = ?", [digest, row["id"]])
             previous = digest
     problems = verify(db, key).problems
-    assert problems == [f"row id {ids[4]} (seq 5) differs from the signed checkpoint 1: the chain up to it was rewritten"]
+    assert problems == [f"row id {ids[4]} (seq 5) differs from the signed checkpoint 1: the chain up to it was rewritten",
+                        f"row id {ids[6]} (seq 7) differs from the signed head: the chain up to it was rewritten"]
 
 
 def test_an_edited_checkpoint_or_another_key_is_caught(audited, tmp_path):
@@ -130,10 +167,13 @@ def test_a_recomputed_chain_with_its_newest_checkpoints_deleted_is_caught(audite
         for row in conn.execute("SELECT * FROM requests WHERE seq >= 7 ORDER BY seq").fetchall():
             previous = row_digest(previous, dict(row))
             conn.execute("UPDATE requests SET digest = ? WHERE id = ?", [previous, row["id"]])
-    reader = Database(db.path, readonly=True)
-    assert verify_log(reader, key.public_key).ok  # without knowing the interval nothing shows...
-    problems = verify_log(reader, key.public_key, checkpoint_rows=5).problems
-    assert problems == ["9 rows after seq 5 are not signed, but a checkpoint comes every 5 rows: checkpoints "
+    assert verify(db, key).problems == [f"row id {ids[-1]} (seq 14) differs from the signed head: the chain up to "
+                                        "it was rewritten"]
+    (db.path.parent / HEAD_FILE).unlink()  # and the head goes too
+    problems = verify(db, key, checkpoint_rows=5).problems
+    assert problems == [f"the signed head {HEAD_FILE} is missing: it was deleted, and rows deleted from the end "
+                        "since the last checkpoint would not show",
+                        "9 rows after seq 5 are not signed, but a checkpoint comes every 5 rows: checkpoints "
                         "were deleted (or audit_checkpoint_rows was lowered)"]
 
 
@@ -158,7 +198,7 @@ def test_verify_reads_one_snapshot_while_the_service_prunes(audited):
         return found
 
     reader.checkpoints = prune_meanwhile
-    result = verify_log(reader, key.public_key.upper())  # a key pasted in capitals is the same key
+    result = verify_log(reader, key.public_key.upper(), head=head_of(db.path))  # a key in capitals is the same key
     assert result.ok and (result.first_seq, result.last_seq) == (1, 12), result.problems
     assert verify(db, key).first_seq == 11
 
@@ -200,7 +240,7 @@ def test_rows_closed_at_startup_join_the_chain(tmp_path):
     reopened = Database(tmp_path / "logs.db", audit_key=key)
     [row] = reopened.recent_requests()
     assert row["status"] == 500 and row["seq"] == 1
-    assert verify_log(reopened, key.public_key).ok
+    assert verify_log(reopened, key.public_key, head=head_of(reopened.path)).ok
 
 
 def test_pruning_by_rows_keeps_the_chain_verifiable(audited):
@@ -352,6 +392,11 @@ def test_a_served_log_verifies_catches_tampering_and_survives_retention(tmp_path
     result = json.loads(verify_cli("--json").stdout)
     assert result["ok"] and (result["first_seq"], result["last_seq"], result["signed_through"]) == (4, 5, 5), result
 
+    # The newest row deleted: the signed head and the shutdown checkpoint both still name it.
+    sqlite_shell(service.db_path, "DELETE FROM requests WHERE seq = 5;")
+    cut = verify_cli()
+    assert cut.returncode == 1 and "row(s) seq 5 missing at the end" in cut.stdout, cut.stdout
+
 
 def test_an_older_log_joins_the_chain_when_it_upgrades(tmp_path):
     import sqlite_utils
@@ -371,5 +416,5 @@ def test_an_older_log_joins_the_chain_when_it_upgrades(tmp_path):
     rows = list(reversed(db.recent_requests()))
     assert [r["seq"] for r in rows] == [1, 2, 3, 4] and rows[3]["status"] == 500  # closed at start, then chained
     db.close()
-    result = verify_log(Database(path, readonly=True), key.public_key)
+    result = verify_log(Database(path, readonly=True), key.public_key, head=head_of(path))
     assert result.ok and result.signed_through == 4, result.problems
