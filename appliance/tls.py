@@ -192,29 +192,43 @@ def _warn_if_out_of_date(path: Path, cert: x509.Certificate) -> None:
 
 # -- who the client is -------------------------------------------------------------------------
 class Peers:
-    """The real client of each relayed connection, by the local port of its connection to waitress."""
+    """The real client of each relayed connection, by the local port of its connection to waitress.
 
-    def __init__(self):
+    An entry outlives its connection by ``linger`` seconds: a request that waitress queued is given
+    its environ when a worker takes it up, which may be after its client has already gone.
+    """
+
+    def __init__(self, linger: float = 30.0):
+        self.linger = linger
         self._lock = threading.Lock()
         self._by_port: dict[int, tuple[str, int]] = {}
+        self._closed: dict[int, float] = {}  # port -> when its connection ended
 
     def add(self, port: int, peer: tuple[str, int]) -> None:
         with self._lock:
             self._by_port[port] = peer
+            self._closed.pop(port, None)
 
     def remove(self, port: int, peer: tuple[str, int]) -> None:
         with self._lock:
             # Only our own entry: a new connection may already have the port that ours had.
             if self._by_port.get(port) is peer:
-                del self._by_port[port]
+                self._closed[port] = time.monotonic()
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        cutoff = time.monotonic() - self.linger
+        for port in [p for p, when in self._closed.items() if when < cutoff]:
+            del self._closed[port], self._by_port[port]
 
     def get(self, port: int) -> tuple[str, int] | None:
         with self._lock:
             return self._by_port.get(port)
 
     def __len__(self) -> int:
+        """Connections open now."""
         with self._lock:
-            return len(self._by_port)
+            return len(self._by_port) - len(self._closed)
 
 
 class RealPeer:

@@ -189,6 +189,18 @@ def test_the_app_sees_the_real_client_and_https(box, pair):
     assert len(b.frontend.peers) == 0
 
 
+def test_a_request_taken_up_after_its_client_left_still_has_its_peer():
+    peers, port, peer = tls.Peers(linger=30), 50123, ("10.0.0.7", 41000)
+    peers.add(port, peer)
+    peers.remove(port, peer)
+    assert len(peers) == 0 and peers.get(port) == peer  # lingers for a queued request's environ
+    peers.linger = 0
+    other = ("10.0.0.8", 41001)
+    peers.add(50124, other)
+    peers.remove(50124, other)  # each removal forgets the connections whose linger is over
+    assert peers.get(port) is None and peers.get(50124) is None
+
+
 def test_the_certificate_verifies_strictly_for_its_names_and_with_tls_1_2(box, pair):
     b = box()
     cert = pair[0]
