@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -42,6 +43,8 @@ REDACTED = "[REDACTED]"
 KEY_FILE = "audit-key.pem"
 PUBLIC_KEY_FILE = "audit-key.pub"
 HEAD_FILE = "audit-head.json"
+HEAD_BEGINS = "head file begins"  # checkpoint reasons the service's start writes
+HEAD_MISSING = "head file missing at start"
 
 
 # -- the chain --------------------------------------------------------------------------------
@@ -127,14 +130,20 @@ class SignedHead:
 
     It is what catches rows deleted from the end between two checkpoints: the file says how far the chain
     went, and only the key can sign a shorter one. It is written after the row's transaction commits, so
-    it may lag the log (a crash in between) but never lead it.
+    a crash may leave it behind the log; only a power cut that loses the log's last commits (WAL with
+    synchronous=NORMAL) leaves it ahead, and then those rows are indeed lost and verify says so.
     """
 
     def __init__(self, path: Path, key: AuditKey):
         self.path, self.key = Path(path), key
         self._lock = threading.Lock()
+        self.seq, self.digest = 0, GENESIS
         current = read_head(self.path)
-        self.seq, self.digest = (current["seq"], current["digest"]) if current else (0, GENESIS)
+        if current is not None and head_valid(current, key.public_key):
+            self.seq, self.digest = current["seq"], current["digest"]
+        elif current is not None:
+            log.warning("%s is not a head this box signed: it is ignored, and the next row replaces it "
+                        "('appliance logs verify' reports it until then)", self.path)
 
     def advance(self, seq: int, digest: str) -> None:
         with self._lock:
@@ -144,21 +153,42 @@ class SignedHead:
                     "public_key": self.key.public_key}
             head["signature"] = self.key.sign(canonical(head, skip=("signature",)))
             try:
-                scratch = self.path.with_name(self.path.name + ".new")
-                scratch.write_text(json.dumps(head))
-                os.replace(scratch, self.path)  # whole or not at all
+                self._replace(json.dumps(head).encode())
             except OSError as exc:  # the row is committed; only the head lags, as after a crash
                 log.warning("the audit chain's signed head was not written: %s", exc)
                 return
             self.seq, self.digest = seq, digest
 
+    def _replace(self, data: bytes) -> None:
+        """Whole or not at all, through a scratch file of this writer's own (the service and 'appliance chat'
+        may both write)."""
+        fd, scratch = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.chmod(scratch, 0o644)  # readable by 'logs verify' as another user, like the public key
+            os.replace(scratch, self.path)
+        except BaseException:
+            Path(scratch).unlink(missing_ok=True)
+            raise
+
 
 def read_head(path: Path) -> dict | None:
+    """The head file's content; None when there is none, or it cannot be read or parsed."""
     try:
         head = json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     return head if isinstance(head, dict) else None
+
+
+def head_valid(head: dict, public_key: str) -> bool:
+    """Whether a head has the right shape and carries the key's signature."""
+    seq, digest = head.get("seq"), head.get("digest")
+    if not (type(seq) is int and 0 <= seq < 2**62 and isinstance(digest, str) and len(digest) == 64):
+        return False
+    return head.get("public_key") == public_key and signature_valid(public_key, canonical(head, skip=("signature",)),
+                                                                    head.get("signature"))
 
 
 def trusted_public_key(home: Path) -> str | None:
@@ -256,6 +286,7 @@ class Verification:
     last_seq: int | None = None
     signed_through: int | None = None  # the highest seq a valid checkpoint vouches for
     open_rows: int = 0  # rows of requests still running: chained when they finish
+    chain_end: int = 0  # the seq the chain has reached, pruned rows counted
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -314,7 +345,13 @@ def _verify(db, public_key: str | None) -> Verification:
         previous, expected_seq = row["digest"], seq + 1
         result.rows += 1
         result.last_seq = seq
+    result.chain_end = expected_seq - 1
     _check_tail(checkpoints, result, expected_seq)
+    for cp in checkpoints:
+        if cp["reason"] == HEAD_MISSING:
+            result.problems.append(f"the signed head {HEAD_FILE} was missing or replaced when the service started at "
+                                   f"{cp['time']} (checkpoint {cp['id']}, seq {cp['seq']}): rows deleted from the end "
+                                   "before then would not show")
     for request_id in db.unchained_rows():
         result.problems.append(f"row id {request_id} is finished but has no place in the chain: "
                                "it was added behind the service's back")
@@ -325,20 +362,19 @@ def _verify(db, public_key: str | None) -> Verification:
 def _check_head(db, head: dict | None, public_key: str, result: Verification) -> None:
     """The signed head: the chain must reach it, and meet it."""
     if head is None:
-        if db.checkpoints():  # whoever signs checkpoints writes the head too
+        if result.chain_end:  # the service writes the head at start and after every row
             result.problems.append(f"the signed head {HEAD_FILE} is missing: it was deleted, and rows deleted from "
                                    "the end since the last checkpoint would not show")
         return
-    payload = canonical(head, skip=("signature",))
-    if head.get("public_key") != public_key or not signature_valid(public_key, payload, head.get("signature")):
+    if not head_valid(head, public_key):
         result.problems.append(f"the signed head {HEAD_FILE} does not carry a valid signature of the trusted key: "
                                "it was edited")
         return
-    seq, last = head["seq"], result.last_seq or 0
+    seq, last = head["seq"], result.chain_end
     if seq > last:
         gap = f"seq {last + 1}" if seq == last + 1 else f"seq {last + 1} to {seq}"
         result.problems.append(f"row(s) {gap} missing at the end: the signed head says the chain reached seq {seq}: "
-                               "deleted")
+                               "deleted (or lost in a power cut)")
         return
     row = db.chained_row(seq)
     if row is not None and row["digest"] != head["digest"]:

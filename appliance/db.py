@@ -29,8 +29,8 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from appliance.audit import (GENESIS, HEAD_FILE, AuditKey, Retention, SignedHead, TextPolicy, checkpoint_payload,
-                             row_digest)
+from appliance.audit import (GENESIS, HEAD_BEGINS, HEAD_FILE, HEAD_MISSING, AuditKey, Retention, SignedHead,
+                             TextPolicy, checkpoint_payload, row_digest)
 from appliance.errors import LogUnavailable
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,10 @@ class Database:
         if service:
             self._warn_if_cut()
             self._close_interrupted()
+            try:
+                self._start_head()
+            except LogUnavailable as exc:  # as for the rows above: start, and say why writes fail
+                log.warning("%s", exc.message)
 
     @classmethod
     def from_settings(cls, settings, service: bool = True) -> "Database":
@@ -222,6 +226,26 @@ class Database:
         return cls(settings.db_path, store_text=settings.log_text, service=service,
                    text_policy=TextPolicy(settings.log_redact, settings.log_text_max_chars),
                    audit_key=key, checkpoint_rows=settings.audit_checkpoint_rows)
+
+    def _start_head(self) -> None:
+        """At the service's start: sign the head file, and record it when the file went missing.
+
+        A log from before the head file (an upgrade) just gets one. Where one was written before (a
+        signed checkpoint marks its start), its absence means it was deleted: a signed checkpoint says
+        so for good, since the new file made now could not show what was cut before it.
+        """
+        if self.head is None:
+            return
+        with self._write(chain=True):
+            seq, digest = self._head()
+            began = self.db.execute("SELECT 1 FROM audit_checkpoints WHERE reason = ? LIMIT 1", [HEAD_BEGINS]).fetchone()
+            if began and self.head.seq == 0 and seq > 0:
+                log.warning("the audit chain's signed head %s is missing or not this box's: it was deleted or "
+                            "replaced; recorded, and 'appliance logs verify' reports it", self.head.path)
+                self._checkpoint(HEAD_MISSING, seq, digest)
+            if not began:
+                self._checkpoint(HEAD_BEGINS, seq, digest)
+        self._sign_head((seq, digest) if seq else None)
 
     def _warn_if_cut(self) -> None:
         if self.head is None:

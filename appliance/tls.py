@@ -195,10 +195,12 @@ class Peers:
     """The real client of each relayed connection, by the local port of its connection to waitress.
 
     An entry outlives its connection by ``linger`` seconds: a request that waitress queued is given
-    its environ when a worker takes it up, which may be after its client has already gone.
+    its environ when a worker takes it up, which may be after its client has already gone. Meanwhile a
+    process on the box itself that connects to waitress's loopback port from that same port would be
+    taken for that client; keys, where required, still name who it is.
     """
 
-    def __init__(self, linger: float = 30.0):
+    def __init__(self, linger: float = 5.0):
         self.linger = linger
         self._lock = threading.Lock()
         self._by_port: dict[int, tuple[str, int]] = {}

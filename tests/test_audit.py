@@ -58,12 +58,12 @@ def test_an_untouched_log_verifies_and_checkpoints_are_signed(audited):
     result = verify(db, key)
     assert result.ok, result.problems
     assert (result.rows, result.first_seq, result.last_seq) == (12, 1, 12)
-    assert [c["seq"] for c in db.checkpoints()] == [5, 10]  # a checkpoint every 5 rows
+    assert [c["seq"] for c in db.checkpoints()] == [0, 5, 10]  # the head file's start, then one every 5 rows
     assert result.signed_through == 12 and result.unsigned_tail == 0  # and the signed head after every row
     assert head_of(db.path)["seq"] == 12
     db.close()  # shutdown signs a checkpoint of the head
     reader = Database(db.path, readonly=True)
-    assert [c["seq"] for c in reader.checkpoints()] == [5, 10, 12] and verify(db, key).ok
+    assert [c["seq"] for c in reader.checkpoints()] == [0, 5, 10, 12] and verify(db, key).ok
 
 
 def test_an_update_with_the_sqlite3_shell_is_caught_and_located(audited):
@@ -89,11 +89,11 @@ def test_a_delete_at_the_end_is_caught_by_the_signed_head(audited):
     ids = add(8)  # the last checkpoint is at row 5
     sqlite_shell(db.path, f"DELETE FROM requests WHERE id IN ({ids[-2]}, {ids[-1]});")
     assert verify(db, key).problems == ["row(s) seq 7 to 8 missing at the end: the signed head says the chain "
-                                        "reached seq 8: deleted"]
+                                        "reached seq 8: deleted (or lost in a power cut)"]
     # Without the head file only the checkpoints speak: rows up to the last one.
     (db.path.parent / HEAD_FILE).unlink()
     sqlite_shell(db.path, f"DELETE FROM requests WHERE id IN ({ids[4]}, {ids[5]});")
-    assert verify(db, key).problems[0] == "row(s) seq 5 missing at the end: checkpoint 1 signed seq 5: deleted"
+    assert verify(db, key).problems[0] == "row(s) seq 5 missing at the end: checkpoint 2 signed seq 5: deleted"
 
 
 def test_rows_cut_from_the_end_stay_a_gap_after_the_service_goes_on(audited, caplog):
@@ -107,6 +107,51 @@ def test_rows_cut_from_the_end_stay_a_gap_after_the_service_goes_on(audited, cap
     reopened.finish_request(rid, status=200)
     assert reopened.get_request(rid)["seq"] == 4
     assert verify(reopened, key).problems == [f"row(s) seq 3 missing before row id {rid} (seq 4): deleted"]
+    reopened.close()
+
+
+def test_a_log_pruned_to_nothing_verifies(audited):
+    db, key, add = audited
+    add(4)
+    sqlite_shell(db.path, "UPDATE requests SET finished = '2020-01-01T00:00:00.000+00:00';")
+    assert db.prune(Retention(days=1)) == 4 and db.recent_requests() == []
+    assert verify(db, key).ok, verify(db, key).problems
+
+
+def test_a_log_from_before_the_head_file_gets_one_when_the_service_starts(audited):
+    db, key, add = audited
+    add(3)
+    db.close()
+    (db.path.parent / HEAD_FILE).unlink()  # as the previous release left the data folder and its log
+    sqlite_shell(db.path, "DELETE FROM audit_checkpoints WHERE reason = 'head file begins';")
+    assert "is missing" in verify(db, key).problems[0]
+    Database(db.path, audit_key=key).close()  # the service starts (and stops)
+    assert head_of(db.path)["seq"] == 3 and verify(db, key).ok
+
+
+def test_a_head_file_deleted_with_the_newest_rows_is_recorded_when_the_service_starts(audited):
+    db, key, add = audited
+    ids = add(3)
+    db.close()
+    (db.path.parent / HEAD_FILE).unlink()
+    sqlite_shell(db.path, f"DELETE FROM requests WHERE id = {ids[-1]}; DELETE FROM audit_checkpoints WHERE seq = 3;")
+    Database(db.path, audit_key=key).close()
+    assert "was missing or replaced when the service started" in verify(db, key).problems[0]
+
+
+@pytest.mark.parametrize("content", ['{"seq": "3"}', "[1, 2]", "not json", '{"seq": 99999999999999999999999}'])
+def test_a_head_file_that_is_not_the_boxs_does_not_stop_the_service(audited, content, caplog):
+    db, key, add = audited
+    add(2)
+    db.close()
+    (db.path.parent / HEAD_FILE).write_text(content)
+    reopened = Database(db.path, audit_key=key)  # starts, says so, and signs the head anew
+    assert "it was deleted or replaced" in caplog.text
+    rid = reopened.start_request("/v1/completions", "127.0.0.1")
+    reopened.finish_request(rid, status=200)
+    assert head_of(db.path)["seq"] == 3
+    [problem] = verify(db, key).problems  # for good: rows cut before the new head would not show
+    assert problem.startswith(f"the signed head {HEAD_FILE} was missing or replaced when the service started")
     reopened.close()
 
 
@@ -132,7 +177,7 @@ def test_a_rewritten_chain_fails_at_its_signed_checkpoint(audited):
             conn.execute("UPDATE requests SET digest = ? WHERE id = ?", [digest, row["id"]])
             previous = digest
     problems = verify(db, key).problems
-    assert problems == [f"row id {ids[4]} (seq 5) differs from the signed checkpoint 1: the chain up to it was rewritten",
+    assert problems == [f"row id {ids[4]} (seq 5) differs from the signed checkpoint 2: the chain up to it was rewritten",
                         f"row id {ids[6]} (seq 7) differs from the signed head: the chain up to it was rewritten"]
 
 
