@@ -105,6 +105,35 @@ def test_next_turn_reuses_the_common_prefix(fake_model):
     assert texts(events)[2] == REPLY
 
 
+def test_a_new_request_keeps_the_busy_slots_packed_unless_a_long_prefix_waits_elsewhere(fake_model):
+    """llama.cpp attends over the streams from the lowest busy slot to the highest: spread batches are slow."""
+    sched, backend, facts, events = make_scheduler(fake_model, slots=4)
+    prompts = ["alpha " * 3, "bravo " * 3, "charlie " * 3, "delta " * 3]
+    for rid, prompt in enumerate(prompts):
+        submit(sched, facts, backend, rid, prompt)
+    run_until_idle(sched)  # slots 0-3 now hold one prompt each
+    submit(sched, facts, backend, 10, prompts[0] + "again")  # slot 0: its own prefix
+    sched.tick()
+    submit(sched, facts, backend, 11, prompts[3] + "again")  # a short prefix in slot 3: not worth spreading to
+    sched.tick()
+    assert {f.slot for f in backend.steps[-1]} == {0, 1}
+    run_until_idle(sched)
+    long_prompt = "echo " * 60  # 300 tokens, over REUSE_WORTH_SPREADING
+    submit(sched, facts, backend, 12, long_prompt)
+    run_until_idle(sched)
+    [long_slot] = {f.slot for f in backend.steps[-1]}
+    submit(sched, facts, backend, 13, "zulu")  # nothing in common with anything: the lowest slot
+    sched.tick()
+    assert {f.slot for f in backend.steps[-1]} == {0 if long_slot else 1}
+    submit(sched, facts, backend, 14, long_prompt + "and more")  # worth going to wherever it is
+    sched.tick()
+    admitted = {e.id: e for e in events if isinstance(e, msg.Admitted)}
+    assert admitted[14].cached_tokens == len(long_prompt.encode()) - 1 or admitted[14].cached_tokens == len(
+        long_prompt.encode())
+    assert long_slot in {f.slot for f in backend.steps[-1]}
+    run_until_idle(sched)
+
+
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(fake_model):
     sched, backend, facts, events = make_scheduler(fake_model, slots=1)
     submit(sched, facts, backend, 1, "hello")
