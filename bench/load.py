@@ -241,11 +241,16 @@ def ratio(level: dict, peer: dict | None, key: str) -> float | None:
     return level["summary"][key] / peer["summary"][key]
 
 
-def with_ratios(levels: list[dict]) -> list[dict]:
-    """Each level with its aggregate and TTFT p50 against llama-server's at the same concurrency."""
-    peers = {lv["clients"]: lv for lv in levels if lv["server"] == PEER}
-    return [lv | {"aggregate_ratio": ratio(lv, peers.get(lv["clients"]), "aggregate_tps"),
-                  "ttft_p50_ratio": ratio(lv, peers.get(lv["clients"]), "ttft_p50_ms")} for lv in levels]
+def with_ratios(levels: list[dict], servers_per_round: int) -> list[dict]:
+    """Each level with its aggregate and TTFT p50 against llama-server's run right beside it (the same round:
+    a level repeated in --clients has the same prompts, which a repeat may find in a server's prompt cache)."""
+    out = []
+    for start in range(0, len(levels), servers_per_round):
+        round_ = levels[start:start + servers_per_round]
+        peer = next((lv for lv in round_ if lv["server"] == PEER), None)
+        out += [lv | {"aggregate_ratio": ratio(lv, peer, "aggregate_tps"),
+                      "ttft_p50_ratio": ratio(lv, peer, "ttft_p50_ms")} for lv in round_]
+    return out
 
 
 def goals(level: dict) -> str:
@@ -363,7 +368,7 @@ def main(argv=None) -> None:
     finally:
         for server in servers:
             stop(server)
-    runs = with_ratios(runs)
+    runs = with_ratios(runs, len(servers))
     for lv in runs:
         if lv["server"] != PEER and lv["aggregate_ratio"] is not None:
             print(f"{lv['clients']:>2} clients  {lv['server']:<16} {lv['aggregate_ratio']:.2f}x llama-server's aggregate, "

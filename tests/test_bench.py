@@ -58,8 +58,10 @@ def test_the_load_bench_counts_lost_rows_and_sums_a_level(tmp_path, monkeypatch)
 
     peer = {"server": "llama-server", "clients": 4, "summary": load.summarize(requests[:2])}
     ours = {"server": "appliance", "clients": 4, "summary": summary, "log_rows": load.lost_rows(rows, 4)}
-    runs = load.with_ratios([ours, peer])
+    runs = load.with_ratios([ours, peer], servers_per_round=2)
     assert runs[0]["aggregate_ratio"] == 1.0 and runs[0]["ttft_p50_ratio"] == 1.0
+    faster = peer | {"summary": summary | {"aggregate_tps": 20.0}}  # a repeat of the level: its own peer
+    assert [r["aggregate_ratio"] for r in load.with_ratios([ours, peer, ours, faster], 2)] == [1.0, 1.0, 0.5, 1.0]
     meta = {"model": "m.gguf", "threads": 2, "parallel": 8, "context": 4096, "requests_per_client": 2, "max_tokens": 128,
             "machine": {"cpu": "cpu", "physical_cores": 2, "logical_cpus": 2, "python": "3", "llama_cpp_python": "0"},
             "llama_server_version": "v", "date": "d", "load_average": [0.0], "load_average_end": [0.0],
