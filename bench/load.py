@@ -212,10 +212,23 @@ def level_rows(home: Path, after_id: int, sent: int, wait_s: float = 10.0) -> li
         time.sleep(0.2)
 
 
+def wait_until_quiet(busy_percent: float = 15.0, longest: float = 15.0) -> float:
+    """Wait (up to ``longest`` s) until the machine's CPU is nearly idle; returns the seconds waited.
+
+    A server that was just started or just served a level may still be busy for a moment (llama-server
+    saves its slots' prompts into its RAM cache); the next level must not pay for that."""
+    start = time.monotonic()
+    while psutil.cpu_percent(interval=0.5) > busy_percent and time.monotonic() - start < longest:
+        pass
+    return time.monotonic() - start
+
+
 def bench_level(server: Server, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    waited = wait_until_quiet()
     before = last_row_id(server.home) if server.home else None
     requests = run_level(server, clients, requests_per_client, max_tokens)
-    level = {"server": server.name, "clients": clients, "summary": summarize(requests), "requests": requests}
+    level = {"server": server.name, "clients": clients, "summary": summarize(requests), "requests": requests,
+             "waited_for_quiet_s": waited}
     if server.home:
         level["log_rows"] = lost_rows(level_rows(server.home, before, len(requests)), len(requests))
     return level
@@ -293,7 +306,8 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
         "to its first text event, so it includes the wait for a slot. Completion tokens are the server's own",
         "`usage.completion_tokens` where its stream reports it. Lost log rows: requests sent that have no finished",
         "row with status 200 in the appliance's logs.db. The clients (Python threads) share the CPU with the server.",
-        "One run, no repeats: read small differences as noise.",
+        "Each level starts once the machine's CPU is below 15% (at most 15 s): a server just started or just done",
+        "may still be busy for a moment. One run, no repeats: read small differences as noise.",
         "",
         "Servers, as started (each level goes to each server in turn; the others sit idle meanwhile):",
         "",
