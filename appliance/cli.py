@@ -485,7 +485,7 @@ def tls():
 
 @tls.command("self-signed")
 @click.option("--host", "hosts", multiple=True, help="a name or IP address clients reach the box by; repeat it for "
-              "each [default: this machine's hostname, localhost and 127.0.0.1]")
+              "each [default: this machine's hostname]; localhost and 127.0.0.1 are always added")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="folder for cert.pem and key.pem [default: $APPLIANCE_HOME/tls]")
 @click.option("--days", type=click.IntRange(min=1), default=825, show_default=True,
