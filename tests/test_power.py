@@ -162,7 +162,8 @@ def test_the_power_manager_thread_survives_any_exception_and_tries_again(tmp_pat
     power.start()
     try:
         deadline = time.monotonic() + 10
-        while power.state != "deep_idle" and time.monotonic() < deadline:
+        # The state changes first, then its event is written: wait for both.
+        while (power.state != "deep_idle" or not power.db.power_events()) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert power.state == "deep_idle" and power._thread.is_alive()
         assert power.runner.releases == 2  # failed once, tried again at the next sample: no busy retry loop
