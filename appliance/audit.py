@@ -64,7 +64,11 @@ class AuditKey:
     """The Ed25519 key that signs checkpoints; created on first use, private part readable by its owner only."""
 
     def __init__(self, private_key):
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         self._key = private_key
+        # The raw public key in hex: what checkpoints and heads record and ``logs verify --public-key`` takes.
+        self.public_key = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
     @classmethod
     def load_or_create(cls, home: Path) -> "AuditKey":
@@ -98,13 +102,6 @@ class AuditKey:
         write_new_file(path, self._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), mode=0o600)
         (path.parent / PUBLIC_KEY_FILE).write_text(self.public_key + "\n")
 
-    @property
-    def public_key(self) -> str:
-        """The raw public key in hex: what checkpoints record and ``logs verify --public-key`` takes."""
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-        return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-
     def sign(self, payload: bytes) -> str:
         return self._key.sign(payload).hex()
 
@@ -120,9 +117,9 @@ def signature_valid(public_key: str, payload: bytes, signature: str | None) -> b
         return False
 
 
-def checkpoint_payload(checkpoint: dict) -> bytes:
-    """What a checkpoint's signature covers: all of it but the signature and its own row id."""
-    return canonical(checkpoint, skip=("id", "signature"))
+def signed_payload(record: dict) -> bytes:
+    """What the signature of a checkpoint or a head covers: all of it but the signature (and a row's id)."""
+    return canonical(record, skip=("id", "signature"))
 
 
 class SignedHead:
@@ -151,7 +148,7 @@ class SignedHead:
                 return  # another thread got there with a newer row
             head = {"seq": seq, "digest": digest, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                     "public_key": self.key.public_key}
-            head["signature"] = self.key.sign(canonical(head, skip=("signature",)))
+            head["signature"] = self.key.sign(signed_payload(head))
             try:
                 self._replace(json.dumps(head).encode())
             except OSError as exc:  # the row is committed; only the head lags, as after a crash
@@ -187,7 +184,7 @@ def head_valid(head: dict, public_key: str) -> bool:
     seq, digest = head.get("seq"), head.get("digest")
     if not (type(seq) is int and 0 <= seq < 2**62 and isinstance(digest, str) and len(digest) == 64):
         return False
-    return head.get("public_key") == public_key and signature_valid(public_key, canonical(head, skip=("signature",)),
+    return head.get("public_key") == public_key and signature_valid(public_key, signed_payload(head),
                                                                     head.get("signature"))
 
 
@@ -300,11 +297,12 @@ class Verification:
         return self.last_seq - (self.signed_through or 0)
 
 
-def verify_log(db, public_key: str | None, checkpoint_rows: int = 0, head: dict | None = None) -> Verification:
-    """Walk the chain and the checkpoints, in one snapshot of the file; every problem names the row
-    (id and seq) where it shows. ``checkpoint_rows``: how often the service signs (the setting);
-    ``head``: the signed head file's content (``read_head``), None when there is none."""
+def verify_log(db, public_key: str | None, checkpoint_rows: int = 0) -> Verification:
+    """Walk the chain, the checkpoints and the signed head beside the file, the chain in one snapshot;
+    every problem names the row (id and seq) where it shows. ``checkpoint_rows``: how often the service
+    signs (the setting)."""
     public_key = public_key.lower() if public_key else None
+    head = read_head(db.head_path)
     with db.snapshot():
         result = _verify(db, public_key)
         if public_key is not None:
@@ -395,7 +393,7 @@ def _checked_checkpoints(checkpoints: list[dict], public_key: str | None, result
         if cp["public_key"] != public_key:
             result.problems.append(f"checkpoint {cp['id']} (seq {cp['seq']}) is signed by another key "
                                    f"({cp['public_key'][:16]}...), not the trusted one")
-        elif not signature_valid(public_key, checkpoint_payload(cp), cp["signature"]):
+        elif not signature_valid(public_key, signed_payload(cp), cp["signature"]):
             result.problems.append(f"checkpoint {cp['id']} (seq {cp['seq']}) has a signature that does not match: "
                                    "it was edited")
         else:

@@ -242,7 +242,7 @@ def logs(ctx, count, as_json, home):
     """
     if ctx.invoked_subcommand is not None:
         return
-    rows = _read_log(ctx, home).recent_requests(count)
+    rows = _read_log(_settings(ctx, home=home)).recent_requests(count)
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
@@ -275,11 +275,11 @@ def logs_verify(ctx, public_key, as_json, home):
       appliance logs verify
       appliance logs verify --public-key "$(cat /media/usb/audit-key.pub)"
     """
-    from appliance.audit import HEAD_FILE, read_head, trusted_public_key, verify_log
+    from appliance.audit import trusted_public_key, verify_log
 
     settings = _settings(ctx, home=home)
-    result = verify_log(_read_log(ctx, home), public_key or trusted_public_key(settings.home),
-                        checkpoint_rows=settings.audit_checkpoint_rows, head=read_head(settings.db_path.parent / HEAD_FILE))
+    result = verify_log(_read_log(settings), public_key or trusted_public_key(settings.home),
+                        checkpoint_rows=settings.audit_checkpoint_rows)
     if as_json:
         click.echo(json.dumps({"ok": result.ok, "rows": result.rows, "first_seq": result.first_seq,
                                "last_seq": result.last_seq, "signed_through": result.signed_through,
@@ -293,10 +293,9 @@ def logs_verify(ctx, public_key, as_json, home):
     sys.exit(0 if result.ok else 1)
 
 
-def _read_log(ctx: click.Context, home: str | None):
+def _read_log(settings: Settings):
     from appliance.db import Database
 
-    settings = _settings(ctx, home=home)
     if not settings.db_path.exists():
         raise click.ClickException(f"no log yet at {settings.db_path}: start the service with 'appliance serve'")
     return Database(settings.db_path, readonly=True)

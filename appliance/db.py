@@ -22,7 +22,6 @@ import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from appliance.audit import (GENESIS, HEAD_BEGINS, HEAD_FILE, HEAD_MISSING, AuditKey, Retention, SignedHead,
-                             TextPolicy, checkpoint_payload, row_digest)
+                             TextPolicy, row_digest, signed_payload)
 from appliance.errors import LogUnavailable
 
 log = logging.getLogger(__name__)
@@ -160,14 +159,6 @@ def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class _Sql:
-    """A column's new value as an SQL expression over its old one, with one argument."""
-
-    sql: str
-    arg: object
-
-
 def _storage_failure(exc: sqlite3.Error) -> bool:
     """Whether SQLite failed for want of space or because the disk failed, not because of our SQL."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -191,7 +182,7 @@ class Database:
         self.store_text = store_text
         self.text_policy = text_policy or TextPolicy()
         self.audit_key, self.checkpoint_rows = audit_key, checkpoint_rows
-        self.head = SignedHead(self.path.parent / HEAD_FILE, audit_key) if audit_key and not readonly else None
+        self.head = SignedHead(self.head_path, audit_key) if audit_key and not readonly else None
         self.log_error: str | None = None  # why the last write failed; None once one succeeds
         self._lock = threading.Lock()
         self._closed = False
@@ -214,6 +205,11 @@ class Database:
                 self._start_head()
             except LogUnavailable as exc:  # as for the rows above: start, and say why writes fail
                 log.warning("%s", exc.message)
+
+    @property
+    def head_path(self) -> Path:
+        """The audit chain's signed head, beside the database."""
+        return self.path.parent / HEAD_FILE
 
     @classmethod
     def from_settings(cls, settings, service: bool = True) -> "Database":
@@ -356,13 +352,11 @@ class Database:
         self._sign_head(chained)
 
     def _update_open(self, request_id: int, fields: dict) -> bool:
-        fields = dict(fields)
-        if "redactions" in fields:  # the prompt's count is in the row already; the response's adds to it
-            fields["redactions"] = _Sql("COALESCE(redactions, 0) + ?", fields["redactions"])
-        sets = ", ".join(f"[{name}] = {v.sql if isinstance(v, _Sql) else '?'}" for name, v in fields.items())
-        args = [v.arg if isinstance(v, _Sql) else v for v in fields.values()]
+        # The prompt's redactions are in the row already; the response's add to them.
+        sets = ", ".join("[redactions] = COALESCE(redactions, 0) + ?" if name == "redactions" else f"[{name}] = ?"
+                         for name in fields)
         return self.db.execute(f"UPDATE requests SET {sets} WHERE id = ? AND finished IS NULL",
-                               [*args, request_id]).rowcount == 1
+                               [*fields.values(), request_id]).rowcount == 1
 
     # -- the audit chain (appliance.audit explains it) -------------------------------------------
     def _chain(self, request_id: int) -> tuple[int, str]:
@@ -394,7 +388,7 @@ class Database:
     def _checkpoint(self, reason: str, seq: int, digest: str, pruned_rows: int = 0) -> None:
         checkpoint = {"time": utcnow(), "seq": seq, "digest": digest, "reason": reason, "pruned_rows": pruned_rows,
                       "public_key": self.audit_key.public_key}
-        checkpoint["signature"] = self.audit_key.sign(checkpoint_payload(checkpoint))
+        checkpoint["signature"] = self.audit_key.sign(signed_payload(checkpoint))
         self.db["audit_checkpoints"].insert(checkpoint)
 
     def checkpoint(self, reason: str) -> bool:
@@ -448,9 +442,10 @@ class Database:
         if retention.rows and chained > retention.rows:
             marks.append(self._nth_oldest_seq(chained - retention.rows))
         if retention.megabytes and chained:
-            over = self._used_bytes() - retention.megabytes * 2**20
+            used = self._used_bytes()
+            over = used - retention.megabytes * 2**20
             if over > 0:  # rows are roughly alike: drop the share of them that is over, and a little more
-                share = min(1.0, over / self._used_bytes() + 0.01)
+                share = min(1.0, over / used + 0.01)
                 marks.append(self._nth_oldest_seq(max(1, int(chained * share))))
         return max(marks) or None
 
@@ -487,8 +482,12 @@ class Database:
                 self.db.execute("COMMIT")
 
     def chained_row(self, seq: int) -> dict | None:
+        return self._first("requests", "seq = ?", [seq])
+
+    def _first(self, table: str, where: str, args: list) -> dict | None:
+        """The first row that matches, or None."""
         with self._lock:
-            rows = list(self.db["requests"].rows_where("seq = ?", [seq]))
+            rows = list(self.db[table].rows_where(where, args, limit=1))
         return rows[0] if rows else None
 
     def unchained_rows(self) -> list[int]:
@@ -534,9 +533,7 @@ class Database:
             self.db["api_keys"].insert({"created": utcnow(), **fields})
 
     def get_api_key(self, key_id: str) -> dict | None:
-        with self._lock:
-            rows = list(self.db["api_keys"].rows_where("id = ?", [key_id]))
-        return rows[0] if rows else None
+        return self._first("api_keys", "id = ?", [key_id])
 
     def api_keys(self) -> list[dict]:
         """Every key, oldest first, without its salt and hash."""

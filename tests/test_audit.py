@@ -49,7 +49,7 @@ def head_of(path) -> dict | None:
 
 
 def verify(db, key, **options):
-    return verify_log(Database(db.path, readonly=True), key.public_key, head=head_of(db.path), **options)
+    return verify_log(Database(db.path, readonly=True), key.public_key, **options)
 
 
 def test_an_untouched_log_verifies_and_checkpoints_are_signed(audited):
@@ -243,7 +243,7 @@ def test_verify_reads_one_snapshot_while_the_service_prunes(audited):
         return found
 
     reader.checkpoints = prune_meanwhile
-    result = verify_log(reader, key.public_key.upper(), head=head_of(db.path))  # a key in capitals is the same key
+    result = verify_log(reader, key.public_key.upper())  # a key in capitals is the same key
     assert result.ok and (result.first_seq, result.last_seq) == (1, 12), result.problems
     assert verify(db, key).first_seq == 11
 
@@ -285,7 +285,7 @@ def test_rows_closed_at_startup_join_the_chain(tmp_path):
     reopened = Database(tmp_path / "logs.db", audit_key=key)
     [row] = reopened.recent_requests()
     assert row["status"] == 500 and row["seq"] == 1
-    assert verify_log(reopened, key.public_key, head=head_of(reopened.path)).ok
+    assert verify_log(reopened, key.public_key).ok
 
 
 def test_pruning_by_rows_keeps_the_chain_verifiable(audited):
@@ -461,5 +461,5 @@ def test_an_older_log_joins_the_chain_when_it_upgrades(tmp_path):
     rows = list(reversed(db.recent_requests()))
     assert [r["seq"] for r in rows] == [1, 2, 3, 4] and rows[3]["status"] == 500  # closed at start, then chained
     db.close()
-    result = verify_log(Database(path, readonly=True), key.public_key, head=head_of(path))
+    result = verify_log(Database(path, readonly=True), key.public_key)
     assert result.ok and result.signed_through == 4, result.problems

