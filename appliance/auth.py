@@ -44,7 +44,6 @@ from appliance.state import state
 log = logging.getLogger(__name__)
 
 ROLES = ("user", "admin", "auditor", "metrics")  # metrics: a scrape token, /metrics only
-AUTH_MODES = ("auto", "required", "off")
 PREFIX = "sk-"
 # scrypt at the cost the Python docs and OWASP suggest for interactive logins (16 MiB, ~50 ms).
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}

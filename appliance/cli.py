@@ -105,7 +105,7 @@ def serve(ctx, host, port, model, threads, context_length, parallel, home):
                          parallel=parallel, home=home)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from appliance.auth import AuthSetupError
-    from appliance.tls import TLSSetupError, server_context
+    from appliance.certificates import TLSSetupError, server_context
 
     try:
         tls_context = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
@@ -275,7 +275,8 @@ def logs_verify(ctx, public_key, as_json, home):
       appliance logs verify
       appliance logs verify --public-key "$(cat /media/usb/audit-key.pub)"
     """
-    from appliance.audit import trusted_public_key, verify_log
+    from appliance.audit.keys import trusted_public_key
+    from appliance.audit.verify import verify_log
 
     settings = _settings(ctx, home=home)
     result = verify_log(_read_log(settings), public_key or trusted_public_key(settings.home),
@@ -505,7 +506,7 @@ def tls_self_signed(ctx, hosts, out, days, force):
       curl --cacert ~/.appliance/tls/cert.pem https://box.lan:8080/v1/models
     """
     from appliance.config import default_home
-    from appliance.tls import write_self_signed
+    from appliance.certificates import write_self_signed
 
     try:
         cert, key, fingerprint = write_self_signed(out or default_home() / "tls", list(hosts), days=days, force=force)

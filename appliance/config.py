@@ -5,6 +5,9 @@ environment variables (``APPLIANCE_<NAME>``) < command-line flags.
 
 The config file is ``$APPLIANCE_HOME/config.toml`` unless ``--config`` or
 ``APPLIANCE_CONFIG`` names another one. Every key in it is a field name below.
+
+The modules that read the settings import this one, never the other way round: the kinds of
+value some settings hold (priority classes, retention, auth modes) are defined here.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Mapping
-
-from appliance.scheduler import DEFAULT_CLASSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +30,48 @@ else:  # Jetson ships Python 3.10
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names it."""
+
+
+AUTH_MODES = ("auto", "required", "off")  # appliance.auth says what each one means
+PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
+
+
+@dataclass(frozen=True)
+class PriorityClass:
+    """One entry of ``priority_classes``; appliance.admission queues requests by them."""
+
+    name: str
+    priority: int  # higher runs first
+    max_concurrency: int = 0  # requests of this class queued or running at once; 0 = no limit
+    timeout: float = 0.0  # seconds a request may wait in the queue; 0 = no limit
+
+
+DEFAULT_CLASSES = (
+    {"name": "interactive", "priority": 2, "timeout": 120},
+    {"name": "default", "priority": 1, "timeout": 300},
+    {"name": "batch", "priority": 0, "timeout": 3600},
+)
+DEFAULT_CLASS = "default"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of the log to keep (the ``log_keep_*`` settings); 0 means no limit of that kind."""
+
+    days: float = 0
+    rows: int = 0
+    megabytes: float = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.days or self.rows or self.megabytes)
+
+    def cutoff(self, now: datetime | None = None) -> str | None:
+        """Rows finished before this time are due for pruning."""
+        if not self.days:
+            return None
+        now = now or datetime.now(timezone.utc)
+        return (now - timedelta(days=self.days)).isoformat(timespec="milliseconds")
 
 
 def default_home() -> Path:
@@ -87,9 +132,7 @@ class Settings:
         return self.max_prompt_chars or 16 * self.context_length
 
     @property
-    def retention(self):
-        from appliance.audit import Retention
-
+    def retention(self) -> Retention:
         return Retention(days=self.log_keep_days, rows=self.log_keep_rows, megabytes=self.log_keep_mb)
 
     @property
@@ -198,9 +241,6 @@ def load_settings(
     return settings
 
 
-PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
-
-
 def _validate(settings: Settings) -> None:
     if settings.provider not in PROVIDERS:
         raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
@@ -212,29 +252,29 @@ def _validate(settings: Settings) -> None:
                  "log_text_max_chars", "log_keep_days", "log_keep_rows", "log_keep_mb", "audit_checkpoint_rows"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
-    from appliance.auth import AUTH_MODES
-
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
-    from appliance.audit import check_patterns
-
-    bad = check_patterns(settings.log_redact)
-    if bad:
-        raise ConfigError(f"setting 'log_redact': the pattern {bad}")
+    _validate_patterns(settings.log_redact)
     _validate_power(settings)
     _validate_tls(settings)
 
 
 def _validate_classes(classes: list[dict]) -> None:
-    from appliance.scheduler import DEFAULT_CLASS, PriorityClass
-
     try:
         names = [PriorityClass(**c).name for c in classes]
     except TypeError as exc:
         raise ConfigError(f"setting 'priority_classes': {exc} (keys: name, priority, max_concurrency, timeout)") from None
     if DEFAULT_CLASS not in names:
         raise ConfigError(f"setting 'priority_classes' needs a class named {DEFAULT_CLASS!r}: requests without one use it")
+
+
+def _validate_patterns(patterns: list[str]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"setting 'log_redact': the pattern {pattern!r}: {exc}") from None
 
 
 def _validate_power(settings: Settings) -> None:

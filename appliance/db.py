@@ -1,13 +1,14 @@
-"""The appliance's SQLite database: schema, migrations and every write.
+"""The appliance's SQLite database: the file, its transactions, and every read and write of its rows.
 
 One row per API request. The row is inserted when the request arrives and
 completed when it ends, so a request that fails, is cancelled or is cut off
 by a crash still leaves its row. WAL mode lets ``appliance logs`` read while
-the service writes.
+the service writes. The schema is ``appliance.migrations``.
 
-A finished row joins the audit chain (``appliance.audit``): it takes the next
-``seq`` and a digest over itself and the row before, so an edit or a deletion
-made behind the service's back shows in ``appliance logs verify``.
+A finished row joins the audit chain: it takes the next ``seq`` and a digest
+over itself and the row before, so an edit or a deletion made behind the
+service's back shows in ``appliance logs verify``. ``appliance.audit`` computes
+and signs the chain and says what retention prunes; the SQL is here.
 
 A write that fails for lack of space or an I/O error raises ``LogUnavailable``
 and is remembered in ``Database.log_error`` until a write succeeds again; no
@@ -22,137 +23,22 @@ import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
-from sqlite_utils import Migrations
 
-from appliance.audit import (GENESIS, HEAD_BEGINS, HEAD_FILE, HEAD_MISSING, AuditKey, Retention, SignedHead,
-                             TextPolicy, row_digest, signed_payload)
+from appliance.audit.chain import HEAD_BEGINS, HEAD_FILE, Chain, Link, next_link
+from appliance.audit.keys import AuditKey
+from appliance.audit.redaction import TextPolicy
+from appliance.audit.retention import excess_rows
+from appliance.config import Retention
 from appliance.errors import LogUnavailable
+from appliance.migrations import migrations
+from appliance.timestamps import utcnow
 
 log = logging.getLogger(__name__)
-migrations = Migrations("appliance")
 # SQLite's primary result codes for a full disk and an I/O error; extended codes keep them in the low byte.
 SQLITE_IOERR, SQLITE_FULL = 10, 13
-
-
-@migrations()
-def m001_requests(db: sqlite_utils.Database):
-    db["requests"].create(
-        {
-            "id": int,
-            "started": str,  # ISO 8601, UTC
-            "finished": str,  # NULL while the request runs
-            "endpoint": str,
-            "model": str,
-            "client": str,
-            "stream": int,
-            "status": int,  # HTTP status; 499 = client went away mid-stream
-            "error": str,
-            "finish_reason": str,
-            "prompt_tokens": int,
-            "completion_tokens": int,
-            "ttft_ms": float,  # request arrival to first generated text
-            "total_ms": float,
-            "tokens_per_s": float,  # completion tokens / time spent generating them
-            "prompt": str,
-            "response": str,
-            "prompt_sha256": str,
-            "response_sha256": str,
-        },
-        pk="id",
-    )
-    db["requests"].create_index(["started"])
-
-
-@migrations()
-def m002_power_events(db: sqlite_utils.Database):
-    db["power_events"].create(
-        {
-            "id": int,
-            "time": str,  # ISO 8601, UTC
-            "from_state": str,
-            "to_state": str,
-            "reason": str,
-            "rss_before": int,  # bytes
-            "rss_after": int,
-            "wake_ms": float,  # for wakes: how long the model took to come back
-            "actions": str,  # JSON: what the power profile did or could not do
-        },
-        pk="id",
-    )
-
-
-@migrations()
-def m003_api_keys(db: sqlite_utils.Database):
-    db["api_keys"].create(
-        {
-            "id": str,  # public: the middle of sk-<id>-<secret>, what the log and 'keys list' show
-            "name": str,
-            "role": str,  # user, admin or auditor
-            "priority": str,  # priority class the key's requests get by default; NULL: the default class
-            "created": str,  # ISO 8601, UTC
-            "expires": str,  # NULL: never
-            "revoked": str,  # when it was revoked; NULL while it is not
-            "salt": str,  # hex; the key itself is never stored
-            "scrypt_n": int,
-            "scrypt_r": int,
-            "scrypt_p": int,
-            "hash": str,  # hex scrypt of the whole key
-        },
-        pk="id",
-    )
-    db["requests"].add_column("key_id", str)  # the key that made the request (its id, never the key)
-
-
-@migrations()
-def m004_audit(db: sqlite_utils.Database):
-    requests = db["requests"]
-    requests.add_column("seq", int)  # place in the audit chain, given when the row is finished
-    requests.add_column("digest", str)  # sha256 over the previous row's digest and this row
-    requests.add_column("text_cap", int)  # most characters of each text stored when the row was written
-    requests.add_column("prompt_chars", int)  # length of the text received / sent, before redaction and cap
-    requests.add_column("response_chars", int)
-    requests.add_column("redactions", int)  # matches of the redaction patterns replaced in the stored texts
-    requests.create_index(["seq"], unique=True)
-    db["api_keys"].add_column("rpm", int)  # the key's own token buckets; NULL: the service's setting
-    db["api_keys"].add_column("tpm", int)
-    _chain_existing_rows(db)
-    db["audit_checkpoints"].create(
-        {
-            "id": int,
-            "time": str,
-            "seq": int,  # the chain's head this checkpoint vouches for (0: before any row)
-            "digest": str,  # that row's digest
-            "reason": str,  # every N rows, shutdown, prune
-            "pruned_rows": int,  # rows deleted right after it (retention); 0 otherwise
-            "public_key": str,  # hex Ed25519 key that signed it
-            "signature": str,  # hex, over the other columns but id
-        },
-        pk="id",
-    )
-
-
-def _chain_existing_rows(db: sqlite_utils.Database) -> None:
-    """Rows an older release finished join the chain in the order they were written, so the audit
-    covers the log from the upgrade back; the first checkpoint the service signs vouches for them."""
-    previous = GENESIS
-    finished = db.execute("SELECT id FROM requests WHERE finished IS NOT NULL ORDER BY id").fetchall()
-    for seq, (request_id,) in enumerate(finished, start=1):
-        previous = _link(db, request_id, seq, previous)
-
-
-def _link(db: sqlite_utils.Database, request_id: int, seq: int, previous: str) -> str:
-    """Give a finished row its place ``seq`` in the chain after ``previous``; returns its digest."""
-    digest = row_digest(previous, db["requests"].get(request_id) | {"seq": seq})
-    db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [seq, digest, request_id])
-    return digest
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def sha256_text(text: str | None) -> str | None:
@@ -181,8 +67,7 @@ class Database:
         self.path = Path(path)
         self.store_text = store_text
         self.text_policy = text_policy or TextPolicy()
-        self.audit_key, self.checkpoint_rows = audit_key, checkpoint_rows
-        self.head = SignedHead(self.head_path, audit_key) if audit_key and not readonly else None
+        self.chain = Chain(audit_key, checkpoint_rows, None if readonly else self.head_path)
         self.log_error: str | None = None  # why the last write failed; None once one succeeds
         self._lock = threading.Lock()
         self._closed = False
@@ -211,6 +96,10 @@ class Database:
         """The audit chain's signed head, beside the database."""
         return self.path.parent / HEAD_FILE
 
+    @property
+    def audit_key(self) -> AuditKey | None:
+        return self.chain.key
+
     @classmethod
     def from_settings(cls, settings, service: bool = True) -> "Database":
         """The log as the settings describe it: text policy, audit key and checkpoints.
@@ -224,34 +113,20 @@ class Database:
                    audit_key=key, checkpoint_rows=settings.audit_checkpoint_rows)
 
     def _start_head(self) -> None:
-        """At the service's start: sign the head file, and record it when the file went missing.
-
-        A log from before the head file (an upgrade) just gets one. Where one was written before (a
-        signed checkpoint marks its start), its absence means it was deleted: a signed checkpoint says
-        so for good, since the new file made now could not show what was cut before it.
-        """
-        if self.head is None:
+        """At the service's start: sign the head file, and record it when the file went missing."""
+        if self.chain.head_file is None:
             return
         with self._write(chain=True):
-            seq, digest = self._head()
+            head = self._head()
             began = self.db.execute("SELECT 1 FROM audit_checkpoints WHERE reason = ? LIMIT 1", [HEAD_BEGINS]).fetchone()
-            if began and self.head.seq == 0 and seq > 0:
-                log.warning("the audit chain's signed head %s is missing or not this box's: it was deleted or "
-                            "replaced; recorded, and 'appliance logs verify' reports it", self.head.path)
-                self._checkpoint(HEAD_MISSING, seq, digest)
-            if not began:
-                self._checkpoint(HEAD_BEGINS, seq, digest)
-        self._sign_head((seq, digest) if seq else None)
+            self.db["audit_checkpoints"].insert_all(self.chain.start_checkpoints(head, began is not None))
+        self.chain.advance(head if head.seq else None)
 
     def _warn_if_cut(self) -> None:
-        if self.head is None:
-            return
-        last = self.db.execute("SELECT MAX(COALESCE((SELECT MAX(seq) FROM requests), 0), COALESCE((SELECT MAX(seq) "
-                               "FROM audit_checkpoints WHERE pruned_rows > 0), 0))").fetchone()[0]  # pruned: gone by right
-        if self.head.seq > last:
-            log.warning("the request log ends at seq %d but its signed head says seq %d: rows were deleted from the "
-                        "end (or an older copy of logs.db was put back); the chain goes on after seq %d, and "
-                        "'appliance logs verify' reports the gap", last, self.head.seq, self.head.seq)
+        # Where the log ends: its last row, or the last one pruned (those are gone by right).
+        end = self.db.execute("SELECT MAX(COALESCE((SELECT MAX(seq) FROM requests), 0), COALESCE((SELECT MAX(seq) "
+                              "FROM audit_checkpoints WHERE pruned_rows > 0), 0))").fetchone()[0]
+        self.chain.warn_if_cut(end)
 
     def _close_interrupted(self) -> None:
         """Rows a previous process left open (it was killed) are marked, not lost."""
@@ -272,7 +147,7 @@ class Database:
                 self.db.execute("UPDATE requests SET finished = ?, status = COALESCE(status, ?), "
                                 "error = COALESCE(error, ?) WHERE id = ?", [utcnow(), status, error, request_id])
                 chained = self._chain(request_id)
-        self._sign_head(chained)
+        self.chain.advance(chained)
         return len(ids)
 
     @contextmanager
@@ -349,7 +224,7 @@ class Database:
         with self._write(chain=True):
             if self._update_open(request_id, self._texts({"finished": utcnow(), **fields})):
                 chained = self._chain(request_id)
-        self._sign_head(chained)
+        self.chain.advance(chained)
 
     def _update_open(self, request_id: int, fields: dict) -> bool:
         # The prompt's redactions are in the row already; the response's add to them.
@@ -358,52 +233,37 @@ class Database:
         return self.db.execute(f"UPDATE requests SET {sets} WHERE id = ? AND finished IS NULL",
                                [*fields.values(), request_id]).rowcount == 1
 
-    # -- the audit chain (appliance.audit explains it) -------------------------------------------
-    def _chain(self, request_id: int) -> tuple[int, str]:
-        """Give a just-finished row its place in the chain; inside a chain=True write. Returns (seq, digest)."""
-        seq, previous = self._head()
-        digest = _link(self.db, request_id, seq + 1, previous)
-        if self.audit_key and self.checkpoint_rows and (seq + 1) % self.checkpoint_rows == 0:
-            self._checkpoint("every %d rows" % self.checkpoint_rows, seq + 1, digest)
-        return seq + 1, digest
+    # -- the audit chain (appliance.audit.chain computes and signs it) --------------------------------
+    def _chain(self, request_id: int) -> Link:
+        """Give a just-finished row its place in the chain; inside a chain=True write."""
+        link = next_link(self._head(), self.db["requests"].get(request_id))
+        self.db.execute("UPDATE requests SET seq = ?, digest = ? WHERE id = ?", [link.seq, link.digest, request_id])
+        checkpoint = self.chain.due_checkpoint(link)
+        if checkpoint is not None:
+            self.db["audit_checkpoints"].insert(checkpoint)
+        return link
 
-    def _sign_head(self, chained: tuple[int, str] | None) -> None:
-        """After the commit: the signed head file follows the chain (appliance.audit.SignedHead)."""
-        if self.head is not None and chained is not None:
-            self.head.advance(*chained)
-
-    def _head(self) -> tuple[int, str]:
-        """(seq, digest) of the chain's last row; after pruning everything, the last checkpoint's.
-
-        Where the signed head is further on, rows were deleted from the end: the chain goes on from the
-        signed head, so that the gap stays in the log for ``logs verify`` to report.
-        """
+    def _head(self) -> Link:
+        """The link the next row follows (``Chain.head_of`` says which)."""
         row = self.db.execute("SELECT seq, digest FROM requests WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
                               ).fetchone()
         checkpoint = self.db.execute("SELECT seq, digest FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        signed = (self.head.seq, self.head.digest) if self.head is not None else None
-        candidates = [tuple(c) for c in (row, checkpoint, signed) if c is not None]
-        return max(candidates) if candidates else (0, GENESIS)
-
-    def _checkpoint(self, reason: str, seq: int, digest: str, pruned_rows: int = 0) -> None:
-        checkpoint = {"time": utcnow(), "seq": seq, "digest": digest, "reason": reason, "pruned_rows": pruned_rows,
-                      "public_key": self.audit_key.public_key}
-        checkpoint["signature"] = self.audit_key.sign(signed_payload(checkpoint))
-        self.db["audit_checkpoints"].insert(checkpoint)
+        return self.chain.head_of(row, checkpoint)
 
     def checkpoint(self, reason: str) -> bool:
         """Sign the chain's head now (at shutdown); False when there is no key or nothing new to sign."""
         if self.audit_key is None:
             return False
         with self._write(chain=True):
-            seq, digest = self._head()
+            head = self._head()
             last = self.db.execute("SELECT MAX(seq) FROM audit_checkpoints").fetchone()[0]
-            if seq == 0 or last == seq:
+            if head.seq == 0 or last == head.seq:
                 return False
-            self._checkpoint(reason, seq, digest)
-        self._sign_head((seq, digest))
+            self.db["audit_checkpoints"].insert(self.chain.checkpoint(reason, head))
+        self.chain.advance(head)
         return True
 
+    # -- retention (appliance.audit.retention says how many rows are over) ----------------------------
     def prune(self, retention: Retention, batch: int = 2000) -> int:
         """Delete the oldest finished rows beyond the retention limits; returns how many.
 
@@ -426,7 +286,8 @@ class Database:
             through = min(through, self._nth_oldest_seq(batch) or through)
             digest = self.db.execute("SELECT digest FROM requests WHERE seq = ?", [through]).fetchone()[0]
             deleted = self.db.execute("DELETE FROM requests WHERE seq <= ?", [through]).rowcount
-            self._checkpoint("prune", through, digest, pruned_rows=deleted)
+            checkpoint = self.chain.checkpoint("prune", Link(through, digest), pruned_rows=deleted)
+            self.db["audit_checkpoints"].insert(checkpoint)
             return deleted
 
     def _prune_through(self, retention: Retention) -> int | None:
@@ -439,14 +300,9 @@ class Database:
                 "(SELECT MIN(seq) FROM requests WHERE seq IS NOT NULL AND finished >= ?), 9e18)", [cutoff]
             ).fetchone()[0])
         chained = self.db.execute("SELECT COUNT(*) FROM requests WHERE seq IS NOT NULL").fetchone()[0]
-        if retention.rows and chained > retention.rows:
-            marks.append(self._nth_oldest_seq(chained - retention.rows))
-        if retention.megabytes and chained:
-            used = self._used_bytes()
-            over = used - retention.megabytes * 2**20
-            if over > 0:  # rows are roughly alike: drop the share of them that is over, and a little more
-                share = min(1.0, over / used + 0.01)
-                marks.append(self._nth_oldest_seq(max(1, int(chained * share))))
+        excess = excess_rows(retention, chained, self._used_bytes() if retention.megabytes and chained else 0)
+        if excess:
+            marks.append(self._nth_oldest_seq(excess))
         return max(marks) or None
 
     def _nth_oldest_seq(self, n: int) -> int | None:

@@ -17,7 +17,7 @@ from waitress.server import BaseWSGIServer
 
 from appliance.auth import is_loopback
 from appliance.state import AppState
-from appliance.tls import TLSFrontend
+from appliance.tls_frontend import TLSFrontend
 
 log = logging.getLogger("appliance")
 

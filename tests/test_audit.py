@@ -11,8 +11,11 @@ import sys
 
 import pytest
 
-from appliance.audit import (HEAD_FILE, AuditKey, Retention, TextPolicy, read_head, row_digest, trusted_public_key,
-                             verify_log)
+from appliance.audit.chain import HEAD_FILE, read_head, row_digest
+from appliance.audit.keys import AuditKey, trusted_public_key
+from appliance.audit.redaction import TextPolicy
+from appliance.audit.verify import verify_log
+from appliance.config import Retention
 from appliance.db import Database
 
 
@@ -394,7 +397,7 @@ def test_a_served_log_verifies_catches_tampering_and_survives_retention(tmp_path
     """The real service with the real model and the openai client; tampering with the sqlite3 shell."""
     import openai
 
-    from tests.conftest import MODEL, start_service
+    from tests.helpers import MODEL, start_service
 
     home = tmp_path / "home"
     redact = {"APPLIANCE_LOG_REDACT": '["\\\\b\\\\d{4}-\\\\d{4}-\\\\d{4}-\\\\d{4}\\\\b"]'}  # card numbers
@@ -446,7 +449,7 @@ def test_a_served_log_verifies_catches_tampering_and_survives_retention(tmp_path
 def test_an_older_log_joins_the_chain_when_it_upgrades(tmp_path):
     import sqlite_utils
 
-    from appliance.db import migrations
+    from appliance.migrations import migrations
 
     path = tmp_path / "logs.db"
     old = sqlite_utils.Database(path)

