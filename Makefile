@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make serve   creates .venv, installs the service and the bundled model, serves it on 127.0.0.1:8080
 #   make test    creates .venv, installs the service and its test tools (and Chromium for the UI tests), runs the whole test suite
+#   make test-fast  the fast tier only: the service and its test tools, no model, no torch, no browser (under 90 s)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,14 +13,14 @@ JOBS := $(shell nproc 2>/dev/null || echo 2)
 # every x86 box of the product has. On aarch64 (Jetson, ARM boards) native is right.
 # OpenMP off: with OpenMP, llama.cpp decodes ~25% slower when called from a thread other
 # than the process's main thread, which is where a WSGI server runs every request
-# (bench/results/overhead.md); ggml's own threadpool has no such penalty.
+# (bench/results/overhead/runs/2026-11-27-openmp/report.md); ggml's own threadpool has no such penalty.
 LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS += -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
 PIP_INSTALL = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install
 
-.PHONY: serve test bench clean
+.PHONY: serve test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,11 @@ $(VENV)/.installed-test: $(VENV)/.installed-serve
 	$(PIP_INSTALL) -e '.[llama,onnx,distill,test]'
 	touch $@
 
+# The fast tier needs only the service and the test tools: no engine, no torch, no browser.
+$(VENV)/.installed-fast: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
 serve: $(VENV)/.installed-serve
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/appliance serve $(ARGS)
 
@@ -47,16 +53,22 @@ serve: $(VENV)/.installed-serve
 SYSTEM_TOOLS = systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux
 BROWSER_TOOLS = /usr/bin/chromium=chromium /usr/bin/chromedriver=chromium-driver
 BROWSER_TESTS ?= yes
+# --durations: the slowest tests and the suite's time, in every CI log.
 ifeq ($(BROWSER_TESTS),no)
 test: $(VENV)/.installed-test
 	sh tests/system-deps.sh --optional $(SYSTEM_TOOLS)
-	$(BIN)/python -m pytest -m "not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not browser" --durations=15 $(PYTEST_ARGS)
 else
 test: $(VENV)/.installed-test
 	sh tests/system-deps.sh --optional $(SYSTEM_TOOLS)
 	sh tests/system-deps.sh $(BROWSER_TOOLS)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 endif
+
+# The fast tier proves routes, errors, auth, admission and the log's bookkeeping on a fake engine; it proves
+# no feature works on a real model (make test does).
+test-fast: $(VENV)/.installed-fast
+	$(BIN)/python -m pytest -m "not slow and not browser" --durations=10 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.overhead $(ARGS)

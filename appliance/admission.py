@@ -17,25 +17,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from appliance.config import DEFAULT_CLASS, DEFAULT_CLASSES, PriorityClass
 from appliance.errors import APIError, InvalidRequest
-
-
-@dataclass(frozen=True)
-class PriorityClass:
-    name: str
-    priority: int  # higher runs first
-    max_concurrency: int = 0  # requests of this class queued or running at once; 0 = no limit
-    timeout: float = 0.0  # seconds a request may wait in the queue; 0 = no limit
-
-
-DEFAULT_CLASSES = (
-    {"name": "interactive", "priority": 2, "timeout": 120},
-    {"name": "default", "priority": 1, "timeout": 300},
-    {"name": "batch", "priority": 0, "timeout": 3600},
-)
-DEFAULT_CLASS = "default"
 
 
 class TooManyRequests(APIError):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from flask import Flask
 
-from appliance import api, auth, errors, metrics
-from appliance.audit import RetentionWorker
+from appliance import api, auth, metrics
+from appliance.admission import Admission
+from appliance.api import error_handlers
+from appliance.audit.retention import RetentionWorker
 from appliance.config import Settings, load_settings
 from appliance.db import Database
 from appliance.power import PowerManager
 from appliance.runner.supervisor import ModelRunner
-from appliance.scheduler import Admission
 from appliance.state import AppState
 from models import find_model
 
@@ -45,7 +46,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     auth.init_app(app)  # first: refuses to build a service that would listen without the keys it needs
     power.start()
     retention.start()
-    errors.init_app(app)
+    error_handlers.init_app(app)
     api.init_app(app)
     metrics.init_app(app)
     return app

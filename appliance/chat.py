@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
-from appliance.api.generation import Cancellation, Generation, GenerationFailed
+from appliance.admission import Admission
 from appliance.backends.base import SamplingParams
 from appliance.config import Settings
 from appliance.db import Database
 from appliance.errors import APIError
+from appliance.generation import Generation
+from appliance.request import Cancellation, LoggedRequest
 from appliance.runner.supervisor import ModelRunner
-from appliance.scheduler import Admission
 from models import find_model
 
 
@@ -48,27 +48,27 @@ def run_chat(settings: Settings, system: str | None, temperature: float, max_tok
 
 def _turn(runner: ModelRunner, db: Database, admission: Admission, messages: list[dict],
           params: SamplingParams) -> str | None:
-    log_id = db.start_request(endpoint="cli:chat", client="terminal", model=runner.name, stream=1,
-                              prompt=json.dumps(messages, ensure_ascii=False))
-    interrupted = []
-    cancel = Cancellation(client_gone=lambda: bool(interrupted), shutting_down=lambda: False)
-    generation = Generation(runner, db, admission, log_id, time.perf_counter(), cancel, client="terminal", priority=None)
+    interrupted = []  # Ctrl-C is how this client leaves: it interrupts the wait or the tokens at once
+    cancel = Cancellation(client_gone=lambda: bool(interrupted), shutting_down=lambda: False, left="interrupted")
+    logged = LoggedRequest(db, endpoint="cli:chat", client="terminal", cancel=cancel, model=runner.name, stream=1,
+                           prompt=json.dumps(messages, ensure_ascii=False))
     try:
+        generation = Generation(runner, admission, logged.started, cancel, client="terminal", priority=None)
         generation.start(messages, None, params)
-    except APIError as exc:
-        db.finish_request(log_id, status=exc.status, error=exc.message)
-        click.echo(f"Error: {exc.message}", err=True)
-        return None
-    try:
+        logged.generation = generation
         for output in generation.outputs():
             click.echo(output.text, nl=False)
-        generation.finish(200)
     except KeyboardInterrupt:
         interrupted.append(True)
-        generation.finish(499, "interrupted")
+        logged.fail(APIError("interrupted", code="cancelled", status=499))
         click.echo(" [interrupted]", err=True)
-    except GenerationFailed as exc:
-        generation.finish(exc.status, exc.message)
-        click.echo(f"\nError: {exc.message}", err=True)
+    except APIError as exc:  # refused before it started, or failed on the way
+        logged.fail(exc)
+        mid_answer = logged.generation is not None
+        click.echo(("\n" if mid_answer else "") + f"Error: {exc.message}", err=True)
+    finally:
+        logged.finish()
+    if logged.generation is None:
+        return None
     click.echo()
-    return generation.response_text
+    return logged.generation.response_text

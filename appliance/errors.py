@@ -1,18 +1,13 @@
 """API errors, all in the OpenAI shape: {"error": {"message", "type", "param", "code"}}.
 
-Raise an ``APIError`` anywhere below a view; ``init_app`` turns it, and every
-other failure, into a JSON response with the right status.
+Raise an ``APIError`` anywhere below a view; ``appliance.api.error_handlers``
+turns it, and every other failure, into a JSON response with the right status.
+This module imports no Flask: the database and the CLI raise these too.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-from flask import Flask, g, jsonify
-from werkzeug.exceptions import HTTPException
-
-log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -52,6 +47,12 @@ class ServiceUnavailable(APIError):
     type = "server_error"
 
 
+class GenerationFailed(APIError):
+    """The engine failed or its runner died mid-request (our fault, so a 5xx)."""
+
+    type = "server_error"
+
+
 class LogUnavailable(ServiceUnavailable):
     """The request log cannot be written (disk full, I/O error): an appliance that must audit does not serve unlogged."""
 
@@ -61,32 +62,3 @@ class LogUnavailable(ServiceUnavailable):
             f"the request log {db_path} cannot be written ({detail}): free disk space under the data folder "
             f"{folder}; requests are served again as soon as the log can be written", code="log_unavailable",
         )
-
-
-def error_response(error: APIError):
-    g.log_error = error.message
-    response = jsonify(error.body())
-    response.status_code = error.status
-    if getattr(error, "retry_after", None):
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
-
-
-def _http_error(exc: HTTPException):
-    kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
-    error = APIError(exc.description or exc.name, code=exc.name.lower().replace(" ", "_"), status=exc.code)
-    error.type = kind
-    return error_response(error)
-
-
-def _unexpected(exc: Exception):
-    log.exception("unhandled error")
-    error = APIError(f"internal error: {exc.__class__.__name__}: {exc}", code="internal_error", status=500)
-    error.type = "server_error"
-    return error_response(error)
-
-
-def init_app(app: Flask) -> None:
-    app.register_error_handler(APIError, error_response)
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unexpected)

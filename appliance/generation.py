@@ -1,61 +1,34 @@
-"""One logged generation: a place in the queue, the runner's events, and a log row finished however it ends.
+"""One generation: a place in the queue, a slot in the runner, and the runner's events as they come.
 
-A request is one model session: it wakes the box once, waits for a slot,
+A generation is one model session: it wakes the box once, waits for a slot,
 goes to the runner (which renders, tokenizes, checks the context and
-generates in one pass), and its row is completed exactly once: done, refused,
-cancelled (499: the client left), failed, or cut off by a runner crash or a
-shutdown.
+generates in one pass) and records what comes back. Its request
+(``appliance.request.LoggedRequest``) owns the log row and ends it; ``stop``
+frees the slot and the power manager's count however the generation ends.
 """
 
 from __future__ import annotations
 
-import json
 import queue
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from appliance import metrics
+from appliance.admission import Admission, Cancelled
 from appliance.backends.base import BackendError, SamplingParams, Usage
-from appliance.db import Database
-from appliance.errors import APIError, InvalidRequest, ServiceUnavailable
-from appliance.runner.supervisor import ModelRunner, RunnerCrashed
+from appliance.errors import GenerationFailed, InvalidRequest, ServiceUnavailable
+from appliance.request import Cancellation
 from appliance.runner import protocol as msg
-from appliance.scheduler import Admission, Cancelled
+from appliance.runner.supervisor import ModelRunner, RunnerCrashed
 
 POLL = 0.1  # seconds between checks for a client that left, while waiting for tokens
 CANCEL_GRACE = 30  # seconds the runner gets to confirm a cancel before the request gives up on it
 
 
 @dataclass
-class Cancellation:
-    """Why a generation should stop early: the client left, or the service is shutting down."""
-
-    client_gone: Callable[[], bool]
-    shutting_down: Callable[[], bool]
-
-    def __call__(self) -> bool:
-        return self.client_gone() or self.shutting_down()
-
-    def status(self) -> tuple[int, str]:
-        if self.shutting_down():
-            return 503, "service shutting down"
-        return 499, "client disconnected"
-
-
-class GenerationFailed(APIError):
-    """The engine failed or its runner died mid-request (our fault, so a 5xx)."""
-
-    type = "server_error"
-
-
-@dataclass
 class Generation:
     runner: ModelRunner
-    db: Database
     admission: Admission
-    log_id: int
     started: float  # the request's arrival (perf_counter): time to first token includes the queue
     cancel: Cancellation
     client: str
@@ -65,14 +38,11 @@ class Generation:
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     ttft_ms: float | None = None
-    finished: bool = False
     _first: float | None = None
+    _ended: float | None = None
     _stream = None
     _ticket = None
     _using = False
-
-    def __post_init__(self):
-        self._observe = metrics.generation_observer()  # built now: a stream finishes outside its request
 
     # -- start: everything that can still become a plain HTTP error ---------------
     def start(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> None:
@@ -146,47 +116,50 @@ class Generation:
             self.finish_reason = output.finish_reason
 
     def run_to_end(self) -> None:
-        """Consume the whole generation (non-streamed requests), finishing the row however it ends."""
-        try:
-            for _ in self.outputs():
-                pass
-        except GenerationFailed as exc:
-            self.finish(exc.status, exc.message)
-            raise
-        if self.finish_reason == "cancelled":
+        """Consume the whole generation (non-streamed requests); a cancelled one raises with the cancel's status."""
+        for _ in self.outputs():
+            pass
+        if self.cancelled:
             status, reason = self.cancel.status()
-            self.finish(status, reason)
             raise ServiceUnavailable(f"generation cancelled: {reason}", code="cancelled", status=status)
-        self.finish(200)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+    @property
+    def interrupted(self) -> bool:
+        """It did not end by itself: cancelled, or still running (its client left mid-way)."""
+        return self.finish_reason in (None, "cancelled")
 
     # -- the end -------------------------------------------------------------
-    def finish(self, status: int, error: str | None = None) -> None:
-        """Complete the log row, free the slot and the power manager's count; only the first call counts."""
-        if self.finished:
+    def stop(self) -> None:
+        """Free the slot and the power manager's count; a generation still running is cancelled (its client left)."""
+        if self._ended is not None:
             return
-        self.finished = True
+        self._ended = time.perf_counter()
         if self._stream is not None and self.finish_reason is None:
             self.runner.cancel(self._stream)  # the client left mid-way: free the slot at the next step
             self.finish_reason = "cancelled"
         self._release()
-        end = time.perf_counter()
-        tokens_per_s = None
-        if self._first is not None and self.usage.completion_tokens > 1 and end > self._first:
-            # Decode speed: the first token's time belongs to prefill (time to first token).
-            tokens_per_s = (self.usage.completion_tokens - 1) / (end - self._first)
-        self.db.finish_request(
-            self.log_id, status=status, error=error, response=self.response_text, finish_reason=self.finish_reason,
-            prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens,
-            ttft_ms=self.ttft_ms, total_ms=(end - self.started) * 1000, tokens_per_s=tokens_per_s,
-        )
-        self._observe(status=status, model=self.runner.name, seconds=end - self.started,
-                      ttft_s=None if self.ttft_ms is None else self.ttft_ms / 1000,
-                      prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens,
-                      tokens_per_s=tokens_per_s)
+
+    def row_fields(self) -> dict:
+        """What the log row records of this generation (after ``stop``)."""
+        return {"response": self.response_text, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.usage.prompt_tokens, "completion_tokens": self.usage.completion_tokens,
+                "ttft_ms": self.ttft_ms, "tokens_per_s": self.tokens_per_s}
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: the first token's time belongs to prefill (time to first token)."""
+        if self._first is None or self._ended is None or self.usage.completion_tokens <= 1 or self._ended <= self._first:
+            return None
+        return (self.usage.completion_tokens - 1) / (self._ended - self._first)
 
     def _release(self) -> None:
         if self._ticket is not None:
             self._ticket.release(self.usage.completion_tokens)
+            self._ticket = None
         if self._using:
             self._using = False
             self.runner.end_use()
@@ -200,20 +173,3 @@ def _failure(event: msg.Failed | RunnerCrashed) -> GenerationFailed:
     if isinstance(event, RunnerCrashed):  # retrying may well work: a new runner is starting
         return GenerationFailed(event.message, code="runner_crashed", status=503)
     return GenerationFailed(event.message, code="generation_failed", status=500)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage_json(usage: Usage) -> dict:
-    out = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-           "total_tokens": usage.total_tokens}
-    if usage.cached_tokens:
-        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
-    return out
-
-
-def sse(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n".encode("utf-8")

@@ -15,17 +15,15 @@ blueprint, ``metrics``, so access control can be set on that blueprint alone.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
-from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
+from flask import Blueprint, Flask, Response, current_app
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from appliance import errors
+from appliance.api.error_handlers import error_response
 from appliance.errors import LogUnavailable
 from appliance.power import STATES
+from appliance.request import LoggedRequest
 
 bp = Blueprint("metrics", __name__)
 
@@ -63,21 +61,20 @@ class Metrics:
         r.register(_StateCollector(app_state))
 
     # -- events -----------------------------------------------------------------------------
-    def request_finished(self, endpoint: str, status: int, model: str | None, role: str | None,
-                         seconds: float) -> None:
-        self.requests.labels(endpoint, str(status), model or "", role or NO_ROLE).inc()
-        self.latency.labels(endpoint).observe(seconds)
-
-    def generation_finished(self, endpoint: str, status: int, model: str, role: str | None, seconds: float,
-                            ttft_s: float | None, prompt_tokens: int, completion_tokens: int,
-                            tokens_per_s: float | None) -> None:
-        self.request_finished(endpoint, status, model, role, seconds)
-        if ttft_s is not None:
-            self.ttft.labels(endpoint).observe(ttft_s)
-        self.prompt_tokens.labels(model).inc(prompt_tokens or 0)
-        self.completion_tokens.labels(model).inc(completion_tokens or 0)
-        if tokens_per_s is not None:
-            self.tokens_per_s.labels(model).observe(tokens_per_s)
+    def request_finished(self, logged: LoggedRequest) -> None:
+        """Count a logged request the moment its row is finished, with its generation's figures if it had one."""
+        endpoint = logged.endpoint
+        self.requests.labels(endpoint, str(logged.status), logged.model or "", logged.role or NO_ROLE).inc()
+        self.latency.labels(endpoint).observe(logged.seconds)
+        generation = logged.generation
+        if generation is None:
+            return
+        if generation.ttft_ms is not None:
+            self.ttft.labels(endpoint).observe(generation.ttft_ms / 1000)
+        self.prompt_tokens.labels(logged.model).inc(generation.usage.prompt_tokens or 0)
+        self.completion_tokens.labels(logged.model).inc(generation.usage.completion_tokens or 0)
+        if generation.tokens_per_s is not None:
+            self.tokens_per_s.labels(logged.model).observe(generation.tokens_per_s)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -134,35 +131,9 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-# -- hooks for the code that finishes a request ------------------------------------------------
-def request_role() -> str:
-    """The role of the API key that made the current request (auth puts the key on ``g.api_key``); "none" without one."""
-    key = g.get("api_key")
-    return getattr(key, "role", None) or NO_ROLE
-
-
-def generation_observer() -> Callable[..., None]:
-    """For a Generation, built in its request: report its end, which may come after the request context is gone."""
-    if not has_request_context() or "metrics" not in current_app.extensions:
-        return lambda **_: None
-    metrics, endpoint, role = current_app.extensions["metrics"], request.path, request_role()
-    return lambda **fields: metrics.generation_finished(endpoint=endpoint, role=role, **fields)
-
-
-def _count_request_rows(response):
-    """Rows the API's own after_request finishes (the ones no Generation finishes: refused before or while admitted)."""
-    generation = g.get("generation")
-    if g.get("log_id") is not None and not (generation and (generation.finished or g.get("streaming"))):
-        current_app.extensions["metrics"].request_finished(
-            request.path, response.status_code, g.get("log_fields", {}).get("model"), request_role(),
-            time.perf_counter() - g.started,
-        )
-    return response
-
-
 def _log_unavailable(error: LogUnavailable):
     current_app.extensions["metrics"].log_refusals.inc()
-    return errors.error_response(error)
+    return error_response(error)
 
 
 @bp.get("/metrics")
@@ -173,11 +144,11 @@ def metrics_endpoint():
 
 
 def init_app(app: Flask) -> None:
-    """After errors.init_app and api.init_app: needs the app's state; adds the route, the counters' hooks."""
+    """After error_handlers.init_app and api.init_app: needs the app's state; adds the route, the counters' hooks."""
     metrics = Metrics(app.extensions["appliance"])
     app.extensions["metrics"] = metrics
     runner = app.extensions["appliance"].runner
     runner.on_load.append(lambda seconds: metrics.load_duration.labels(runner.name).observe(seconds))
-    app.after_request(_count_request_rows)
+    app.extensions["appliance"].request_observers.append(metrics.request_finished)
     app.register_error_handler(LogUnavailable, _log_unavailable)
     app.register_blueprint(bp)

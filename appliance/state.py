@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from flask import current_app
 
-from appliance.audit import RetentionWorker
+from appliance.audit.retention import RetentionWorker
 from appliance.config import Settings
 from appliance.db import Database
 from appliance.power import PowerManager
 from appliance.runner.supervisor import ModelRunner
-from appliance.scheduler import Admission
+from appliance.admission import Admission
 
 
 @dataclass
@@ -24,6 +24,7 @@ class AppState:
     admission: Admission
     retention: RetentionWorker
     shutting_down: threading.Event = field(default_factory=threading.Event)
+    request_observers: list = field(default_factory=list)  # hook(LoggedRequest) once each logged request ends
 
 
 def state() -> AppState:

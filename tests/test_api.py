@@ -6,8 +6,8 @@ import json
 
 import pytest
 import requests
+from tests.helpers import MODEL
 
-from tests.conftest import MODEL
 
 pytestmark = pytest.mark.slow
 

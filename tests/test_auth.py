@@ -16,25 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from tests.test_http_fast import CHAT, COMPLETIONS, chat_body, make_box  # noqa: F401 (make_box is a fixture)
-from tests.test_web_ui import browser  # noqa: F401 (a fixture: headless Chromium)
-
-
-def create_key(home, role: str, *extra: str) -> str:
-    """A key from the real CLI, as an operator makes one; returns the full key it printed once."""
-    result = CliRunner().invoke(cli, ["keys", "create", "--role", role, "--home", str(home), *extra])
-    assert result.exit_code == 0, result.output
-    key = result.stdout.strip().splitlines()[0]
-    assert key.startswith("sk-")
-    return key
-
-
-def key_id(key: str) -> str:
-    return key.split("-")[1]
-
-
-def bearer(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
+from tests.fakes import spawn_thread
+from tests.helpers import CHAT, COMPLETIONS, bearer, chat, chat_body, create_key, key_id, last_reply, start_service, wait_for
 
 
 def assert_error(response, status: int, type_: str, code: str) -> dict:
@@ -160,7 +143,8 @@ def test_a_non_loopback_app_needs_an_admin_key_and_then_requires_keys(tmp_path, 
         entry = ModelEntry(name="fake", format="fake", path=tmp_path / "unused.json")
         db = Database(settings.db_path)
         try:
-            create_app(settings, runner=ModelRunner(entry, threads=1, context_length=256, parallel=1, in_process=True), db=db)
+            runner = ModelRunner(entry, threads=1, context_length=256, parallel=1, spawn=spawn_thread)
+            create_app(settings, runner=runner, db=db)
         finally:
             db.close()
 
@@ -293,7 +277,8 @@ def test_no_key_is_stored_in_clear(keyed):
 def test_an_older_log_upgrades_to_keys_and_keeps_its_rows(tmp_path):
     import sqlite_utils
 
-    from appliance.db import Database, migrations
+    from appliance.db import Database
+    from appliance.migrations import migrations
 
     path = tmp_path / "logs.db"
     old = sqlite_utils.Database(path)
@@ -396,7 +381,6 @@ def test_a_real_service_beyond_loopback(tmp_path):
     import openai
     import requests
 
-    from tests.conftest import start_service
 
     home = tmp_path / "home"
     admin, user = create_key(home, "admin"), create_key(home, "user", "--name", "app")
@@ -442,8 +426,6 @@ def test_a_real_service_beyond_loopback(tmp_path):
 @pytest.mark.browser
 def test_the_ui_asks_for_a_key_and_then_works(tmp_path, browser):
     """Real Chromium, under the CSP, against a service that requires keys: 401, the key form, then chat."""
-    from tests.conftest import start_service
-    from tests.test_web_ui import chat, last_reply, wait_for
 
     home = tmp_path / "home"
     admin = create_key(home, "admin")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from models.manifest import write_manifest
+from tests.helpers import package_of, start_service
 
 
 def run(*args, home=None, input=None, check=True):
@@ -37,6 +37,7 @@ def test_serve_help_teaches_with_an_example():
     assert "/readyz" in out
 
 
+@pytest.mark.slow  # hashes the bundled model, which only the [llama] extra installs
 def test_models_list_and_verify():
     listed = json.loads(run("models", "list", "--json").stdout)
     assert listed[0]["name"] == "smollm2-135m-instruct" and listed[0]["available"]
@@ -88,18 +89,6 @@ def test_chat_streams_an_answer_and_logs_it(tmp_path):
 # -- the data folder comes from the one config ---------------------------------------
 
 
-def package_of(folder: Path, name: str, gguf: Path | None = None) -> Path:
-    """A model package holding one GGUF: a link to a real file, or a few bytes that are never loaded."""
-    folder.mkdir(parents=True)
-    if gguf:
-        (folder / "model.gguf").symlink_to(gguf)
-    else:
-        (folder / "model.gguf").write_bytes(b"GGUF not a real model")
-    write_manifest(folder, name=name, architecture="llama", format="gguf", quantization="Q4_1", target="cpu",
-                   context_length=2048)
-    return folder
-
-
 def run_as_user(tmp_path: Path, *args, check=True):
     """The command as a user runs it with no APPLIANCE_HOME: ~ is tmp_path/user, so ~/.appliance is empty."""
     env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_HOME"} | {"HOME": str(tmp_path / "user")}
@@ -123,7 +112,6 @@ def test_models_add_list_and_remove_use_the_given_home(tmp_path):
 @pytest.mark.slow
 def test_serve_with_home_serves_a_package_registered_there(tmp_path):
     from models import find_model
-    from tests.conftest import start_service
 
     data = tmp_path / "data"
     package = package_of(tmp_path / "pkg", "home-served-model", gguf=find_model("smollm2").path)

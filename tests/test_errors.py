@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import requests
+from tests.helpers import assert_openai_error
 
 pytestmark = pytest.mark.slow
 
@@ -57,24 +58,10 @@ def _post(url: str, body):
     return requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
 
 
-def assert_error_shape(response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["type"] == "invalid_request_error"
-    if code:
-        assert error["code"] == code
-    if param:
-        assert error["param"] == param
-    return error
-
-
 @pytest.mark.parametrize("name, endpoint, body, status, param, code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_is_a_clear_4xx_and_logged(service, name, endpoint, body, status, param, code):
     response = _post(service.url + endpoint, body)
-    error = assert_error_shape(response, status, code, param)
+    error = assert_openai_error(response, status, code, param)
     row = service.last_row()
     assert row["endpoint"] == endpoint
     assert row["status"] == status
@@ -84,12 +71,12 @@ def test_bad_request_is_a_clear_4xx_and_logged(service, name, endpoint, body, st
 
 def test_stream_request_with_bad_input_gets_json_error_not_sse(service):
     response = _post(service.url + CHAT, {"messages": HI, "stream": True, "max_tokens": 100_000})
-    assert_error_shape(response, 400, "context_length_exceeded")
+    assert_openai_error(response, 400, "context_length_exceeded")
 
 
 def test_unknown_route_and_wrong_method_use_the_same_shape(service):
-    assert_error_shape(requests.get(service.url + "/v1/nope"), 404, "not_found")
-    assert_error_shape(requests.get(service.url + CHAT), 405, "method_not_allowed")
+    assert_openai_error(requests.get(service.url + "/v1/nope"), 404, "not_found")
+    assert_openai_error(requests.get(service.url + CHAT), 405, "method_not_allowed")
 
 
 def test_service_still_answers_after_bad_input(service):

@@ -1,7 +1,7 @@
 """Fast tier: the HTTP routes end to end on the fake engine, in milliseconds.
 
 Real settings, a real SQLite log in tmp_path, the real Flask app and its test client, and a
-ModelRunner whose runner is a thread over the fake engine (appliance/backends/fake.py). These check
+ModelRunner whose runner is a thread over the fake engine (tests/fakes.py). These check
 the shapes, the status codes and that every request leaves one finished row; the real-model tests
 (test_serving.py, test_rows.py) prove the same features on llama.cpp and ONNX Runtime.
 """
@@ -14,112 +14,7 @@ import time
 
 import pytest
 
-from appliance.app import create_app
-from appliance.config import load_settings
-from appliance.db import Database
-from appliance.runner.supervisor import ModelRunner
-from models.catalog import ModelEntry
-
-REPLY = "Hello from the fake."
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-
-
-def chat_body(content: str = "hi", **extra) -> dict:
-    return {"messages": [{"role": "user", "content": content}]} | extra
-
-
-class Box:
-    """One app over the fake engine, with its test client and the power hooks counted."""
-
-    def __init__(self, tmp_path, fake: dict, settings: dict):
-        tmp_path.mkdir()
-        self.model_path = tmp_path / "fake.json"
-        self.model_path.write_text(json.dumps({"reply": REPLY, "context_length": 256} | fake))
-        self.settings = load_settings(
-            overrides={"home": tmp_path, "context_length": 256, "parallel": 2, "queue_size": 4,
-                       "power_profile": "none", "power_dry_run": True} | settings,
-            environ={},
-        )
-        entry = ModelEntry(name="fake", format="fake", path=self.model_path, aliases=("fake-alias",))
-        self.runner = ModelRunner(entry, threads=1, context_length=self.settings.context_length,
-                                  parallel=self.settings.parallel, in_process=True)
-        self.db = Database(self.settings.db_path)
-        self.app = create_app(self.settings, runner=self.runner, db=self.db)
-        self.state = self.app.extensions["appliance"]
-        self.client = self.app.test_client()
-        self.hooks: list[str] = []  # "begin" / "end", in the order the runner's power hooks fired
-        self.runner.on_begin.append(lambda: self.hooks.append("begin"))
-        self.runner.on_end.append(lambda: self.hooks.append("end"))
-        self.runner.ensure_loaded()
-
-    def rows(self) -> list[dict]:
-        """Request log rows, oldest first."""
-        return list(reversed(self.db.recent_requests(10_000)))
-
-    def last_row(self) -> dict:
-        return self.rows()[-1]
-
-    def close(self) -> None:
-        self.state.power.stop()
-        self.runner.unload()
-        self.db.close()
-
-
-@pytest.fixture
-def make_box(tmp_path):
-    """make_box(fake={...}, **settings): an app of this test's own; every row it logged must be finished."""
-    boxes: list[Box] = []
-
-    def make(fake: dict | None = None, **settings) -> Box:
-        box = Box(tmp_path / f"box{len(boxes)}", fake or {}, settings)
-        boxes.append(box)
-        return box
-
-    yield make
-    try:
-        for box in boxes:
-            open_rows = [r for r in box.rows() if r["finished"] is None or r["status"] is None]
-            assert not open_rows, f"rows left unfinished: {open_rows}"
-            assert box.state.power.in_flight == 0
-            assert box.state.admission.stats()["busy_slots"] == 0
-    finally:
-        for box in boxes:
-            box.close()
-
-
-@pytest.fixture
-def box(make_box) -> Box:
-    return make_box()
-
-
-def sse_events(raw: str) -> list:
-    """The data of each SSE event, JSON-decoded except the final [DONE]."""
-    events = []
-    for block in raw.split("\n\n"):
-        if not block.strip():
-            continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
-def assert_openai_error(response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if status != 499:  # nobody reads a 499: its client has left
-        assert error["type"] == ("rate_limit_error" if status == 429 else
-                                 "invalid_request_error" if status < 500 else "server_error")
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not None:
-        assert error["param"] == param, error
-    return error
+from tests.helpers import CHAT, COMPLETIONS, REPLY, assert_openai_error, chat_body, sse_events
 
 
 # -- shapes ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.errors import LogUnavailable
-from tests.test_http_fast import CHAT, COMPLETIONS, chat_body, make_box  # noqa: F401 (the fixture)
+from tests.helpers import CHAT, COMPLETIONS, bearer, chat_body, create_key
 
 
 def scrape(box) -> dict[str, list]:
@@ -134,7 +134,6 @@ def test_metrics_are_not_logged_and_registries_are_per_app(make_box):
 
 
 def test_requests_are_counted_by_the_role_of_their_key_and_metrics_need_admin_or_auditor(make_box):
-    from tests.test_auth import bearer, create_key
 
     box = make_box()
     keys = {role: create_key(box.settings.home, role) for role in ("user", "admin", "auditor")}

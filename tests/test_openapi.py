@@ -19,8 +19,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, negativ
 
 from appliance.api.openapi import REF, SKIPPED_METHODS
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, PowerRequest
-from tests.conftest import start_service
-from tests.test_http_fast import make_box  # noqa: F401 (the fixture)
+from tests.helpers import start_service
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from appliance import power_profiles
-from tests.test_errors import assert_error_shape
+from tests.helpers import assert_openai_error
 
 FAST_IDLE = {"APPLIANCE_IDLE_AFTER": "1", "APPLIANCE_DEEP_IDLE_AFTER": "2.5", "APPLIANCE_POWER_PROFILE": "none"}
 
@@ -90,9 +90,9 @@ def test_admin_can_force_states_and_bad_requests_get_the_error_shape(service):
     url = service.url + "/api/power"
     assert requests.post(url, json={"state": "idle"}, timeout=60).json()["state"] == "idle"
     assert requests.post(url, json={"state": "active"}, timeout=60).json()["state"] == "active"
-    assert_error_shape(requests.post(url, json={"state": "asleep"}), 400, "invalid_value", "state")
-    assert_error_shape(requests.post(url, data="{oops", headers={"Content-Type": "application/json"}), 400, "invalid_json")
-    assert_error_shape(requests.post(url, json={}), 400, "missing_field", "state")
+    assert_openai_error(requests.post(url, json={"state": "asleep"}), 400, "invalid_value", "state")
+    assert_openai_error(requests.post(url, data="{oops", headers={"Content-Type": "application/json"}), 400, "invalid_json")
+    assert_openai_error(requests.post(url, json={}), 400, "missing_field", "state")
     events = requests.get(service.url + "/api/power/events").json()["data"]
     assert events[0]["to_state"] == "active" and events[0]["reason"] == "admin request"
 

@@ -20,14 +20,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import fill_disk, start_service
-from tests.test_streaming import open_stream, read_event
+from tests.helpers import (COUNTING, ENDED_AT_ONCE, assert_left_499, fill_disk, last_id, open_stream, read_event,
+                           start_service, wait_finished, wait_for_row)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 # A completion that goes on counting for as long as it is allowed to: a request that holds its slot.
-COUNTING = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 600, "temperature": 0}
-ENDED_AT_ONCE = 2.0  # seconds in which the row of a client that left must be finished
 
 
 def send_raw(port: int, body: dict | bytes, path: str = COMPLETIONS) -> socket.socket:
@@ -44,31 +42,6 @@ def leave(sock: socket.socket, how: str) -> None:
         sock.shutdown(socket.SHUT_WR)
     else:
         sock.close()
-
-
-def last_id(svc) -> int:
-    rows = svc.rows()
-    return rows[-1]["id"] if rows else 0
-
-
-def wait_for_row(svc, after: int, timeout: float = 30) -> dict:
-    """The first row newer than ``after``: the request has arrived in the app."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = [r for r in svc.rows() if r["id"] > after]
-        if rows:
-            return rows[0]
-        assert time.monotonic() < deadline, f"no request arrived after row {after}"
-        time.sleep(0.02)
-
-
-def wait_finished(svc, row_id: int, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        row = svc.row(row_id)
-        if row["finished"] is not None or time.monotonic() > deadline:
-            return row
-        time.sleep(0.02)
 
 
 def queue_depth(svc) -> int:
@@ -111,15 +84,6 @@ def blocker(one_slot):
         assert time.monotonic() < deadline, "the slot was never freed"
         time.sleep(0.05)
     assert all(r["finished"] and r["status"] for r in one_slot.rows()), "a row was left unfinished"
-
-
-def assert_left_499(row: dict, generated: bool = False) -> None:
-    assert row["finished"] is not None, f"the row of a client that left is still open: {row}"
-    assert row["status"] == 499 and "client disconnected" in row["error"], row
-    if generated:  # the runner tokenized it and made some tokens: the row counts them
-        assert row["prompt_tokens"] > 0 and 0 < row["completion_tokens"] < COUNTING["max_tokens"], row
-    else:  # dropped before its prefill, so nothing was made (and the runner, which tokenizes, never saw it)
-        assert row["completion_tokens"] in (0, None), row
 
 
 # -- item 11: a client that leaves, at any point, leaves a finished 499 row at once -----------------
@@ -340,6 +304,7 @@ def test_waking_from_deep_idle_does_not_hash_the_model_again(tmp_path, monkeypat
     from appliance.db import Database
     from appliance.runner.supervisor import ModelRunner
     from models.catalog import ModelEntry
+    from tests.fakes import spawn_thread
 
     model = tmp_path / "fake.json"
     model.write_text(json.dumps({"reply": "ok"}))
@@ -349,7 +314,7 @@ def test_waking_from_deep_idle_does_not_hash_the_model_again(tmp_path, monkeypat
     real_sha256 = models.catalog.sha256_file
     monkeypatch.setattr(models.catalog, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256(path))
     entry = ModelEntry(name="fake", format="fake", path=model, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
-    runner = ModelRunner(entry, threads=1, context_length=256, in_process=True)
+    runner = ModelRunner(entry, threads=1, context_length=256, spawn=spawn_thread)
     settings = load_settings(overrides={"home": tmp_path, "parallel": 1, "power_profile": "none"}, environ={})
     db = Database(settings.db_path)
     app = create_app(settings, runner=runner, db=db)

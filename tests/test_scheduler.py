@@ -12,11 +12,11 @@ import threading
 import pytest
 
 from appliance.backends.base import SamplingParams
-from appliance.backends.fake import FakeBackend, SPECIALS
+from tests.fakes import SPECIALS, FakeBackend
 from appliance.runner import protocol as msg
 from appliance.runner.prompt import chat_tokens
 from appliance.runner.scheduler import Scheduler, prepare
-from appliance.scheduler import Admission, Cancelled, QueueTimeout, TooManyRequests
+from appliance.admission import Admission, Cancelled, QueueTimeout, TooManyRequests
 
 REPLY = "The quick brown fox."
 

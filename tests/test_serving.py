@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 import requests
+from tests.helpers import open_stream, read_event, start_service
 
-from tests.test_streaming import open_stream, read_event
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,6 @@ def similarity(a: str, b: str) -> float:
 
 @pytest.fixture(scope="module")
 def batching_service(tmp_path_factory, served_model):
-    from tests.conftest import start_service
 
     svc = start_service(tmp_path_factory.mktemp("batching"), extra_env={"APPLIANCE_PARALLEL": "8"}, model=served_model)
     yield svc

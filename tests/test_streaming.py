@@ -5,11 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import socket
 import threading
 import time
 
 import pytest
+from tests.helpers import open_stream, read_event
 
 pytestmark = pytest.mark.slow
 
@@ -19,46 +19,6 @@ LONG = {
     "temperature": 0,
     "stream": True,
 }
-
-
-class RawStream:
-    """A streaming request over a bare socket, so the test can hang up like a real client.
-
-    HTTP/1.0 makes the server send the SSE body unframed and close at the end.
-    """
-
-    def __init__(self, port: int, body: dict, path: str = "/v1/chat/completions"):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        data = json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-        self.sock.sendall(head.encode() + data)
-        self.file = self.sock.makefile("rb")
-        status = self.file.readline()
-        assert b" 200 " in status, status
-        while self.file.readline() not in (b"\r\n", b""):
-            pass
-
-    def readline(self) -> bytes:
-        return self.file.readline()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-def open_stream(port: int, body: dict, path: str = "/v1/chat/completions") -> RawStream:
-    return RawStream(port, body, path)
-
-
-def read_event(stream: RawStream) -> dict | str:
-    while True:
-        raw = stream.readline()
-        if not raw:
-            raise EOFError("stream ended without [DONE]")
-        line = raw.decode().strip()
-        if line.startswith("data: "):
-            payload = line[6:]
-            return payload if payload == "[DONE]" else json.loads(payload)
 
 
 def first_content_event(stream) -> float:

@@ -2,56 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
+from tests.helpers import chat, last_reply, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("the UI tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
-def wait_for(browser, script: str, timeout: float = 60):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda d: d.execute_script(script))
-
-
-def chat(browser, text: str, max_tokens: int = 24):
-    browser.execute_script(
-        "document.getElementById('temperature').value = 0;"
-        f"document.getElementById('max-tokens').value = {max_tokens};"
-    )
-    box = browser.find_element("id", "prompt")
-    box.send_keys(text)
-    browser.find_element("id", "send").click()
-
-
-def last_reply(browser) -> str:
-    return browser.execute_script(
-        "const m = [...document.querySelectorAll('.message.assistant')].pop(); return m.firstChild.textContent;"
-    )
-
 
 def test_chat_streams_into_the_page_and_is_logged(browser, service):
     browser.get(service.url + "/")

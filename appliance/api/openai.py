@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import time
 
+import uuid
+
 from flask import Blueprint, Response, g, jsonify, request
 
 from appliance import auth
 from appliance.api import request_log
-from appliance.api.generation import Cancellation, Generation, GenerationFailed, new_id, sse, usage_json
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from appliance.backends.base import SamplingParams
-from appliance.errors import InvalidRequest, ModelNotFoundError
+from appliance.backends.base import SamplingParams, Usage
+from appliance.errors import GenerationFailed, InvalidRequest, ModelNotFoundError
+from appliance.generation import Generation
+from appliance.request import LoggedRequest
 from appliance.state import state
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -64,10 +67,7 @@ def _arrived(req, prompt: str) -> None:
     runner = state().runner
     if not runner.answers_to(req.model):
         raise ModelNotFoundError(f"model {req.model!r} is not served here; GET /v1/models lists the models")
-    g.log_fields.update(model=runner.name, prompt=prompt)
-    g.streaming = req.stream
-    state().db.update_request(g.log_id, stream=int(req.stream), **g.log_fields)
-    g.log_fields.pop("prompt")  # written once: the row already holds it
+    g.logged_request.describe(runner.name, prompt, req.stream)
 
 
 def _sampling_params(req) -> SamplingParams:
@@ -82,22 +82,18 @@ def _sampling_params(req) -> SamplingParams:
 
 
 def _respond(req, messages, prompt, chat: bool):
-    st = state()
-    client_gone = request.environ.get("waitress.client_disconnected", lambda: False)
+    st, logged = state(), g.logged_request
     generation = Generation(
-        st.runner, st.db, st.admission, g.log_id, g.started,
-        Cancellation(client_gone=client_gone, shutting_down=st.shutting_down.is_set),
-        client=auth.client_id(), limits=auth.client_limits(),
+        st.runner, st.admission, logged.started, logged.cancel, client=auth.client_id(), limits=auth.client_limits(),
         priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), st.admission.classes),
     )
-    g.generation = generation
-    g.streaming = False  # until the stream is handed to the server, errors are plain responses
-    generation.start(messages, prompt, _sampling_params(req))
+    generation.start(messages, prompt, _sampling_params(req))  # until it is admitted, errors are plain responses
+    logged.generation = generation
     shape = _ChatShape(st.runner.name) if chat else _CompletionShape(st.runner.name)
     if req.stream:
-        g.streaming = True
+        logged.streaming = True
         return Response(
-            _Stream(generation, shape, req.include_usage),
+            _Stream(logged, shape, req.include_usage),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -106,11 +102,12 @@ def _respond(req, messages, prompt, chat: bool):
 
 
 class _Stream:
-    """The SSE body. ``close`` finishes the row even when the server never iterated it (the client left first)."""
+    """The SSE body: formats the generation's events. Its request ends when the events do, or at ``close``,
+    which the server calls even when it never iterated the body (the client left first)."""
 
-    def __init__(self, generation: Generation, shape, include_usage: bool):
-        self.generation = generation
-        self._events = self._events_of(generation, shape, include_usage)
+    def __init__(self, logged: LoggedRequest, shape, include_usage: bool):
+        self.logged = logged
+        self._events = self._events_of(logged, shape, include_usage)
 
     def __iter__(self):
         return self
@@ -120,10 +117,11 @@ class _Stream:
 
     def close(self) -> None:
         self._events.close()
-        self.generation.finish(*self.generation.cancel.status())  # a no-op when the stream ended by itself
+        self.logged.finish()
 
     @staticmethod
-    def _events_of(generation: Generation, shape, include_usage: bool):
+    def _events_of(logged: LoggedRequest, shape, include_usage: bool):
+        generation = logged.generation
         yield sse(shape.first_delta())
         try:
             for output in generation.outputs():
@@ -132,17 +130,14 @@ class _Stream:
                 if output.finish_reason:
                     yield sse(shape.delta("", output.finish_reason))
         except GenerationFailed as exc:  # headers are gone: report the failure in the stream
-            generation.finish(exc.status, exc.message)
-            yield sse(exc.body())
-            return
-        if generation.finish_reason == "cancelled":
-            status, reason = generation.cancel.status()
-            generation.finish(status, reason)
-            return
-        generation.finish(200)
-        if include_usage:
-            yield sse(shape.usage_only(generation))
-        yield sse("[DONE]")
+            logged.fail(exc)
+        logged.finish()  # before the last events: a client that has read [DONE] finds its row finished
+        if logged.error is not None:
+            yield sse(logged.error.body())
+        elif not generation.cancelled:
+            if include_usage:
+                yield sse(shape.usage_only(generation))
+            yield sse("[DONE]")
 
 
 class _ChatShape:
@@ -192,3 +187,20 @@ class _CompletionShape(_ChatShape):
     def complete(self, result: Generation) -> dict:
         choice = {"index": 0, "text": result.response_text, "logprobs": None, "finish_reason": result.finish_reason}
         return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_json(usage: Usage) -> dict:
+    out = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+           "total_tokens": usage.total_tokens}
+    if usage.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return out
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode("utf-8")

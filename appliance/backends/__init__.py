@@ -16,7 +16,6 @@ from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, Sam
 _REGISTRY: dict[str, str | type[Backend]] = {
     "gguf": "appliance.backends.llama_cpp:LlamaCppBackend",
     "onnx": "appliance.backends.onnx_runtime:OnnxRuntimeBackend",
-    "fake": "appliance.backends.fake:FakeBackend",
 }
 _EXTRAS = {"gguf": "llama", "onnx": "onnx"}
 

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 
 from appliance.backends.base import BackendError, ModelFacts
@@ -56,14 +55,18 @@ class RequestStream:
 
 
 class ModelRunner:
+    """``spawn(spec)`` starts a runner and returns (connection, child); the default is a process of its own.
+
+    Tests inject another (ollama injects ``newServerFn`` the same way): the service has no test-only branch.
+    """
+
     def __init__(self, entry: ModelEntry, threads: int, context_length: int, parallel: int = 1,
-                 provider: str = "auto", in_process: bool = False, stream_interval: float = 0.0):
+                 provider: str = "auto", stream_interval: float = 0.0, spawn=None):
         self.entry = entry
         self.spec = {"format": entry.format, "path": str(entry.path), "threads": threads,
                      "context_length": context_length, "parallel": parallel, "provider": provider,
                      "stream_interval": stream_interval}
-        # A thread instead of a process: only for the fake engine of the fast tests.
-        self.in_process = in_process
+        self.spawn = spawn or RunnerProcess.start
         self.facts: ModelFacts | None = None
         self.load_error: str | None = None
         self.load_seconds: float | None = None
@@ -126,7 +129,7 @@ class ModelRunner:
     def _start(self) -> None:
         self._stop_child()
         self.facts = None
-        self._conn, self._child = (_ThreadChild if self.in_process else _ProcessChild).start(self.spec)
+        self._conn, self._child = self.spawn(self.spec)
         start = _Start()  # this child's own: a late end of the previous child's reader cannot touch it
         threading.Thread(target=self._read, args=(self._conn, self._child, start), name="runner-events",
                          daemon=True).start()
@@ -279,7 +282,7 @@ class _Start:
         self.answer: msg.Ready | msg.LoadFailed | None = None
 
 
-class _ProcessChild:
+class RunnerProcess:
     """A runner in its own process, talking over a socket pair."""
 
     def __init__(self, proc: subprocess.Popen):
@@ -311,44 +314,6 @@ class _ProcessChild:
     def exit_status(self) -> str:
         code = self.proc.wait()
         return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-
-class _ThreadChild:
-    """A runner on a thread of this process: the fast tests' fake engine only."""
-
-    pid = None
-
-    def __init__(self, thread: threading.Thread):
-        self.thread = thread
-
-    @classmethod
-    def start(cls, spec: dict):
-        from appliance.runner.worker import serve
-
-        ours, theirs = Pipe()
-
-        def run():
-            try:
-                serve(theirs, spec)
-            finally:
-                theirs.close()
-
-        thread = threading.Thread(target=run, name="runner-inprocess", daemon=True)
-        thread.start()
-        return ours, cls(thread)
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def wait(self, timeout: float) -> bool:
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-    def kill(self) -> None:
-        pass
-
-    def exit_status(self) -> str:
-        return "thread ended"
 
 
 def _child_env() -> dict:

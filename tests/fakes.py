@@ -1,21 +1,30 @@
-"""A fake engine for the fast tests: canned answers, one byte a token, real batching bookkeeping.
+"""Test doubles for the fast tier: a fake engine and a runner on a thread; never the proof that a feature works.
+
+The fake engine answers canned text, one byte a token, with real batching bookkeeping.
 
 The "model file" is a JSON file: ``{"reply": "...", "context_length": 256,
 "step_seconds": 0.0, "fail_on": "text"}``. Every sequence answers ``reply``
 (then ends), one byte per step; a prompt containing ``fail_on`` makes the
 step fail as an engine error would. Tokens are the prompt's UTF-8 bytes;
 ``<|im_start|>`` and ``<|im_end|>`` are control tokens 256 and 257, which
-only a template may produce. It is never the proof that a feature works:
-the real-model tests are.
+only a template may produce.
+
+``FakeBackend`` serves models of format ``fake``: importing this module registers it through
+``appliance.backends.register``, the call a plugin makes. ``spawn_thread`` is a runner factory
+for ``ModelRunner(spawn=...)``: the runner's real serve loop on a thread of the test process.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from multiprocessing import Pipe
 from pathlib import Path
 
+from appliance.backends import register
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from appliance.runner.worker import serve
 
 SPECIALS = {"<|im_start|>": 256, "<|im_end|>": 257}
 EOS = SPECIALS["<|im_end|>"]
@@ -90,3 +99,43 @@ class FakeBackend(Backend):
 
     def clear(self) -> None:
         self._kv.clear()
+
+
+register("fake", FakeBackend)
+
+
+class ThreadRunner:
+    """A runner on a thread of the test process, in place of a runner process."""
+
+    pid = None
+
+    def __init__(self, thread: threading.Thread):
+        self.thread = thread
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def wait(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def kill(self) -> None:
+        pass
+
+    def exit_status(self) -> str:
+        return "thread ended"
+
+
+def spawn_thread(spec: dict):
+    """The runner factory of the fast tier: ``ModelRunner(entry, ..., spawn=spawn_thread)``."""
+    ours, theirs = Pipe()
+
+    def run():
+        try:
+            serve(theirs, spec)
+        finally:
+            theirs.close()
+
+    thread = threading.Thread(target=run, name="runner-thread", daemon=True)
+    thread.start()
+    return ours, ThreadRunner(thread)
