@@ -276,7 +276,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     Each thread that allocates gets its own arena by default, and a model
     loaded and unloaded from different threads leaves pages behind in each:
     deep-idle RSS grew ~2 MiB per wake/sleep cycle in a hand test, and about
-    0.3 MiB with two arenas (bench/results/power.md shows each cycle). Like
+    0.3 MiB with two arenas (bench/results/power/summary.md shows each cycle). Like
     MALLOC_ARENA_MAX=2, but set after start-up, for the threads made later.
     """
     _glibc("mallopt", M_ARENA_MAX, arenas)

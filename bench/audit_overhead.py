@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from appliance.audit import AuditKey, Retention
+from appliance.audit.keys import AuditKey
+from appliance.config import Retention
 from appliance.db import Database
-from bench.common import machine, save_report
+from bench.common import machine
+from bench.results import command_line, record
 
 PROMPT = "Summarise the maintenance log of line 3 for the night shift. " * 30  # ~1.8 KB, a typical prompt
 RESPONSE = "Line 3 ran without stops; two filter changes at 02:10 and 04:40. " * 20
@@ -40,12 +42,11 @@ def per_row_ms(db: Database, rows: int) -> float:
     return (time.perf_counter() - start) * 1000 / rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = {"chained": [], "unchained": []}
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         key = AuditKey.load_or_create(Path(tmp))
@@ -80,7 +81,16 @@ def main() -> None:
         f"writes). Pruning {pruned} of {args.rows} rows (batches of 2,000, each behind a signed checkpoint) "
         f"took {prune_s * 1000:.0f} ms.",
     ]
-    print(save_report(args.out, "audit_overhead", data, lines).read_text())
+    run = record("audit_overhead", about=__doc__.splitlines()[0], goal="none set (issue 14): the cost is reported",
+                 figure=figure(data), command=command_line("audit_overhead", argv), report="\n".join(lines) + "\n",
+                 data=data)
+    print((run / "report.md").read_text())
+
+
+def figure(data: dict) -> str:
+    chained, unchained = data["median_ms"]["chained"], data["median_ms"]["unchained"]
+    return (f"the chain costs {chained - unchained:.3f} ms per request ({chained:.3f} against {unchained:.3f} ms); "
+            f"pruning {data['prune']['rows']} rows took {data['prune']['seconds'] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

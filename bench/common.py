@@ -69,7 +69,18 @@ def machine() -> dict:
     except ImportError:
         llama_version = None
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version(), "llama_cpp_python": llama_version, "load_avg": os.getloadavg()}
+            "python": platform.python_version(), "llama_cpp_python": llama_version, "load_avg": os.getloadavg(),
+            **({"gpus": gpus} if (gpus := gpu_names()) else {})}
+
+
+def gpu_names() -> list[str]:
+    """The NVIDIA GPUs nvidia-smi sees; none where it is missing."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
 def stream_completion(port: int, body: dict, path: str = "/v1/completions") -> dict:
@@ -129,11 +140,3 @@ def verdict(quartiles: list[float], goal: float) -> str:
     low, high = quartiles
     return "✅" if low >= goal else "❌" if high < goal else "(within noise)"
 
-
-def save_report(folder: Path, name: str, data: dict, lines: list[str]) -> Path:
-    """folder/name.json (the data) and folder/name.md (the lines); returns the .md path."""
-    folder.mkdir(exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(data, indent=2))
-    path = folder / f"{name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path

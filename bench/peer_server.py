@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from bench.common import (machine, middle_half, save_report, side_by_side, start_server, start_service,
-                          stream_completion, verdict)
+from bench.common import machine, middle_half, side_by_side, start_server, start_service, stream_completion, verdict
 from bench.overhead import build_prompts
+from bench.results import command_line, record
 from models import find_model
 
-RESULTS = Path(__file__).parent / "results"
+GOAL = "decode >= 0.97x llama-cpp-python's own server in the middle half of the rounds (issue 3)"
 
 
 def timed_stream(port: int, body: dict) -> dict:
@@ -70,7 +69,8 @@ def summarize(ours: list[dict], peer: list[dict]) -> dict:
             "same_event_counts": all(a["events"] == b["events"] for a, b in zip(ours, peer))}
 
 
-def write_report(meta: dict, runs: list[dict]) -> Path:
+def markdown(data: dict) -> str:
+    meta, runs = data["meta"], data["runs"]
     m = meta["machine"]
     lines = [
         "# The appliance against llama-cpp-python's server",
@@ -99,7 +99,21 @@ def write_report(meta: dict, runs: list[dict]) -> Path:
         "",
         f"Reproduce: `{meta['command']}`",
     ]
-    return save_report(RESULTS, "peer_server", {"meta": meta, "runs": runs}, lines)
+    return "\n".join(lines) + "\n"
+
+
+def figure(data: dict) -> str:
+    runs = data["runs"]
+    ratios = " / ".join(f"{r['summary']['decode_ratio']:.3f}x" for r in runs)
+    threads = " / ".join(str(r["threads"]) for r in runs)
+    return f"decode {ratios} llama_cpp.server's at {threads} threads ({verdict_text(runs)})"
+
+
+def write_report(meta: dict, runs: list[dict], model: Path) -> Path:
+    data = {"meta": meta, "runs": runs}
+    run = record("peer_server", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(data),
+                 command=meta["command"], report=markdown(data), data=data, inputs=[model])
+    return run / "report.md"
 
 
 def verdict_text(runs: list[dict]) -> str:
@@ -121,8 +135,8 @@ def main(argv=None) -> None:
     runs = [bench_threads(entry.path, prompts, t, args.max_tokens) for t in args.threads]
     meta = {"model": entry.name, "rounds": args.rounds, "max_tokens": args.max_tokens, "load_average": load_average,
             "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "command": "python -m bench.peer_server " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print("report:", write_report(meta, runs))
+            "command": command_line("peer_server", argv)}
+    print("report:", write_report(meta, runs, entry.path))
 
 
 if __name__ == "__main__":

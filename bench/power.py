@@ -25,9 +25,11 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import machine, save_report, start_service
+from bench.common import machine, start_service
+from bench.results import command_line, record
+from models import find_model
 
-RESULTS = Path(__file__).parent / "results"
+GOAL = "deep-idle RSS <= 15% of active, wake latency <= 1 s, idle CPU < 1% of one core (issues 6 and 13)"
 
 
 def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -107,7 +109,8 @@ def import_floor() -> dict:
     return {"rss": int(rss), "uss": int(uss)}
 
 
-def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Path:
+def report_data(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> dict:
+    """The run's data with its medians over the cycles."""
     med = statistics.median
     active = med(c["active_rss"] for c in cycles)
     deep = med(c["deep_idle_rss"] for c in cycles)
@@ -120,6 +123,12 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
                "wake_latency_ms": wake, "warm_ttft_ms": med(c["warm_ttft_ms"] for c in cycles),
                "wake_ttft_ms": med(c["wake_ttft_ms"] for c in cycles), "reload_ms": med(c["reload_ms"] for c in cycles),
                "idle_cpu_share": idle["share_of_one_core"]}
+    return {"meta": meta, "summary": summary, "cycles": cycles, "idle": idle, "import_floor": floor}
+
+
+def markdown(data: dict) -> str:
+    meta, summary, cycles, idle, floor = (data[k] for k in ("meta", "summary", "cycles", "idle", "import_floor"))
+    active, wake = statistics.median(c["active_rss"] for c in cycles), summary["wake_latency_ms"]
     m = meta["machine"]
     ok = lambda good: "✅" if good else "❌"  # noqa: E731
     lines = [
@@ -132,7 +141,7 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
         "|---|---|---|",
         f"| RSS active | {summary['active_rss_mib']:.0f} MiB | |",
         f"| RSS deep idle | {summary['deep_idle_rss_mib']:.0f} MiB ({summary['deep_over_active']:.0%} of active) | <= 15% {ok(summary['deep_over_active'] <= 0.15)} |",
-        f"| USS active -> deep idle (memory only this process holds) | {active_uss / 2**20:.0f} -> {deep_uss / 2**20:.0f} MiB ({summary['deep_over_active_uss']:.0%}) | |",
+        f"| USS active -> deep idle (memory only this process holds) | {summary['active_uss_mib']:.0f} -> {summary['deep_idle_uss_mib']:.0f} MiB ({summary['deep_over_active_uss']:.0%}) | |",
         f"| a fresh interpreter with the service's imports, no model | RSS {summary['import_floor_rss_mib']:.0f} MiB, USS {summary['import_floor_uss_mib']:.0f} MiB | |",
         f"| time to first token, warm | {summary['warm_ttft_ms']:.0f} ms | |",
         f"| time to first token, first request after deep idle | {summary['wake_ttft_ms']:.0f} ms | |",
@@ -158,8 +167,21 @@ def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict) -> Pat
         "",
         f"Reproduce: `{meta['command']}`",
     ]
-    data = {"meta": meta, "summary": summary, "cycles": cycles, "idle": idle, "import_floor": floor}
-    return save_report(RESULTS, "power", data, lines)
+    return "\n".join(lines) + "\n"
+
+
+def figure(data: dict) -> str:
+    s = data["summary"]
+    return (f"deep idle {s['deep_over_active']:.0%} of active RSS ({s['deep_idle_rss_mib']:.0f} of "
+            f"{s['active_rss_mib']:.0f} MiB), wake {s['wake_latency_ms']:.0f} ms, idle CPU {s['idle_cpu_share']:.2%} "
+            "of one core")
+
+
+def write_report(meta: dict, cycles: list[dict], idle: dict, floor: dict, model: Path) -> Path:
+    data = report_data(meta, cycles, idle, floor)
+    run = record("power", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(data), command=meta["command"],
+                 report=markdown(data), data=data, inputs=[model])
+    return run / "report.md"
 
 
 def main(argv=None) -> None:
@@ -183,8 +205,8 @@ def main(argv=None) -> None:
         proc.wait(30)
     meta = {"model": info["model"]["id"], "threads": args.threads, "context_length": info["model"]["context_length"],
             "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "command": "python -m bench.power " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print("report:", write_report(meta, cycles, idle, floor))
+            "command": command_line("power", argv)}
+    print("report:", write_report(meta, cycles, idle, floor, find_model(meta["model"]).path))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, save_report, stream_completion
-from bench.load import RESULTS, STARTERS, Setup, default_llama_server, stop
+from bench.common import machine, stream_completion
+from bench.load import STARTERS, Setup, default_llama_server, stop
+from bench.results import command_line, record
 from models import find_model
 
 GOAL = 5.0  # issue 13: the second turn reaches its first token at least 5x sooner than a cold request
@@ -84,8 +84,9 @@ def main(argv=None) -> None:
                       "next_turn_ttft_ms_median": statistics.median(r["next_turn_ttft_ms"] for r in rows),
                       "speedup_median": statistics.median(r["speedup"] for r in rows),
                       "prompt_tokens": rows[0]["prompt_tokens"]} for name, rows in results.items()}
+    command = command_line("prefix_reuse", argv)
     lines = ["# Prefix reuse: a chat's next turn against a cold request", "",
-             f"`python -m bench.prefix_reuse {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+             f"`{command}` on "
              f"{machine()['cpu']}, {args.threads} threads, {args.parallel} slots, {time.strftime('%Y-%m-%d')}. "
              f"{args.rounds} rounds, each a conversation of its own; medians.", "",
              "| server | prompt tokens (2nd turn) | cold TTFT | next-turn TTFT | speed-up | goal >= 5x |", "|---|---|---|---|---|---|"]
@@ -93,8 +94,17 @@ def main(argv=None) -> None:
         ok = "met" if s["speedup_median"] >= GOAL else "missed"
         lines.append(f"| {name} | {s['prompt_tokens']} | {s['cold_ttft_ms_median']:.0f} ms | "
                      f"{s['next_turn_ttft_ms_median']:.0f} ms | {s['speedup_median']:.1f}x | {ok if name == 'appliance' else ''} |")
-    print("report:", save_report(RESULTS, "prefix_reuse", {"args": vars(args) | {"llama_server": str(setup.llama_server)},
-                                                          "summary": summary, "rounds": results}, lines))
+    data = {"args": vars(args) | {"llama_server": str(setup.llama_server)}, "summary": summary, "rounds": results}
+    run = record("prefix_reuse", about=__doc__.splitlines()[0],
+                 goal="the next turn of a 2,000-token chat reaches its first token >= 5x sooner than cold (issue 13)",
+                 figure=figure(data), command=command, report="\n".join(lines) + "\n", data=data,
+                 inputs=[setup.model] + ([setup.llama_server] if "llama-server" in args.servers else []))
+    print("report:", run / "report.md")
+
+
+def figure(data: dict) -> str:
+    speedups = [f"{name} {s['speedup_median']:.1f}x" for name, s in data["summary"].items()]
+    return f"next turn sooner than cold, median: {', '.join(speedups)}"
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 from appliance.backends import create_backend
 from appliance.backends.base import Feed, SamplingParams
 from appliance.config import default_threads
-from bench.common import PROMPTS, machine, save_report
+from bench.common import PROMPTS, machine
+from bench.results import command_line, record
 from models import find_model
 
 PLACEMENTS = {"packed (slots 0-3)": [0, 1, 2, 3], "spread (slots 0, 2, 5, 7)": [0, 2, 5, 7],
@@ -44,14 +44,14 @@ def decode_tps(backend, slots: list[int], tokens: int) -> float:
     return len(slots) * tokens / elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     threads = default_threads()
-    backend = create_backend("gguf", find_model("smollm2").path, threads=threads, context_length=4096, n_slots=8)
+    model = find_model("smollm2").path
+    backend = create_backend("gguf", model, threads=threads, context_length=4096, n_slots=8)
     backend.load()
     runs = {name: [] for name in PLACEMENTS}
     for _ in range(args.repeats):
@@ -69,7 +69,15 @@ def main() -> None:
         lines.append(f"| {name} | {medians[name]:.1f} | {', '.join(f'{v:.0f}' for v in values)} | "
                      f"{medians[name] / packed:.2f} |")
     data = {"machine": machine(), "threads": threads, "tokens": args.tokens, "runs": runs, "medians": medians}
-    print(save_report(args.out, "slot_span", data, lines).read_text())
+    run = record("slot_span", about=__doc__.splitlines()[0], goal="none: it shows why the runner keeps busy slots packed",
+                 figure=figure(data), command=command_line("slot_span", argv), report="\n".join(lines) + "\n",
+                 data=data, inputs=[model])
+    print((run / "report.md").read_text())
+
+
+def figure(data: dict) -> str:
+    packed, *others = data["medians"].items()
+    return ", ".join(f"{name} {tps / packed[1]:.2f}x" for name, tps in others) + f" the decode speed of {packed[0]}"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.common import PROMPTS, machine, save_report, start_server, stream_completion
+from bench.common import PROMPTS, machine, start_server, stream_completion
+from bench.results import command_line, record
+from models import find_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,15 +38,14 @@ def one_chat(port: int, text: str, max_tokens: int) -> tuple[float, float]:
     return (tokens - 1) / (stamps[-1] - stamps[0]), (stamps[0] - run["start"]) * 1000
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="the earlier commit (any git revision)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="bench-versus-") as tmp:
@@ -55,7 +56,7 @@ def main() -> None:
             results = run_rounds({commit: worktree, "this checkout": ROOT}, args)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
-    report(commit, results, args)
+    report(commit, results, args, command_line("versus", argv))
 
 
 def run_rounds(sources: dict[str, Path], args) -> dict[str, list[tuple[float, float]]]:
@@ -76,10 +77,8 @@ def run_rounds(sources: dict[str, Path], args) -> dict[str, list[tuple[float, fl
             proc.wait(30)
 
 
-def report(commit: str, results: dict[str, list[tuple[float, float]]], args) -> None:
-    medians = {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-               for name, runs in results.items()}
-    old, new = medians[commit], medians["this checkout"]
+def report(commit: str, results: dict[str, list[tuple[float, float]]], args, command: str) -> None:
+    medians = median_pairs(results)
     lines = [f"# This checkout against {commit}, one stream, side by side", "",
              f"`python -m bench.versus {commit} --rounds {args.rounds}` on {machine()['cpu']}: SmolLM2-135M Q4_1, "
              f"{args.threads} threads, {args.parallel} slots; each round one greedy chat of up to {args.max_tokens} "
@@ -88,10 +87,31 @@ def report(commit: str, results: dict[str, list[tuple[float, float]]], args) -> 
     for name, runs in results.items():
         lines.append(f"| {name} | {medians[name][0]:.1f} | {', '.join(f'{r[0]:.0f}' for r in runs)} | "
                      f"{medians[name][1]:.0f} |")
-    lines += ["", f"This checkout decodes at **{new[0] / old[0]:.2f}x** the speed of {commit}, with "
-              f"{new[1] / old[1]:.2f}x its time to first token."]
+    speed, ttft = ratios(medians, commit)
+    lines += ["", f"This checkout decodes at **{speed:.2f}x** the speed of {commit}, with {ttft:.2f}x its time to "
+              "first token."]
     data = {"machine": machine(), "commit": commit, "rounds": args.rounds, "results": results}
-    print(save_report(args.out, "versus", data, lines).read_text())
+    run = record("versus", about=__doc__.splitlines()[0], goal="none set: 1.0x is no change; below, the change slowed it",
+                 figure=figure(data), command=command, report="\n".join(lines) + "\n", data=data,
+                 inputs=[find_model("smollm2-135m-instruct").path])
+    print((run / "report.md").read_text())
+
+
+def median_pairs(results: dict[str, list]) -> dict[str, tuple[float, float]]:
+    """(decode tok/s, TTFT ms) medians per version."""
+    return {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+            for name, runs in results.items()}
+
+
+def ratios(medians: dict[str, tuple[float, float]], commit: str) -> tuple[float, float]:
+    """This checkout's decode speed and TTFT over the earlier commit's."""
+    old, new = medians[commit], medians["this checkout"]
+    return new[0] / old[0], new[1] / old[1]
+
+
+def figure(data: dict) -> str:
+    speed, ttft = ratios(median_pairs(data["results"]), data["commit"])
+    return f"this checkout decodes at {speed:.2f}x the speed of {data['commit']}, TTFT {ttft:.2f}x"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from distill.gptq import Grid, GridFor, layer_linears
 # agreement 90.8% -> 92.2%; the KL was still falling. About three minutes on an H200.
 STEPS = 1000
 # Peak, decayed to zero by a cosine. On the student, 2e-4 beat 5e-5 in all three packages tried (perplexity
-# ratio 1.011 -> 0.992, 1.038 -> 1.011, 1.030 -> 1.004: bench/results/export/student/README.md, run 8).
+# ratio 1.011 -> 0.992, 1.038 -> 1.011, 1.030 -> 1.004: bench/results/export_student/runs/2026-11-27-run8/notes.md).
 LEARNING_RATE = 2e-4
 BATCH = 8
 

@@ -161,7 +161,7 @@ def more_bits_layers(layers: int) -> set[int]:
     """The layers llama.cpp's Q4_K_M gives v_proj and down_proj more bits (use_more_bits in llama-quant.cpp).
 
     The first and last eighth of the layers, and every third one between. On SmolLM2, 8 bits there took
-    held-out perplexity from 1.28x to 1.14x fp32 for 7% more bytes (bench/results/export/summary.md).
+    held-out perplexity from 1.28x to 1.14x fp32 for 7% more bytes (bench/results/export_smollm2/summary.md).
     """
     return {i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2}
 

@@ -24,7 +24,7 @@ class TargetProfile:
     compute: str  # ONNX graph precision: "fp32" (int8 activations on CPU kernels) or "fp16" (GPU tensor cores)
     accuracy_level: int  # MatMulNBits compute type: 4 = int8 activations (fast CPU kernels), 0 = as the graph's float
     # llama.cpp quant type. IQ4_NL: Q4_0's size and repacked ARM NEON kernels, a non-linear grid that rounds closer;
-    # Q4_K_M: best on x86 and CUDA (bench/results/export/gguf-rounding-*.md)
+    # Q4_K_M: best on x86 and CUDA (bench/results/gguf_rounding/summary.md)
     gguf_quant: str
     provider: str  # ONNX Runtime execution provider the package is built for: cpu, cuda or tensorrt
     quantize_embedding: bool = True  # the token embedding, the largest tensor of small models; a tied one shares the head's bits

@@ -1,30 +1,33 @@
-"""Committed benchmark reports are exactly what the benchmark code writes from the committed data."""
+"""Committed benchmark results are exactly what the benchmark code writes from the committed data, and
+bench/results/ stays readable: every folder in the index, no manifest of files that are not in git."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import subprocess
 
 import pytest
 
 from bench.common import verdict
+from bench.results import RESULTS, ROOT, index_markdown, load_runs, record, summary_markdown
 
 
-def _write(module, data: dict) -> None:
-    if module.__name__ == "bench.power":
-        module.write_report(data["meta"], data["cycles"], data["idle"], data["import_floor"])
-    else:
-        module.write_report(data["meta"], data["runs"])
+def latest_run_with_data(benchmark: str):
+    """The newest run of a benchmark that kept its report.json, as a folder."""
+    run = [r for r in load_runs()[benchmark] if "report.json" in r["reports"]][-1]
+    return RESULTS / benchmark / "runs" / run["run"]
 
 
 @pytest.mark.parametrize("name", ["overhead", "power", "peer_server", "load"])
-def test_committed_report_is_what_the_bench_writes(name, tmp_path, monkeypatch):
+def test_committed_report_is_what_the_bench_writes(name):
     module = importlib.import_module(f"bench.{name}")
-    committed = (module.RESULTS / f"{name}.md").read_text()
-    data = json.loads((module.RESULTS / f"{name}.json").read_text())
-    monkeypatch.setattr(module, "RESULTS", tmp_path)
-    _write(module, data)
-    assert (tmp_path / f"{name}.md").read_text() == committed, f"re-run python -m bench.{name}, or re-render its report"
+    run = latest_run_with_data(name)
+    data = json.loads((run / "report.json").read_text())
+    if name == "power":  # its medians are worked out from the cycles on the way to the report
+        data = module.report_data(data["meta"], data["cycles"], data["idle"], data["import_floor"])
+    assert module.markdown(data) == (run / "report.md").read_text(), f"re-run python -m bench.{name}, or re-render its report"
 
 
 def test_a_verdict_needs_the_middle_half_of_the_rounds_on_one_side():
@@ -33,15 +36,14 @@ def test_a_verdict_needs_the_middle_half_of_the_rounds_on_one_side():
     assert verdict([0.95, 1.01], 0.97) == "(within noise)"
 
 
-def test_the_export_summary_is_what_the_bench_writes_from_the_committed_reports():
-    from bench.export_smollm2 import RESULTS, committed_reports, summary_markdown
+def test_the_export_report_is_what_the_bench_writes_from_the_committed_reports():
+    from bench.export_smollm2 import committed_published, committed_reports, report_markdown, run_folders
 
-    published = json.loads((RESULTS / "smollm2-vs-published.json").read_text())
-    expected = summary_markdown(committed_reports(RESULTS), published)
-    assert (RESULTS / "summary.md").read_text() == expected, "re-run python -m bench.export_smollm2"
+    expected = report_markdown(committed_reports(), committed_published())
+    assert (run_folders()[-1] / "report.md").read_text() == expected, "re-run python -m bench.export_smollm2"
 
 
-def test_the_load_bench_counts_lost_rows_and_sums_a_level(tmp_path, monkeypatch):
+def test_the_load_bench_counts_lost_rows_and_sums_a_level():
     import bench.load as load
 
     rows = [{"id": 3, "finished": "t", "status": 200, "completion_tokens": 5},
@@ -65,9 +67,57 @@ def test_the_load_bench_counts_lost_rows_and_sums_a_level(tmp_path, monkeypatch)
     meta = {"model": "m.gguf", "threads": 2, "parallel": 8, "context": 4096, "requests_per_client": 2, "max_tokens": 128,
             "machine": {"cpu": "cpu", "physical_cores": 2, "logical_cpus": 2, "python": "3", "llama_cpp_python": "0"},
             "llama_server_version": "v", "date": "d", "load_average": [0.0], "load_average_end": [0.0],
-            "servers": {"appliance": {"command": "python -m appliance serve", "note": ""}}, "report": "load",
+            "servers": {"appliance": {"command": "python -m appliance serve", "note": ""}},
             "command": "python -m bench.load"}
-    monkeypatch.setattr(load, "RESULTS", tmp_path)
-    text = load.write_report(meta, runs).read_text()
+    data = {"meta": meta, "runs": runs}
+    text = load.markdown(data)
     assert "| 4 | appliance | 10.0 | 1.00 | 7.5 | 200 | 1.00 | 298 | 1 | 3 |" in text
     assert "- 4 clients: aggregate ✅, TTFT ✅, no errors or lost rows ❌" in text
+    assert load.figure(data) == "aggregate 1.00x llama-server's at 4 clients, TTFT p50 1.00-1.00x; 1 errors, 3 lost rows"
+
+
+def test_a_run_is_recorded_with_its_provenance_and_the_pages_follow(tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"weights")
+    root = tmp_path / "results"
+    run = record("demo", about="what it measures", goal="at least 1.0x", figure="1.05x", command="python -m bench.demo",
+                 report="# demo\n", data={"ratio": 1.05}, inputs=[model], label="try", root=root)
+    meta = json.loads((run / "run.json").read_text())
+    assert run.parent == root / "demo" / "runs" and run.name == f"{meta['date']}-try"
+    assert meta["inputs"] == [{"path": str(model), "sha256": hashlib.sha256(b"weights").hexdigest()}]
+    assert meta["command"] == "python -m bench.demo" and meta["commit"] and meta["machine"]["cpu"]
+    assert (meta["report"], meta["reports"]) == ("report.md", ["report.md", "report.json"])
+    assert json.loads((run / "report.json").read_text()) == {"ratio": 1.05}
+    again = record("demo", about="what it measures", goal="at least 1.0x", figure="0.99x", command="python -m bench.demo",
+                   report="# demo\n", label="try", root=root)
+    assert again.name == f"{meta['date']}-try-2"
+    index, summary = (root / "README.md").read_text(), (root / "demo" / "summary.md").read_text()
+    assert "| [demo](demo/summary.md) | what it measures | at least 1.0x | 0.99x |" in index
+    assert summary.index(again.name) < summary.index(f"{run.name}/report.md") and "1.05x" in summary
+
+
+def test_the_pages_are_generated_from_the_run_json_files():
+    runs = load_runs()
+    assert (RESULTS / "README.md").read_text() == index_markdown(runs), "run python -m bench.results"
+    for name, found in runs.items():
+        assert (RESULTS / name / "summary.md").read_text() == summary_markdown(name, found), name
+
+
+def test_every_folder_under_the_results_is_named_in_the_index():
+    index = (RESULTS / "README.md").read_text()
+    folders = [path.relative_to(RESULTS).as_posix() for path in RESULTS.rglob("*") if path.is_dir()]
+    assert folders and [folder for folder in folders if folder not in index] == []
+    for name, found in load_runs().items():  # and each run keeps the files its run.json names
+        assert all((RESULTS / name / "runs" / r["run"] / f).is_file() for r in found for f in r["reports"]), name
+
+
+def test_no_manifest_under_the_results_names_a_file_git_does_not_track():
+    listed = subprocess.run(["git", "ls-files", "--", RESULTS.relative_to(ROOT).as_posix()], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = set(listed.stdout.splitlines())
+    absent = [f"{manifest.relative_to(ROOT)}: {entry['path']}" for manifest in RESULTS.rglob("manifest.json")
+              for entry in json.loads(manifest.read_text()).get("files", [])
+              if (manifest.parent / entry["path"]).relative_to(ROOT).as_posix() not in tracked]
+    assert absent == []

@@ -20,7 +20,7 @@
 # variant of the export stage, FORMAT (onnx|gguf) limits the formats, EXTRA adds export options (e.g. "--qat-steps
 # 1000") and TAG names its packages and reports apart (packages/<algorithm><TAG>). TYPES and ROUNDINGS
 # (default "Q4_0 IQ4_NL Q4_K_M", "rtn imatrix") the rounding stage's.
-# Same generation/training settings as gpu_run_generated.sh (the distillation of bench/results/distill/generated),
+# Same generation/training settings as gpu_run_generated.sh (the distillation of bench/results/distill/runs/2026-11-27-e17686a/generated.md),
 # without the CE-only baseline. Measurements (perplexity, agreement, speed, RSS) run on the device's CPU with
 # THREADS threads: speed and RSS are the lent machine's, not an edge box's.
 set -uo pipefail
@@ -56,11 +56,11 @@ prepare() {
 if [ "$STAGE" = smollm2 ]; then
   prepare
   log "bench.export_smollm2: $ALGORITHMS for $TARGETS"
-  [ -d "$W/results" ] || cp -r bench/results/export "$W/results"  # the committed results: this run's rows merge in
+  [ -d "$W/results" ] || cp -r bench/results "$W/results"  # the committed results: this run's rows merge in
   timeout $(( BUDGET - $(elapsed) )) python3 -m bench.export_smollm2 --published "$T" --algorithms $ALGORITHMS \
     --targets $TARGETS --work "$W/smollm2" --results "$W/results" --threads "$THREADS" 2>&1 \
     | grep -v -E "^writing |[0-9](it/s|s/it)|converting to|^llama_model_quantize" | tail -30
-  (cd "$W/results" && find . -maxdepth 1 -type f | sort | tar -czf "$OUT/smollm2-results.tar.gz" -T -)
+  (cd "$W/results/export_smollm2/runs" && tar -czf "$OUT/smollm2-results.tar.gz" "$(ls -t | head -1)")  # this run's folder
   log "done"
   exit 0
 fi
@@ -109,7 +109,7 @@ for algorithm in $ALGORITHMS; do
   done
 done
 # The reports only (never weights), in one archive: $OUT takes at most 8 files.
-(cd "$P" && find . -name "report.*" -o -name manifest.json | sort | tar -czf "$OUT/reports$TAG.tar.gz" -T -)
+(cd "$P" && find . -name "report.*" | sort | tar -czf "$OUT/reports$TAG.tar.gz" -T -)
 tar -tzf "$OUT/reports$TAG.tar.gz"
 du -sh "$P"/*/* 2>/dev/null
 log "done"

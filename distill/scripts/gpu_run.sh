@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real run on a lent 2-GPU machine, in one command (see bench/results/distill/README.md).
+# The real run on a lent 2-GPU machine, in one command (see bench/results/distill/runs/2026-11-27-e17686a/notes.md).
 # Expects runs/teacher.part_a (sent by an earlier call) and .carry2/{teacher.part_b, corpus.tar.xz, gguf-*.whl}.
 # Order: a short 1-GPU probe sizes the real run to the time left; the real 1-GPU run (student + baseline);
 # then the same config on 2 GPUs through accelerate launch. Results go to $OUT.
