@@ -1,18 +1,26 @@
 """Calibration: text to run a model on before rounding it, and what is measured on it.
 
-GPTQ (``distill.gptq``) and llama.cpp's importance matrix both weigh rounding
-errors by the activations a model sees. The text is, by default, the model's own
-answers to the distillation prompts (data-free, as in LLM-QAT, arXiv:2305.17888),
-so an offline machine needs no dataset and the report's held-out text is never
-seen; a text file can be given instead.
+GPTQ (``distill.gptq``), QAT (``distill.qat``) and llama.cpp's importance matrix
+all weigh rounding errors by the activations a model sees. The text is, by
+default, the model's own answers to the distillation prompts (data-free, as in
+LLM-QAT, arXiv:2305.17888), so an offline machine needs no dataset and the
+report's held-out text is never seen; a text file can be given instead.
+``Calibration`` makes both, text and importance matrix, once per export source.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from distill.export_request import ExportRequest, Progress, step
+
+# Calibration sequences of 256 tokens, by algorithm (64 for the others): QAT trains on them, so it takes as many
+# answers as the prompts give.
+CALIBRATION_SEQUENCES = {"qat": 256}
 
 
 def sampled_calibration(model, tokenizer, count: int = 64, length: int = 256, seed: int = 0, batch: int = 16,
@@ -113,3 +121,52 @@ def importance(model, samples: torch.Tensor, batch: int = 8) -> dict[str, np.nda
 
 def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- one export source's calibration ---------------------------------------------------
+class Calibration:
+    """The calibration text of one source and what is measured on it, each made once, when first needed.
+
+    The request's source, calibration settings and algorithm decide them, never its target, so one
+    Calibration serves every target's export."""
+
+    def __init__(self, request: ExportRequest, progress: Progress = print):
+        self.request, self.progress, self._samples, self._importance = request, progress, None, None
+
+    def samples(self) -> torch.Tensor:
+        if self._samples is None:
+            self._samples = calibration_samples(self.request, self.progress)
+        return self._samples
+
+    def importance(self, skip=()) -> dict:
+        """GGUF tensor name -> importance matrix row, for the decoder Linears not in skip (llama-imatrix collects
+        no others)."""
+        if self._importance is None:
+            self._importance = source_importance(self.request, self.samples(), self.progress)
+        return {gguf: row for name, (gguf, row) in self._importance.items() if name not in skip}
+
+
+def calibration_samples(request: ExportRequest, progress: Progress = print) -> torch.Tensor:
+    """The calibration sequences, shared by every format of this export."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(request.src)
+    count = request.calibration_sequences or CALIBRATION_SEQUENCES.get(request.algorithm, 64)
+    if request.calibration is not None:
+        with step(f"read the calibration text {request.calibration}", progress):
+            return text_calibration(tokenizer, Path(request.calibration).read_text(encoding="utf-8"), count=count)
+    with step("sample calibration text from the source (its answers to the distillation prompts)", progress):
+        model = AutoModelForCausalLM.from_pretrained(request.src).eval().to(best_device())
+        return sampled_calibration(model, tokenizer, count=count, progress=progress)
+
+
+def source_importance(request: ExportRequest, samples: torch.Tensor, progress: Progress = print) -> dict:
+    """Linear name -> (its GGUF tensor name, its importance matrix row), measured on the float source."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.export_gguf import gguf_name
+
+    with step("measure the importance matrix on the calibration text", progress):
+        model = AutoModelForCausalLM.from_pretrained(request.src, dtype=torch.float32).eval().to(best_device())
+        rows = importance(model, samples)
+    return {name: (gguf_name(name + ".weight"), row) for name, row in rows.items() if name.startswith("model.layers.")}

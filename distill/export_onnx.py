@@ -106,7 +106,21 @@ def export_decoder(model, path: Path) -> None:
 def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
     """Export the model in src to a served package folder out; returns out."""
     src, out = Path(src), Path(out)
-    model, tokenizer = load_source(src, options.gguf_file)
+    config = build_package(src, out, options)
+    write_manifest(
+        out, name=options.name, architecture=config.model_type, format="onnx",
+        quantization=quantization_label(options), target=options.target,
+        context_length=config.max_position_embeddings, source=_source_record(src, options.gguf_file),
+        aliases=options.aliases,
+    )
+    return out
+
+
+def build_package(src: Path, out: Path, options: ExportOptions):
+    """Every file of the package in out (replaced if present) but its manifest, which the caller writes once the
+    folder is complete; returns the model's config."""
+    model, tokenizer = load_source(Path(src), options.gguf_file)
+    out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -116,13 +130,7 @@ def export_package(src: Path, out: Path, options: ExportOptions) -> Path:
     tokenizer.save_pretrained(out)
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    write_manifest(
-        out, name=options.name, architecture=model.config.model_type, format="onnx",
-        quantization=quantization_label(options), target=options.target,
-        context_length=model.config.max_position_embeddings, source=_source_record(src, options.gguf_file),
-        aliases=options.aliases,
-    )
-    return out
+    return model.config
 
 
 def quantization_label(options: ExportOptions) -> str:

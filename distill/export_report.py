@@ -5,6 +5,7 @@ on the same token ids (tokenized once, by the source's tokenizer), so the
 GGUF and ONNX packages of one export are measured on the same text.
 Decode speed and peak RSS come from a fresh subprocess per package, so one
 package's memory never counts against another's (and torch is not loaded there).
+``write_report`` puts the numbers in the package as report.json and report.md.
 
     python -m distill.export_report speed {gguf,onnx} PATH [--tokens 64] [--threads 2]
 """
@@ -13,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from distill.export_request import ExportRequest, Progress, step
+from distill.targets import TargetProfile
 
 # Held-out text: written for this report, so no model was trained on it.
 HELD_OUT_TEXT = """\
@@ -141,21 +146,16 @@ class OnnxScorer:
     """Logits of every position from ONNX Runtime (the served graph, empty KV cache)."""
 
     def __init__(self, folder: Path, threads: int, context: int = 4096):
-        from appliance.backends.onnx_runtime import OnnxRuntimeBackend
+        from appliance.backends import create_backend
 
-        self.backend = OnnxRuntimeBackend(folder, threads=threads, context_length=context, n_slots=1, provider="cpu")
+        self.backend = create_backend("onnx", folder, threads=threads, context_length=context, provider="cpu")
         self.facts = self.backend.load()
 
     def logits(self, tokens: list[int]) -> np.ndarray:
-        graph = self.backend._graph
-        feed = {"input_ids": np.array([tokens]), "attention_mask": np.ones((1, len(tokens)), np.int64),
-                "position_ids": np.arange(len(tokens))[None]}
-        feed |= {n: np.zeros((1, graph.kv_heads, 0, graph.head_dim), graph.kv_dtype) for n in graph.past_names}
-        return self.backend.session.run(["logits"], feed)[0][0].astype(np.float32)
+        return self.backend.logits(tokens)
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
-        from appliance.backends.base import SamplingParams
-        from appliance.runner.scheduler import token_stream
+        from appliance.backends.base import SamplingParams, token_stream
 
         tokens = token_stream(self.backend, self.facts, prompt, SamplingParams(temperature=0))
         return [next(tokens) for _ in range(n)]
@@ -209,8 +209,7 @@ def measure_speed(fmt: str, path: Path, threads: int, tokens: int = NEW_TOKENS) 
 
 def _speed(fmt: str, path: Path, threads: int, tokens: int) -> dict:
     from appliance.backends import create_backend
-    from appliance.backends.base import SamplingParams
-    from appliance.runner.scheduler import token_stream
+    from appliance.backends.base import SamplingParams, token_stream
 
     start = time.perf_counter()
     backend = create_backend(fmt, path, threads=threads, context_length=2048, provider="cpu")
@@ -233,6 +232,94 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
+# -- the report ------------------------------------------------------------------
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def write_report(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,
+                 reference: Reference, progress: Progress) -> dict:
+    """Measure the package in folder against the reference, write report.json and report.md into it; returns the
+    summary its manifest records."""
+    model_path = next(folder.glob("*.gguf")) if fmt == "gguf" else folder
+    with step(f"measure the {fmt} package (perplexity, greedy agreement)", progress):
+        metrics = quality(scorer(fmt, model_path, request.threads, context_needed(reference)), reference)
+    with step(f"measure the {fmt} package (decode tokens/s, peak RSS)", progress):
+        metrics |= measure_speed(fmt, model_path, request.threads)
+    report = build_report(request, profile, fmt, folder, quantization, reference, metrics)
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / REPORT_MD).write_text(render_markdown(report))
+    return {k: report[k] for k in ("perplexity_ratio", "greedy_agreement", "size_vs_fp32")}
+
+
+def build_report(request, profile, fmt, folder, quantization, reference, metrics) -> dict:
+    fp32_bytes = source_fp32_bytes(request.src)
+    model_bytes = sum(p.stat().st_size for p in _model_files(fmt, folder))
+    return {
+        "model": request.name, "target": profile.name, "format": fmt, "quantization": quantization,
+        "profile": asdict(profile), "source": str(request.src.resolve()),
+        "model_bytes": model_bytes, "fp32_bytes": fp32_bytes, "fp16_bytes": fp32_bytes // 2,
+        "size_vs_fp32": model_bytes / fp32_bytes, "size_vs_fp16": model_bytes / (fp32_bytes / 2),
+        "perplexity_fp32": reference.perplexity, "perplexity_int4": metrics["perplexity"],
+        "perplexity_ratio": metrics["perplexity"] / reference.perplexity,
+        "held_out_tokens": len(reference.text_ids), "prompts": len(reference.prompt_ids),
+        "new_tokens": len(reference.greedy[0]) if reference.greedy else 0,
+        **{k: v for k, v in metrics.items() if k != "perplexity"},
+        "machine": _machine(),
+    }
+
+
+def _model_files(fmt: str, folder: Path) -> list[Path]:
+    return list(folder.glob("*.gguf")) if fmt == "gguf" else list(folder.glob("model.onnx*"))
+
+
+def source_fp32_bytes(src: Path) -> int:
+    """Bytes of the source's weights at fp32 (the parameter count times 4, whatever dtype they are stored in)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in src.glob("*.safetensors"):
+        with safe_open(str(path), "np") as f:
+            total += sum(4 * _numel(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _machine() -> dict:
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def render_markdown(r: dict) -> str:
+    mb = 1 / 1e6
+    lines = [
+        f"# {r['model']} for {r['target']}: {r['format']} {r['quantization']}", "",
+        "| measure | value |", "|---|---|",
+        f"| model files | {r['model_bytes'] * mb:.1f} MB |",
+        f"| fp32 / fp16 source | {r['fp32_bytes'] * mb:.1f} MB / {r['fp16_bytes'] * mb:.1f} MB |",
+        f"| size vs fp32 / fp16 | {r['size_vs_fp32']:.3f}x / {r['size_vs_fp16']:.3f}x |",
+        f"| held-out perplexity fp32 -> INT4 ({r['held_out_tokens']} tokens) | {r['perplexity_fp32']:.3f} -> "
+        f"{r['perplexity_int4']:.3f} ({r['perplexity_ratio']:.3f}x) |",
+        f"| greedy agreement with the source (teacher-forced, {r['prompts']} prompts x {r['new_tokens']} tokens) | "
+        f"{r['greedy_agreement']:.1%} |",
+        f"| identical free-running prefix per prompt (of {r['new_tokens']}) | "
+        f"{', '.join(str(n) for n in r['free_running_identical_prefix'])} |",
+        f"| decode speed ({r['threads']} threads) | {r['decode_tokens_per_s']:.1f} tokens/s |",
+        f"| peak RSS (load + {r['new_tokens']} tokens, fresh process) | {r['peak_rss_mb']:.0f} MB |",
+        f"| load time | {r['load_s']:.2f} s |", "",
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores. Source: `{r['source']}`.", "",
+        "Teacher-forced agreement: the share of the source's greedy tokens that the package also ranks first "
+        "when given the same prefix. The free-running prefix counts tokens until the first divergence.", "",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,12 +11,21 @@ the same through the API.
 
 Tokenizing and the chat template may be called from another thread than the
 step loop: they touch only the vocabulary, never the KV cache.
+
+Reports and benches that score a model, never the service, use two more public
+calls: ``Backend.logits`` (every position's logits of one token sequence) and
+``token_stream`` (the raw token ids one sequence samples).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -119,3 +128,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def clear(self) -> None:
         """Drop the whole KV cache (the model stays loaded)."""
+
+    # -- scoring (reports and benches, never while requests run) -----------------
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """The logits after each of ``tokens`` (float32, [len(tokens), vocab]), run as one new sequence with
+        nothing sampled. It may use slot 0's cache and leaves it empty."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} backend gives no logits")
+
+
+def token_stream(backend: Backend, facts: ModelFacts, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+    """The tokens one sequence samples in slot 0, with no end: raw token ids for reports and benches (the
+    runner's scheduler is what stops a request and turns its tokens into text)."""
+    backend.start_sequence(0, 0, params)
+    pos = 0
+    for start in range(0, len(prompt), facts.n_batch):
+        chunk = prompt[start : start + facts.n_batch]
+        token = backend.step([Feed(0, chunk, pos, sample=start + len(chunk) == len(prompt))]).get(0)
+        pos += len(chunk)
+    while True:
+        yield token
+        token = backend.step([Feed(0, [token], pos, sample=True)])[0]
+        pos += 1

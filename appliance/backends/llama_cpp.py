@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _logger as llama_logger
 
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
@@ -146,15 +147,24 @@ class LlamaCppBackend(Backend):
         self._samplers[slot] = _sampler_chain(params)
 
     def step(self, feeds: list[Feed]) -> dict[int, int]:
+        outputs = self._decode(feeds)
+        return {slot: llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index) for slot, index in outputs}
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    def _decode(self, feeds: list[Feed], every_position: bool = False) -> list[tuple[int, int]]:
+        """One llama_decode of feeds; (slot, index in the batch) of every feed that samples. The logits are kept
+        for those last tokens, or with every_position for every token."""
         batch, n = self._batch, 0
-        outputs = []  # (slot, index in the batch) of every feed that samples
+        outputs = []
         for feed in feeds:
             for i, token in enumerate(feed.tokens):
                 batch.token[n] = token
                 batch.pos[n] = feed.pos + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = feed.slot
-                batch.logits[n] = 0
+                batch.logits[n] = every_position
                 n += 1
             if feed.sample:
                 batch.logits[n - 1] = 1
@@ -165,10 +175,23 @@ class LlamaCppBackend(Backend):
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise BackendError(f"llama_decode failed with status {status} (KV cache full or aborted)")
-        return {slot: llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index) for slot, index in outputs}
+        return outputs
 
-    def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self._memory, True)
+    # -- scoring -----------------------------------------------------------
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        rows = []
+        llama_cpp.llama_memory_seq_rm(self._memory, 0, 0, -1)
+        try:
+            for start in range(0, len(tokens), N_BATCH):
+                chunk = tokens[start : start + N_BATCH]
+                self._decode([Feed(0, chunk, start, sample=False)], every_position=True)
+                # A logits pointer is valid only until the next decode: copied out at once.
+                rows += [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i), shape=(vocab,)).copy()
+                         for i in range(len(chunk))]
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, 0, -1)
+        return np.array(rows, dtype=np.float32)
 
 
 def _sampler_chain(params: SamplingParams):

@@ -275,8 +275,9 @@ class OnnxRuntimeBackend(Backend):
         return _pack(caches, self._graph.kv_dtype)
 
     def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
-             past: list) -> tuple[np.ndarray, list]:
-        """One forward pass; the last position's logits (float32, a row per sequence) and the present."""
+             past: list, every_position: bool = False) -> tuple[np.ndarray, list]:
+        """One forward pass; the logits (float32, a row per sequence: its last position's, or with every_position
+        a row per position) and the present."""
         graph, binding = self._graph, self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
@@ -295,7 +296,8 @@ class OnnxRuntimeBackend(Backend):
         except ORT_ERRORS as exc:
             raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
         outputs = binding.get_outputs()
-        return outputs[0].numpy()[:, -1].astype(np.float32), outputs[1:]
+        logits = outputs[0].numpy()
+        return (logits if every_position else logits[:, -1]).astype(np.float32), outputs[1:]
 
     def _sample(self, slot: int, logits: np.ndarray) -> int:
         params, rng = self._samplers[slot]
@@ -310,6 +312,14 @@ class OnnxRuntimeBackend(Backend):
         graph = self._graph
         empty = np.zeros((1, graph.kv_heads, 0, graph.head_dim), dtype=graph.kv_dtype)
         return _Cache([empty] * len(graph.past_names))
+
+    # -- scoring -----------------------------------------------------------
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        # From an empty past of its own: no slot's cache is read or changed.
+        positions = [list(range(len(tokens)))]
+        logits, _ = self._run([tokens], np.ones((1, len(tokens)), np.int64), positions, self._empty_cache().values,
+                              every_position=True)
+        return logits[0]
 
 
 class _GraphSignature:

@@ -277,7 +277,7 @@ def _tail(seq: Sequence) -> str:
 
 # Reusing this many cached tokens is worth a slot away from the busy ones. llama.cpp attends over the KV
 # streams from the lowest busy slot to the highest (one stream per slot), so four sequences spread over
-# slots 0, 2, 5 and 7 decode at 0.67x the speed of four in slots 0-3 (bench/results/slot_span.md): a slot
+# slots 0, 2, 5 and 7 decode at 0.67x the speed of four in slots 0-3 (bench/results/slot_span/summary.md): a slot
 # that spreads the batch slows every sequence in it for as long as they run, while a short prefix is
 # prefilled again in a fraction of a second.
 REUSE_WORTH_SPREADING = 256
@@ -293,17 +293,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def token_stream(backend: Backend, facts: ModelFacts, prompt: list[int], params: SamplingParams):
-    """Yield the tokens one sequence samples (slot 0, no end): for reports and benches that want raw token ids."""
-    backend.start_sequence(0, 0, params)
-    pos = 0
-    for start in range(0, len(prompt), facts.n_batch):
-        chunk = prompt[start : start + facts.n_batch]
-        token = backend.step([Feed(0, chunk, pos, sample=start + len(chunk) == len(prompt))]).get(0)
-        pos += len(chunk)
-    while True:
-        yield token
-        token = backend.step([Feed(0, [token], pos, sample=True)])[0]
-        pos += 1
