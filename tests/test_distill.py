@@ -12,13 +12,14 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
+pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, decoders  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402

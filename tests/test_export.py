@@ -6,21 +6,27 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from appliance.backends import BackendError, create_backend
-from appliance.backends.base import SamplingParams
-from appliance.runner import protocol as msg
-from appliance.runner.supervisor import ModelRunner, RunnerCrashed
-from distill.export import ExportError, ExportRequest, export
-from appliance.cli import cli
-from distill.export_cli import export_command
-from distill.export_gguf import QUANT_TYPES, write_gguf
-from distill.targets import TARGETS, UnknownTarget, formats_for, get_target
-from models.catalog import find_model, list_models, verify_model
-from models.manifest import ManifestError, read_manifest
-from models.registry import add_package, registered_packages
-from tests.onnx_models import build_tiny_llama
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+pytest.importorskip("gguf")
+
+import numpy as np  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from appliance.backends import BackendError, create_backend  # noqa: E402
+from appliance.backends.base import SamplingParams, token_stream  # noqa: E402
+from appliance.cli import cli  # noqa: E402
+from distill.export import ExportError, ExportRequest, export  # noqa: E402
+from distill.export_cli import export_command  # noqa: E402
+from distill.export_gguf import QUANT_TYPES, write_gguf  # noqa: E402
+from distill.targets import TARGETS, UnknownTarget, formats_for, get_target  # noqa: E402
+from models.catalog import find_model, list_models, verify_model  # noqa: E402
+from models.manifest import ManifestError, read_manifest  # noqa: E402
+from models.registry import add_package, registered_packages  # noqa: E402
+from tests.distill_helpers import greedy_text, runner_for  # noqa: E402
+from tests.onnx_models import build_tiny_llama  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Grüße aus Köln, ein Bär", "Numbers: 1 2 3 4"]
 
@@ -40,24 +46,6 @@ def cpu_packages(tiny_hf):
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-def runner_for(path) -> ModelRunner:
-    return ModelRunner(find_model(str(path), home=None), threads=1, context_length=256)
-
-
-def greedy_text(runner: ModelRunner, prompt: str, n: int = 16) -> str:
-    """Greedy text of a completion, through a real runner process."""
-    runner.ensure_loaded()
-    stream = runner.submit(None, prompt, SamplingParams(max_tokens=n, temperature=0))
-    text = []
-    while True:
-        event = stream.get(timeout=120)
-        assert not isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)), event
-        if isinstance(event, msg.Output):
-            text.append(event.text)
-            if event.finish_reason:
-                return "".join(text)
 
 
 def test_every_target_profile_is_complete_and_consistent():
@@ -106,6 +94,23 @@ def test_both_formats_export_load_and_generate(cpu_packages):
     assert runner.info()["quantization"] == "Q4_K_M"
     runner.unload()
     assert not list(gguf.parent.glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_both_backends_give_the_logits_their_greedy_tokens_come_from(cpu_packages):
+    """Backend.logits, which the export report scores with: a row per position, each seeing only the tokens up to
+    its own, the last one's largest being the token the step loop samples greedily."""
+    for fmt, package in cpu_packages.items():
+        path = next(package.glob("*.gguf")) if fmt == "gguf" else package
+        backend = create_backend(fmt, path, threads=1, context_length=256, provider="cpu")
+        facts = backend.load()
+        prompt = backend.tokenize(PROMPTS[0], add_special=True, parse_special=True)
+        logits = backend.logits(prompt)
+        assert logits.shape[0] == len(prompt) and logits.dtype == np.float32
+        np.testing.assert_allclose(backend.logits(prompt[:-1]), logits[:-1], atol=1e-4, err_msg=fmt)
+        greedy = next(token_stream(backend, facts, prompt, SamplingParams(temperature=0)))
+        assert int(logits[-1].argmax()) == greedy, fmt
+        backend.close()
 
 
 @pytest.mark.slow
@@ -173,7 +178,6 @@ def test_unsupported_models_are_refused_before_writing(tiny_hf, tmp_path):
 
 def assert_lookup_reads_the_heads_weights(package, source, fp16: bool = False) -> None:
     """One quantized vocabulary table serves both ends of the model, and the lookup returns the source's rows."""
-    import numpy as np
     import onnx
     import onnx.utils
     import onnxruntime as ort

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from functools import partial
-
-import gguf
-import numpy as np
-import onnx
 import pytest
-import torch
-from onnx import helper, numpy_helper
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.export import CALIBRATION_SEQUENCES, ExportRequest, export, gguf_grids, onnx_grids
-from distill.export_gguf import gguf_name, permute_qk
-from distill.calibration import sampled_calibration, text_calibration
-from distill.gptq import Grid, gptq_weight, quantize_model, write_rounded_copy
-from distill.qat import train_on_grids
-from distill.targets import get_target
-from models.manifest import read_manifest
-from tests.onnx_models import CORPUS, build_tiny_llama
-from tests.test_export import greedy_text, runner_for
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+pytest.importorskip("gguf")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from distill.calibration import sampled_calibration  # noqa: E402
+from distill.gptq import Grid, gptq_weight  # noqa: E402
+from tests.distill_helpers import (  # noqa: E402
+    assert_gguf_holds, assert_onnx_holds, dequantize_matmul_nbits, export_with_gptq, greedy_text, read_quantization,
+    runner_for,
+)
+from tests.onnx_models import build_tiny_llama  # noqa: E402
 
 
 def correlated_layer(seed: int = 0):
@@ -44,18 +42,6 @@ def test_gptq_moves_the_layer_output_less_than_round_to_nearest(symmetric):
 
     rtn, gptq = grid.round_to_nearest(weight), gptq_weight(weight, hessian, grid)
     assert output_error(gptq) < 0.7 * output_error(rtn)
-
-
-def dequantize_matmul_nbits(packed, scales, zero_points, rows: int, width: int) -> np.ndarray:
-    """The [rows, width] weight a 4-bit MatMulNBits holds: two codes per byte, low nibble first; zero point 8 if none."""
-    blocks = scales.size // rows
-    codes = np.stack([packed & 15, packed >> 4], -1).reshape(rows, blocks, -1).astype(np.float32)
-    if zero_points is None:
-        zeros = np.full((rows, blocks), 8.0)
-    else:
-        zeros = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(rows, -1)[:, :blocks].astype(np.float32)
-    scales = scales.reshape(rows, blocks).astype(np.float32)
-    return (scales[..., None] * (codes - zeros[..., None])).reshape(rows, -1)[:, :width]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -82,6 +68,7 @@ def test_onnx_runtimes_own_quantizer_gives_back_the_rounded_weights(symmetric, w
     np.testing.assert_array_equal(stored, rounded)
 
 
+@pytest.mark.slow
 def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     folder = build_tiny_llama(tmp_path / "tiny")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
@@ -91,6 +78,7 @@ def test_sampled_calibration_is_the_models_own_chat_text(tmp_path):
     assert torch.equal(samples, sampled_calibration(model, tokenizer, count=3, length=40, batch=4)), "seeded"
 
 
+@pytest.mark.slow
 def test_sampled_calibration_samples_the_prompts_again_until_it_has_enough(tmp_path, monkeypatch):
     monkeypatch.setattr("distill.generate.DEFAULT_PROMPTS", ["Name a colour.", "Count to three.", "Say hello."])
     folder = build_tiny_llama(tmp_path / "tiny")
@@ -99,6 +87,7 @@ def test_sampled_calibration_samples_the_prompts_again_until_it_has_enough(tmp_p
     assert samples.shape == (8, 32)  # 3 prompts and answers of up to 32 tokens give fewer than 256 tokens a pass
 
 
+@pytest.mark.slow
 def test_sampled_calibration_pads_a_batch_when_the_tokenizer_has_no_pad_token(tmp_path):
     """A tokenizer transformers reads from a GGUF (SmolLM2's) has none: the end-of-text token pads instead."""
     folder = build_tiny_llama(tmp_path / "tiny")
@@ -107,56 +96,10 @@ def test_sampled_calibration_pads_a_batch_when_the_tokenizer_has_no_pad_token(tm
     assert sampled_calibration(model, tokenizer, count=2, length=24, batch=4).shape == (2, 24)
 
 
-def export_with_gptq(work, target: str, gguf_quant: str | None = None, algorithm: str = "gptq"):
-    """The tiny Llama exported for target with GPTQ (or QAT), and per format the rounded copy the package must carry.
-
-    QAT runs with its own --qat-steps and --calibration-sequences, so the packages match only if both reach it."""
-    src = build_tiny_llama(work / "tiny")
-    text = work / "calibration.txt"
-    text.write_text("\n".join(CORPUS * 4))
-    knobs = {"qat_steps": 40, "calibration_sequences": 48} if algorithm == "qat" else {}
-    request = ExportRequest(src=src, out=work / "packages", target=target, algorithm=algorithm, calibration=text,
-                            gguf_quant=gguf_quant, measure=False, **knobs)
-    packages = {p.name.rsplit("-", 1)[1]: p for p in export(request, progress=lambda line: None)}
-    count = knobs.get("calibration_sequences", CALIBRATION_SEQUENCES.get(algorithm, 64))
-    samples = text_calibration(AutoTokenizer.from_pretrained(src), text.read_text(), count=count)
-    method = {"gptq": quantize_model, "qat": partial(train_on_grids, steps=knobs.get("qat_steps"))}[algorithm]
-    profile = replace(get_target(target), gguf_quant=gguf_quant or get_target(target).gguf_quant)
-    expected = {}
-    for fmt, grid_for in (("gguf", gguf_grids(request, profile)), ("onnx", onnx_grids(src, profile))):
-        expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples,
-                                                                     method=method))
-    return src, packages, expected
-
-
 @pytest.fixture(scope="module")
 def gptq_arm(tmp_path_factory):
     """arm with Q4_0 (--gguf-quant), the GGUF type whose whole grid GPTQ reproduces."""
     return export_with_gptq(tmp_path_factory.mktemp("gptq-arm"), "arm", gguf_quant="Q4_0")
-
-
-def hf_weights(folder) -> dict[str, np.ndarray]:
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return {name: t.detach().numpy() for name, t in model.state_dict().items()}
-
-
-def assert_gguf_holds(package, folder, rounded, source) -> set[str]:
-    """Every rounded Linear is stored in Q4_0/Q5_0/IQ4_NL with exactly the rounded weights; returns the types seen."""
-    weights, config, original = hf_weights(folder), AutoModelForCausalLM.from_pretrained(folder).config, hf_weights(source)
-    tensors = {t.name: t for t in gguf.GGUFReader(next(package.glob("*.gguf"))).tensors}
-    types = set()
-    for name in rounded:
-        kind = name.split(".")[-1]
-        tensor = tensors[gguf_name(name + ".weight")]
-        types.add(tensor.tensor_type.name)
-        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, tensor.shape[0])
-        want = weights[name + ".weight"]
-        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(kind)
-        want = permute_qk(want, heads) if heads else want
-        np.testing.assert_array_equal(stored, want, err_msg=tensor.name)
-        assert not np.array_equal(want, original[name + ".weight"])
-    assert types <= {"Q4_0", "Q5_0", "IQ4_NL"}
-    return types
 
 
 @pytest.mark.slow
@@ -166,30 +109,6 @@ def test_the_gguf_q4_0_package_holds_exactly_the_gptq_weights(gptq_arm):
     assert len(rounded) == 14, "every decoder Linear of both layers"
     assert assert_gguf_holds(packages["gguf"], folder, rounded, src) == {"Q4_0"}
     assert read_quantization(packages["gguf"]) == "Q4_0-gptq"
-
-
-def onnx_4bit_weights(package) -> dict[str, np.ndarray]:
-    """HF Linear name -> the [N, K] weight its 4-bit MatMulNBits computes with."""
-    graph = onnx.load(str(package / "model.onnx"))
-    tensors = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
-    out = {}
-    for node in graph.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "MatMulNBits" or attrs["bits"] != 4 or "lm_head" in node.name:
-            continue
-        zero_points = tensors[node.input[3]] if len(node.input) > 3 and node.input[3] else None
-        linear = node.name.removeprefix("/model/").removesuffix("/MatMul_Q4").replace("/", ".")  # /model/model/layers.0/...
-        out[linear] = dequantize_matmul_nbits(tensors[node.input[1]], tensors[node.input[2]], zero_points,
-                                              attrs["N"], attrs["K"])
-    return out
-
-
-def assert_onnx_holds(package, folder, rounded) -> None:
-    """The 4-bit MatMulNBits are exactly the rounded Linears, and hold exactly the rounded weights."""
-    weights, stored = hf_weights(folder), onnx_4bit_weights(package)
-    assert sorted(stored) == sorted(rounded)
-    for name in rounded:
-        np.testing.assert_array_equal(stored[name], weights[name + ".weight"], err_msg=name)
 
 
 @pytest.mark.slow
@@ -234,7 +153,3 @@ def test_gptq_packages_load_and_generate_in_both_backends(gptq_arm):
     _, packages, _ = gptq_arm
     for package in packages.values():
         assert greedy_text(runner_for(package), "The quick brown fox", n=8)
-
-
-def read_quantization(package) -> str:
-    return read_manifest(package).quantization

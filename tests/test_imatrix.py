@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import gguf
-import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.calibration import importance, text_calibration
-from distill.export import ExportError, ExportRequest, export
-from distill.export_gguf import quantize_gguf, write_gguf
-from models.manifest import read_manifest
-from tests.onnx_models import CORPUS, build_tiny_llama
-from tests.test_export import greedy_text, runner_for
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+pytest.importorskip("gguf")
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from distill.calibration import importance, source_importance, text_calibration  # noqa: E402
+from distill.export import ExportError, ExportRequest, export  # noqa: E402
+from distill.export_gguf import quantize_gguf, write_gguf  # noqa: E402
+from models.manifest import read_manifest  # noqa: E402
+from tests.distill_helpers import greedy_text, runner_for  # noqa: E402
+from tests.onnx_models import CORPUS, build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +44,7 @@ def f32_tensors(path) -> dict[str, np.ndarray]:
             for t in gguf.GGUFReader(path).tensors}
 
 
+@pytest.mark.slow
 def test_llama_cpp_rounds_the_important_columns_closer(tiny, tmp_path):
     """With a few columns weighted 1000x, llama.cpp's Q4_0 scales favour them: the weighted error falls."""
     full = write_gguf(tiny, tmp_path / "tiny.f32.gguf", "tiny")
@@ -73,6 +80,7 @@ def test_an_imatrix_gguf_package_is_labelled_and_generates(tiny, tmp_path):
     assert greedy_text(runner_for(weighted), "The quick brown fox", n=8)
 
 
+@pytest.mark.slow
 def test_the_gguf_type_can_be_chosen_per_export(tiny, tmp_path):
     package, = export_tiny(tiny, tmp_path / "q4_0", target="arm", format="gguf", gguf_quant="Q4_0")
     assert read_manifest(package).quantization == "Q4_0"
@@ -89,9 +97,8 @@ def test_an_algorithm_a_format_does_not_take_is_refused_before_any_work(tiny, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_importance_rows_are_named_as_llama_cpp_names_the_tensors(tiny):
-    from distill.export import source_importance
-
     samples = text_calibration(AutoTokenizer.from_pretrained(tiny), "\n".join(CORPUS * 4), length=32)
     rows = source_importance(ExportRequest(src=tiny, out=tiny.parent), samples, progress=lambda line: None)
     tensors = {t.name: t for t in gguf.GGUFReader(write_gguf(tiny, tiny.parent / "names.gguf", "tiny")).tensors}

@@ -11,19 +11,25 @@ import json
 import logging
 import shutil
 
-import numpy as np
 import pytest
 
-from appliance.backends import BackendError, create_backend
-from appliance.backends.base import Feed, SamplingParams
-from appliance.backends.onnx_runtime import OnnxRuntimeBackend, pick_token
-from appliance.runner import protocol as msg
-from appliance.runner.prompt import chat_tokens
-from appliance.runner.scheduler import Scheduler, prepare
-from appliance.runner.supervisor import ModelRunner
-from models.catalog import find_model, verify_model
-from models.manifest import read_manifest
-from tests.onnx_models import build_tiny_llama, export_tiny
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+
+import numpy as np  # noqa: E402
+
+from appliance.backends import BackendError, create_backend  # noqa: E402
+from appliance.backends.base import Feed, SamplingParams  # noqa: E402
+from appliance.backends.onnx_runtime import OnnxRuntimeBackend, pick_token  # noqa: E402
+from appliance.runner import protocol as msg  # noqa: E402
+from appliance.runner.prompt import chat_tokens  # noqa: E402
+from appliance.runner.scheduler import Scheduler, prepare  # noqa: E402
+from appliance.runner.supervisor import ModelRunner  # noqa: E402
+from models.catalog import find_model, verify_model  # noqa: E402
+from models.manifest import read_manifest  # noqa: E402
+from tests.onnx_models import build_tiny_llama, export_tiny  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Grüße aus Köln, ein Bär", "Numbers: 1 2 3 4"]
 NEW_TOKENS = 32
@@ -151,19 +157,12 @@ def run_together(backend, questions: list[str], n: int) -> list[list[int]]:
 
 def teacher_forced_agreement(backend, prompt: list[int], reference: list[int]) -> float:
     """Share of positions where the backend's greedy choice, given the reference prefix, is the reference token."""
-    logits = _all_logits(backend, prompt + reference[:-1])[len(prompt) - 1 :]
+    logits = backend.logits(prompt + reference[:-1])[len(prompt) - 1 :]
     return float(np.mean(logits.argmax(-1) == np.array(reference)))
 
 
-def _all_logits(backend, tokens: list[int]) -> np.ndarray:
-    graph = backend._graph
-    feed = {"input_ids": np.array([tokens]), "attention_mask": np.ones((1, len(tokens)), np.int64),
-            "position_ids": np.arange(len(tokens))[None]}
-    feed |= {n: np.zeros((1, graph.kv_heads, 0, graph.head_dim), graph.kv_dtype) for n in graph.past_names}
-    return backend.session.run(["logits"], feed)[0][0]
-
-
 # -- the tiny Llama: arithmetic and bookkeeping --------------------------------------------------
+@pytest.mark.slow
 def test_fp32_greedy_tokens_equal_transformers_generate(tiny_hf, tiny_fp32):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,6 +179,7 @@ def test_fp32_greedy_tokens_equal_transformers_generate(tiny_hf, tiny_fp32):
         assert greedy(backend, prompt) == expected, text
 
 
+@pytest.mark.slow
 def test_int4_graph_uses_matmul_nbits_and_mostly_agrees_with_fp32(tiny_fp32, tiny_int4, record_property):
     import onnx
 
@@ -193,6 +193,7 @@ def test_int4_graph_uses_matmul_nbits_and_mostly_agrees_with_fp32(tiny_fp32, tin
     assert np.mean(rates) > 0.5, rates
 
 
+@pytest.mark.slow
 def test_cache_is_reused_across_decode_steps(tiny_fp32):
     """Token-by-token decoding with the KV cache equals one full forward pass over the same tokens."""
     backend = loaded(tiny_fp32)
@@ -201,6 +202,7 @@ def test_cache_is_reused_across_decode_steps(tiny_fp32):
     assert teacher_forced_agreement(backend, prompt, generated) == 1.0
 
 
+@pytest.mark.slow
 def test_fp32_batched_decoding_equals_each_sequence_alone(tiny_fp32):
     """Left padding, masks, positions, slicing the present back into slots, re-packing when a sequence
     leaves: on fp32 weights (no int8 activations to amplify the last bits, see
@@ -217,6 +219,7 @@ def test_fp32_batched_decoding_equals_each_sequence_alone(tiny_fp32):
     assert [len(step) for step in run.engine.steps if len(step) > 1][:2] == [4, 4]  # one run held all four
 
 
+@pytest.mark.slow
 def test_fp32_prefix_reuse_of_a_slot_left_in_a_batch_equals_a_cold_start(tiny_fp32):
     backend = loaded(tiny_fp32, slots=2)
     run = Run(backend, endless=True)  # both sequences run to the end together, leaving their rows in one batch
@@ -235,6 +238,7 @@ def test_fp32_prefix_reuse_of_a_slot_left_in_a_batch_equals_a_cold_start(tiny_fp
     assert run.texts()[2] == cold.texts()[3]
 
 
+@pytest.mark.slow
 def test_seeded_sampling_repeats_and_seeds_differ(tiny_fp32):
     backend = loaded(tiny_fp32)
     prompt = tokens(backend, PROMPTS[1])
@@ -264,6 +268,7 @@ def test_pick_token_follows_llama_cpp_semantics():
     assert {pick_token(logits, everything, rng) for _ in range(400)} == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_utf8_text_and_stops_through_the_step_loop(tiny_fp32):
     backend = loaded(tiny_fp32)
     ids = tokens(backend, "Grüße 日本語 🙂")
@@ -281,6 +286,7 @@ def test_utf8_text_and_stops_through_the_step_loop(tiny_fp32):
         assert cut.texts()[2] == text[: text.find(stop)]
 
 
+@pytest.mark.slow
 def test_chat_template_and_special_tokens_come_from_tokenizer_config(tiny_fp32):
     from appliance.chat_template import render_chat
 
@@ -296,6 +302,7 @@ def test_chat_template_and_special_tokens_come_from_tokenizer_config(tiny_fp32):
     assert backend.bos_token is None  # this tokenizer adds nothing in front
 
 
+@pytest.mark.slow
 def test_parse_special_false_keeps_control_token_text_plain(tiny_fp32):
     backend = loaded(tiny_fp32)
     start, end = (backend.tokenizer.token_id(t) for t in ("<|im_start|>", "<|im_end|>"))
@@ -309,6 +316,7 @@ def test_parse_special_false_keeps_control_token_text_plain(tiny_fp32):
     assert ids.count(start) == 2 and ids.count(end) == 1
 
 
+@pytest.mark.slow
 def test_info_names_the_provider_and_auto_falls_back_to_cpu(tiny_int4, caplog):
     with caplog.at_level(logging.WARNING):
         backend = loaded(tiny_int4)
@@ -319,6 +327,7 @@ def test_info_names_the_provider_and_auto_falls_back_to_cpu(tiny_int4, caplog):
     assert (backend.facts.context_length, backend.facts.n_batch) == (512, 512)  # max_position_embeddings caps it
 
 
+@pytest.mark.slow
 def test_unavailable_provider_is_a_clear_error(tiny_int4):
     with pytest.raises(BackendError, match="'cuda' is not in this onnxruntime build"):
         loaded(tiny_int4, provider="cuda")
@@ -326,6 +335,7 @@ def test_unavailable_provider_is_a_clear_error(tiny_int4):
         OnnxRuntimeBackend(tiny_int4, threads=1, context_length=64, n_slots=1, provider="tpu")
 
 
+@pytest.mark.slow
 def test_second_start_uses_the_cached_optimized_graph(tiny_int4, tmp_path):
     folder = shutil.copytree(tiny_int4, tmp_path / "pkg", ignore=shutil.ignore_patterns(".cache"))
     first = loaded(folder)
@@ -336,6 +346,7 @@ def test_second_start_uses_the_cached_optimized_graph(tiny_int4, tmp_path):
     assert greedy(first, prompt, 8) == greedy(second, prompt, 8)
 
 
+@pytest.mark.slow
 def test_package_folder_resolves_through_the_catalog_and_registry(tiny_int4):
     entry = find_model(str(tiny_int4))
     assert (entry.name, entry.format, entry.package) == ("tiny-llama", "onnx", tiny_int4)
@@ -345,6 +356,7 @@ def test_package_folder_resolves_through_the_catalog_and_registry(tiny_int4):
     assert backend.load().n_slots == 2
 
 
+@pytest.mark.slow
 def test_manifest_records_every_file(tiny_int4):
     manifest = read_manifest(tiny_int4)
     names = {f.path for f in manifest.files}
@@ -354,6 +366,7 @@ def test_manifest_records_every_file(tiny_int4):
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in raw["files"])
 
 
+@pytest.mark.slow
 def test_loading_refuses_a_tampered_file_naming_it(tiny_int4, tmp_path):
     folder = shutil.copytree(tiny_int4, tmp_path / "pkg")
     data = folder / "model.onnx.data"

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.calibration import text_calibration
-from distill.gptq import Grid
-from distill.qat import kl_from_float, train_on_grids
-from tests.onnx_models import CORPUS, build_tiny_llama
-from tests.test_export import greedy_text, runner_for
-from tests.test_gptq import assert_gguf_holds, assert_onnx_holds, export_with_gptq, read_quantization
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+pytest.importorskip("gguf")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from distill.calibration import text_calibration  # noqa: E402
+from distill.gptq import Grid  # noqa: E402
+from distill.qat import kl_from_float, train_on_grids  # noqa: E402
+from tests.distill_helpers import (  # noqa: E402
+    assert_gguf_holds, assert_onnx_holds, export_with_gptq, greedy_text, read_quantization, runner_for,
+)
+from tests.onnx_models import CORPUS, build_tiny_llama  # noqa: E402
 
 
+@pytest.mark.slow
 def test_qat_follows_the_float_model_closer_than_rounding_alone(tmp_path):
     src = build_tiny_llama(tmp_path / "tiny")
     samples = text_calibration(AutoTokenizer.from_pretrained(src), "\n".join(CORPUS * 8), count=256, length=64)
