@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from appliance.cli import cli
 from tests.fakes import spawn_thread
-from tests.helpers import CHAT, COMPLETIONS, bearer, chat, chat_body, create_key, key_id, last_reply, start_service, wait_for
+from tests.helpers import CHAT, COMPLETIONS, bearer, chat, chat_body, create_key, key_id, last_reply, needs_bundled_model, start_service, wait_for
 
 
 def assert_error(response, status: int, type_: str, code: str) -> dict:
@@ -117,6 +117,7 @@ def test_auth_off_serves_without_a_key_but_still_names_the_key(make_box):
 
 
 # -- listening beyond loopback --------------------------------------------------------------------
+@needs_bundled_model
 def test_serve_refuses_a_non_loopback_host_without_an_admin_key(tmp_path):
     env = {"APPLIANCE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-m", "appliance", "serve", "--host", "0.0.0.0", "--port", "1"],

