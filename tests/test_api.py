@@ -99,12 +99,15 @@ def test_seed_makes_sampling_repeatable(openai_client):
 
 def test_completions_non_streamed_and_streamed(openai_client, service):
     prompt = "The capital of France is"
-    plain = openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    # A seed starts both cold: a prompt prefilled whole and one finished on top of the other's cached
+    # prefix take different kernels, whose last bits can tip a near-tie (seen on ONNX Runtime).
+    plain = openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, seed=7)
     assert plain.object == "text_completion"
     assert "Paris" in plain.choices[0].text
     assert plain.usage.completion_tokens > 0
     streamed = "".join(
-        c.choices[0].text for c in openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        c.choices[0].text for c in openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                                  seed=7, stream=True)
         if c.choices
     )
     assert streamed == plain.choices[0].text
