@@ -168,6 +168,7 @@ class Box:
 
     def __init__(self, tmp_path, fake: dict, settings: dict):
         tmp_path.mkdir()
+        self.tmp_path = tmp_path
         self.model_path = tmp_path / "fake.json"
         self.model_path.write_text(json.dumps({"reply": REPLY, "context_length": 256} | fake))
         self.settings = load_settings(

@@ -336,6 +336,16 @@ def test_readyz_and_healthz(box):
     assert ready.status_code == 200 and ready.get_json()["model"]["loaded"]
 
 
+def test_probes_and_model_listing_show_no_paths_or_pids_only_the_admin_api_does(box):
+    """Anyone on the LAN may call /readyz; /v1/models is a user's: neither names a file or a process."""
+    model_path = str(box.model_path)
+    for path in ("/readyz", "/v1/models"):
+        text = box.client.get(path).get_data(as_text=True)
+        assert model_path not in text and "runner_pid" not in text and str(box.tmp_path) not in text, (path, text)
+    internals = box.client.get("/api/status").get_json()["model"]
+    assert internals["path"] == model_path and "runner_pid" in internals
+
+
 # -- one request, one model session -----------------------------------------------------------
 @pytest.mark.parametrize("path, body", [
     (CHAT, chat_body()),

@@ -21,7 +21,8 @@ def status():
 
 def _status() -> dict:
     st = state()
-    return st.power.status() | {"queue": st.admission.stats() | {"batch_size": st.runner.last_batch_size}}
+    return st.power.status() | {"model": st.runner.info(internals=True),
+                                "queue": st.admission.stats() | {"batch_size": st.runner.last_batch_size}}
 
 
 @bp.post("/power")

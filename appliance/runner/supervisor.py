@@ -259,10 +259,12 @@ class ModelRunner:
     def pid(self) -> int | None:
         return self._child.pid if self._child else None
 
-    def info(self) -> dict:
-        info = {"id": self.entry.name, "format": self.entry.format, "path": str(self.entry.path),
-                "loaded": self.is_loaded, "load_count": self.load_count, "runner_crashes": self.crash_count,
-                "runner_pid": self.pid if self.is_loaded else None}
+    def info(self, internals: bool = False) -> dict:
+        """What clients may know of the model; ``internals`` (its file's path, the runner's pid) for admins only."""
+        info = {"id": self.entry.name, "format": self.entry.format, "loaded": self.is_loaded,
+                "load_count": self.load_count, "runner_crashes": self.crash_count}
+        if internals:
+            info.update(path=str(self.entry.path), runner_pid=self.pid if self.is_loaded else None)
         if self.facts is not None:
             info.update(self.facts.info, context_length=self.facts.context_length, parallel=self.facts.n_slots)
         else:
