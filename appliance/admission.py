@@ -1,12 +1,17 @@
-"""Admission in front of the runner's slots: a bounded priority queue with aging, and token buckets.
+"""Admission in front of the runner's slots: a priority queue admitted by deadline, with aging, and token buckets.
 
 A request first passes its client's token buckets (requests per minute,
-generated tokens per minute), then takes a place in the queue of its
-priority class. The runner has ``slots`` sequences; whenever one is free the
-waiting request with the highest priority runs, FIFO within a class. Waiting
-raises a request's priority by one class every ``aging`` seconds, so batch
-work is never starved. A full queue or an empty bucket answers 429 with
-Retry-After; a request waiting past its class's timeout gets a clear 503.
+generated tokens per minute), then joins the queue of its priority class if
+the box expects to start it within that class's deadline (its ``timeout``):
+the expected wait is the queue ahead of it divided by the measured
+throughput (slots over the recent time a request holds one). When it
+cannot, it gets 429 with a Retry-After of the honest estimate of when it
+could, so a client that honours it gets in on its next try. ``queue_size``
+stays as a hard bound on memory. The runner has ``slots`` sequences;
+whenever one is free the waiting request with the highest priority runs,
+FIFO within a class. Waiting raises a request's priority by one class every
+``aging`` seconds, so batch work is never starved. A request that still
+waits past its class's timeout gets a clear 503.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from collections.abc import Callable
 
 from appliance.config import DEFAULT_CLASS, DEFAULT_CLASSES, PriorityClass
 from appliance.errors import APIError, InvalidRequest
+
+
+HOLDS_KEPT = 64  # recent slot holding times the throughput is measured over
 
 
 class TooManyRequests(APIError):
@@ -66,6 +74,7 @@ class Ticket:
         self.admission, self.cls, self.client, self.seq = admission, cls, client, seq
         self.limits = limits  # the client's own buckets, should they be rebuilt before it is released
         self.arrived = admission.clock()
+        self.started: float | None = None  # when it got its slot
         self.running = False
         self.done = False
 
@@ -93,6 +102,7 @@ class Admission:
         self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
         self._seq = itertools.count()
         self._waits = deque(maxlen=1000)  # seconds each recent request waited for its slot
+        self._holds = deque(maxlen=HOLDS_KEPT)  # seconds each recent request held its slot
 
     # -- admission -----------------------------------------------------------
     def admit(self, client: str, class_name: str | None, limits: tuple[int | None, int | None] = (None, None)) -> Ticket:
@@ -103,10 +113,11 @@ class Admission:
             if len(self._waiting) >= self.queue_size and self._running >= self.slots:
                 raise TooManyRequests(f"the queue is full ({self.queue_size} requests waiting for "
                                       f"{self.slots} slots); retry later", code="queue_full",
-                                      retry_after=self._expected_wait())
+                                      retry_after=self._seconds_per_start())
             if cls.max_concurrency and self._per_class[cls.name] >= cls.max_concurrency:
                 raise TooManyRequests(f"priority class {cls.name!r} already has its {cls.max_concurrency} requests "
-                                      "in flight; retry later", code="class_busy", retry_after=self._expected_wait())
+                                      "in flight; retry later", code="class_busy", retry_after=self._seconds_per_start())
+            self._check_deadline(cls)
             self._take_request_token(client, limits)
             self._per_class[cls.name] += 1
             ticket = Ticket(self, cls, client, next(self._seq), limits)
@@ -145,8 +156,27 @@ class Admission:
         if requests is not None:
             requests.level -= 1
 
-    def _expected_wait(self) -> float:
-        return max(1.0, statistics.median(self._waits)) if self._waits else 1.0
+    # -- the expected wait ---------------------------------------------------------------
+    def _seconds_per_start(self) -> float:
+        """Seconds between two requests getting a slot, at the throughput measured lately; 0 before any."""
+        if not self._holds:
+            return 0.0
+        return statistics.median(self._holds) / self.slots
+
+    def expected_wait(self, cls: PriorityClass) -> float:
+        """Seconds a request of ``cls`` arriving now would wait for its slot: the queue ahead of it at the
+        measured throughput (waiting requests of its priority or higher; lower ones it overtakes)."""
+        ahead = sum(t.cls.priority >= cls.priority for t in self._waiting)
+        starts_needed = ahead + 1 - max(0, self.slots - self._running)
+        return max(0, starts_needed) * self._seconds_per_start()
+
+    def _check_deadline(self, cls: PriorityClass) -> None:
+        wait = self.expected_wait(cls)
+        if cls.timeout and wait > cls.timeout:
+            raise TooManyRequests(
+                f"the box expects to start this request in {wait:.0f} s, past the {cls.timeout:.0f} s deadline of "
+                f"priority class {cls.name!r}; retry after the time given in Retry-After", code="queue_deadline",
+                retry_after=wait - cls.timeout)
 
     # -- waiting -----------------------------------------------------------
     def _wait(self, ticket: Ticket, cancelled: Callable[[], bool]) -> None:
@@ -164,7 +194,8 @@ class Admission:
             self._waiting.remove(ticket)
             self._running += 1
             ticket.running = True
-            self._waits.append(self.clock() - ticket.arrived)
+            ticket.started = self.clock()
+            self._waits.append(ticket.started - ticket.arrived)
             self._cond.notify_all()
 
     def _my_turn(self, ticket: Ticket) -> bool:
@@ -187,6 +218,7 @@ class Admission:
             ticket.done = True
             if ticket.running:
                 self._running -= 1
+                self._holds.append(self.clock() - ticket.started)
             else:
                 self._waiting.remove(ticket)
             self._per_class[ticket.cls.name] -= 1
@@ -207,6 +239,7 @@ class Admission:
                 "queued_by_class": {name: sum(t.cls.name == name for t in self._waiting) for name in self.classes},
                 "wait_ms_p50": round(waits[len(waits) // 2] * 1000, 1) if waits else None,
                 "wait_ms_p99": round(waits[int(len(waits) * 0.99)] * 1000, 1) if waits else None,
+                "expected_wait_s": {name: round(self.expected_wait(cls), 2) for name, cls in self.classes.items()},
             }
 
 

@@ -95,7 +95,7 @@ class Settings:
     context_length: int = field(default=4096, metadata={"help": "context window of each slot in tokens: what one request may hold (capped at the model's own)"})
     parallel: int = field(default=4, metadata={"help": "slots: requests generated together in one batch (each has its own KV cache of context_length tokens)"})
     stream_interval: float = field(default=0.025, metadata={"help": "seconds a stream's text may be held to send several tokens at once (a request's first text and its end go at once; 0: every token)"})
-    queue_size: int = field(default=32, metadata={"help": "requests that may wait for a slot; beyond that the service answers 429"})
+    queue_size: int = field(default=256, metadata={"help": "most requests that may wait for a slot (each holds an HTTP thread); a request joins only when it is expected to start within its class's timeout, else 429 with the estimate as Retry-After"})
     queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
     priority_classes: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLASSES], metadata={"help": "priority classes: name, priority (higher first), max_concurrency (0: no limit), timeout (seconds in the queue, 0: no limit)"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
@@ -109,6 +109,7 @@ class Settings:
     log_keep_mb: float = field(default=0.0, metadata={"help": "keep the log's rows within this many MiB, pruning the oldest (0: no limit)"})
     audit_checkpoint_rows: int = field(default=100, metadata={"help": "sign a checkpoint of the log's hash chain every this many rows (0: only at shutdown and pruning)"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body accepted, in bytes"})
+    max_connections: int = field(default=1000, metadata={"help": "open client connections the box holds; past that, the one idle longest (silent, or still sending its request) is closed to make room, and a running request never is"})
     http_threads: int = field(default=0, metadata={"help": "HTTP worker threads (0: parallel + queue_size + 4, so health probes always find one free)"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime execution provider: auto, cuda, tensorrt or cpu (auto: best available, else CPU)"})
     idle_after: float = field(default=300.0, metadata={"help": "seconds without requests before going idle (KV cache freed, power profile lowered)"})
@@ -245,7 +246,7 @@ def _validate(settings: Settings) -> None:
     if settings.provider not in PROVIDERS:
         raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
     for name in ("port", "threads", "context_length", "parallel", "max_request_bytes", "idle_after", "deep_idle_after",
-                 "sample_every", "queue_aging"):
+                 "sample_every", "queue_aging", "max_connections"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
     for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars",

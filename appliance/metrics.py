@@ -100,6 +100,12 @@ class _StateCollector:
         for name, count in stats["queued_by_class"].items():
             depth.add_metric([name], count)
         yield depth
+        expected = GaugeMetricFamily("appliance_expected_wait_seconds",
+                                     "Expected wait for a slot of a request arriving now, by priority class "
+                                     "(the queue ahead at the measured throughput)", labels=["priority_class"])
+        for name, seconds in stats["expected_wait_s"].items():
+            expected.add_metric([name], seconds)
+        yield expected
         yield _gauge("appliance_batch_size", "Sequences in the runner's last batched decode step",
                      runner.last_batch_size)
         yield _gauge("appliance_runner_streams", "Requests the runner holds now (generating or prefilling)",

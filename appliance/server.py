@@ -12,10 +12,8 @@ import signal
 import ssl
 import threading
 
-import waitress
-from waitress.server import BaseWSGIServer
-
 from appliance.auth import is_loopback
+from appliance.front_door import FrontDoor, allow_open_files, create_front_door
 from appliance.state import AppState
 from appliance.tls_frontend import TLSFrontend
 
@@ -58,33 +56,20 @@ def serve(app, tls_context: ssl.SSLContext | None = None, on_ready=print) -> Non
         on_ready("appliance: stopped")
 
 
-def _listen(app, settings, tls_context: ssl.SSLContext | None) -> tuple[BaseWSGIServer, TLSFrontend | None, str]:
+def _listen(app, settings, tls_context: ssl.SSLContext | None) -> tuple[FrontDoor, TLSFrontend | None, str]:
     """waitress on the public address; with TLS, on loopback behind a TLSFrontend on the public address.
 
     Returns the waitress server, the frontend (or None) and the address clients use.
     """
+    connections = allow_open_files(settings.max_connections)
     if tls_context is None:
-        server = _waitress(app, settings.host, settings.port, settings.worker_threads)
+        server = create_front_door(app, settings.host, settings.port, settings.worker_threads, connections)
         _warn_if_clear_text(settings.host)
         return server, None, f"http://{settings.host}:{server.effective_port}/v1"
-    frontend = TLSFrontend(tls_context, settings.host, settings.port)
-    server = _waitress(frontend.wrap(app), "127.0.0.1", 0, settings.worker_threads)
+    frontend = TLSFrontend(tls_context, settings.host, settings.port, max_connections=connections)
+    server = create_front_door(frontend.wrap(app), "127.0.0.1", 0, settings.worker_threads, connections)
     frontend.start(upstream_port=server.effective_port)
     return server, frontend, f"https://{settings.host}:{frontend.port}/v1"
-
-
-def _waitress(app, host: str, port: int, threads: int) -> BaseWSGIServer:
-    return waitress.create_server(
-        app,
-        host=host,
-        port=port,
-        threads=threads,
-        # Lets waitress notice a client that hangs up while its request runs,
-        # so a dropped stream stops generating (environ["waitress.client_disconnected"]).
-        channel_request_lookahead=1,
-        ident="appliance",
-        clear_untrusted_proxy_headers=True,
-    )
 
 
 def _warn_if_clear_text(host: str) -> None:

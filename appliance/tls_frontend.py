@@ -21,7 +21,7 @@ log = logging.getLogger("appliance")
 
 HANDSHAKE_TIMEOUT = 10  # seconds a new connection has for its TLS handshake
 SEND_TIMEOUT = 120  # seconds either side may refuse what is sent to it (waitress's own channel_timeout)
-MAX_CONNECTIONS = 100  # waitress's own connection_limit
+MAX_CONNECTIONS = 1000  # the service's max_connections
 ACCEPT_POLL = 0.5  # seconds between looks at whether the frontend was closed
 CHUNK = 64 * 1024
 TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of every TLS client
@@ -107,12 +107,16 @@ class TLSFrontend:
 
     One thread a connection: it does the handshake, then moves bytes both ways until either side
     closes, and then closes both, so that waitress sees a client that left as its connection closing.
+    With every place taken, the connection longest in its handshake (silent, or slow on purpose) is
+    closed to make room; a relayed connection that goes idle is waitress's to close.
     """
 
     def __init__(self, context: ssl.SSLContext, host: str, port: int, max_connections: int = MAX_CONNECTIONS):
         self._context = context
         self._listener = _listen(host, port)
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._handshaking: dict[socket.socket, None] = {}  # connections in their handshake, oldest first
+        self._handshaking_lock = threading.Lock()
         self._closed = threading.Event()
         self._upstream_port = 0
         self._acceptor: threading.Thread | None = None
@@ -140,9 +144,11 @@ class TLSFrontend:
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
-            # With every slot taken, new clients wait in the listen backlog, as with waitress's own limit.
-            if not self._slots.acquire(timeout=ACCEPT_POLL):
-                continue
+            if not self._slots.acquire(blocking=False):
+                self._drop_oldest_handshake()
+                # Every place is relaying: new clients wait in the listen backlog until one ends.
+                if not self._slots.acquire(timeout=ACCEPT_POLL):
+                    continue
             try:
                 conn, peer = self._listener.accept()
             except OSError as exc:
@@ -155,11 +161,28 @@ class TLSFrontend:
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         try:
-            tls = _handshake(self._context, conn, peer)
+            with self._handshaking_lock:
+                self._handshaking[conn] = None
+            try:
+                tls = _handshake(self._context, conn, peer)
+            finally:
+                with self._handshaking_lock:
+                    self._handshaking.pop(conn, None)
             if tls is not None:
                 self._relay(tls, peer)
         finally:
             self._slots.release()
+
+    def _drop_oldest_handshake(self) -> None:
+        """End the handshake that began first: its thread sees the connection close and frees its place."""
+        with self._handshaking_lock:
+            oldest = next(iter(self._handshaking), None)
+            self._handshaking.pop(oldest, None)
+        if oldest is not None:
+            try:
+                oldest.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _relay(self, tls: ssl.SSLSocket, peer: tuple[str, int]) -> None:
         try:

@@ -322,3 +322,42 @@ def test_a_clients_own_limits_hold_even_when_its_buckets_are_rebuilt():
     ticket.release(completion_tokens=150)
     with pytest.raises(TooManyRequests, match="100 generated tokens per minute"):
         admission.admit("key:k", None, limits=(None, 100))
+
+
+def test_a_request_is_admitted_only_if_it_can_start_within_its_class_deadline():
+    clock = Clock()
+    admission = Admission(slots=2, queue_size=100, clock=clock,
+                          classes=[{"name": "default", "priority": 1, "timeout": 25}])
+    for _ in range(4):  # the measured throughput: each request holds its slot 10 s, so one starts every 5 s
+        ticket = admission.admit("a", None)
+        ticket.wait(lambda: False)
+        clock.now += 10
+        ticket.release()
+    assert admission.stats()["expected_wait_s"] == {"default": 0}
+    running = [admission.admit("a", None) for _ in range(2)]
+    for ticket in running:
+        ticket.wait(lambda: False)
+    waiting = [admission.admit("b", None) for _ in range(4)]  # the 5th in line would wait 5 x 5 s = 25 s: in
+    assert admission.stats()["expected_wait_s"] == {"default": 25}
+    waiting.append(admission.admit("b", None))
+    with pytest.raises(TooManyRequests) as refused:  # the 6th would wait 30 s, past the 25 s deadline
+        admission.admit("c", None)
+    assert refused.value.code == "queue_deadline" and refused.value.retry_after == 5  # the honest estimate
+    clock.now += 5  # one request ends and the first waiting one starts: the queue is one shorter
+    running[0].release()
+    waiting[0].wait(lambda: False)
+    admission.admit("c", None)  # the client that honoured Retry-After gets in
+
+
+def test_the_queue_size_stays_a_hard_bound_with_an_honest_retry_after():
+    clock = Clock()
+    admission = Admission(slots=1, queue_size=1, clock=clock)
+    first = admission.admit("a", None)
+    first.wait(lambda: False)
+    clock.now += 8
+    first.release()
+    admission.admit("a", None).wait(lambda: False)
+    admission.admit("b", None)
+    with pytest.raises(TooManyRequests) as refused:
+        admission.admit("c", None)
+    assert refused.value.code == "queue_full" and refused.value.retry_after == 8  # one start every 8 s

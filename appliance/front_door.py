@@ -1,0 +1,81 @@
+"""The plain-HTTP front door: waitress, holding many connections and never shut by idle ones.
+
+waitress stops accepting at its ``connection_limit`` and closes an idle channel only after
+``channel_timeout``, so a few hundred sockets that send nothing (or half a request) locked every
+client out. This server keeps accepting: at the limit it closes the connection that has been idle
+longest (no request in progress: silent, keep-alive, or still sending its headers or body) to make
+room. A connection whose request is running, a streaming answer included, is never closed this way,
+and waitress's ``client_disconnected`` still tells a generation that its client left.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+from waitress.adjustments import Adjustments
+from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
+
+log = logging.getLogger("appliance")
+
+FILES_PER_CONNECTION = 3  # its socket, and behind TLS the relay's two
+SPARE_FILES = 256  # the database, the runner's pipe, the model files, logs
+
+
+class FrontDoor(TcpWSGIServer):
+    """waitress's TCP server, evicting the longest-idle connection instead of refusing new ones."""
+
+    evictions = 0
+
+    def readable(self) -> bool:
+        now = time.time()
+        if now >= self.next_channel_cleanup:  # waitress's own sweep of channels idle past channel_timeout
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        return self.accepting
+
+    def handle_accept(self) -> None:
+        if len(self.active_channels) >= self.adj.connection_limit:
+            self._evict_longest_idle()
+        super().handle_accept()
+
+    def _evict_longest_idle(self) -> None:
+        idle = [channel for channel in self.active_channels.values() if not channel.requests]
+        if not idle:  # every connection has a request in progress: real load, which admission answers
+            return
+        oldest = min(idle, key=lambda channel: channel.last_activity)
+        self.evictions += 1
+        oldest.handle_close()
+
+
+def create_front_door(app, host: str, port: int, threads: int, max_connections: int) -> FrontDoor:
+    """The server for ``app``, listening on host:port, with ``threads`` workers and room for ``max_connections``."""
+    adj = Adjustments(
+        host=host, port=port, threads=threads, connection_limit=max_connections,
+        asyncore_use_poll=True,  # select() cannot watch a descriptor numbered past 1024
+        # Lets waitress notice a client that hangs up while its request runs,
+        # so a dropped stream stops generating (environ["waitress.client_disconnected"]).
+        channel_request_lookahead=1,
+        ident="appliance", clear_untrusted_proxy_headers=True,
+    )
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(adj.threads)
+    return FrontDoor(app, map={}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
+
+
+def allow_open_files(connections: int) -> int:
+    """Raise this process's open-file limit for ``connections``; returns how many connections fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections * FILES_PER_CONNECTION + SPARE_FILES
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    fits = max(1, (soft - SPARE_FILES) // FILES_PER_CONNECTION)
+    if fits < connections:
+        log.warning("the open-file limit (%d) holds %d connections, not max_connections=%d: raise it "
+                    "(LimitNOFILE= in the systemd unit, ulimit -n)", soft, fits, connections)
+    return min(fits, connections)
