@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from distill.export_request import ExportError, ExportRequest, Progress, step
 from distill.rounding import rounded_source
 from distill.targets import GGUF_QUANT_TYPES, TargetProfile, formats_for, get_target
-from models.manifest import CACHE_DIR, sha256_file, write_manifest
+from models.manifest import CACHE_DIR, Manifest, sha256_file, write_manifest
 
 if TYPE_CHECKING:
     from distill.calibration import Calibration
@@ -101,14 +101,14 @@ def _export_one(request: ExportRequest, profile: TargetProfile, fmt: str, refere
         folder = work / "package"
         quantization = _build(request, profile, fmt, folder, calibration, progress)
         write = partial(_write_manifest, request, profile, fmt, folder, quantization, source)
-        metrics = None
+        metrics, known = None, ()
         if reference is not None:
             from distill.export_report import write_report
 
-            if fmt == "onnx":
-                write()  # ONNX Runtime's backend loads only a package with a manifest; the report's measures load it
+            if fmt == "onnx":  # ONNX Runtime's backend loads only a package with a manifest; the report loads it
+                known = write().files  # the final manifest hashes only the report's files
             metrics = write_report(request, profile, fmt, folder, quantization, reference, progress)
-        write(metrics)
+        write(metrics, known)
         _publish(folder, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -165,13 +165,13 @@ def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, pr
 
 
 def _write_manifest(request: ExportRequest, profile: TargetProfile, fmt: str, folder: Path, quantization: str,
-                    source: dict, metrics: dict | None = None) -> None:
+                    source: dict, metrics: dict | None = None, known: tuple = ()) -> Manifest:
     shutil.rmtree(folder / CACHE_DIR, ignore_errors=True)  # the backend's optimized graph: derived, never shipped
     config = json.loads((request.src / "config.json").read_text())
-    write_manifest(
+    return write_manifest(
         folder, name=package_name(request, profile, fmt), architecture=config["model_type"], format=fmt,
         quantization=quantization, target=profile.name, context_length=int(config["max_position_embeddings"]),
-        source=source, metrics=metrics, aliases=request.aliases,
+        source=source, metrics=metrics, aliases=request.aliases, known=known,
     )
 
 

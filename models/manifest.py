@@ -75,13 +75,19 @@ def write_manifest(
     source: dict | None = None,
     metrics: dict | None = None,
     aliases: tuple[str, ...] = (),
+    known: tuple[FileRecord, ...] = (),
 ) -> Manifest:
-    """Record every file of folder (except the manifest itself) with its size and sha256."""
+    """Record every file of folder (except the manifest itself) with its size and sha256.
+
+    ``known``: records this writer made of files it has not changed since (a manifest written before the
+    package's report was added); a file with the same path and size is not hashed again.
+    """
     folder = Path(folder)
     if format not in FORMATS:
         raise ManifestError(f"format must be one of {FORMATS}, got {format!r}")
+    hashed = {record.path: record for record in known}
     files = tuple(
-        FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p))
+        _record(folder, p, hashed.get(p.relative_to(folder).as_posix()))
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST and not _is_cache(p.relative_to(folder))
     )
@@ -92,6 +98,13 @@ def write_manifest(
     )
     (folder / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
+
+
+def _record(folder: Path, path: Path, known: FileRecord | None) -> FileRecord:
+    size = path.stat().st_size
+    if known is not None and known.size == size:
+        return known
+    return FileRecord(path.relative_to(folder).as_posix(), size, sha256_file(path))
 
 
 def _is_cache(relative: Path) -> bool:

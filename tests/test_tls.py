@@ -25,8 +25,8 @@ from cryptography import x509
 
 from appliance import certificates, tls_frontend
 from appliance.config import ConfigError, load_settings
-from tests.helpers import MODEL, start_service
-from tests.helpers import COUNTING, ENDED_AT_ONCE, assert_left_499, last_id, wait_finished, wait_for_row
+from tests.helpers import (COUNTING, ENDED_AT_ONCE, MODEL, assert_left_499, last_id, start_service, wait_finished,
+                           wait_for_row)
 
 
 def self_signed(out: Path, *args: str) -> subprocess.CompletedProcess:

@@ -378,3 +378,21 @@ def test_every_setting_is_in_the_readmes_table():
     table = readme[readme.index("## Configuration"):readme.index("## Keys and browser safety")]
     missing = [f.name for f in fields(Settings) if f"`{f.name}`" not in table]
     assert missing == []
+
+
+def test_a_manifest_written_again_hashes_only_the_files_it_did_not_know(tmp_path, monkeypatch):
+    import models.manifest as manifest_module
+
+    (tmp_path / "model.onnx").write_bytes(b"weights")
+    meta = dict(name="m", architecture="llama", format="onnx", quantization="int4", target="cpu", context_length=64)
+    first = manifest_module.write_manifest(tmp_path, **meta)
+    (tmp_path / "report.md").write_text("measured")
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    second = manifest_module.write_manifest(tmp_path, **meta, metrics={"ppl": 1.0}, known=first.files)
+    assert hashed == ["report.md"]  # the model file's record was known
+    assert {r.path for r in second.files} == {"model.onnx", "report.md"}
+    (tmp_path / "model.onnx").write_bytes(b"other weights")  # a file that changed size is hashed again
+    third = manifest_module.write_manifest(tmp_path, **meta, known=first.files)
+    assert next(r for r in third.files if r.path == "model.onnx").sha256 == real(tmp_path / "model.onnx")
