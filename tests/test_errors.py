@@ -30,7 +30,7 @@ BAD_REQUESTS = [
     ("stream-not-bool", CHAT, {"messages": HI, "stream": "yes"}, 400, "stream", "invalid_value"),
     ("n-greater-than-one", CHAT, {"messages": HI, "n": 2}, 400, "n", "invalid_value"),
     ("too-many-stops", CHAT, {"messages": HI, "stop": [str(i) for i in range(17)]}, 400, "stop", "invalid_value"),
-    ("penalty", CHAT, {"messages": HI, "presence_penalty": 0.5}, 400, "presence_penalty", "invalid_value"),
+    ("penalty", CHAT, {"messages": HI, "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
     ("unknown-field", CHAT, {"messages": HI, "tempreature": 0.5}, 400, "tempreature", "unknown_parameter"),
     ("unknown-model", CHAT, {"model": "gpt-5", "messages": HI}, 404, "model", "model_not_found"),
     ("max-tokens-beyond-context", CHAT, {"messages": HI, "max_tokens": 100_000}, 400, "max_tokens", "context_length_exceeded"),

@@ -372,3 +372,33 @@ def test_power_hooks_fire_exactly_once_per_request(make_box, path, body):
     r.close()
     assert box.hooks == ["begin", "end"], box.hooks
     assert counts == [0] and power.in_flight == 0
+
+
+# -- sampling options ------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, param", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repeat_penalty": 0}, "repeat_penalty"),
+    ({"repeat_last_n": -2}, "repeat_last_n"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"hello": 1}}, "logit_bias"),
+    ({"logit_bias": {"65": 101}}, "logit_bias"),
+    ({"logit_bias": {"65": "a lot"}}, "logit_bias.65"),
+    ({"logit_bias": {"999999": -100}}, "logit_bias"),  # the runner knows the vocabulary: 258 ids
+])
+def test_sampling_options_out_of_range_are_a_400_naming_the_field(box, extra, param):
+    assert_openai_error(box.client.post(CHAT, json=chat_body(**extra)), 400, param=param)
+
+
+def test_penalties_logit_bias_and_the_models_defaults_are_accepted(box):
+    r = box.client.post(CHAT, json=chat_body(presence_penalty=0.5, frequency_penalty=0.5, repeat_penalty=1.1,
+                                             repeat_last_n=-1, min_p=0.05, logit_bias={"65": -100, "66": 5}))
+    assert r.status_code == 200, r.get_json()
+    defaults = box.client.get("/v1/models").get_json()["data"][0]["appliance"]["sampling_defaults"]
+    assert defaults["temperature"] == 0.8 and defaults["repeat_penalty"] == 1.0  # the fake has none of its own
+
+
+def test_model_sampling_in_the_config_replaces_the_models_defaults(make_box):
+    box = make_box(model_sampling={"fake": {"temperature": 0.3, "repeat_penalty": 1.2}})
+    defaults = box.client.get("/v1/models").get_json()["data"][0]["appliance"]["sampling_defaults"]
+    assert defaults["temperature"] == 0.3 and defaults["repeat_penalty"] == 1.2 and defaults["top_k"] == 40

@@ -396,3 +396,10 @@ def test_a_manifest_written_again_hashes_only_the_files_it_did_not_know(tmp_path
     (tmp_path / "model.onnx").write_bytes(b"other weights")  # a file that changed size is hashed again
     third = manifest_module.write_manifest(tmp_path, **meta, known=first.files)
     assert next(r for r in third.files if r.path == "model.onnx").sha256 == real(tmp_path / "model.onnx")
+
+
+def test_model_sampling_must_name_known_options():
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_settings(overrides={"model_sampling": {"m": {"temprature": 0.2}}}, environ={})
+    settings = load_settings(environ={"APPLIANCE_MODEL_SAMPLING": '{"m": {"temperature": 0.2}}'})
+    assert settings.model_sampling == {"m": {"temperature": 0.2}}

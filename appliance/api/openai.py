@@ -13,6 +13,7 @@ from appliance import auth
 from appliance.api import request_log
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from appliance.backends.base import SamplingParams, Usage
+from appliance.config import SAMPLING_DEFAULTS
 from appliance.errors import GenerationFailed, InvalidRequest, ModelNotFoundError
 from appliance.generation import Generation
 from appliance.request import LoggedRequest
@@ -27,7 +28,7 @@ request_log.attach(bp)
 @bp.get("/models")
 def list_models():
     runner = state().runner
-    info = runner.info()
+    info = runner.info() | {"sampling_defaults": sampling_defaults(runner)}
     return jsonify(
         {
             "object": "list",
@@ -70,15 +71,16 @@ def _arrived(req, prompt: str) -> None:
     g.logged_request.describe(runner.name, prompt, req.stream)
 
 
+def sampling_defaults(runner) -> dict:
+    """The service's defaults, then the model's own (its catalog entry or package), then the config's for it."""
+    return SAMPLING_DEFAULTS | runner.entry.sampling | state().settings.model_sampling.get(runner.name, {})
+
+
 def _sampling_params(req) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=req.max_tokens,
-        temperature=0.8 if req.temperature is None else req.temperature,
-        top_p=0.95 if req.top_p is None else req.top_p,
-        top_k=40 if req.top_k is None else req.top_k,
-        seed=req.seed,
-        stop=req.stop_list,
-    )
+    options = sampling_defaults(state().runner)
+    options.update({name: getattr(req, name) for name in SAMPLING_DEFAULTS if getattr(req, name) is not None})
+    return SamplingParams(max_tokens=req.max_tokens, seed=req.seed, stop=req.stop_list,
+                          logit_bias=req.logit_bias_pairs, **options)
 
 
 def _respond(req, messages, prompt, chat: bool):

@@ -23,6 +23,7 @@ MAX_INT_DIGITS = 100
 
 MAX_TOP_K = 1_000_000  # more than any vocabulary; the engines take a 32-bit int
 MAX_STOP_CHARS = 1000  # every generated token is matched against each stop string
+MAX_LOGIT_BIAS = 1024  # biased tokens per request (OpenAI takes 300)
 
 
 class _Strict(BaseModel):
@@ -68,10 +69,22 @@ class _GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported",
-                                           json_schema_extra={"enum": [0, None]})
-    frequency_penalty: float | None = Field(None, description="accepted for compatibility; only 0 is supported",
-                                            json_schema_extra={"enum": [0, None]})
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="llama.cpp-style extension: drop tokens less "
+                                "likely than min_p times the likeliest; 0 disables it")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="lowers the logit of every token this "
+                                           "answer already holds (OpenAI's meaning), within repeat_last_n")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="lowers a token's logit by this times "
+                                            "how often this answer already holds it, within repeat_last_n")
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0, description="llama.cpp-style extension: divides "
+                                         "the logit of a token this answer already holds (1 disables it)")
+    repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000, description="llama.cpp-style extension: how many "
+                                      "of the latest generated tokens the penalties look at (0: none, -1: all)")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias added to its logit, -100 to "
+                                                "100; -100 bans the token",
+                                                json_schema_extra={"maxProperties": MAX_LOGIT_BIAS,
+                                                                   "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                                                                   "additionalProperties": {"minimum": -100,
+                                                                                            "maximum": 100}})
     priority: str | None = Field(None, description="priority class name (see the priority_classes setting); the X-Priority header does the same")
 
     @field_validator("stop")
@@ -99,12 +112,23 @@ class _GenerationRequest(_Strict):
             raise ValueError("only n=1 is supported: send several requests for several completions")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, value):
-        if value not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported; send 0 or leave it out")
+    def _token_ids_and_biases(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 9):
+                raise ValueError(f"keys are token ids (whole numbers as strings), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"a bias is from -100 to 100, got {bias} for token {token}")
         return value
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), float(bias)) for token, bias in (self.logit_bias or {}).items())
 
     @property
     def stop_list(self) -> tuple[str, ...]:

@@ -37,6 +37,27 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
+    # Penalties on the tokens this request generated, as llama.cpp applies them: within the last
+    # repeat_last_n of them, a token's logit is divided by repeat_penalty (multiplied where negative), then
+    # lowered by frequency_penalty x its count and by presence_penalty once (OpenAI's meaning).
+    repeat_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64  # 0: off; -1: the whole context
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 or less bans it
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+                                            or self.presence_penalty != 0.0)
+
+
+BAN = -100.0  # a logit bias this low bans its token, as OpenAI's -100 does
+
+
+def banned_or(bias: float) -> float:
+    """The bias to add to a logit: minus infinity for a ban, so no sampler can still pick the token."""
+    return float("-inf") if bias <= BAN else bias
 
 
 @dataclass
@@ -67,6 +88,7 @@ class ModelFacts:
     context_length: int  # tokens one slot holds (prompt + completion)
     n_slots: int
     n_batch: int  # most tokens one step may feed
+    n_vocab: int = 0  # token ids are 0..n_vocab-1 (0: not known)
     info: dict = field(default_factory=dict)
 
 

@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _logger as llama_logger
 
-from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
 from models.formats import GGUF_FILE_TYPES
 
 N_BATCH = 512  # tokens per decode: a prompt longer than this is fed in chunks between decode steps
@@ -51,7 +51,9 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"llama.cpp could not make a context of {per_slot} x {self.n_slots} tokens for {path}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-        return ModelFacts(context_length=per_slot, n_slots=self.n_slots, n_batch=N_BATCH, info=self._info(path))
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        return ModelFacts(context_length=per_slot, n_slots=self.n_slots, n_batch=N_BATCH, n_vocab=self._n_vocab,
+                          info=self._info(path))
 
     def _context_params(self, per_slot: int):
         params = llama_cpp.llama_context_default_params()
@@ -144,7 +146,7 @@ class LlamaCppBackend(Backend):
         old = self._samplers.pop(slot, None)
         if old is not None:
             llama_cpp.llama_sampler_free(old)
-        self._samplers[slot] = _sampler_chain(params)
+        self._samplers[slot] = _sampler_chain(params, self._n_vocab, self.requested_context_length)
 
     def step(self, feeds: list[Feed]) -> dict[int, int]:
         outputs = self._decode(feeds)
@@ -194,9 +196,19 @@ class LlamaCppBackend(Backend):
         return np.array(rows, dtype=np.float32)
 
 
-def _sampler_chain(params: SamplingParams):
-    """llama.cpp's usual order: top-k, top-p, min-p, temperature, then the seeded draw (or greedy at 0)."""
+def _sampler_chain(params: SamplingParams, n_vocab: int, context_length: int):
+    """llama.cpp's usual order: logit bias, penalties, top-k, top-p, min-p, temperature, then the seeded draw
+    (or greedy at 0, after the bias and the penalties). llama_sampler_sample feeds each drawn token back
+    to the chain, so the penalties see this request's own tokens."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if params.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+            *(llama_cpp.llama_logit_bias(token, banned_or(bias)) for token, bias in params.logit_bias))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+    if params.penalizes:
+        last_n = context_length if params.repeat_last_n < 0 else params.repeat_last_n
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+            n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
     if params.temperature <= 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
 from appliance.backends.hf_tokenizer import HfTokenizer
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
 
@@ -59,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
         self.provider: str | None = None
         self._session: ort.InferenceSession | None = None
         self._caches: dict[int, _Cache] = {}
-        self._samplers: dict[int, tuple[SamplingParams, np.random.Generator]] = {}
+        self._samplers: dict[int, SlotSampler] = {}
 
     # -- lifecycle ---------------------------------------------------------
     def load(self) -> ModelFacts:
@@ -76,7 +76,7 @@ class OnnxRuntimeBackend(Backend):
         self._device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
         trained = int(self.config.get("max_position_embeddings") or self.manifest.context_length)
         return ModelFacts(context_length=min(self.requested_context_length, trained), n_slots=self.n_slots,
-                          n_batch=N_BATCH, info=self._info(folder))
+                          n_batch=N_BATCH, n_vocab=int(self.config.get("vocab_size") or 0), info=self._info(folder))
 
     def _read_model_files(self, folder: Path) -> None:
         self.config = _read_json(folder / "config.json")
@@ -210,8 +210,7 @@ class OnnxRuntimeBackend(Backend):
             self._caches[slot] = self._empty_cache()
         elif keep < cache.length or cache.shared:
             self._caches[slot] = cache.detached(keep)
-        # No seed: numpy draws a fresh one from the OS.
-        self._samplers[slot] = (params, np.random.default_rng(params.seed))
+        self._samplers[slot] = SlotSampler(params, self.requested_context_length)
 
     def step(self, feeds: list[Feed]) -> dict[int, int]:
         for feed in feeds:
@@ -300,8 +299,7 @@ class OnnxRuntimeBackend(Backend):
         return (logits if every_position else logits[:, -1]).astype(np.float32), outputs[1:]
 
     def _sample(self, slot: int, logits: np.ndarray) -> int:
-        params, rng = self._samplers[slot]
-        return pick_token(logits, params, rng)
+        return self._samplers[slot].sample(logits)
 
     def _cache(self, slot: int) -> _Cache:
         if slot not in self._caches:
@@ -385,6 +383,38 @@ def _shape(value) -> tuple[int, ...]:
 def _host(value) -> np.ndarray:
     """A numpy view of a cache array (a copy when it lives on a GPU)."""
     return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+class SlotSampler:
+    """One sequence's sampling: its settings, its seeded draws and the tokens it generated (for the penalties)."""
+
+    def __init__(self, params: SamplingParams, context_length: int):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)  # no seed: numpy draws a fresh one from the OS
+        self.last_n = context_length if params.repeat_last_n < 0 else params.repeat_last_n
+        self.generated: list[int] = []
+
+    def sample(self, logits: np.ndarray) -> int:
+        params = self.params
+        if params.logit_bias or params.penalizes:
+            logits = logits.astype(np.float32, copy=True)
+            for token, bias in params.logit_bias:
+                logits[token] += banned_or(bias)
+            if params.penalizes:
+                penalize(logits, self.generated[-self.last_n:], params)
+        token = pick_token(logits, params, self.rng)
+        self.generated.append(token)
+        return token
+
+
+def penalize(logits: np.ndarray, recent: list[int], params: SamplingParams) -> None:
+    """llama.cpp's penalties sampler on ``recent``, in place: repeat, then frequency and presence."""
+    if not recent:
+        return
+    tokens, counts = np.unique(np.asarray(recent), return_counts=True)
+    chosen = logits[tokens]
+    chosen = np.where(chosen <= 0, chosen * params.repeat_penalty, chosen / params.repeat_penalty)
+    logits[tokens] = chosen - counts * params.frequency_penalty - params.presence_penalty
 
 
 def pick_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

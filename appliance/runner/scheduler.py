@@ -69,6 +69,10 @@ def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit) -> Prepared
     except (ChatTemplateError, BackendError) as exc:
         return msg.Refused(submit.id, str(exc), code="chat_template_error", param="messages")
     param = "messages" if submit.messages is not None else "prompt"
+    unknown = [token for token, _ in submit.params.logit_bias if facts.n_vocab and not 0 <= token < facts.n_vocab]
+    if unknown:
+        return msg.Refused(submit.id, f"logit_bias names token ids this model does not have: {unknown[:5]}; its ids "
+                           f"are 0 to {facts.n_vocab - 1}", code="invalid_value", param="logit_bias")
     if not tokens:
         return msg.Refused(submit.id, "the prompt is empty: send some text to complete", code="empty_prompt", param=param)
     context = facts.context_length
