@@ -111,9 +111,11 @@ class Admission:
         with self._cond:
             self._check_buckets(client, limits)
             if len(self._waiting) >= self.queue_size and self._running >= self.slots:
+                # When the queue ahead will have started: one free place would go to one of the many
+                # clients told to come back, so a shorter wait only brings them back to a full queue.
                 raise TooManyRequests(f"the queue is full ({self.queue_size} requests waiting for "
-                                      f"{self.slots} slots); retry later", code="queue_full",
-                                      retry_after=self._seconds_per_start())
+                                      f"{self.slots} slots); retry after the time given in Retry-After",
+                                      code="queue_full", retry_after=self.expected_wait(cls))
             if cls.max_concurrency and self._per_class[cls.name] >= cls.max_concurrency:
                 raise TooManyRequests(f"priority class {cls.name!r} already has its {cls.max_concurrency} requests "
                                       "in flight; retry later", code="class_busy", retry_after=self._seconds_per_start())
