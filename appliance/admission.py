@@ -89,17 +89,62 @@ class Ticket:
         self.admission._release(self, completion_tokens)
 
 
+class ClientBuckets:
+    """Each client's token buckets (requests and generated tokens per minute), shared by every model's queue."""
+
+    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, clock: Callable[[], float] = time.monotonic):
+        self.rpm, self.tpm, self.clock = requests_per_minute, tokens_per_minute, clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
+
+    def _pair(self, client: str, limits: tuple[int | None, int | None]) -> tuple[TokenBucket | None, TokenBucket | None]:
+        if client not in self._buckets:
+            if len(self._buckets) > 10_000:  # forget clients whose buckets are full again
+                self._buckets = {k: v for k, v in self._buckets.items() if not _all_full(v)}
+            rpm = self.rpm if limits[0] is None else limits[0]
+            tpm = self.tpm if limits[1] is None else limits[1]
+            self._buckets[client] = (TokenBucket(rpm, self.clock) if rpm else None,
+                                     TokenBucket(tpm, self.clock) if tpm else None)
+        return self._buckets[client]
+
+    def check(self, client: str, limits: tuple[int | None, int | None]) -> None:
+        """Raise 429 when the client has no request or token left this minute."""
+        with self._lock:
+            requests, tokens = self._pair(client, limits)
+            if requests is not None and requests.refill() < 1:
+                raise TooManyRequests(f"rate limit: {requests.capacity:.0f} requests per minute per client",
+                                      code="rate_limit_requests", retry_after=requests.seconds_until(1))
+            if tokens is not None and tokens.refill() <= 0:
+                raise TooManyRequests(f"rate limit: {tokens.capacity:.0f} generated tokens per minute per client",
+                                      code="rate_limit_tokens", retry_after=tokens.seconds_until(1))
+
+    def take_request(self, client: str, limits: tuple[int | None, int | None]) -> None:
+        with self._lock:
+            requests, _ = self._pair(client, limits)
+            if requests is not None:
+                requests.level -= 1
+
+    def spend_tokens(self, client: str, limits: tuple[int | None, int | None], count: int) -> None:
+        with self._lock:
+            _, tokens = self._pair(client, limits)
+            if tokens is not None:
+                tokens.refill()
+                tokens.level -= count
+
+
 class Admission:
+    """One model's queue in front of its runner's slots; ``buckets`` may be shared with other models' queues."""
+
     def __init__(self, slots: int, queue_size: int, classes: list[dict] | tuple = DEFAULT_CLASSES, aging: float = 30.0,
-                 requests_per_minute: int = 0, tokens_per_minute: int = 0, clock: Callable[[], float] = time.monotonic):
+                 requests_per_minute: int = 0, tokens_per_minute: int = 0, clock: Callable[[], float] = time.monotonic,
+                 buckets: ClientBuckets | None = None):
         self.slots, self.queue_size, self.aging, self.clock = slots, queue_size, aging, clock
         self.classes = {c["name"]: PriorityClass(**c) for c in classes}
-        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self.buckets = buckets or ClientBuckets(requests_per_minute, tokens_per_minute, clock)
         self._cond = threading.Condition()
         self._waiting: list[Ticket] = []
         self._running = 0
         self._per_class: dict[str, int] = {name: 0 for name in self.classes}
-        self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
         self._seq = itertools.count()
         self._waits = deque(maxlen=1000)  # seconds each recent request waited for its slot
         self._holds = deque(maxlen=HOLDS_KEPT)  # seconds each recent request held its slot
@@ -109,7 +154,7 @@ class Admission:
         """``limits``: the client's own (requests, tokens) per minute, e.g. its key's; None: the service's."""
         cls = self._class(class_name)
         with self._cond:
-            self._check_buckets(client, limits)
+            self.buckets.check(client, limits)
             if len(self._waiting) >= self.queue_size and self._running >= self.slots:
                 # When the queue ahead will have started: one free place would go to one of the many
                 # clients told to come back, so a shorter wait only brings them back to a full queue.
@@ -120,7 +165,7 @@ class Admission:
                 raise TooManyRequests(f"priority class {cls.name!r} already has its {cls.max_concurrency} requests "
                                       "in flight; retry later", code="class_busy", retry_after=self._seconds_per_start())
             self._check_deadline(cls)
-            self._take_request_token(client, limits)
+            self.buckets.take_request(client, limits)
             self._per_class[cls.name] += 1
             ticket = Ticket(self, cls, client, next(self._seq), limits)
             self._waiting.append(ticket)
@@ -132,31 +177,6 @@ class Admission:
             raise InvalidRequest(f"unknown priority class {name!r}: use one of {', '.join(self.classes)}",
                                  param="priority", code="invalid_value")
         return self.classes[name]
-
-    def _bucket_pair(self, client: str, limits: tuple[int | None, int | None] = (None, None)
-                     ) -> tuple[TokenBucket | None, TokenBucket | None]:
-        if client not in self._buckets:
-            if len(self._buckets) > 10_000:  # forget clients whose buckets are full again
-                self._buckets = {k: v for k, v in self._buckets.items() if not _all_full(v)}
-            rpm = self.rpm if limits[0] is None else limits[0]
-            tpm = self.tpm if limits[1] is None else limits[1]
-            self._buckets[client] = (TokenBucket(rpm, self.clock) if rpm else None,
-                                     TokenBucket(tpm, self.clock) if tpm else None)
-        return self._buckets[client]
-
-    def _check_buckets(self, client: str, limits: tuple[int | None, int | None]) -> None:
-        requests, tokens = self._bucket_pair(client, limits)
-        if requests is not None and requests.refill() < 1:
-            raise TooManyRequests(f"rate limit: {requests.capacity:.0f} requests per minute per client",
-                                  code="rate_limit_requests", retry_after=requests.seconds_until(1))
-        if tokens is not None and tokens.refill() <= 0:
-            raise TooManyRequests(f"rate limit: {tokens.capacity:.0f} generated tokens per minute per client",
-                                  code="rate_limit_tokens", retry_after=tokens.seconds_until(1))
-
-    def _take_request_token(self, client: str, limits: tuple[int | None, int | None]) -> None:
-        requests, _ = self._bucket_pair(client, limits)
-        if requests is not None:
-            requests.level -= 1
 
     # -- the expected wait ---------------------------------------------------------------
     def _seconds_per_start(self) -> float:
@@ -224,10 +244,7 @@ class Admission:
             else:
                 self._waiting.remove(ticket)
             self._per_class[ticket.cls.name] -= 1
-            _, tokens = self._bucket_pair(ticket.client, ticket.limits)
-            if tokens is not None:
-                tokens.refill()
-                tokens.level -= completion_tokens
+            self.buckets.spend_tokens(ticket.client, ticket.limits, completion_tokens)
             self._cond.notify_all()
 
     def stats(self) -> dict:

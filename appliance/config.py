@@ -99,6 +99,10 @@ class Settings:
     queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
     priority_classes: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLASSES], metadata={"help": "priority classes: name, priority (higher first), max_concurrency (0: no limit), timeout (seconds in the queue, 0: no limit)"})
     model_sampling: dict = field(default_factory=dict, metadata={"help": "per model name, sampling defaults that replace the model's own: temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty"})
+    max_loaded: int = field(default=3, metadata={"help": "models loaded at once, each in its own runner process; loading one more unloads the least recently used idle one"})
+    max_model_memory_mb: int = field(default=0, metadata={"help": "memory the loaded models may use together, in MiB (each: its file size plus its KV cache for its slots and context); 0: 80% of the box's memory"})
+    keep_alive: float = field(default=300.0, metadata={"help": "seconds a model other than the default stays loaded after its last request; the default model stays until deep idle (a request may ask for less with keep_alive)"})
+    model_settings: dict = field(default_factory=dict, metadata={"help": "per model name, settings that replace the service's for it: parallel, context_length, threads, keep_alive"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
     max_prompt_chars: int = field(default=0, metadata={"help": "longest prompt in characters, checked before tokenizing (0: 16 per token of context)"})
@@ -258,17 +262,19 @@ def _validate(settings: Settings) -> None:
     if settings.provider not in PROVIDERS:
         raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
     for name in ("port", "threads", "context_length", "parallel", "max_request_bytes", "idle_after", "deep_idle_after",
-                 "sample_every", "queue_aging", "max_connections"):
+                 "sample_every", "queue_aging", "max_connections", "max_loaded"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
     for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars",
-                 "log_text_max_chars", "log_keep_days", "log_keep_rows", "log_keep_mb", "audit_checkpoint_rows"):
+                 "log_text_max_chars", "log_keep_days", "log_keep_rows", "log_keep_mb", "audit_checkpoint_rows",
+                 "max_model_memory_mb", "keep_alive"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
     _validate_model_sampling(settings.model_sampling)
+    _validate_model_settings(settings.model_settings)
     _validate_patterns(settings.log_redact)
     _validate_power(settings)
     _validate_tls(settings)
@@ -298,6 +304,23 @@ def _validate_model_sampling(per_model: dict) -> None:
         for name, value in options.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"setting 'model_sampling' for {model!r}: {name} must be a number, got {value!r}")
+
+
+# What model_settings may set for one model: the service's own settings of these names are the default.
+MODEL_SETTINGS = ("parallel", "context_length", "threads", "keep_alive")
+
+
+def _validate_model_settings(per_model: dict) -> None:
+    for model, options in per_model.items():
+        unknown = sorted(set(options) - set(MODEL_SETTINGS))
+        if unknown:
+            raise ConfigError(f"setting 'model_settings' for {model!r}: unknown option(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(MODEL_SETTINGS)})")
+        for name, value in options.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                    value == 0 and name != "keep_alive"):
+                raise ConfigError(f"setting 'model_settings' for {model!r}: {name} must be a positive number, "
+                                  f"got {value!r}")
 
 
 def _validate_patterns(patterns: list[str]) -> None:

@@ -374,6 +374,20 @@ class Database:
         with self._lock:
             return list(self.db["power_events"].rows_where(order_by="id desc", limit=limit))
 
+    def record_model_event(self, **fields) -> int:
+        with self._write():
+            return self.db["model_events"].insert({"time": utcnow(), **fields}).last_pk
+
+    def model_events(self, limit: int = 100) -> list[dict]:
+        with self._lock:
+            return list(self.db["model_events"].rows_where(order_by="id desc", limit=limit))
+
+    def model_event_counts(self) -> list[tuple[str, str, str, int]]:
+        """(event, model, outcome, count) over the whole table: the Prometheus counters."""
+        with self._lock:
+            return self.db.execute("SELECT event, model, outcome, COUNT(*) FROM model_events "
+                                   "GROUP BY event, model, outcome").fetchall()
+
     def recent_requests(self, limit: int = 20, offset: int = 0) -> list[dict]:
         """Newest first, skipping the ``offset`` newest: pages of the log."""
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.admission import Admission, Cancelled
@@ -34,6 +35,7 @@ class Generation:
     client: str
     priority: str | None
     limits: tuple[int | None, int | None] = (None, None)  # the client's own requests and tokens per minute
+    load: Callable[[], object] | None = None  # brings the model in (the pool's makes room first); None: the runner's
     text: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
@@ -54,7 +56,7 @@ class Generation:
             self._ticket.wait(self.cancel)
             if self.cancel():  # the client left while the box woke: drop it before its prefill
                 raise Cancelled()
-            self.runner.ensure_loaded()
+            (self.load or self.runner.ensure_loaded)()
             self._stream = self.runner.submit(messages, prompt, params)
             self._admitted(self._stream.get())
         except Cancelled:

@@ -90,37 +90,45 @@ class _StateCollector:
         return []  # read at scrape time only: nothing to check at registration
 
     def collect(self):
-        st, runner = self.st, self.st.runner
-        stats = st.admission.stats()
-        yield _gauge("appliance_slots", "Slots: requests that may generate at once", stats["slots"])
-        yield _gauge("appliance_busy_slots", "Slots held by a running request", stats["busy_slots"])
-        yield _gauge("appliance_queue_size", "Requests that may wait for a slot", stats["queue_size"])
-        depth = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a slot, by priority class",
-                                  labels=["priority_class"])
-        for name, count in stats["queued_by_class"].items():
-            depth.add_metric([name], count)
-        yield depth
+        st = self.st
+        models = st.models.known()
+        yield from _per_model(models, "appliance_slots", "Slots: requests that may generate at once",
+                              lambda m: m.admission.slots)
+        yield from _per_model(models, "appliance_busy_slots", "Slots held by a running request",
+                              lambda m: m.admission.stats()["busy_slots"])
+        yield from _per_model(models, "appliance_queue_size", "Requests that may wait for a slot",
+                              lambda m: m.admission.queue_size)
+        depth = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a slot, by model and priority class",
+                                  labels=["model", "priority_class"])
         expected = GaugeMetricFamily("appliance_expected_wait_seconds",
-                                     "Expected wait for a slot of a request arriving now, by priority class "
-                                     "(the queue ahead at the measured throughput)", labels=["priority_class"])
-        for name, seconds in stats["expected_wait_s"].items():
-            expected.add_metric([name], seconds)
+                                     "Expected wait for a slot of a request arriving now, by model and priority class "
+                                     "(the queue ahead at the measured throughput)", labels=["model", "priority_class"])
+        for model in models:
+            stats = model.admission.stats()
+            for name, count in stats["queued_by_class"].items():
+                depth.add_metric([model.name, name], count)
+            for name, seconds in stats["expected_wait_s"].items():
+                expected.add_metric([model.name, name], seconds)
+        yield depth
         yield expected
-        yield _gauge("appliance_batch_size", "Sequences in the runner's last batched decode step",
-                     runner.last_batch_size)
-        yield _gauge("appliance_runner_streams", "Requests the runner holds now (generating or prefilling)",
-                     runner.busy_slots)
-        loaded = GaugeMetricFamily("appliance_model_loaded", "1 while the model's runner is up", labels=["model"])
-        loaded.add_metric([runner.name], int(runner.is_loaded))
-        yield loaded
-        loads = CounterMetricFamily("appliance_model_loads", "Successful model loads (first load, wakes, restarts)",
-                                    labels=["model"])
-        loads.add_metric([runner.name], runner.load_count)
-        yield loads
-        crashes = CounterMetricFamily("appliance_runner_crashes", "Runner processes that died unplanned",
-                                      labels=["model"])
-        crashes.add_metric([runner.name], runner.crash_count)
-        yield crashes
+        yield from _per_model(models, "appliance_batch_size", "Sequences in the runner's last batched decode step",
+                              lambda m: m.runner.last_batch_size)
+        yield from _per_model(models, "appliance_runner_streams",
+                              "Requests the runner holds now (generating or prefilling)", lambda m: m.runner.busy_slots)
+        yield from _per_model(models, "appliance_model_loaded", "1 while the model's runner is up",
+                              lambda m: int(m.runner.is_loaded))
+        yield from _per_model(models, "appliance_model_memory_estimate_bytes",
+                              "What the pool counts for a loaded model: its files plus its KV cache",
+                              lambda m: m.memory_mib * 2**20 if m.runner.is_loaded else 0)
+        yield from _per_model(models, "appliance_model_loads", "Successful model loads (first load, wakes, restarts)",
+                              lambda m: m.runner.load_count, CounterMetricFamily)
+        yield from _per_model(models, "appliance_runner_crashes", "Runner processes that died unplanned",
+                              lambda m: m.runner.crash_count, CounterMetricFamily)
+        events = CounterMetricFamily("appliance_model_events", "Rows of model_events: loads, unloads, evictions, "
+                                     "expiries, failed loads", labels=["event", "model", "outcome"])
+        for event, model, outcome, count in st.db.model_event_counts():
+            events.add_metric([event, model, outcome], count)
+        yield events
         power = GaugeMetricFamily("appliance_power_state", "1 for the current power state, 0 for the others",
                                   labels=["state"])
         for name in STATES:
@@ -135,6 +143,13 @@ class _StateCollector:
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _per_model(models, name: str, documentation: str, value, family=GaugeMetricFamily):
+    metric = family(name, documentation, labels=["model"])
+    for model in models:
+        metric.add_metric([model.name], value(model))
+    yield metric
 
 
 def _log_unavailable(error: LogUnavailable):
@@ -153,8 +168,8 @@ def init_app(app: Flask) -> None:
     """After error_handlers.init_app and api.init_app: needs the app's state; adds the route, the counters' hooks."""
     metrics = Metrics(app.extensions["appliance"])
     app.extensions["metrics"] = metrics
-    runner = app.extensions["appliance"].runner
-    runner.on_load.append(lambda seconds: metrics.load_duration.labels(runner.name).observe(seconds))
+    app.extensions["appliance"].models.on_load.append(
+        lambda name, seconds: metrics.load_duration.labels(name).observe(seconds))
     app.extensions["appliance"].request_observers.append(metrics.request_finished)
     app.register_error_handler(LogUnavailable, _log_unavailable)
     app.register_blueprint(bp)

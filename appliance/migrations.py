@@ -113,6 +113,23 @@ def m004_audit(db: sqlite_utils.Database):
     )
 
 
+@migrations()
+def m005_model_events(db: sqlite_utils.Database):
+    db["model_events"].create(
+        {
+            "id": int,
+            "time": str,  # ISO 8601, UTC
+            "event": str,  # load, unload, evict, expire, load_failed
+            "model": str,
+            "who": str,  # the admin key's id, or "system" (a request's load, keep-alive, deep idle, eviction)
+            "duration_ms": float,
+            "outcome": str,  # ok or failed
+            "detail": str,  # why, or what failed
+        },
+        pk="id",
+    )
+
+
 def _chain_existing_rows(db: sqlite_utils.Database) -> None:
     """Rows an older release finished join the chain in the order they were written, so the audit
     covers the log from the upgrade back; the first checkpoint the service signs vouches for them."""

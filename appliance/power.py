@@ -27,7 +27,7 @@ import psutil
 from appliance import power_profiles
 from appliance.db import Database
 from appliance.errors import LogUnavailable
-from appliance.runner.supervisor import ModelRunner
+from appliance.pool import ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ IDLE_NICE = 10
 class PowerManager:
     def __init__(
         self,
-        runner: ModelRunner,
+        models: ModelPool,
         db: Database,
         idle_after: float,
         deep_idle_after: float,
@@ -48,7 +48,7 @@ class PowerManager:
         profile: str = "auto",
         dry_run: bool = False,
     ):
-        self.runner, self.db = runner, db
+        self.models, self.db = models, db
         self.idle_after, self.deep_idle_after = idle_after, deep_idle_after
         self.memory_low = memory_low_mb * 1024 * 1024
         self.sample_every = sample_every
@@ -66,8 +66,8 @@ class PowerManager:
         self._transition = threading.Lock()  # one state change at a time
         self._stopping = False
         self._thread = threading.Thread(target=self._watch, name="power-manager", daemon=True)
-        runner.on_begin.append(self.request_started)
-        runner.on_end.append(self.request_finished)
+        models.on_begin.append(self.request_started)
+        models.on_end.append(self.request_finished)
 
     def start(self) -> None:
         self._process.cpu_percent()  # primes the counter so the first sample means something
@@ -132,14 +132,14 @@ class PowerManager:
         self._set_nice(0)
         self.last_actions = power_profiles.apply(self.profile.on_active, self.dry_run)
         if source == DEEP_IDLE:
-            self.runner.ensure_loaded()
+            self.models.ensure_loaded()
         self.last_wake_ms = (time.perf_counter() - start) * 1000
         return self.last_wake_ms
 
     def _idle(self, source: str) -> None:
         if source == DEEP_IDLE:  # an admin asked for idle from deep idle: the model comes back
-            self.runner.ensure_loaded()
-        self.runner.release_cache()
+            self.models.ensure_loaded()
+        self.models.release_cache()
         self.last_actions = power_profiles.apply(self.profile.on_idle, self.dry_run)
         self._set_nice(IDLE_NICE)
 
@@ -147,7 +147,7 @@ class PowerManager:
         if source == ACTIVE:
             self.last_actions = power_profiles.apply(self.profile.on_idle, self.dry_run)
             self._set_nice(IDLE_NICE)
-        self.runner.unload()
+        self.models.unload_all()
         _return_freed_memory()
 
     def _set_nice(self, value: int) -> None:
@@ -223,7 +223,7 @@ class PowerManager:
             "profile": self.profile.name,
             "dry_run": self.dry_run,
             "last_actions": self.last_actions,
-            "model": {"id": self.runner.name, "loaded": self.runner.is_loaded, "load_count": self.runner.load_count},
+            "model": {"id": self.models.name, "loaded": self.models.is_loaded, "load_count": self.models.load_count},
             "system": sample(self._process),
         }
 

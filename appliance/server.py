@@ -36,7 +36,7 @@ def serve(app, tls_context: ssl.SSLContext | None = None, on_ready=print) -> Non
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    on_ready(f"appliance: serving {st.runner.name} on {url} (Ctrl-C stops)")
+    on_ready(f"appliance: serving {st.models.default.name} on {url} (Ctrl-C stops)")
     try:
         server.run()
     except KeyboardInterrupt:
@@ -49,7 +49,7 @@ def serve(app, tls_context: ssl.SSLContext | None = None, on_ready=print) -> Non
         st.retention.stop()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=SHUTDOWN_GRACE)
         server.close()
-        st.runner.unload()
+        st.models.close()
         # Whatever the grace period did not let finish still gets a complete row.
         st.db.close_open_rows(status=503, error="service shut down before the request finished")
         st.db.close()  # signs a checkpoint of the audit chain's head
@@ -80,8 +80,9 @@ def _warn_if_clear_text(host: str) -> None:
 
 
 def _load_model(st: AppState) -> None:
+    model = st.models.default
     try:
-        st.runner.ensure_loaded()
-        log.info("model %s loaded in %.2fs", st.runner.name, st.runner.load_seconds)
+        st.models.load(model)
+        log.info("model %s loaded in %.2fs", model.name, model.runner.load_seconds)
     except Exception as exc:  # readyz and every request report it
-        log.error("model %s failed to load: %s", st.runner.name, exc)
+        log.error("model %s failed to load: %s", model.name, exc)

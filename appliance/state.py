@@ -1,4 +1,4 @@
-"""What one running service holds: its settings, database and model. Kept on the Flask app, not in globals."""
+"""What one running service holds: its settings, database and models. Kept on the Flask app, not in globals."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from appliance.audit.retention import RetentionWorker
 from appliance.config import Settings
 from appliance.db import Database
 from appliance.power import PowerManager
-from appliance.runner.supervisor import ModelRunner
-from appliance.admission import Admission
+from appliance.pool import ModelPool
 
 
 @dataclass
 class AppState:
     settings: Settings
     db: Database
-    runner: ModelRunner
+    models: ModelPool
     power: PowerManager
-    admission: Admission
     retention: RetentionWorker
     shutting_down: threading.Event = field(default_factory=threading.Event)
     request_observers: list = field(default_factory=list)  # hook(LoggedRequest) once each logged request ends

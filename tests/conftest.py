@@ -90,8 +90,8 @@ def make_box(tmp_path):
     """make_box(fake={...}, **settings): an app of this test's own; every row it logged must be finished."""
     boxes: list[Box] = []
 
-    def make(fake: dict | None = None, **settings) -> Box:
-        box = Box(tmp_path / f"box{len(boxes)}", fake or {}, settings)
+    def make(fake: dict | None = None, extra_models: dict | None = None, **settings) -> Box:
+        box = Box(tmp_path / f"box{len(boxes)}", fake or {}, settings, extra_models)
         boxes.append(box)
         return box
 
@@ -101,7 +101,7 @@ def make_box(tmp_path):
             open_rows = [r for r in box.rows() if r["finished"] is None or r["status"] is None]
             assert not open_rows, f"rows left unfinished: {open_rows}"
             assert box.state.power.in_flight == 0
-            assert box.state.admission.stats()["busy_slots"] == 0
+            assert box.admission.stats()["busy_slots"] == 0
     finally:
         for box in boxes:
             box.close()

@@ -3,7 +3,7 @@
 The fake engine answers canned text, one byte a token, with real batching bookkeeping.
 
 The "model file" is a JSON file: ``{"reply": "...", "context_length": 256,
-"step_seconds": 0.0, "fail_on": "text"}``. Every sequence answers ``reply``
+"step_seconds": 0.0, "load_seconds": 0.0, "fail_on": "text"}``. Every sequence answers ``reply``
 (then ends), one byte per step; a prompt containing ``fail_on`` makes the
 step fail as an engine error would. Tokens are the prompt's UTF-8 bytes;
 ``<|im_start|>`` and ``<|im_end|>`` are control tokens 256 and 257, which
@@ -48,6 +48,7 @@ class FakeBackend(Backend):
         except (OSError, ValueError) as exc:
             raise BackendError(f"fake model {self.model_path} is unreadable: {exc}") from exc
         self.reply = self.config.get("reply", "Hello from the fake engine.").encode()
+        time.sleep(self.config.get("load_seconds", 0.0))
         context = min(self.requested_context_length, self.config.get("context_length", 256))
         return ModelFacts(context_length=context, n_slots=self.n_slots, n_batch=self.config.get("n_batch", 64),
                           n_vocab=258,

@@ -25,7 +25,7 @@ from appliance.app import create_app
 from appliance.cli import cli
 from appliance.config import load_settings
 from appliance.db import Database
-from appliance.runner.supervisor import ModelRunner
+from appliance.pool import ModelPool
 from models.catalog import ModelEntry
 from models.manifest import write_manifest
 from tests.fakes import spawn_thread
@@ -166,7 +166,7 @@ def chat_body(content: str = "hi", **extra) -> dict:
 class Box:
     """One app over the fake engine, with its test client and the power hooks counted."""
 
-    def __init__(self, tmp_path, fake: dict, settings: dict):
+    def __init__(self, tmp_path, fake: dict, settings: dict, extra_models: dict | None = None):
         tmp_path.mkdir()
         self.tmp_path = tmp_path
         self.model_path = tmp_path / "fake.json"
@@ -177,16 +177,19 @@ class Box:
             environ={},
         )
         entry = ModelEntry(name="fake", format="fake", path=self.model_path, aliases=("fake-alias",))
-        self.runner = ModelRunner(entry, threads=1, context_length=self.settings.context_length,
-                                  parallel=self.settings.parallel, spawn=spawn_thread)
+        others = []
+        for name, config in (extra_models or {}).items():  # more fake models: name -> their model file's JSON
+            (tmp_path / f"{name}.json").write_text(json.dumps({"reply": REPLY, "context_length": 256} | config))
+            others.append(ModelEntry(name=name, format="fake", path=tmp_path / f"{name}.json", aliases=(f"{name}-alias",)))
         self.db = Database(self.settings.db_path)
-        self.app = create_app(self.settings, runner=self.runner, db=self.db)
+        self.app = create_app(self.settings, models=fake_pool(self.settings, self.db, entry, *others), db=self.db)
         self.state = self.app.extensions["appliance"]
+        self.runner, self.admission = self.state.models.default.runner, self.state.models.default.admission
         self.client = self.app.test_client()
         self.hooks: list[str] = []  # "begin" / "end", in the order the runner's power hooks fired
         self.runner.on_begin.append(lambda: self.hooks.append("begin"))
         self.runner.on_end.append(lambda: self.hooks.append("end"))
-        self.runner.ensure_loaded()
+        self.state.models.load(self.state.models.default)
 
     def rows(self) -> list[dict]:
         """Request log rows, oldest first."""
@@ -197,8 +200,13 @@ class Box:
 
     def close(self) -> None:
         self.state.power.stop()
-        self.runner.unload()
+        self.state.models.close()
         self.db.close()
+
+
+def fake_pool(settings, db, default: ModelEntry, *others: ModelEntry, **options) -> ModelPool:
+    """The service's model pool over in-thread runners (the fake engine's models, or real ones)."""
+    return ModelPool(settings, db, default=default, catalog=lambda: list(others), spawn=spawn_thread, **options)
 
 def sse_events(raw: str) -> list:
     """The data of each SSE event, JSON-decoded except the final [DONE]."""

@@ -16,7 +16,6 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from tests.fakes import spawn_thread
 from tests.helpers import CHAT, COMPLETIONS, bearer, chat, chat_body, create_key, key_id, last_reply, needs_bundled_model, start_service, wait_for
 
 
@@ -137,15 +136,14 @@ def test_a_non_loopback_app_needs_an_admin_key_and_then_requires_keys(tmp_path, 
         from appliance.app import create_app
         from appliance.config import load_settings
         from appliance.db import Database
-        from appliance.runner.supervisor import ModelRunner
         from models.catalog import ModelEntry
+        from tests.helpers import fake_pool
 
         settings = load_settings(overrides={"home": tmp_path / name, "power_profile": "none"} | settings, environ={})
         entry = ModelEntry(name="fake", format="fake", path=tmp_path / "unused.json")
         db = Database(settings.db_path)
         try:
-            runner = ModelRunner(entry, threads=1, context_length=256, parallel=1, spawn=spawn_thread)
-            create_app(settings, runner=runner, db=db)
+            create_app(settings, models=fake_pool(settings, db, entry), db=db)
         finally:
             db.close()
 
@@ -301,8 +299,8 @@ def test_a_keys_priority_class_and_id_reach_the_queue(make_box):
     box = make_box(rate_limit_rpm=1)
     batch = create_key(box.settings.home, "user", "--priority", "batch", "--name", "nightly")
     admitted = []
-    admit = box.state.admission.admit
-    box.state.admission.admit = lambda client, cls, limits: admitted.append((client, cls)) or admit(client, cls, limits)
+    admit = box.admission.admit
+    box.admission.admit = lambda client, cls, limits: admitted.append((client, cls)) or admit(client, cls, limits)
     other = create_key(box.settings.home, "user")
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(batch)).status_code == 200
     assert admitted[-1] == (f"key:{key_id(batch)}", "batch")
@@ -357,8 +355,8 @@ def test_a_key_may_ask_for_a_lower_class(make_box):
     box = make_box()
     key = create_key(box.settings.home, "user", "--priority", "interactive")
     admitted = []
-    admit = box.state.admission.admit
-    box.state.admission.admit = lambda client, cls, limits: admitted.append(cls) or admit(client, cls, limits)
+    admit = box.admission.admit
+    box.admission.admit = lambda client, cls, limits: admitted.append(cls) or admit(client, cls, limits)
     assert box.client.post(CHAT, json=chat_body(priority="batch"), headers=bearer(key)).status_code == 200
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code == 200
     assert admitted == ["batch", "interactive"]

@@ -177,10 +177,10 @@ def test_the_queue_runs_higher_priorities_first(make_box):
         threads.append(threading.Thread(target=run, args=(name,)))
         threads[-1].start()
         deadline = time.monotonic() + 5
-        while box.state.admission.stats()["queue_depth"] != depth:  # queued in this order
+        while box.admission.stats()["queue_depth"] != depth:  # queued in this order
             assert time.monotonic() < deadline
             time.sleep(0.002)
-    assert box.state.admission.stats()["queued_by_class"] == {"interactive": 1, "default": 1, "batch": 1}
+    assert box.admission.stats()["queued_by_class"] == {"interactive": 1, "default": 1, "batch": 1}
     holder.get_data()
     holder.close()
     for t in threads:
@@ -203,7 +203,7 @@ def test_a_request_past_its_class_timeout_gets_a_clear_503(make_box):
 def test_a_full_queue_answers_429_with_retry_after(make_box):
     box = make_box(parallel=1, queue_size=0)
     holder = box.client.post(CHAT, json=chat_body(stream=True))  # admitted: holds the only slot until closed
-    assert box.state.admission.stats()["busy_slots"] == 1
+    assert box.admission.stats()["busy_slots"] == 1
     r = box.client.post(COMPLETIONS, json={"prompt": "x"})
     assert_openai_error(r, 429, "queue_full")
     assert int(r.headers["Retry-After"]) >= 1
@@ -251,7 +251,7 @@ def test_a_client_that_leaves_while_queued_gets_its_row_finished(make_box):
         COMPLETIONS, json={"prompt": "queued"}, environ_base={"waitress.client_disconnected": gone.is_set})))
     waiter.start()
     deadline = time.monotonic() + 5
-    while box.state.admission.stats()["queue_depth"] != 1:
+    while box.admission.stats()["queue_depth"] != 1:
         assert time.monotonic() < deadline, "the second request never queued"
         time.sleep(0.005)
     queued = box.last_row()
@@ -366,7 +366,7 @@ def test_power_hooks_fire_exactly_once_per_request(make_box, path, body):
         counts.append(power.in_flight)
         original()
 
-    box.runner.on_begin[box.runner.on_begin.index(original)] = counted
+    box.state.models.on_begin[box.state.models.on_begin.index(original)] = counted
     r = box.client.post(path, json=body)
     r.get_data()
     r.close()

@@ -119,8 +119,8 @@ def test_status_command_without_a_service_explains():
 # -- the power-manager thread ------------------------------------------------------
 
 
-class StubRunner:
-    """Just enough of a model runner for the power manager; release_cache raises what is queued in .failures."""
+class StubPool:
+    """Just enough of a model pool for the power manager; release_cache raises what is queued in .failures."""
 
     name, is_loaded, load_count = "stub", True, 1
 
@@ -135,7 +135,7 @@ class StubRunner:
         if self.failures:
             raise self.failures.pop()
 
-    def unload(self):
+    def unload_all(self):
         pass
 
 
@@ -144,12 +144,12 @@ def stub_power(tmp_path, **kw):
     from appliance.power import PowerManager
 
     settings = dict(idle_after=0.05, deep_idle_after=0.1, memory_low_mb=0, sample_every=0.3, profile="none") | kw
-    return PowerManager(StubRunner(), Database(tmp_path / "logs.db"), **settings)
+    return PowerManager(StubPool(), Database(tmp_path / "logs.db"), **settings)
 
 
 def test_the_power_manager_thread_survives_any_exception_and_tries_again(tmp_path, monkeypatch):
     power = stub_power(tmp_path)
-    power.runner.failures.append(RuntimeError("cache release failed"))  # the first idle attempt fails
+    power.models.failures.append(RuntimeError("cache release failed"))  # the first idle attempt fails
     record = power.db.record_power_event
     failures = [OSError("event not written")]  # and then the record of the second
 
@@ -166,7 +166,7 @@ def test_the_power_manager_thread_survives_any_exception_and_tries_again(tmp_pat
         while (power.state != "deep_idle" or not power.db.power_events()) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert power.state == "deep_idle" and power._thread.is_alive()
-        assert power.runner.releases == 2  # failed once, tried again at the next sample: no busy retry loop
+        assert power.models.releases == 2  # failed once, tried again at the next sample: no busy retry loop
         assert [(e["from_state"], e["to_state"]) for e in power.db.power_events()] == [("idle", "deep_idle")]
     finally:
         power.stop()

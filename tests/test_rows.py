@@ -302,9 +302,8 @@ def test_waking_from_deep_idle_does_not_hash_the_model_again(tmp_path, monkeypat
     from appliance.app import create_app
     from appliance.config import load_settings
     from appliance.db import Database
-    from appliance.runner.supervisor import ModelRunner
     from models.catalog import ModelEntry
-    from tests.fakes import spawn_thread
+    from tests.helpers import fake_pool
 
     model = tmp_path / "fake.json"
     model.write_text(json.dumps({"reply": "ok"}))
@@ -314,10 +313,10 @@ def test_waking_from_deep_idle_does_not_hash_the_model_again(tmp_path, monkeypat
     real_sha256 = models.catalog.sha256_file
     monkeypatch.setattr(models.catalog, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256(path))
     entry = ModelEntry(name="fake", format="fake", path=model, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
-    runner = ModelRunner(entry, threads=1, context_length=256, spawn=spawn_thread)
     settings = load_settings(overrides={"home": tmp_path, "parallel": 1, "power_profile": "none"}, environ={})
     db = Database(settings.db_path)
-    app = create_app(settings, runner=runner, db=db)
+    app = create_app(settings, models=fake_pool(settings, db, entry), db=db)
+    runner = app.extensions["appliance"].models.default.runner
     client = app.test_client()
     try:
         for _ in range(3):

@@ -318,7 +318,7 @@ def test_a_clients_own_limits_hold_even_when_its_buckets_are_rebuilt():
     admission = Admission(slots=1, queue_size=4, tokens_per_minute=10_000, clock=lambda: now[0])
     ticket = admission.admit("key:k", None, limits=(None, 100))
     ticket.wait(lambda: False)
-    admission._buckets.clear()  # forgotten while it ran (the table holds at most 10,000 clients)
+    admission.buckets._buckets.clear()  # forgotten while it ran (the table holds at most 10,000 clients)
     ticket.release(completion_tokens=150)
     with pytest.raises(TooManyRequests, match="100 generated tokens per minute"):
         admission.admit("key:k", None, limits=(None, 100))

@@ -1,12 +1,14 @@
-"""The box's own admin API: power state, status and the log; every change it makes is a log row."""
+"""The box's own admin API: power state, models, status and the log; every change it makes is a log row."""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from appliance import auth
 from appliance.api import request_log
 from appliance.api.schemas import PowerRequest, parse_body
-from appliance.errors import InvalidRequest
+from appliance.backends.base import BackendError
+from appliance.errors import InvalidRequest, ServiceUnavailable
 from appliance.state import state
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
@@ -21,8 +23,44 @@ def status():
 
 def _status() -> dict:
     st = state()
-    return st.power.status() | {"model": st.runner.info(internals=True),
-                                "queue": st.admission.stats() | {"batch_size": st.runner.last_batch_size}}
+    default = st.models.default
+    return st.power.status() | {"model": st.models.describe(default, internals=True),
+                                "queue": default.admission.stats() | {"batch_size": default.runner.last_batch_size},
+                                "models": st.models.status()}
+
+
+@bp.get("/models")
+def models():
+    """Every model the box serves, with what only admins see: files, runner pids, memory estimates, queues."""
+    pool = state().models
+    return jsonify({"data": [pool.describe(m, internals=True) for m in pool.known()]})
+
+
+@bp.post("/models/<name>/load")
+def load_model(name: str):
+    """Load a model now (making room as a request would), so its first request has no load delay."""
+    pool = state().models
+    model = pool.get(name)
+    try:
+        pool.load(model, who=auth.client_id())
+    except BackendError as exc:
+        raise ServiceUnavailable(f"model {model.name!r} failed to load: {exc}", code="model_load_failed") from None
+    return jsonify(pool.describe(model, internals=True))
+
+
+@bp.post("/models/<name>/unload")
+def unload_model(name: str):
+    """Unload a model; refused with 409 while requests use it, unless ?force=true (they fail with 503)."""
+    pool = state().models
+    model = pool.get(name)
+    pool.unload(model, who=auth.client_id(), force=_flag("force"))
+    return jsonify(pool.describe(model, internals=True))
+
+
+@bp.get("/models/events")
+def model_events():
+    """Loads, unloads, evictions and expiries, newest first: who asked, how long it took, how it went."""
+    return jsonify({"data": state().db.model_events(_limit_arg())})
 
 
 @bp.post("/power")
@@ -44,15 +82,15 @@ def logs():
     when someone means to, and only with an admin or auditor key where keys are in force.
     """
     rows = state().db.recent_requests(_limit_arg(), offset=_offset_arg())
-    if not _text_arg():
+    if not _flag("text"):
         rows = [{k: v for k, v in row.items() if k not in TEXT_COLUMNS} for row in rows]
     return jsonify({"data": rows})
 
 
-def _text_arg() -> bool:
-    raw = request.args.get("text", "false").lower()
+def _flag(name: str) -> bool:
+    raw = request.args.get(name, "false").lower()
     if raw not in ("true", "false", "1", "0"):
-        raise InvalidRequest(f"text must be true or false, got {raw!r}", param="text", code="invalid_value")
+        raise InvalidRequest(f"{name} must be true or false, got {raw!r}", param=name, code="invalid_value")
     return raw in ("true", "1")
 
 

@@ -14,8 +14,9 @@ from appliance.api import request_log
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from appliance.backends.base import SamplingParams, Usage
 from appliance.config import SAMPLING_DEFAULTS
-from appliance.errors import GenerationFailed, InvalidRequest, ModelNotFoundError
+from appliance.errors import GenerationFailed, InvalidRequest
 from appliance.generation import Generation
+from appliance.pool import PooledModel
 from appliance.request import LoggedRequest
 from appliance.state import state
 
@@ -27,14 +28,19 @@ request_log.attach(bp)
 
 @bp.get("/models")
 def list_models():
-    runner = state().runner
-    info = runner.info() | {"sampling_defaults": sampling_defaults(runner)}
-    return jsonify(
-        {
-            "object": "list",
-            "data": [{"id": runner.name, "object": "model", "created": 0, "owned_by": "appliance", "appliance": info}],
-        }
-    )
+    """Every model the box serves, loaded or not; no file paths or process ids (the admin API has those)."""
+    pool = state().models
+    return jsonify({"object": "list", "data": [model_json(pool.describe(m)) for m in pool.known()]})
+
+
+@bp.get("/models/<name>")
+def get_model(name: str):
+    pool = state().models
+    return jsonify(model_json(pool.describe(pool.get(name))))
+
+
+def model_json(info: dict) -> dict:
+    return {"id": info["id"], "object": "model", "created": 0, "owned_by": "appliance", "appliance": info}
 
 
 @bp.post("/chat/completions")
@@ -42,16 +48,16 @@ def chat_completions():
     req = parse_body(request.get_data(), ChatCompletionRequest)
     messages = [m.as_template_message() for m in req.messages]
     _check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
-    _arrived(req, prompt=json.dumps(messages, ensure_ascii=False))
-    return _respond(req, messages=messages, prompt=None, chat=True)
+    model = _arrived(req, prompt=json.dumps(messages, ensure_ascii=False))
+    return _respond(req, model, messages=messages, prompt=None, chat=True)
 
 
 @bp.post("/completions")
 def completions():
     req = parse_body(request.get_data(), CompletionRequest)
     _check_prompt_size(len(req.prompt), "prompt")
-    _arrived(req, prompt=req.prompt)
-    return _respond(req, messages=None, prompt=req.prompt, chat=False)
+    model = _arrived(req, prompt=req.prompt)
+    return _respond(req, model, messages=None, prompt=req.prompt, chat=False)
 
 
 def _check_prompt_size(chars: int, param: str) -> None:
@@ -63,35 +69,30 @@ def _check_prompt_size(chars: int, param: str) -> None:
                              code="prompt_too_long", status=413)
 
 
-def _arrived(req, prompt: str) -> None:
-    """Write what the request is into its row now, before it waits for a slot."""
-    runner = state().runner
-    if not runner.answers_to(req.model):
-        raise ModelNotFoundError(f"model {req.model!r} is not served here; GET /v1/models lists the models")
-    g.logged_request.describe(runner.name, prompt, req.stream)
+def _arrived(req, prompt: str) -> PooledModel:
+    """The model asked for; what the request is goes into its row now, before it waits for a slot."""
+    model = state().models.get(req.model)
+    g.logged_request.describe(model.name, prompt, req.stream)
+    return model
 
 
-def sampling_defaults(runner) -> dict:
-    """The service's defaults, then the model's own (its catalog entry or package), then the config's for it."""
-    return SAMPLING_DEFAULTS | runner.entry.sampling | state().settings.model_sampling.get(runner.name, {})
-
-
-def _sampling_params(req) -> SamplingParams:
-    options = sampling_defaults(state().runner)
+def _sampling_params(req, model: PooledModel) -> SamplingParams:
+    options = state().models.sampling_defaults(model)
     options.update({name: getattr(req, name) for name in SAMPLING_DEFAULTS if getattr(req, name) is not None})
     return SamplingParams(max_tokens=req.max_tokens, seed=req.seed, stop=req.stop_list,
                           logit_bias=req.logit_bias_pairs, **options)
 
 
-def _respond(req, messages, prompt, chat: bool):
-    st, logged = state(), g.logged_request
+def _respond(req, model: PooledModel, messages, prompt, chat: bool):
+    pool, logged = state().models, g.logged_request
     generation = Generation(
-        st.runner, st.admission, logged.started, logged.cancel, client=auth.client_id(), limits=auth.client_limits(),
-        priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), st.admission.classes),
+        model.runner, model.admission, logged.started, logged.cancel, client=auth.client_id(),
+        limits=auth.client_limits(), load=lambda: pool.load(model),
+        priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), model.admission.classes),
     )
-    generation.start(messages, prompt, _sampling_params(req))  # until it is admitted, errors are plain responses
+    generation.start(messages, prompt, _sampling_params(req, model))  # until it is admitted, errors are plain responses
     logged.generation = generation
-    shape = _ChatShape(st.runner.name) if chat else _CompletionShape(st.runner.name)
+    shape = _ChatShape(model.name) if chat else _CompletionShape(model.name)
     if req.stream:
         logged.streaming = True
         return Response(

@@ -12,4 +12,4 @@ bp = Blueprint("web", __name__)
 
 @bp.get("/")
 def index():
-    return render_template("index.html", model=state().runner.name, version=__version__)
+    return render_template("index.html", model=state().models.default.name, version=__version__)

@@ -271,8 +271,10 @@ class ModelRunner:
             info.update(context_length=None, parallel=self.spec["parallel"])
         if self.load_seconds is not None:
             info["load_seconds"] = round(self.load_seconds, 3)
-        if self.load_error:
-            info["load_error"] = self.load_error
+        if self.load_error:  # its text may name files: admins only
+            info["load_failed"] = True
+            if internals:
+                info["load_error"] = self.load_error
         return info
 
 

@@ -1,0 +1,364 @@
+"""The models the box serves: several loaded at once, each in its own runner process with its own queue.
+
+One module owns which models are loaded, as ollama's ``server/sched.go`` does. A request names its
+model by name or alias (none: the default model) and the pool loads it on demand. When a load would
+pass ``max_loaded`` or ``max_model_memory_mb`` (each model counted as its files plus its KV cache, see
+``models.footprint``), the least recently used model with no request in flight is unloaded first;
+when none can be, the request gets a 503 that names the setting to raise. Requests for a model that
+is loading wait for that one load (its runner's load lock), and loading one model never holds up
+another: each has its own runner and its own queue.
+
+A model other than the default is unloaded after ``keep_alive`` seconds without requests; the default
+one stays until deep idle. The power manager sees the pool as one model: idle frees every loaded
+model's KV cache, deep idle unloads them all, and the wake brings back those that were loaded.
+
+Every load, unload, eviction and expiry is a row in ``model_events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from appliance.admission import Admission, ClientBuckets
+from appliance.backends.base import BackendError
+from appliance.config import SAMPLING_DEFAULTS, Settings
+from appliance.db import Database
+from appliance.errors import APIError, LogUnavailable, ModelNotFoundError, ServiceUnavailable
+from appliance.runner.supervisor import ModelRunner
+from models import ModelEntry
+from models.footprint import ModelShape, inspect
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "system"  # who asked, in model_events, when no admin did
+EXPIRY_CHECK = 30.0  # most seconds between two looks for models past their keep-alive
+MEMORY_SHARE = 0.8  # of the box's memory, the budget when max_model_memory_mb is 0
+
+
+class PoolFull(ServiceUnavailable):
+    """No room for a model: every loaded one is busy, or it alone passes the budget."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="model_pool_full")
+
+
+class ModelBusy(APIError):
+    status = 409
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="model_busy")
+
+
+@dataclass(eq=False)
+class PooledModel:
+    """One model the pool has been asked for: its runner, its queue and how it is used."""
+
+    entry: ModelEntry
+    runner: ModelRunner
+    admission: Admission
+    keep_alive: float | None  # seconds it stays loaded unused; None: until deep idle (the default model)
+    options: dict  # its parallel, context_length and threads
+    in_use: int = 0  # requests between begin_use and end_use: queued or generating
+    last_used: float = 0.0  # monotonic
+    loading: bool = False
+    load_lock: threading.Lock = field(default_factory=threading.Lock)  # requests for it wait for one load
+    _shape: ModelShape | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.entry.name or name in self.entry.aliases
+
+    @property
+    def shape(self) -> ModelShape | None:
+        """What its files say (size, KV cache per token, quantization); read once."""
+        if self._shape is None and self.entry.path is not None:
+            self._shape = inspect(self.entry.path, self.entry.format)
+        return self._shape
+
+    @property
+    def memory_mib(self) -> int:
+        return self.shape.memory_mib(self.options["context_length"], self.options["parallel"]) if self.shape else 0
+
+
+class ModelPool:
+    """``catalog()`` lists the models this box may serve (the default first is not needed); ``spawn`` starts a
+    runner (tests inject an in-thread one, as ollama injects ``newServerFn``)."""
+
+    def __init__(self, settings: Settings, db: Database, default: ModelEntry,
+                 catalog: Callable[[], list[ModelEntry]] = list, spawn=None, clock=time.monotonic,
+                 total_memory: int | None = None):
+        self.settings, self.db, self.catalog, self.spawn, self.clock = settings, db, catalog, spawn, clock
+        self.buckets = ClientBuckets(settings.rate_limit_rpm, settings.rate_limit_tpm)
+        self.budget_mib = settings.max_model_memory_mb or int(MEMORY_SHARE * (total_memory or _total_memory()) / 2**20)
+        # The power manager's hooks: called when any model's request begins and ends using it.
+        self.on_begin: list = []
+        self.on_end: list = []
+        self.on_load: list = []  # hook(model name, seconds) after each load
+        self._models: dict[str, PooledModel] = {}
+        self._lock = threading.Lock()  # _models
+        self._placing = threading.Lock()  # one decision at a time on what is loaded
+        self._asleep: list[str] = []  # the models deep idle unloaded: the wake loads them again
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.default = self._add(default)
+
+    # -- finding models -------------------------------------------------------------
+    def get(self, name: str | None) -> PooledModel:
+        """The model a request names (None: the default), loaded or not; 404 when the box has no such model."""
+        if name is None:
+            return self.default
+        with self._lock:
+            for model in self._models.values():
+                if model.answers_to(name):
+                    return model
+        for entry in self.catalog():
+            if entry.available and (name == entry.name or name in entry.aliases):
+                with self._lock:
+                    return self._models.get(entry.name) or self._add_locked(entry)
+        raise ModelNotFoundError(f"model {name!r} is not served here; GET /v1/models lists the models")
+
+    def known(self) -> list[PooledModel]:
+        """Every model the box may serve, the default first; those never asked for are set up now, unloaded."""
+        for entry in self.catalog():
+            if entry.available:
+                with self._lock:
+                    if entry.name not in self._models:
+                        self._add_locked(entry)
+        with self._lock:
+            return sorted(self._models.values(), key=lambda m: (m is not self.default, m.name))
+
+    def loaded(self) -> list[PooledModel]:
+        with self._lock:
+            return [m for m in self._models.values() if m.runner.is_loaded]
+
+    def _add(self, entry: ModelEntry) -> PooledModel:
+        with self._lock:
+            return self._add_locked(entry)
+
+    def _add_locked(self, entry: ModelEntry) -> PooledModel:
+        options = self.options(entry.name)
+        runner = ModelRunner(entry, threads=options["threads"], context_length=options["context_length"],
+                             parallel=options["parallel"], provider=self.settings.provider,
+                             stream_interval=self.settings.stream_interval, spawn=self.spawn)
+        admission = Admission(slots=options["parallel"], queue_size=self.settings.queue_size,
+                              classes=self.settings.priority_classes, aging=self.settings.queue_aging,
+                              buckets=self.buckets)
+        is_default = not self._models  # the default model stays until deep idle, unless model_settings says
+        set_here = "keep_alive" in self.settings.model_settings.get(entry.name, {})
+        keep_alive = None if is_default and not set_here else options["keep_alive"]
+        model = PooledModel(entry, runner, admission, keep_alive, options, last_used=self.clock())
+        runner.on_begin.append(lambda: self._begin(model))
+        runner.on_end.append(lambda: self._end(model))
+        runner.on_load.append(lambda seconds: [hook(model.name, seconds) for hook in self.on_load])
+        self._models[entry.name] = model
+        return model
+
+    def options(self, name: str) -> dict:
+        """The service's parallel, context_length, threads and keep_alive, with the model's own from model_settings."""
+        s = self.settings
+        own = s.model_settings.get(name, {})
+        options = {"parallel": s.parallel, "context_length": s.context_length, "threads": s.threads} | {
+            k: own[k] for k in ("parallel", "context_length", "threads") if k in own}
+        options = {k: int(v) for k, v in options.items()}
+        options["keep_alive"] = float(own.get("keep_alive", s.keep_alive))
+        return options
+
+    def sampling_defaults(self, model: PooledModel) -> dict:
+        """The service's defaults, then the model's own (its catalog entry or package), then the config's for it."""
+        return SAMPLING_DEFAULTS | model.entry.sampling | self.settings.model_sampling.get(model.name, {})
+
+    # -- activity -------------------------------------------------------------------
+    def _begin(self, model: PooledModel) -> None:
+        with self._cond:
+            model.in_use += 1
+            model.last_used = self.clock()
+        for hook in self.on_begin:
+            hook()
+
+    def _end(self, model: PooledModel) -> None:
+        with self._cond:
+            model.in_use -= 1
+            model.last_used = self.clock()
+            self._cond.notify_all()
+        for hook in self.on_end:
+            hook()
+
+    # -- loading and unloading ---------------------------------------------------------
+    def load(self, model: PooledModel, who: str = SYSTEM) -> None:
+        """Load the model if it is not, making room first; raises PoolFull or BackendError."""
+        if model.runner.is_loaded:
+            return
+        with model.load_lock:  # a second request for this model waits here for the same load
+            if model.runner.is_loaded:
+                return
+            with self._placing:
+                self._make_room(model, who)
+                model.loading = True
+            start = time.perf_counter()
+            try:
+                model.runner.ensure_loaded()
+            except BackendError as exc:
+                self._record("load_failed", model, who, start, "failed", str(exc))
+                raise
+            finally:
+                model.loading = False
+            self._record("load", model, who, start, "ok", f"about {model.memory_mib} MiB")
+
+    def _make_room(self, model: PooledModel, who: str) -> None:
+        need = model.memory_mib
+        if need > self.budget_mib:
+            raise PoolFull(f"model {model.name!r} needs about {need} MiB (its file and its KV cache for "
+                           f"{model.options['parallel']} slots of {model.options['context_length']} tokens), more "
+                           f"than max_model_memory_mb ({self.budget_mib}): raise max_model_memory_mb, or lower its "
+                           "parallel or context_length in model_settings")
+        while True:
+            with self._lock:
+                others = [m for m in self._models.values() if m is not model and (m.runner.is_loaded or m.loading)]
+            used = sum(m.memory_mib for m in others)
+            if len(others) < self.settings.max_loaded and used + need <= self.budget_mib:
+                return
+            idle = sorted((m for m in others if m.in_use == 0 and not m.loading), key=lambda m: m.last_used)
+            if not idle:
+                raise PoolFull(f"no room to load model {model.name!r}: the {len(others)} loaded model(s) "
+                               f"({', '.join(m.name for m in others)}) are all serving requests (max_loaded "
+                               f"{self.settings.max_loaded}, {used} of max_model_memory_mb {self.budget_mib} MiB in "
+                               "use); retry when they finish, or raise max_loaded or max_model_memory_mb")
+            self._unload(idle[0], who, "evict", f"to make room for {model.name}")
+
+    def unload(self, model: PooledModel, who: str = SYSTEM, force: bool = False) -> None:
+        """Unload at an admin's request: refused while requests use the model, unless ``force`` (they fail)."""
+        with self._placing:
+            if model.in_use and not force:
+                raise ModelBusy(f"model {model.name!r} has {model.in_use} request(s) in flight; unload it when "
+                                "they finish, or add force=true to fail them")
+            self._unload(model, who, "unload", "admin request")
+
+    def _unload(self, model: PooledModel, who: str, event: str, why: str) -> None:
+        if not model.runner.is_loaded:
+            return
+        start = time.perf_counter()
+        model.runner.unload()
+        self._record(event, model, who, start, "ok", why)
+
+    def _record(self, event: str, model: PooledModel, who: str, start: float, outcome: str, detail: str) -> None:
+        ms = (time.perf_counter() - start) * 1000
+        log.info("model %s: %s (%s, %.0f ms): %s", model.name, event, outcome, ms, detail)
+        try:
+            self.db.record_model_event(event=event, model=model.name, who=who, duration_ms=round(ms, 1),
+                                       outcome=outcome, detail=detail)
+        except LogUnavailable as exc:  # the change happened; a full disk must not undo it
+            log.warning("model event %s of %s not recorded: %s", event, model.name, exc.message)
+
+    # -- keep-alive --------------------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._expire_loop, name="model-keep-alive", daemon=True).start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _expire_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(self._seconds_to_next_expiry())
+                if self._stopping:
+                    return
+            try:
+                self.expire()
+            except Exception:  # without this thread no model would ever expire: log and go on
+                log.exception("model keep-alive: a check failed")
+
+    def _seconds_to_next_expiry(self) -> float:
+        now, soonest = self.clock(), EXPIRY_CHECK
+        for model in self.loaded():
+            if model.keep_alive is not None and model.in_use == 0:
+                soonest = min(soonest, max(0.05, model.last_used + model.keep_alive - now))
+        return soonest
+
+    def expire(self) -> None:
+        """Unload every model past its keep-alive with nothing in flight."""
+        now = self.clock()
+        with self._placing:
+            for model in self.loaded():
+                if model.keep_alive is not None and model.in_use == 0 and now - model.last_used >= model.keep_alive:
+                    self._unload(model, SYSTEM, "expire", f"unused for {now - model.last_used:.0f} s "
+                                                          f"(keep_alive {model.keep_alive:.0f} s)")
+
+    # -- the power manager's view: the pool as one model -------------------------------------
+    @property
+    def name(self) -> str:
+        return self.default.name
+
+    @property
+    def is_loaded(self) -> bool:
+        return bool(self.loaded())
+
+    @property
+    def load_count(self) -> int:
+        with self._lock:
+            return sum(m.runner.load_count for m in self._models.values())
+
+    def ensure_loaded(self) -> None:
+        """Wake: the models deep idle unloaded come back (the default one when none was)."""
+        names, self._asleep = self._asleep or [self.default.name], []
+        for name in names:
+            self.load(self.get(name))
+
+    def unload_all(self, why: str = "deep idle") -> None:
+        with self._placing:
+            loaded = self.loaded()
+            self._asleep = [m.name for m in loaded] or self._asleep
+            for model in loaded:
+                self._unload(model, SYSTEM, "unload", why)
+
+    def release_cache(self) -> None:
+        for model in self.loaded():
+            model.runner.release_cache()
+
+    # -- what callers see ----------------------------------------------------------------
+    def describe(self, model: PooledModel, internals: bool = False) -> dict:
+        """A model for /v1/models; ``internals`` (paths, pids, memory estimate, use) for admins only."""
+        info = model.runner.info(internals) | {
+            "kind": "chat", "default": model is self.default, "aliases": list(model.entry.aliases),
+            "size_bytes": model.shape.disk_bytes if model.shape else None,
+            "sampling_defaults": self.sampling_defaults(model),
+        }
+        info.setdefault("quantization", model.shape.quantization if model.shape else None)
+        if info["context_length"] is None:  # not loaded: what it is set to get (the model's own may be less)
+            info["context_length"] = model.options["context_length"]
+        if internals:
+            info.update(estimated_memory_mib=model.memory_mib, in_use=model.in_use, keep_alive=model.keep_alive,
+                        seconds_since_use=round(self.clock() - model.last_used, 1),
+                        queue=model.admission.stats() | {"batch_size": model.runner.last_batch_size})
+        return info
+
+    def status(self) -> dict:
+        """For /api/status: the pool's limits, each loaded model and the latest model events."""
+        loaded = self.loaded()
+        return {"max_loaded": self.settings.max_loaded, "max_model_memory_mb": self.budget_mib,
+                "loaded": [m.name for m in loaded], "estimated_memory_mib": sum(m.memory_mib for m in loaded),
+                "events": self.db.model_events(10)}
+
+    def close(self) -> None:
+        """At shutdown: every runner ends."""
+        self.stop()
+        with self._lock:
+            models = list(self._models.values())
+        for model in models:
+            model.runner.unload()
+
+
+def _total_memory() -> int:
+    return psutil.virtual_memory().total

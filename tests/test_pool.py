@@ -1,0 +1,192 @@
+"""The model pool on the fake engine (fast tier): several models, LRU eviction, the memory budget, keep-alive,
+model events, and what /v1/models and /readyz tell a caller. tests/test_serving.py proves it on real models."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.helpers import CHAT, REPLY, assert_openai_error, chat_body
+
+
+def ask(box, model: str | None, content: str = "hi"):
+    body = chat_body(content) | ({"model": model} if model else {})
+    return box.client.post(CHAT, json=body)
+
+
+def events(box) -> list[tuple[str, str, str]]:
+    return [(e["event"], e["model"], e["outcome"]) for e in reversed(box.db.model_events())]
+
+
+def test_two_models_are_loaded_at_once_and_each_answers(make_box):
+    box = make_box(extra_models={"second": {"reply": "Second here."}})
+    assert ask(box, None).get_json()["choices"][0]["message"]["content"] == REPLY
+    r = ask(box, "second-alias")  # by alias
+    assert r.status_code == 200 and r.get_json()["model"] == "second"
+    assert r.get_json()["choices"][0]["message"]["content"] == "Second here."
+    assert sorted(m.name for m in box.state.models.loaded()) == ["fake", "second"]
+    assert events(box) == [("load", "fake", "ok"), ("load", "second", "ok")]
+    assert [r["model"] for r in box.rows()] == ["fake", "second"]
+
+
+def test_an_unknown_model_is_a_404_that_says_where_the_list_is(box):
+    error = assert_openai_error(ask(box, "nope"), 404, "model_not_found", "model")
+    assert "/v1/models" in error["message"]
+
+
+def test_the_least_recently_used_idle_model_is_evicted_at_max_loaded(make_box):
+    box = make_box(extra_models={"second": {}, "third": {}}, max_loaded=2)
+    assert ask(box, "second").status_code == 200
+    assert ask(box, "fake").status_code == 200  # fake is now more recent than second
+    assert ask(box, "third").status_code == 200
+    assert sorted(m.name for m in box.state.models.loaded()) == ["fake", "third"]
+    assert ("evict", "second", "ok") in events(box)
+    evicted = [e for e in box.db.model_events() if e["event"] == "evict"][0]
+    assert evicted["who"] == "system" and "third" in evicted["detail"]
+
+
+def test_max_loaded_one_swaps_models_on_demand(make_box):
+    box = make_box(extra_models={"second": {"reply": "Two."}}, max_loaded=1)
+    for model, reply in [("second", "Two."), ("fake", REPLY), ("second", "Two.")]:
+        r = ask(box, model)
+        assert r.status_code == 200 and r.get_json()["choices"][0]["message"]["content"] == reply
+        assert [m.name for m in box.state.models.loaded()] == [model]
+
+
+def test_a_memory_budget_that_fits_one_model_evicts_the_other(make_box):
+    box = make_box(extra_models={"second": {}}, max_model_memory_mb=1)  # a fake model counts its file: < 1 MiB
+    pool = box.state.models
+    assert pool.default.memory_mib == 1
+    assert ask(box, "second").status_code == 200
+    assert [m.name for m in pool.loaded()] == ["second"]
+    assert ("evict", "fake", "ok") in events(box)
+
+
+def test_a_model_that_cannot_fit_gets_a_503_naming_the_setting(make_box):
+    box = make_box(extra_models={"second": {"step_seconds": 0.05}}, max_loaded=1)
+    slow = threading.Thread(target=ask, args=(box, "second"))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while box.state.models.get("second").in_use == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        error = assert_openai_error(ask(box, "fake"), 503, "model_pool_full")
+        assert "max_loaded" in error["message"] and "second" in error["message"]
+    finally:
+        slow.join()
+    assert ask(box, "fake").status_code == 200  # once it is free, it is evicted
+
+
+def test_a_model_that_is_loading_does_not_delay_another(make_box):
+    box = make_box(extra_models={"slow": {"load_seconds": 1.5}})
+    loading = threading.Thread(target=ask, args=(box, "slow"))
+    loading.start()
+    try:
+        time.sleep(0.2)  # the slow model is loading now
+        assert box.state.models.get("slow").loading
+        start = time.perf_counter()
+        assert ask(box, "fake").status_code == 200
+        assert time.perf_counter() - start < 0.5
+    finally:
+        loading.join()
+    assert [r["status"] for r in box.rows()] == [200, 200]
+
+
+def test_requests_for_a_loading_model_share_one_load(make_box):
+    box = make_box(extra_models={"slow": {"load_seconds": 0.5}})
+    threads = [threading.Thread(target=ask, args=(box, "slow")) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert box.state.models.get("slow").runner.load_count == 1
+    assert events(box) == [("load", "fake", "ok"), ("load", "slow", "ok")]
+    assert [r["status"] for r in box.rows()] == [200] * 4
+
+
+def test_a_model_past_its_keep_alive_is_unloaded_but_the_default_stays(make_box):
+    box = make_box(extra_models={"second": {}}, keep_alive=0.2)
+    assert ask(box, "second").status_code == 200
+    deadline = time.monotonic() + 5
+    while box.state.models.get("second").runner.is_loaded and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [m.name for m in box.state.models.loaded()] == ["fake"]
+    assert ("expire", "second", "ok") in events(box)
+
+
+def test_model_settings_give_a_model_its_own_slots_and_context(make_box):
+    box = make_box(extra_models={"second": {}}, model_settings={"second": {"parallel": 1, "context_length": 128}})
+    second = box.state.models.get("second")
+    assert second.admission.slots == 1 and second.runner.spec["context_length"] == 128
+    assert box.admission.slots == 2  # the default model keeps the service's
+
+
+def test_models_list_every_known_model_without_internals(make_box, tmp_path):
+    box = make_box(extra_models={"second": {}})
+    data = box.client.get("/v1/models").get_json()["data"]
+    assert [m["id"] for m in data] == ["fake", "second"]
+    fake, second = (m["appliance"] for m in data)
+    assert fake["loaded"] and fake["default"] and not second["loaded"]
+    assert second["kind"] == "chat" and second["format"] == "fake" and second["size_bytes"] > 0
+    assert second["context_length"] == 256 and second["aliases"] == ["second-alias"]
+    text = box.client.get("/v1/models").get_data(as_text=True) + box.client.get("/readyz").get_data(as_text=True)
+    assert str(tmp_path) not in text and "pid" not in text and "path" not in text
+    one = box.client.get("/v1/models/second-alias").get_json()
+    assert one["id"] == "second"
+    admin = box.client.get("/api/models").get_json()["data"]
+    assert admin[0]["path"].startswith(str(tmp_path)) and "estimated_memory_mib" in admin[1]
+
+
+def test_admin_load_and_unload_are_model_events_with_who_asked(make_box):
+    box = make_box(extra_models={"second": {}})
+    r = box.client.post("/api/models/second/load", json={})
+    assert r.status_code == 200 and r.get_json()["loaded"]
+    assert box.client.post("/api/models/second/unload", json={}).get_json()["loaded"] is False
+    rows = list(reversed(box.db.model_events()))
+    assert [(e["event"], e["model"]) for e in rows] == [("load", "fake"), ("load", "second"), ("unload", "second")]
+    assert all(e["who"] == "127.0.0.1" and e["duration_ms"] >= 0 for e in rows[1:])
+    assert box.client.get("/api/models/events").get_json()["data"][0]["event"] == "unload"
+    assert box.client.get("/api/status").get_json()["models"]["events"][0]["event"] == "unload"
+    assert_openai_error(box.client.post("/api/models/nope/load", json={}), 404, "model_not_found")
+    metrics = box.client.get("/metrics").get_data(as_text=True)
+    assert 'appliance_model_events_total{event="load",model="second",outcome="ok"} 1.0' in metrics
+
+
+def test_unloading_a_busy_model_is_refused_unless_forced(make_box):
+    box = make_box(fake={"step_seconds": 0.05})
+    worker = threading.Thread(target=ask, args=(box, None))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while box.state.models.default.in_use == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert_openai_error(box.client.post("/api/models/fake/unload", json={}), 409, "model_busy")
+    finally:
+        worker.join()
+    assert box.client.post("/api/models/fake/unload", json={}).status_code == 200
+
+
+def test_deep_idle_unloads_every_model_and_the_wake_brings_them_back(make_box):
+    box = make_box(extra_models={"second": {}})
+    assert ask(box, "second").status_code == 200
+    assert box.client.post("/api/power", json={"state": "deep_idle"}).status_code == 200
+    assert box.state.models.loaded() == []
+    assert ask(box, "second").status_code == 200  # wakes the box: both come back
+    assert sorted(m.name for m in box.state.models.loaded()) == ["fake", "second"]
+
+
+@pytest.mark.parametrize("setting, value", [("max_loaded", 0), ("keep_alive", -1)])
+def test_pool_settings_are_checked(make_box, setting, value):
+    from appliance.config import ConfigError
+
+    with pytest.raises(ConfigError, match=setting):
+        make_box(**{setting: value})
+
+
+def test_model_settings_reject_unknown_options(make_box):
+    from appliance.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option"):
+        make_box(model_settings={"fake": {"slots": 2}})
