@@ -222,6 +222,48 @@ def models_remove(ctx, name_or_path, home):
     click.echo(f"removed {folder} from the registry (its files are still there)")
 
 
+_url_option = click.option("--url", help="service address [default: http://<host>:<port> from the settings]")
+
+
+@models.command("load")
+@click.argument("name")
+@_url_option
+@click.pass_context
+def models_load(ctx, name, url):
+    """Load a model in the running service now, so its first request has no load delay.
+
+    The service makes room as for a request: past max_loaded or max_model_memory_mb it
+    first unloads the least recently used idle model. Where keys are on, set
+    APPLIANCE_API_KEY to an admin key.
+
+    \b
+    Example:
+      appliance models load smollm2
+    """
+    info = _call_service(ctx, url, f"/api/models/{name}/load", {})
+    click.echo(f"{info['id']} loaded in {info.get('load_seconds', '-')} s (runner pid {info['runner_pid']}, "
+               f"about {info['estimated_memory_mib']} MiB)")
+
+
+@models.command("unload")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="unload even while requests use it (they fail with 503)")
+@_url_option
+@click.pass_context
+def models_unload(ctx, name, force, url):
+    """Unload a model from the running service; its memory goes back to the system.
+
+    Refused while requests use the model, unless --force. The next request for it loads it
+    again. Where keys are on, set APPLIANCE_API_KEY to an admin key.
+
+    \b
+    Example:
+      appliance models unload smollm2
+    """
+    info = _call_service(ctx, url, f"/api/models/{name}/unload" + ("?force=true" if force else ""), {})
+    click.echo(f"{info['id']} unloaded")
+
+
 def _entry_json(e) -> dict:
     return {"name": e.name, "format": e.format, "path": str(e.path) if e.path else None, "sha256": e.sha256,
             "available": e.available, "source": e.source, "aliases": list(e.aliases)}
@@ -303,44 +345,21 @@ def _read_log(settings: Settings):
 
 
 @cli.command()
-@click.option("--url", help="service address [default: http://<host>:<port> from the settings]")
+@_url_option
 @click.option("--power", "power_state", type=click.Choice(["active", "idle", "deep_idle"]), help="force this power state first")
 @click.option("--json", "as_json", is_flag=True, help="the raw /api/status answer")
 @click.pass_context
 def status(ctx, url, power_state, as_json):
-    """Show the running service's power state, model and system figures.
+    """Show the running service's power state, models and system figures.
 
     \b
     Example:
       appliance status
       appliance status --power deep_idle    # unload the model now
     """
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    settings = _settings(ctx)
-    scheme = "https" if settings.tls_cert else "http"
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # a wildcard listens on loopback too
-    base = url or f"{scheme}://{host}:{settings.port}"
-    key = os.environ.get("APPLIANCE_API_KEY")  # an admin key, where the service requires keys
-    auth = {"Authorization": f"Bearer {key}"} if key else {}
-    tls = None
-    if settings.tls_cert:  # the system's CAs, and the box's own certificate (it may be self-signed)
-        tls = ssl.create_default_context()
-        tls.load_verify_locations(cafile=settings.tls_cert)
-    try:
-        if power_state:
-            body = json.dumps({"state": power_state}).encode()
-            req = urllib.request.Request(base + "/api/power", data=body,
-                                         headers={"Content-Type": "application/json", **auth})
-            urllib.request.urlopen(req, timeout=120, context=tls).read()
-        info = json.loads(urllib.request.urlopen(urllib.request.Request(base + "/api/status", headers=auth),
-                                                 timeout=10, context=tls).read())
-    except urllib.error.HTTPError as exc:
-        raise click.ClickException(f"{base} answered {exc.code}: {_error_message(exc)}") from None
-    except urllib.error.URLError as exc:
-        raise click.ClickException(f"no service answers at {base} ({exc.reason}): start it with 'appliance serve'") from None
+    if power_state:
+        _call_service(ctx, url, "/api/power", {"state": power_state})
+    info = _call_service(ctx, url, "/api/status")
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -350,10 +369,42 @@ def status(ctx, url, power_state, as_json):
                f"in {info['seconds_to_next_state'] if info['seconds_to_next_state'] is not None else '-'} s)")
     click.echo(f"model      {info['model']['id']} ({'loaded' if info['model']['loaded'] else 'unloaded'}, "
                f"loaded {info['model']['load_count']}x), last wake {wake}")
+    pool = info["models"]
+    click.echo(f"models     {', '.join(pool['loaded']) or 'none'} loaded, about {pool['estimated_memory_mib']} MiB "
+               f"of max_model_memory_mb {pool['max_model_memory_mb']} (max_loaded {pool['max_loaded']})")
     click.echo(f"process    RSS {system['rss'] / 2**20:.0f} MiB, CPU {system['cpu_percent']:.1f}%, "
                f"{info['requests_in_flight']} request(s) in flight")
     click.echo(f"box        {system['available_memory'] / 2**20:.0f} MiB available of {system['total_memory'] / 2**20:.0f}, "
                f"CPU {system['system_cpu_percent']:.1f}%, power profile {info['profile']}{' (dry run)' if info['dry_run'] else ''}")
+
+
+def _call_service(ctx: click.Context, url: str | None, path: str, body: dict | None = None) -> dict:
+    """GET path (POST body, when given) on the running service, with $APPLIANCE_API_KEY; its JSON answer."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(ctx)
+    scheme = "https" if settings.tls_cert else "http"
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # a wildcard listens on loopback too
+    base = url or f"{scheme}://{host}:{settings.port}"
+    key = os.environ.get("APPLIANCE_API_KEY")  # an admin key, where the service requires keys
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    tls = None
+    if settings.tls_cert:  # the system's CAs, and the box's own certificate (it may be self-signed)
+        tls = ssl.create_default_context()
+        tls.load_verify_locations(cafile=settings.tls_cert)
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        answer = urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers),
+                                        timeout=600, context=tls).read()
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"{base} answered {exc.code}: {_error_message(exc)}") from None
+    except urllib.error.URLError as exc:
+        raise click.ClickException(f"no service answers at {base} ({exc.reason}): start it with 'appliance serve'") from None
+    return json.loads(answer)
 
 
 def _error_message(exc) -> str:

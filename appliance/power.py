@@ -4,10 +4,11 @@
        ^                    |                           |
        +---- next request --+---------------------------+
 
-Idle drops the KV cache, lowers the process priority where it can be raised
-again, and applies the box's power profile. Deep idle unloads the model. A
-request wakes the box; concurrent requests wait for one reload (the runner's
-load lock). One background thread sleeps until the next deadline or the next
+Idle drops the KV caches, lowers the process priority where it can be raised
+again, and applies the box's power profile. Deep idle unloads every model. A
+request wakes the box, which loads again the models that were loaded;
+concurrent requests wait for one reload (the pool's per-model load lock). The
+manager sees the model pool as one model. One background thread sleeps until the next deadline or the next
 psutil sample: no busy polling.
 """
 

@@ -34,6 +34,7 @@ from models.manifest import ManifestError
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 300  # seconds a runner may take to load its model
+INTERNAL_FACTS = ("file",)  # what an engine reports of itself that only admins see
 
 
 class RunnerCrashed:
@@ -266,7 +267,8 @@ class ModelRunner:
         if internals:
             info.update(path=str(self.entry.path), runner_pid=self.pid if self.is_loaded else None)
         if self.facts is not None:
-            info.update(self.facts.info, context_length=self.facts.context_length, parallel=self.facts.n_slots)
+            engine = {k: v for k, v in self.facts.info.items() if internals or k not in INTERNAL_FACTS}
+            info.update(engine, context_length=self.facts.context_length, parallel=self.facts.n_slots)
         else:
             info.update(context_length=None, parallel=self.spec["parallel"])
         if self.load_seconds is not None:
