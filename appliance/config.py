@@ -273,8 +273,8 @@ def _validate(settings: Settings) -> None:
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
-    _validate_model_sampling(settings.model_sampling)
-    _validate_model_settings(settings.model_settings)
+    _validate_per_model("model_sampling", settings.model_sampling, SAMPLING_OPTIONS, least=None)
+    _validate_per_model("model_settings", settings.model_settings, MODEL_SETTINGS, least=0)  # keep_alive may be 0
     _validate_patterns(settings.log_redact)
     _validate_power(settings)
     _validate_tls(settings)
@@ -295,32 +295,22 @@ SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.
 SAMPLING_OPTIONS = tuple(SAMPLING_DEFAULTS)
 
 
-def _validate_model_sampling(per_model: dict) -> None:
-    for model, options in per_model.items():
-        unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
-        if unknown:
-            raise ConfigError(f"setting 'model_sampling' for {model!r}: unknown option(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(SAMPLING_OPTIONS)})")
-        for name, value in options.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"setting 'model_sampling' for {model!r}: {name} must be a number, got {value!r}")
-
-
 # What model_settings may set for one model: the service's own settings of these names are the default.
 MODEL_SETTINGS = ("parallel", "context_length", "threads", "keep_alive")
 
 
-def _validate_model_settings(per_model: dict) -> None:
+def _validate_per_model(setting: str, per_model: dict, known: tuple[str, ...], least: float | None) -> None:
+    """A table of model name -> options: every option known and a number (above ``least``, where given)."""
     for model, options in per_model.items():
-        unknown = sorted(set(options) - set(MODEL_SETTINGS))
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ConfigError(f"setting 'model_settings' for {model!r}: unknown option(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(MODEL_SETTINGS)})")
+            raise ConfigError(f"setting {setting!r} for {model!r}: unknown option(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(known)})")
         for name, value in options.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                    value == 0 and name != "keep_alive"):
-                raise ConfigError(f"setting 'model_settings' for {model!r}: {name} must be a positive number, "
-                                  f"got {value!r}")
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not number or (least is not None and (value < least or value == least and name != "keep_alive")):
+                kind = "a number" if least is None else "a positive number"
+                raise ConfigError(f"setting {setting!r} for {model!r}: {name} must be {kind}, got {value!r}")
 
 
 def _validate_patterns(patterns: list[str]) -> None:

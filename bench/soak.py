@@ -318,7 +318,7 @@ def logs_verify(home: Path) -> dict:
 def soak(args, workdir: Path) -> dict:
     home = workdir / "home"
     load_average = os.getloadavg()
-    proc, port = start_service(args.threads, {"APPLIANCE_HOME": str(home)}, log=workdir / "serve.log")
+    proc, port = start_service(args.threads, {**args.env, "APPLIANCE_HOME": str(home)}, log=workdir / "serve.log")
     service = psutil.Process(proc.pid)
     print(f"service pid {proc.pid} on port {port}, its data folder {home}; runner pid "
           f"{getattr(runner_of(service), 'pid', None)}", flush=True)
@@ -392,7 +392,7 @@ def soak(args, workdir: Path) -> dict:
             "minutes": args.minutes, "elapsed_s": round(elapsed, 1), "sample_every_s": args.sample_every,
             "hold_s": args.hold, "seed": args.seed, "weights": WEIGHTS, "warm_up_s": round(WARM_UP_SHARE * duration, 1),
             "window_s": min(WINDOW_S, WARM_UP_SHARE * duration), "fd_spread_bound": FD_SPREAD(args.clients),
-            "thread_spread_bound": THREAD_SPREAD, "http_pid": proc.pid,
+            "thread_spread_bound": THREAD_SPREAD, "http_pid": proc.pid, "env": args.env,
             "machine": machine() | {"physical_cores": psutil.cpu_count(logical=False)},
             "load_average": load_average, "load_average_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
             "command": command_line("soak", args.argv)}
@@ -461,6 +461,19 @@ def judge(data: dict) -> dict:
             "checks": checks, "passed": all(checks.values())}
 
 
+def settings_text(env: dict | None) -> str:
+    if not env:
+        return "default settings"
+    return "default settings but " + ", ".join(f"`{name}={value}`" for name, value in env.items())
+
+
+def parse_env(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("APPLIANCE_") or name == "APPLIANCE_HOME":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected APPLIANCE_<SETTING>=VALUE (not APPLIANCE_HOME)")
+    return name, value
+
+
 def mark(ok: bool) -> str:
     return "✅" if ok else "❌"
 
@@ -477,7 +490,7 @@ def markdown(data: dict) -> str:
         "# Soak: memory, file descriptors and threads of the service under a long mixed load",
         "",
         f"{meta['clients']} clients for {meta['minutes']:g} minutes ({meta['elapsed_s']:.0f} s) against a fresh "
-        f"`appliance serve` with default settings, the bundled {meta['model']} and {meta['threads']} threads. "
+        f"`appliance serve` with {settings_text(meta.get('env'))}, the bundled {meta['model']} and {meta['threads']} threads. "
         f"{m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical CPUs), Python {m['python']}, "
         f"llama-cpp-python {m['llama_cpp_python']}; {meta['date']}; load average {meta['load_average'][0]:.1f} at "
         f"the start, {meta['load_average_end'][0]:.1f} at the end. Warm-up: the first {meta['warm_up_s']:.0f} s "
@@ -615,11 +628,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples (default 5)")
     parser.add_argument("--hold", type=float, default=10.0, help="seconds each forced power state is held (default 10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--env", type=parse_env, action="append", default=[], metavar="APPLIANCE_NAME=VALUE",
+                        help="a setting for the service, as an environment variable (repeatable); the report names it")
     parser.add_argument("--label", help="the run's id in bench/results/soak/runs/<date>-<id> (default: the commit)")
     parser.add_argument("--no-record", action="store_true",
                         help="a smoke run: the report stays in the work folder, nothing goes under bench/results")
     args = parser.parse_args(argv)
     args.argv = argv
+    args.env = dict(args.env)
     workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     print(f"work folder (service log, data folder): {workdir}", flush=True)
     data = soak(args, workdir)
