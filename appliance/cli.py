@@ -264,6 +264,28 @@ def models_unload(ctx, name, force, url):
     click.echo(f"{info['id']} unloaded")
 
 
+@models.command("swap")
+@click.argument("name")
+@click.argument("package")
+@_url_option
+@click.pass_context
+def models_swap(ctx, name, package, url):
+    """Point NAME (a model's name or alias) at PACKAGE without a restart.
+
+    The new model loads beside the old one and must pass a warm-up probe (swap_probe_tokens
+    tokens from each fixed prompt, within swap_probe_timeout); then NAME moves to it at once,
+    running requests finish on the old model, and the old one is unloaded. A failed probe
+    leaves the old model serving. Where keys are on, set APPLIANCE_API_KEY to an admin key.
+
+    \b
+    Example:
+      appliance models add ./packages/student-v2-gguf
+      appliance models swap smollm2 student-v2
+    """
+    info = _call_service(ctx, url, f"/api/models/{name}/swap", {"package": package})
+    click.echo(f"{name} now serves {info['id']} (runner pid {info['runner_pid']})")
+
+
 def _entry_json(e) -> dict:
     return {"name": e.name, "format": e.format, "path": str(e.path) if e.path else None, "sha256": e.sha256,
             "available": e.available, "source": e.source, "aliases": list(e.aliases)}

@@ -102,6 +102,8 @@ class Settings:
     max_loaded: int = field(default=3, metadata={"help": "models loaded at once, each in its own runner process; loading one more unloads the least recently used idle one"})
     max_model_memory_mb: int = field(default=0, metadata={"help": "memory the loaded models may use together, in MiB (each: its file size plus its KV cache for its slots and context); 0: 80% of the box's memory"})
     keep_alive: float = field(default=300.0, metadata={"help": "seconds a model other than the default stays loaded after its last request; the default model stays until deep idle (a request may ask for less with keep_alive)"})
+    swap_probe_tokens: int = field(default=8, metadata={"help": "tokens each warm-up prompt must generate (greedy, without error) before a swap moves a name to the new model"})
+    swap_probe_timeout: float = field(default=60.0, metadata={"help": "seconds the swap's warm-up probe may take before the swap is refused"})
     model_settings: dict = field(default_factory=dict, metadata={"help": "per model name, settings that replace the service's for it: parallel, context_length, threads, keep_alive"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
@@ -262,7 +264,8 @@ def _validate(settings: Settings) -> None:
     if settings.provider not in PROVIDERS:
         raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
     for name in ("port", "threads", "context_length", "parallel", "max_request_bytes", "idle_after", "deep_idle_after",
-                 "sample_every", "queue_aging", "max_connections", "max_loaded"):
+                 "sample_every", "queue_aging", "max_connections", "max_loaded", "swap_probe_tokens",
+                 "swap_probe_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
     for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars",

@@ -8,16 +8,23 @@ when none can be, the request gets a 503 that names the setting to raise. Reques
 is loading wait for that one load (its runner's load lock), and loading one model never holds up
 another: each has its own runner and its own queue.
 
+A swap points a name or alias at another package: the new model is loaded beside the old one and
+must pass a warm-up probe (fixed prompts that generate tokens without error within a deadline)
+before the name moves to it, in one assignment; requests already running finish on the old model,
+which is unloaded once they have. A model that fails the probe is unloaded and the old one keeps
+serving.
+
 A model other than the default is unloaded after ``keep_alive`` seconds without requests; the default
 one stays until deep idle. The power manager sees the pool as one model: idle frees every loaded
 model's KV cache, deep idle unloads them all, and the wake brings back those that were loaded.
 
-Every load, unload, eviction and expiry is a row in ``model_events``.
+Every load, unload, eviction, expiry and swap is a row in ``model_events``.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +33,13 @@ from dataclasses import dataclass, field
 import psutil
 
 from appliance.admission import Admission, ClientBuckets
-from appliance.backends.base import BackendError
+from appliance.backends.base import BackendError, SamplingParams
+from appliance.runner import protocol as msg
 from appliance.config import SAMPLING_DEFAULTS, Settings
 from appliance.db import Database
-from appliance.errors import APIError, LogUnavailable, ModelNotFoundError, ServiceUnavailable
-from appliance.runner.supervisor import ModelRunner
-from models import ModelEntry
+from appliance.errors import APIError, InvalidRequest, LogUnavailable, ModelNotFoundError, ServiceUnavailable
+from appliance.runner.supervisor import ModelRunner, RunnerCrashed
+from models import ModelEntry, ModelNotFound, find_model
 from models.footprint import ModelShape, inspect
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,13 @@ class PoolFull(ServiceUnavailable):
 
     def __init__(self, message: str):
         super().__init__(message, code="model_pool_full")
+
+
+class SwapFailed(APIError):
+    status = 422
+
+    def __init__(self, message: str):
+        super().__init__(message, param="package", code="swap_failed")
 
 
 class ModelBusy(APIError):
@@ -107,6 +122,7 @@ class ModelPool:
         self._lock = threading.Lock()  # _models
         self._placing = threading.Lock()  # one decision at a time on what is loaded
         self._asleep: list[str] = []  # the models deep idle unloaded: the wake loads them again
+        self._routes: dict[str, str] = {}  # a name or alias -> the model a swap pointed it at
         self._cond = threading.Condition()
         self._stopping = False
         self.default = self._add(default)
@@ -117,6 +133,7 @@ class ModelPool:
         if name is None:
             return self.default
         with self._lock:
+            name = self._routes.get(name, name)
             for model in self._models.values():
                 if model.answers_to(name):
                     return model
@@ -125,6 +142,16 @@ class ModelPool:
                 with self._lock:
                     return self._models.get(entry.name) or self._add_locked(entry)
         raise ModelNotFoundError(f"model {name!r} is not served here; GET /v1/models lists the models")
+
+    def entry_for(self, package: str) -> ModelEntry:
+        """A model to swap in: a known model's name or alias, or the path of a package folder or .gguf file."""
+        for entry in self.catalog():
+            if entry.available and (package == entry.name or package in entry.aliases):
+                return entry
+        try:
+            return find_model(package, home=self.settings.home)
+        except ModelNotFound as exc:
+            raise ModelNotFoundError(str(exc), param="package") from None
 
     def known(self) -> list[PooledModel]:
         """Every model the box may serve, the default first; those never asked for are set up now, unloaded."""
@@ -193,7 +220,7 @@ class ModelPool:
             hook()
 
     # -- loading and unloading ---------------------------------------------------------
-    def load(self, model: PooledModel, who: str = SYSTEM) -> None:
+    def load(self, model: PooledModel, who: str = SYSTEM, keep: tuple[PooledModel, ...] = ()) -> None:
         """Load the model if it is not, making room first; raises PoolFull or BackendError."""
         if model.runner.is_loaded:
             return
@@ -201,7 +228,7 @@ class ModelPool:
             if model.runner.is_loaded:
                 return
             with self._placing:
-                self._make_room(model, who)
+                self._make_room(model, who, keep)
                 model.loading = True
             start = time.perf_counter()
             try:
@@ -213,7 +240,8 @@ class ModelPool:
                 model.loading = False
             self._record("load", model, who, start, "ok", f"about {model.memory_mib} MiB")
 
-    def _make_room(self, model: PooledModel, who: str) -> None:
+    def _make_room(self, model: PooledModel, who: str, keep: tuple[PooledModel, ...] = ()) -> None:
+        """Unload least recently used idle models until ``model`` fits; never one of ``keep``."""
         need = model.memory_mib
         if need > self.budget_mib:
             raise PoolFull(f"model {model.name!r} needs about {need} MiB (its file and its KV cache for "
@@ -226,7 +254,8 @@ class ModelPool:
             used = sum(m.memory_mib for m in others)
             if len(others) < self.settings.max_loaded and used + need <= self.budget_mib:
                 return
-            idle = sorted((m for m in others if m.in_use == 0 and not m.loading), key=lambda m: m.last_used)
+            idle = sorted((m for m in others if m.in_use == 0 and not m.loading and m not in keep),
+                          key=lambda m: m.last_used)
             if not idle:
                 raise PoolFull(f"no room to load model {model.name!r}: the {len(others)} loaded model(s) "
                                f"({', '.join(m.name for m in others)}) are all serving requests (max_loaded "
@@ -257,6 +286,45 @@ class ModelPool:
                                        outcome=outcome, detail=detail)
         except LogUnavailable as exc:  # the change happened; a full disk must not undo it
             log.warning("model event %s of %s not recorded: %s", event, model.name, exc.message)
+
+    # -- swap ----------------------------------------------------------------------------
+    def swap(self, name: str, entry: ModelEntry, who: str = SYSTEM) -> PooledModel:
+        """Point ``name`` (a model's name or alias) at ``entry`` once it has loaded and passed the warm-up probe;
+        raises SwapFailed (the old model keeps serving), PoolFull or ModelNotFoundError."""
+        old = self.get(name)
+        if entry.name == old.name:
+            raise InvalidRequest(f"{name!r} already serves {entry.name!r}", param="package", code="invalid_value")
+        start = time.perf_counter()
+        with self._lock:
+            new = self._models.get(entry.name) or self._add_locked(entry)
+        was_loaded = new.runner.is_loaded
+        try:
+            self.load(new, who, keep=(old,))
+            problem = probe(new, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
+        except BackendError as exc:
+            problem = f"it did not load: {exc}"
+        if problem:
+            if not was_loaded:
+                self._unload(new, who, "unload", "failed its swap probe")
+            self._record("swap", new, who, start, "failed", f"{name} stays on {old.name}: {problem}")
+            raise SwapFailed(f"swap of {name!r} to {entry.name!r} refused, {old.name!r} keeps serving: {problem}")
+        with self._lock:  # the switch: requests that look the name up from here on get the new model
+            for alias in {name, old.name, *old.entry.aliases}:
+                self._routes[alias] = new.name
+            if old is self.default:
+                self.default = new
+        self._record("swap", new, who, start, "ok", f"{name}: {old.name} -> {new.name}")
+        threading.Thread(target=self._retire, args=(old, who), name="model-retire", daemon=True).start()
+        return new
+
+    def _retire(self, old: PooledModel, who: str) -> None:
+        """Unload a swapped-out model once the requests it was serving have finished."""
+        with self._cond:
+            while old.in_use and not self._stopping:
+                self._cond.wait(1.0)
+        with self._placing:
+            if old.in_use == 0:
+                self._unload(old, who, "unload", "swapped out")
 
     # -- keep-alive --------------------------------------------------------------------
     def start(self) -> None:
@@ -358,6 +426,32 @@ class ModelPool:
             models = list(self._models.values())
         for model in models:
             model.runner.unload()
+
+
+# The warm-up probe's prompts: plain text, so base and chat models alike must continue them.
+PROBE_PROMPTS = ("The capital of France is", "1, 2, 3, 4,")
+
+
+def probe(model: PooledModel, tokens: int, timeout: float) -> str | None:
+    """Run the probe prompts greedily on a loaded model; None when each made ``tokens`` tokens in time, else why not."""
+    deadline = time.monotonic() + timeout
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, seed=0)
+    for prompt in PROBE_PROMPTS:
+        stream = model.runner.submit(None, prompt, params)
+        made, finish = 0, None
+        while finish is None:
+            try:
+                event = stream.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                model.runner.cancel(stream)
+                return f"the probe {prompt!r} made {made} of {tokens} tokens in the {timeout:.0f} s allowed"
+            if isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)):
+                return f"the probe {prompt!r} failed: {event.message}"
+            if isinstance(event, msg.Output):
+                made, finish = event.completion_tokens, event.finish_reason
+        if made < tokens and finish != "stop" or made == 0:
+            return f"the probe {prompt!r} made {made} of {tokens} tokens (finish_reason {finish})"
+    return None
 
 
 def _total_memory() -> int:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import CHAT, REPLY, assert_openai_error, chat_body
+from tests.helpers import CHAT, REPLY, assert_openai_error, chat_body, sse_events
 
 
 def ask(box, model: str | None, content: str = "hi"):
@@ -190,3 +190,58 @@ def test_model_settings_reject_unknown_options(make_box):
 
     with pytest.raises(ConfigError, match="unknown option"):
         make_box(model_settings={"fake": {"slots": 2}})
+
+
+# -- swap ---------------------------------------------------------------------------------------------
+def test_a_swap_moves_the_name_to_the_new_model_and_retires_the_old(make_box):
+    box = make_box(extra_models={"second": {"reply": "Second here."}})
+    r = box.client.post("/api/models/fake-alias/swap", json={"package": "second"})
+    assert r.status_code == 200 and r.get_json()["id"] == "second" and r.get_json()["loaded"]
+    for name in (None, "fake", "fake-alias"):  # the old model's name and alias, and the default, all moved
+        r = ask(box, name)
+        assert r.get_json()["model"] == "second" and r.get_json()["choices"][0]["message"]["content"] == "Second here."
+    deadline = time.monotonic() + 5
+    while box.runner.is_loaded and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not box.runner.is_loaded  # the old runner ended once it had nothing in flight
+    assert events(box)[1:] == [("load", "second", "ok"), ("swap", "second", "ok"), ("unload", "fake", "ok")]
+
+
+def test_a_swap_to_a_model_that_fails_its_probe_is_refused_and_the_old_keeps_serving(make_box):
+    box = make_box(extra_models={"broken": {"fail_on": "capital"}})  # the engine fails on the probe's prompt
+    error = assert_openai_error(box.client.post("/api/models/fake/swap", json={"package": "broken"}), 422,
+                                "swap_failed", "package")
+    assert "fake" in error["message"] and "probe" in error["message"]
+    assert ask(box, "fake").get_json()["choices"][0]["message"]["content"] == REPLY
+    assert [m.name for m in box.state.models.loaded()] == ["fake"]  # the broken one was unloaded again
+    assert events(box)[1:] == [("load", "broken", "ok"), ("unload", "broken", "ok"), ("swap", "broken", "failed")]
+    assert_openai_error(box.client.post("/api/models/fake/swap", json={"package": "nope"}), 404, "model_not_found",
+                        "package")
+    assert_openai_error(box.client.post("/api/models/fake/swap", json={}), 400)
+
+
+def test_clients_streaming_through_a_swap_all_succeed_each_from_one_model(make_box):
+    box = make_box(fake={"step_seconds": 0.005}, extra_models={"second": {"reply": "Second here.", "step_seconds": 0.005}},
+                   queue_size=32)
+    texts, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = box.client.post(CHAT, json=chat_body(stream=True, model="fake"))
+            if r.status_code != 200:
+                failures.append(r.status_code)
+                continue
+            chunks = [e for e in sse_events(r.get_data(as_text=True)) if e != "[DONE]"]
+            texts.append("".join(c["choices"][0]["delta"].get("content", "") for c in chunks))
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for t in clients:
+        t.start()
+    time.sleep(0.5)
+    assert box.client.post("/api/models/fake/swap", json={"package": "second"}).status_code == 200
+    time.sleep(0.5)
+    stop.set()
+    for t in clients:
+        t.join()
+    assert failures == []
+    assert set(texts) == {REPLY, "Second here."}  # both served, and never a mix within one answer

@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify, request
 
 from appliance import auth
 from appliance.api import request_log
-from appliance.api.schemas import PowerRequest, parse_body
+from appliance.api.schemas import PowerRequest, SwapRequest, parse_body
 from appliance.backends.base import BackendError
 from appliance.errors import InvalidRequest, ServiceUnavailable
 from appliance.state import state
@@ -55,6 +55,17 @@ def unload_model(name: str):
     model = pool.get(name)
     pool.unload(model, who=auth.client_id(), force=_flag("force"))
     return jsonify(pool.describe(model, internals=True))
+
+
+@bp.post("/models/<name>/swap")
+def swap_model(name: str):
+    """Point a model name or alias at another package, after a warm-up probe; a failed probe leaves the old one serving.
+
+    Body: {"package": NAME_OR_PATH}: a catalog name or a package folder on this box."""
+    req = parse_body(request.get_data(), SwapRequest)
+    pool = state().models
+    new = pool.swap(name, pool.entry_for(req.package), who=auth.client_id())
+    return jsonify(pool.describe(new, internals=True))
 
 
 @bp.get("/models/events")

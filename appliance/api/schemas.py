@@ -169,6 +169,10 @@ class PowerRequest(_Strict):
     state: Literal["active", "idle", "deep_idle"] = Field(description="the power state to move to now")
 
 
+class SwapRequest(_Strict):
+    package: str = Field(min_length=1, description="the model to swap in: a catalog name or a package folder on this box")
+
+
 def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     """Parse and validate a JSON body, or raise a 400 that names the bad field."""
     data = _load_json(raw)
