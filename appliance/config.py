@@ -104,6 +104,9 @@ class Settings:
     keep_alive: float = field(default=300.0, metadata={"help": "seconds a model other than the default stays loaded after its last request; the default model stays until deep idle (a request may ask for less with keep_alive)"})
     swap_probe_tokens: int = field(default=8, metadata={"help": "tokens each warm-up prompt must generate (greedy, without error) before a swap moves a name to the new model"})
     swap_probe_timeout: float = field(default=60.0, metadata={"help": "seconds the swap's warm-up probe may take before the swap is refused"})
+    probe_every: float = field(default=15.0, metadata={"help": "seconds between live health probes: each loaded model with no request in flight answers a tiny generation; after 3 failures in a row its runner is restarted (0: no probes)"})
+    probe_timeout: float = field(default=10.0, metadata={"help": "seconds a live health probe may take before it counts as failed"})
+    rollback_window: float = field(default=600.0, metadata={"help": "seconds after a swap during which 3 failed probes in a row swap the old model back instead of restarting the new one"})
     model_settings: dict = field(default_factory=dict, metadata={"help": "per model name, settings that replace the service's for it: parallel, context_length, threads, keep_alive"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
@@ -265,12 +268,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"setting 'provider' must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}")
     for name in ("port", "threads", "context_length", "parallel", "max_request_bytes", "idle_after", "deep_idle_after",
                  "sample_every", "queue_aging", "max_connections", "max_loaded", "swap_probe_tokens",
-                 "swap_probe_timeout"):
+                 "swap_probe_timeout", "probe_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(settings, name)}")
     for name in ("http_threads", "queue_size", "stream_interval", "rate_limit_rpm", "rate_limit_tpm", "max_prompt_chars",
                  "log_text_max_chars", "log_keep_days", "log_keep_rows", "log_keep_mb", "audit_checkpoint_rows",
-                 "max_model_memory_mb", "keep_alive"):
+                 "max_model_memory_mb", "keep_alive", "probe_every", "rollback_window"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
     if settings.auth not in AUTH_MODES:

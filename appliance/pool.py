@@ -5,7 +5,7 @@ model by name or alias (none: the default model) and the pool loads it on demand
 pass ``max_loaded`` or ``max_model_memory_mb`` (each model counted as its files plus its KV cache, see
 ``models.footprint``), the least recently used model with no request in flight is unloaded first;
 when none can be, the request gets a 503 that names the setting to raise. Requests for a model that
-is loading wait for that one load (its runner's load lock), and loading one model never holds up
+is loading wait for that one load (its load lock), and loading one model never holds up
 another: each has its own runner and its own queue.
 
 A swap points a name or alias at another package: the new model is loaded beside the old one and
@@ -14,17 +14,21 @@ before the name moves to it, in one assignment; requests already running finish 
 which is unloaded once they have. A model that fails the probe is unloaded and the old one keeps
 serving.
 
+Every ``probe_every`` seconds each loaded model with nothing in flight answers a tiny generation
+(``appliance.probe``); after 3 failures in a row its runner is restarted, or, when a swap brought it
+in within ``rollback_window``, the names go back to the old model.
+
 A model other than the default is unloaded after ``keep_alive`` seconds without requests; the default
 one stays until deep idle. The power manager sees the pool as one model: idle frees every loaded
 model's KV cache, deep idle unloads them all, and the wake brings back those that were loaded.
 
-Every load, unload, eviction, expiry and swap is a row in ``model_events``.
+Every load, unload, eviction, expiry, swap, failed probe, restart and rollback is a row in
+``model_events``.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +37,12 @@ from dataclasses import dataclass, field
 import psutil
 
 from appliance.admission import Admission, ClientBuckets
-from appliance.backends.base import BackendError, SamplingParams
-from appliance.runner import protocol as msg
+from appliance.backends.base import BackendError
 from appliance.config import SAMPLING_DEFAULTS, Settings
 from appliance.db import Database
 from appliance.errors import APIError, InvalidRequest, LogUnavailable, ModelNotFoundError, ServiceUnavailable
-from appliance.runner.supervisor import ModelRunner, RunnerCrashed
+from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, probe
+from appliance.runner.supervisor import ModelRunner
 from models import ModelEntry, ModelNotFound, find_model
 from models.footprint import ModelShape, inspect
 
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 SYSTEM = "system"  # who asked, in model_events, when no admin did
 EXPIRY_CHECK = 30.0  # most seconds between two looks for models past their keep-alive
 MEMORY_SHARE = 0.8  # of the box's memory, the budget when max_model_memory_mb is 0
+PROBE_FAILURES = 3  # live probes failed in a row before a model's runner is restarted (or its swap undone)
 
 
 class PoolFull(ServiceUnavailable):
@@ -82,6 +87,10 @@ class PooledModel:
     in_use: int = 0  # requests between begin_use and end_use: queued or generating
     last_used: float = 0.0  # monotonic
     loading: bool = False
+    warming: bool = False  # a swap is loading and probing it: the live probes leave it alone
+    probe_failures: int = 0  # consecutive failed live probes
+    swapped_from: PooledModel | None = None  # the model a swap replaced with this one, while a rollback may happen
+    swapped_at: float = 0.0
     load_lock: threading.Lock = field(default_factory=threading.Lock)  # requests for it wait for one load
     _shape: ModelShape | None = None
 
@@ -297,12 +306,14 @@ class ModelPool:
         start = time.perf_counter()
         with self._lock:
             new = self._models.get(entry.name) or self._add_locked(entry)
-        was_loaded = new.runner.is_loaded
+        was_loaded, new.warming = new.runner.is_loaded, True
         try:
             self.load(new, who, keep=(old,))
-            problem = probe(new, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
+            problem = probe(new.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
         except BackendError as exc:
             problem = f"it did not load: {exc}"
+        finally:
+            new.warming = False
         if problem:
             if not was_loaded:
                 self._unload(new, who, "unload", "failed its swap probe")
@@ -313,9 +324,13 @@ class ModelPool:
                 self._routes[alias] = new.name
             if old is self.default:
                 self.default = new
+        new.swapped_from, new.swapped_at, new.probe_failures = old, self.clock(), 0
         self._record("swap", new, who, start, "ok", f"{name}: {old.name} -> {new.name}")
-        threading.Thread(target=self._retire, args=(old, who), name="model-retire", daemon=True).start()
+        self._retire_later(old, who)
         return new
+
+    def _retire_later(self, model: PooledModel, who: str) -> None:
+        threading.Thread(target=self._retire, args=(model, who), name="model-retire", daemon=True).start()
 
     def _retire(self, old: PooledModel, who: str) -> None:
         """Unload a swapped-out model once the requests it was serving have finished."""
@@ -326,27 +341,87 @@ class ModelPool:
             if old.in_use == 0:
                 self._unload(old, who, "unload", "swapped out")
 
+    # -- live health probes ----------------------------------------------------------------
+    def check_health(self) -> None:
+        """Each loaded model with nothing in flight answers a tiny generation; after PROBE_FAILURES failures in a
+        row its runner is restarted, or, when a swap brought it in within rollback_window, the swap is undone."""
+        for model in self.loaded():
+            if model.in_use or model.loading or model.warming:
+                continue
+            start = time.perf_counter()
+            problem = probe(model.runner, LIVE_PROBE_TOKENS, self.settings.probe_timeout, LIVE_PROBE)
+            if problem is None:
+                model.probe_failures = 0
+                continue
+            model.probe_failures += 1
+            self._record("probe_failed", model, SYSTEM, start, "failed",
+                         f"{problem} ({model.probe_failures} of {PROBE_FAILURES} in a row)")
+            if model.probe_failures >= PROBE_FAILURES:
+                model.probe_failures = 0
+                self._recover(model)
+
+    def _recover(self, model: PooledModel) -> None:
+        old = model.swapped_from
+        if old is not None and self.clock() - model.swapped_at <= self.settings.rollback_window:
+            try:
+                self._roll_back(model, old)
+                return
+            except (BackendError, APIError) as exc:  # the old one cannot come back: restart this one instead
+                log.error("rolling %s back to %s failed: %s", model.name, old.name, exc)
+        start = time.perf_counter()
+        model.runner.unload()
+        try:
+            self.load(model)
+            self._record("restart", model, SYSTEM, start, "ok", f"{PROBE_FAILURES} failed probes in a row")
+        except (BackendError, APIError) as exc:
+            self._record("restart", model, SYSTEM, start, "failed", str(exc))
+
+    def _roll_back(self, model: PooledModel, old: PooledModel) -> None:
+        """Point every name the swap moved back at the old model, and retire the one that failed."""
+        start = time.perf_counter()
+        self.load(old, keep=(model,))
+        if probe(old.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout):
+            raise BackendError(f"{old.name} fails its probe too")
+        with self._lock:
+            for alias, target in list(self._routes.items()):
+                if target == model.name:
+                    self._routes[alias] = old.name
+            if self.default is model:
+                self.default = old
+        model.swapped_from = None
+        self._record("rollback", model, SYSTEM, start, "ok", f"{model.name} -> {old.name}: {PROBE_FAILURES} failed "
+                     f"probes within rollback_window ({self.settings.rollback_window:.0f} s) of its swap")
+        self._retire_later(model, SYSTEM)
+
     # -- keep-alive --------------------------------------------------------------------
     def start(self) -> None:
-        threading.Thread(target=self._expire_loop, name="model-keep-alive", daemon=True).start()
+        threading.Thread(target=self._watch, name="model-watch", daemon=True).start()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
 
-    def _expire_loop(self) -> None:
+    def _watch(self) -> None:
+        """Sleep until the next expiry or health probe, do what is due, repeat; nothing ends the thread but stop()."""
+        every = self.settings.probe_every
+        next_probe = self.clock() + every
         while True:
             with self._cond:
                 if self._stopping:
                     return
-                self._cond.wait(self._seconds_to_next_expiry())
+                wait = self._seconds_to_next_expiry()
+                self._cond.wait(min(wait, max(0.0, next_probe - self.clock())) if every else wait)
                 if self._stopping:
                     return
             try:
                 self.expire()
-            except Exception:  # without this thread no model would ever expire: log and go on
-                log.exception("model keep-alive: a check failed")
+                if every and self.clock() >= next_probe:
+                    self.check_health()
+                    next_probe = self.clock() + every
+            except Exception:  # without this thread no model would expire or be checked again: log and go on
+                log.exception("model pool: a keep-alive or health check failed")
+                next_probe = self.clock() + (every or EXPIRY_CHECK)
 
     def _seconds_to_next_expiry(self) -> float:
         now, soonest = self.clock(), EXPIRY_CHECK
@@ -426,32 +501,6 @@ class ModelPool:
             models = list(self._models.values())
         for model in models:
             model.runner.unload()
-
-
-# The warm-up probe's prompts: plain text, so base and chat models alike must continue them.
-PROBE_PROMPTS = ("The capital of France is", "1, 2, 3, 4,")
-
-
-def probe(model: PooledModel, tokens: int, timeout: float) -> str | None:
-    """Run the probe prompts greedily on a loaded model; None when each made ``tokens`` tokens in time, else why not."""
-    deadline = time.monotonic() + timeout
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, seed=0)
-    for prompt in PROBE_PROMPTS:
-        stream = model.runner.submit(None, prompt, params)
-        made, finish = 0, None
-        while finish is None:
-            try:
-                event = stream.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                model.runner.cancel(stream)
-                return f"the probe {prompt!r} made {made} of {tokens} tokens in the {timeout:.0f} s allowed"
-            if isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)):
-                return f"the probe {prompt!r} failed: {event.message}"
-            if isinstance(event, msg.Output):
-                made, finish = event.completion_tokens, event.finish_reason
-        if made < tokens and finish != "stop" or made == 0:
-            return f"the probe {prompt!r} made {made} of {tokens} tokens (finish_reason {finish})"
-    return None
 
 
 def _total_memory() -> int:

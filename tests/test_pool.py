@@ -70,8 +70,9 @@ def test_a_model_that_cannot_fit_gets_a_503_naming_the_setting(make_box):
     slow.start()
     try:
         deadline = time.monotonic() + 5
-        while box.state.models.get("second").in_use == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        second = box.state.models.get("second")
+        while not (second.in_use and second.runner.busy_slots) and time.monotonic() < deadline:
+            time.sleep(0.01)  # generating on second, which evicted fake to load
         error = assert_openai_error(ask(box, "fake"), 503, "model_pool_full")
         assert "max_loaded" in error["message"] and "second" in error["message"]
     finally:
@@ -245,3 +246,49 @@ def test_clients_streaming_through_a_swap_all_succeed_each_from_one_model(make_b
         t.join()
     assert failures == []
     assert set(texts) == {REPLY, "Second here."}  # both served, and never a mix within one answer
+
+
+# -- live health probes ----------------------------------------------------------------------------------
+def wait_for_event(box, event: str, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in box.db.model_events() if e["event"] == event]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} event in {timeout} s: {events(box)}")
+
+
+def test_a_model_failing_three_probes_in_a_row_is_restarted(make_box):
+    # Its engine is too slow for the probe's deadline: each live probe times out.
+    box = make_box(extra_models={"slow": {"step_seconds": 0.3}}, probe_every=0.1, probe_timeout=0.1)
+    assert box.client.post("/api/models/slow/load", json={}).status_code == 200
+    restart = wait_for_event(box, "restart")
+    assert restart["model"] == "slow" and restart["outcome"] == "ok" and restart["who"] == "system"
+    failed = [e for e in events(box) if e[0] == "probe_failed"]
+    assert failed[:3] == [("probe_failed", "slow", "failed")] * 3 and ("probe_failed", "fake", "failed") not in failed
+    assert box.state.models.get("slow").runner.load_count == 2
+    assert [r["endpoint"] for r in box.rows()] == ["/api/models/slow/load"]  # probes are not request-log rows
+    assert box.state.power.state == "active" and box.state.power.in_flight == 0
+
+
+def test_a_newly_swapped_model_failing_its_probes_is_rolled_back(make_box):
+    box = make_box(extra_models={"second": {"reply": "Two.", "step_seconds": 0.3}}, probe_every=0.1,
+                   probe_timeout=0.1, swap_probe_tokens=2, swap_probe_timeout=10)
+    assert box.client.post("/api/models/fake/swap", json={"package": "second"}).status_code == 200
+    rollback = wait_for_event(box, "rollback")
+    assert rollback["model"] == "second" and "fake" in rollback["detail"]
+    r = ask(box, None)
+    assert r.get_json()["model"] == "fake" and r.get_json()["choices"][0]["message"]["content"] == REPLY
+    assert ask(box, "fake").get_json()["model"] == "fake"
+    wait_for_event(box, "unload")
+    assert "restart" not in [e[0] for e in events(box)]
+
+
+def test_probes_leave_healthy_models_alone_and_wake_nothing(make_box):
+    box = make_box(probe_every=0.05)
+    time.sleep(0.5)
+    assert events(box) == [("load", "fake", "ok")] and box.rows() == []
+    assert box.client.post("/api/power", json={"state": "deep_idle"}).status_code == 200
+    time.sleep(0.3)
+    assert box.state.models.loaded() == [] and box.state.power.state == "deep_idle"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import openai
 import psutil
@@ -119,4 +121,31 @@ def test_a_memory_budget_for_one_model_unloads_the_other_runner(tmp_path):
         assert evicted and evicted[0]["model"] == MODEL and evicted[0]["who"] == "system"
         assert chat(client, MODEL).model == MODEL  # and back, on demand
     finally:
+        assert svc.stop() == 0
+
+
+def test_a_hung_runner_fails_its_live_probes_and_is_restarted(tmp_path):
+    home = tmp_path / "home"
+    svc = start_service(home, extra_env=LIGHT | {"APPLIANCE_PROBE_EVERY": "0.5", "APPLIANCE_PROBE_TIMEOUT": "1"})
+    hung = requests.get(svc.url + "/api/status", timeout=10).json()["model"]["runner_pid"]
+    try:
+        os.kill(hung, signal.SIGSTOP)  # the engine stops answering, as a wedged GPU driver would leave it
+        deadline = time.monotonic() + 90
+        restarts = []
+        while not restarts and time.monotonic() < deadline:
+            time.sleep(0.5)
+            found = requests.get(svc.url + "/api/models/events", timeout=10).json()["data"]
+            restarts = [e for e in found if e["event"] == "restart"]
+        assert restarts and restarts[0]["outcome"] == "ok" and restarts[0]["model"] == MODEL
+        failed = [e for e in found if e["event"] == "probe_failed"]
+        assert len(failed) >= 3 and "1 s allowed" in failed[-1]["detail"]
+        status = requests.get(svc.url + "/api/status", timeout=10).json()
+        assert status["model"]["loaded"] and status["model"]["runner_pid"] != hung and not psutil.pid_exists(hung)
+        client = openai.OpenAI(base_url=svc.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        assert chat(client, MODEL).choices[0].message.content
+        rows = requests.get(svc.url + "/api/logs", timeout=10).json()["data"]
+        assert {r["endpoint"] for r in rows} <= {"/v1/chat/completions", "/api/status", "/api/models/events"}
+    finally:
+        if psutil.pid_exists(hung):
+            os.kill(hung, signal.SIGKILL)
         assert svc.stop() == 0

@@ -1,0 +1,44 @@
+"""Asking a loaded model for a tiny generation: the swap's warm-up and the pool's live health checks.
+
+A probe goes to the runner directly, not through a queue or the request log: it is never user
+activity for the idle timers, never a log row, and it only runs on a model that is loaded.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+from appliance.backends.base import BackendError, SamplingParams
+from appliance.runner import protocol as msg
+from appliance.runner.supervisor import ModelRunner, RunnerCrashed
+
+# The warm-up probe's prompts: plain text, so base and chat models alike must continue them.
+PROBE_PROMPTS = ("The capital of France is", "1, 2, 3, 4,")
+LIVE_PROBE = ("Hello",)  # the live health check's: as small as a generation gets
+LIVE_PROBE_TOKENS = 2
+
+
+def probe(runner: ModelRunner, tokens: int, timeout: float, prompts: tuple[str, ...] = PROBE_PROMPTS) -> str | None:
+    """Run the probe prompts greedily on a loaded model; None when each made ``tokens`` tokens in time, else why not."""
+    deadline = time.monotonic() + timeout
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, seed=0)
+    for prompt in prompts:
+        try:
+            stream = runner.submit(None, prompt, params)
+        except BackendError as exc:
+            return f"the probe {prompt!r} could not start: {exc}"
+        made, finish = 0, None
+        while finish is None:
+            try:
+                event = stream.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                runner.cancel(stream)
+                return f"the probe {prompt!r} made {made} of {tokens} tokens in the {timeout:.0f} s allowed"
+            if isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)):
+                return f"the probe {prompt!r} failed: {event.message}"
+            if isinstance(event, msg.Output):
+                made, finish = event.completion_tokens, event.finish_reason
+        if made < tokens and finish != "stop" or made == 0:
+            return f"the probe {prompt!r} made {made} of {tokens} tokens (finish_reason {finish})"
+    return None
