@@ -210,7 +210,7 @@ class ModelRunner:
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: _stop_child closed it mid-read (its handle is None)
                 break
             if isinstance(message, (msg.Ready, msg.LoadFailed)):
                 start.answer = message
