@@ -87,6 +87,7 @@ class PooledModel:
     in_use: int = 0  # requests between begin_use and end_use: queued or generating
     last_used: float = 0.0  # monotonic
     loading: bool = False
+    asked_keep_alive: float | None = None  # the latest request's shorter keep_alive, if it asked for one
     warming: bool = False  # a swap is loading and probing it: the live probes leave it alone
     probe_failures: int = 0  # consecutive failed live probes
     swapped_from: PooledModel | None = None  # the model a swap replaced with this one, while a rollback may happen
@@ -423,11 +424,24 @@ class ModelPool:
                 log.exception("model pool: a keep-alive or health check failed")
                 next_probe = self.clock() + (every or EXPIRY_CHECK)
 
+    def ask_keep_alive(self, model: PooledModel, seconds: float | None) -> None:
+        """A request's keep_alive for the model after it (None: the box's); it may shorten the box's, never extend it."""
+        with self._cond:
+            model.asked_keep_alive = seconds
+            self._cond.notify_all()
+
+    @staticmethod
+    def _keep_alive(model: PooledModel) -> float | None:
+        if model.asked_keep_alive is None:
+            return model.keep_alive
+        return model.asked_keep_alive if model.keep_alive is None else min(model.asked_keep_alive, model.keep_alive)
+
     def _seconds_to_next_expiry(self) -> float:
         now, soonest = self.clock(), EXPIRY_CHECK
         for model in self.loaded():
-            if model.keep_alive is not None and model.in_use == 0:
-                soonest = min(soonest, max(0.05, model.last_used + model.keep_alive - now))
+            keep_alive = self._keep_alive(model)
+            if keep_alive is not None and model.in_use == 0:
+                soonest = min(soonest, max(0.05, model.last_used + keep_alive - now))
         return soonest
 
     def expire(self) -> None:
@@ -435,9 +449,10 @@ class ModelPool:
         now = self.clock()
         with self._placing:
             for model in self.loaded():
-                if model.keep_alive is not None and model.in_use == 0 and now - model.last_used >= model.keep_alive:
+                keep_alive = self._keep_alive(model)
+                if keep_alive is not None and model.in_use == 0 and now - model.last_used >= keep_alive:
                     self._unload(model, SYSTEM, "expire", f"unused for {now - model.last_used:.0f} s "
-                                                          f"(keep_alive {model.keep_alive:.0f} s)")
+                                                          f"(keep_alive {keep_alive:.0f} s)")
 
     # -- the power manager's view: the pool as one model -------------------------------------
     @property

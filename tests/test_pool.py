@@ -292,3 +292,22 @@ def test_probes_leave_healthy_models_alone_and_wake_nothing(make_box):
     assert box.client.post("/api/power", json={"state": "deep_idle"}).status_code == 200
     time.sleep(0.3)
     assert box.state.models.loaded() == [] and box.state.power.state == "deep_idle"
+
+
+@pytest.mark.parametrize("keep_alive", [0, "0s", "100ms"])
+def test_a_request_may_ask_for_a_shorter_keep_alive(make_box, keep_alive):
+    box = make_box(extra_models={"second": {}})
+    assert box.client.post(CHAT, json=chat_body(model="second", keep_alive=keep_alive)).status_code == 200
+    wait_for_event(box, "expire")
+    assert [m.name for m in box.state.models.loaded()] == ["fake"]
+
+
+def test_a_request_cannot_keep_a_model_longer_than_the_box_allows(make_box):
+    box = make_box(extra_models={"second": {}}, keep_alive=0.2)
+    assert box.client.post(CHAT, json=chat_body(model="second", keep_alive="1h")).status_code == 200
+    assert wait_for_event(box, "expire")["model"] == "second"
+
+
+@pytest.mark.parametrize("keep_alive", ["soon", -1, True, "5 minutes"])
+def test_a_bad_keep_alive_is_a_400_naming_it(box, keep_alive):
+    assert_openai_error(box.client.post(CHAT, json=chat_body(keep_alive=keep_alive)), 400, param="keep_alive")

@@ -91,6 +91,7 @@ def _respond(req, model: PooledModel, messages, prompt, chat: bool):
         priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), model.admission.classes),
     )
     generation.start(messages, prompt, _sampling_params(req, model))  # until it is admitted, errors are plain responses
+    pool.ask_keep_alive(model, req.keep_alive)
     logged.generation = generation
     shape = _ChatShape(model.name) if chat else _CompletionShape(model.name)
     if req.stream:

@@ -7,6 +7,7 @@ so a client learns about a typo instead of getting silently ignored options.
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -86,6 +87,17 @@ class _GenerationRequest(_Strict):
                                                                    "additionalProperties": {"minimum": -100,
                                                                                             "maximum": 100}})
     priority: str | None = Field(None, description="priority class name (see the priority_classes setting); the X-Priority header does the same")
+    keep_alive: float | str | None = Field(None, description="how long the model stays loaded after this request, as Ollama takes it: seconds, or a duration such as '30s', '10m', '1h' (0: unload when done); never longer than the box's keep_alive")
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value):
+        if value is None:
+            return value
+        seconds = parse_duration(value)
+        if seconds < 0:
+            raise ValueError(f"must not be negative, got {value!r}")
+        return seconds
 
     @field_validator("stop")
     @classmethod
@@ -171,6 +183,21 @@ class PowerRequest(_Strict):
 
 class SwapRequest(_Strict):
     package: str = Field(min_length=1, description="the model to swap in: a catalog name or a package folder on this box")
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds from a number or a duration such as '30s', '10m', '1h', '250ms'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("must be seconds or a duration such as '30s', '10m' or '1h'")
+    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    if not match:
+        raise ValueError(f"must be seconds or a duration such as '30s', '10m' or '1h', got {value!r}")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
 
 
 def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
