@@ -15,6 +15,7 @@ from appliance.config import ConfigError, Settings, load_settings
 from models import ModelNotFound
 from models.manifest import ManifestError
 from models.registry import RegistryError
+from models.transfer import TransferError
 
 def _settings(ctx: click.Context, **flags) -> Settings:
     try:
@@ -45,7 +46,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ModelNotFound, ManifestError, RegistryError) as exc:
+        except (ModelNotFound, ManifestError, RegistryError, TransferError) as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -220,6 +221,59 @@ def models_remove(ctx, name_or_path, home):
 
     folder = remove_package(name_or_path, home=_home(ctx, home))
     click.echo(f"removed {folder} from the registry (its files are still there)")
+
+
+@models.command("export")
+@click.argument("name_or_path")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the tar file to write")
+@click.option("--sign", "private_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ed25519 private key (PEM) to sign the checksums with, the install bundle's kind")
+@_home_option
+@click.pass_context
+def models_export(ctx, name_or_path, out, private_key, home):
+    """Write a model package to one tar file, with its manifest and checksums, for another box.
+
+    \b
+    Example:
+      appliance models export student-arm-gguf --out student.tar --sign signing.pem
+      # on the other box:
+      appliance models import student.tar --public-key signing.pub
+    """
+    from models import find_model
+    from models.transfer import export_package
+
+    entry = find_model(name_or_path, home=_home(ctx, home))
+    if entry.package is None:
+        raise click.ClickException(f"{entry.name} is not a model package (a folder with manifest.json): only packages "
+                                   "can be exported; 'appliance bundle' carries the bundled model")
+    manifest = export_package(entry.package, out, private_key)
+    signed = f", signed with {private_key}" if private_key else ", unsigned"
+    click.echo(f"exported {manifest.name} to {out} ({out.stat().st_size / 2**20:.1f} MiB{signed})")
+
+
+@models.command("import")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM): the export must be signed with its private key")
+@_home_option
+@click.pass_context
+def models_import(ctx, archive, public_key, home):
+    """Check an exported package (links, paths, checksums, signature, manifest) and register it.
+
+    It is unpacked under the data folder's models/ folder; nothing is left there when a check fails.
+
+    \b
+    Example:
+      appliance models import student.tar --public-key signing.pub
+    """
+    from models.registry import add_package
+    from models.transfer import import_package
+
+    folder = import_package(archive, _home(ctx, home) / "models", public_key)
+    manifest = add_package(folder, home=_home(ctx, home))
+    checked = "signature and checksums checked" if public_key else "checksums checked, no signature asked for"
+    click.echo(f"imported {manifest.name} into {folder} ({checked}): serve it with appliance serve --model "
+               f"{manifest.name}, or ask for it by name")
 
 
 _url_option = click.option("--url", help="service address [default: http://<host>:<port> from the settings]")

@@ -37,6 +37,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
+from models.signing import SigningError, fingerprint, load_private_key
+
 ROOT = Path(__file__).resolve().parents[1]  # the project checkout: the default source the bundle builds from
 INSTALL_SH = Path(__file__).with_name("install.sh")
 PLATFORMS = {"linux_x86_64": "x86_64", "linux_aarch64": "aarch64"}
@@ -438,19 +440,12 @@ def _sha256(path: Path) -> str:
 
 def _load_key(path: Path):
     try:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        return load_private_key(path)
     except ImportError:
         raise BundleError("--sign needs the cryptography package: pip install cryptography") from None
-    key = load_pem_private_key(Path(path).read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise BundleError(f"{path} is not an Ed25519 private key: make one with "
-                          "openssl genpkey -algorithm ed25519 -out bundle-signing.pem")
-    return key
+    except SigningError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _fingerprint(key) -> str:
-    """sha256 of the raw 32-byte public key; install.sh prints the same from the .pub PEM."""
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    return hashlib.sha256(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
+    return fingerprint(key.public_key())
