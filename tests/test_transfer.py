@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
@@ -19,7 +19,7 @@ from models.manifest import write_manifest
 NAME = "tiny-export"
 
 
-def run(*args) -> "click.testing.Result":  # noqa: F821
+def run(*args) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
