@@ -298,9 +298,10 @@ class ModelPool:
             log.warning("model event %s of %s not recorded: %s", event, model.name, exc.message)
 
     # -- swap ----------------------------------------------------------------------------
-    def swap(self, name: str, entry: ModelEntry, who: str = SYSTEM) -> PooledModel:
+    def swap(self, name: str, entry: ModelEntry, who: str = SYSTEM) -> tuple[PooledModel, dict]:
         """Point ``name`` (a model's name or alias) at ``entry`` once it has loaded and passed the warm-up probe;
-        raises SwapFailed (the old model keeps serving), PoolFull or ModelNotFoundError."""
+        returns the new model and the milliseconds its load, warm-up and switch took. Raises SwapFailed (the old
+        model keeps serving), PoolFull or ModelNotFoundError."""
         old = self.get(name)
         if entry.name == old.name:
             raise InvalidRequest(f"{name!r} already serves {entry.name!r}", param="package", code="invalid_value")
@@ -310,6 +311,7 @@ class ModelPool:
         was_loaded, new.warming = new.runner.is_loaded, True
         try:
             self.load(new, who, keep=(old,))
+            loaded = time.perf_counter()
             problem = probe(new.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
         except BackendError as exc:
             problem = f"it did not load: {exc}"
@@ -320,15 +322,20 @@ class ModelPool:
                 self._unload(new, who, "unload", "failed its swap probe")
             self._record("swap", new, who, start, "failed", f"{name} stays on {old.name}: {problem}")
             raise SwapFailed(f"swap of {name!r} to {entry.name!r} refused, {old.name!r} keeps serving: {problem}")
+        warm = time.perf_counter()
         with self._lock:  # the switch: requests that look the name up from here on get the new model
             for alias in {name, old.name, *old.entry.aliases}:
                 self._routes[alias] = new.name
             if old is self.default:
                 self.default = new
+        switched = time.perf_counter()
         new.swapped_from, new.swapped_at, new.probe_failures = old, self.clock(), 0
-        self._record("swap", new, who, start, "ok", f"{name}: {old.name} -> {new.name}")
+        timings = {"load_ms": round((loaded - start) * 1000, 1), "warm_up_ms": round((warm - loaded) * 1000, 1),
+                   "switch_ms": round((switched - warm) * 1000, 3)}
+        self._record("swap", new, who, start, "ok", f"{name}: {old.name} -> {new.name}; load {timings['load_ms']:.0f} "
+                     f"ms, warm-up {timings['warm_up_ms']:.0f} ms, switch {timings['switch_ms']:.3f} ms")
         self._retire_later(old, who)
-        return new
+        return new, timings
 
     def _retire_later(self, model: PooledModel, who: str) -> None:
         threading.Thread(target=self._retire, args=(model, who), name="model-retire", daemon=True).start()

@@ -84,13 +84,13 @@ def gpu_names() -> list[str]:
 
 
 def stream_completion(port: int, body: dict, path: str = "/v1/completions") -> dict:
-    """POST path (body has stream on): when it was sent, when each event with text came, the usage, and
-    whether the stream ended with ``data: [DONE]``.
+    """POST path (body has stream on): when it was sent, when each event with text came, the usage, the
+    models its events named, and whether the stream ended with ``data: [DONE]``.
 
     Completions carry text in ``choices[0].text``, chats in ``choices[0].delta.content``. An error event
     in the stream raises, as a non-200 status does."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    stamps, usage, done = [], None, False
+    stamps, usage, done, models = [], None, False, set()
     try:
         start = time.perf_counter()
         conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
@@ -106,12 +106,13 @@ def stream_completion(port: int, body: dict, path: str = "/v1/completions") -> d
             if "error" in event:
                 raise RuntimeError(f"error event after {len(stamps)} text events: {event['error']}")
             usage = event.get("usage") or usage
+            models.add(event.get("model"))
             choice = event["choices"][0] if event.get("choices") else {}
             if choice.get("text") or (choice.get("delta") or {}).get("content"):
                 stamps.append(time.perf_counter())
     finally:
         conn.close()
-    return {"start": start, "stamps": stamps, "usage": usage, "done": done}
+    return {"start": start, "stamps": stamps, "usage": usage, "done": done, "models": sorted(models - {None})}
 
 
 def side_by_side(prompts: list[str], first, second, label: str, describe) -> tuple[list[dict], list[dict]]:

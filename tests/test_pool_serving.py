@@ -3,12 +3,14 @@ runner process of its own, through the real server and the real openai client.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import openai
@@ -148,4 +150,51 @@ def test_a_hung_runner_fails_its_live_probes_and_is_restarted(tmp_path):
     finally:
         if psutil.pid_exists(hung):
             os.kill(hung, signal.SIGKILL)
+        assert svc.stop() == 0
+
+
+def test_eight_clients_stream_through_a_swap_without_a_failure(tmp_path):
+    home = tmp_path / "home"
+    register(home, second_package(tmp_path))
+    # Two models that generate at once share the cores: one thread each (llama.cpp's threads spin while they wait,
+    # so more threads than cores slow both down many times over).
+    one_thread = json.dumps({MODEL: {"threads": 1}, SECOND: {"threads": 1}})
+    svc = start_service(home, extra_env=LIGHT | {"APPLIANCE_PARALLEL": "4", "APPLIANCE_MODEL_SETTINGS": one_thread})
+    old_pid = requests.get(svc.url + "/api/status", timeout=10).json()["model"]["runner_pid"]
+    answers, failures, stop = [], [], threading.Event()
+
+    def client():
+        api = openai.OpenAI(base_url=svc.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        while not stop.is_set():
+            try:
+                chunks = list(api.chat.completions.create(model="smollm2", stream=True, max_tokens=12, temperature=0,
+                                                          messages=[{"role": "user", "content": "Count to five."}]))
+                answers.append({c.model for c in chunks})
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test counts
+                failures.append(repr(exc))
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(3)
+        r = requests.post(svc.url + "/api/models/smollm2/swap", json={"package": SECOND}, timeout=120)
+        assert r.status_code == 200 and r.json()["id"] == SECOND, r.text
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    try:
+        assert failures == []
+        assert all(len(models) == 1 for models in answers)  # every answer wholly from one model
+        assert {next(iter(m)) for m in answers} == {MODEL, SECOND}
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(old_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = requests.get(svc.url + "/api/status", timeout=10).json()
+        assert status["models"]["loaded"] == [SECOND] and status["model"]["id"] == SECOND
+        kinds = [(e["event"], e["model"]) for e in reversed(status["models"]["events"])]
+        assert kinds[-3:] == [("load", SECOND), ("swap", SECOND), ("unload", MODEL)]
+    finally:
         assert svc.stop() == 0

@@ -64,8 +64,8 @@ def swap_model(name: str):
     Body: {"package": NAME_OR_PATH}: a catalog name or a package folder on this box."""
     req = parse_body(request.get_data(), SwapRequest)
     pool = state().models
-    new = pool.swap(name, pool.entry_for(req.package), who=auth.client_id())
-    return jsonify(pool.describe(new, internals=True))
+    new, timings = pool.swap(name, pool.entry_for(req.package), who=auth.client_id())
+    return jsonify(pool.describe(new, internals=True) | {"swap": timings})
 
 
 @bp.get("/models/events")
