@@ -266,11 +266,17 @@ def models_import(ctx, archive, public_key, home):
     Example:
       appliance models import student.tar --public-key signing.pub
     """
+    import shutil
+
     from models.registry import add_package
     from models.transfer import import_package
 
     folder = import_package(archive, _home(ctx, home) / "models", public_key)
-    manifest = add_package(folder, home=_home(ctx, home))
+    try:
+        manifest = add_package(folder, home=_home(ctx, home))
+    except BaseException:  # not registered: not left behind either
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     checked = "signature and checksums checked" if public_key else "checksums checked, no signature asked for"
     click.echo(f"imported {manifest.name} into {folder} ({checked}): serve it with appliance serve --model "
                f"{manifest.name}, or ask for it by name")
@@ -474,8 +480,9 @@ def _call_service(ctx: click.Context, url: str | None, path: str, body: dict | N
     if data is not None:
         headers["Content-Type"] = "application/json"
     try:
+        # A load or a swap may take minutes on a small box; a look at the status never does.
         answer = urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers),
-                                        timeout=600, context=tls).read()
+                                        timeout=10 if data is None else 600, context=tls).read()
     except urllib.error.HTTPError as exc:
         raise click.ClickException(f"{base} answered {exc.code}: {_error_message(exc)}") from None
     except urllib.error.URLError as exc:

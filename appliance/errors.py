@@ -7,6 +7,7 @@ This module imports no Flask: the database and the CLI raise these too.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -62,3 +63,11 @@ class LogUnavailable(ServiceUnavailable):
             f"the request log {db_path} cannot be written ({detail}): free disk space under the data folder "
             f"{folder}; requests are served again as soon as the log can be written", code="log_unavailable",
         )
+
+
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\":]+/)*[^\s'\":]*")
+
+
+def hide_paths(text: str) -> str:
+    """A message for callers who are not admins: absolute file paths become their file's name."""
+    return _PATH.sub(lambda m: "<...>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)

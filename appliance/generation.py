@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from appliance.admission import Admission, Cancelled
 from appliance.backends.base import BackendError, SamplingParams, Usage
-from appliance.errors import GenerationFailed, InvalidRequest, ServiceUnavailable
+from appliance.errors import GenerationFailed, InvalidRequest, ServiceUnavailable, hide_paths
 from appliance.request import Cancellation
 from appliance.runner import protocol as msg
 from appliance.runner.supervisor import ModelRunner, RunnerCrashed
@@ -66,7 +66,8 @@ class Generation:
         except BackendError as exc:
             self._release()
             name = self.runner.name
-            raise ServiceUnavailable(f"model {name!r} failed to load: {exc}", code="model_load_failed") from None
+            raise ServiceUnavailable(f"model {name!r} failed to load: {hide_paths(str(exc))} (GET /api/status, for "
+                                     "admins, has the whole reason)", code="model_load_failed") from None
         except BaseException:
             self._release()
             raise

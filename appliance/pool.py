@@ -45,6 +45,7 @@ from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, probe
 from appliance.runner.supervisor import ModelRunner
 from models import ModelEntry, ModelNotFound, find_model
 from models.footprint import ModelShape, inspect
+from models.manifest import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class ModelPool:
         self._routes: dict[str, str] = {}  # a name or alias -> the model a swap pointed it at
         self._cond = threading.Condition()
         self._stopping = False
+        self._resting = False  # the power manager idled the box: no live probes until the next request
         self.default = self._add(default)
 
     # -- finding models -------------------------------------------------------------
@@ -155,6 +157,10 @@ class ModelPool:
 
     def entry_for(self, package: str) -> ModelEntry:
         """A model to swap in: a known model's name or alias, or the path of a package folder or .gguf file."""
+        with self._lock:
+            for model in self._models.values():  # by its own names: a swap may have pointed them elsewhere
+                if model.answers_to(package):
+                    return model.entry
         for entry in self.catalog():
             if entry.available and (package == entry.name or package in entry.aliases):
                 return entry
@@ -162,6 +168,9 @@ class ModelPool:
             return find_model(package, home=self.settings.home)
         except ModelNotFound as exc:
             raise ModelNotFoundError(str(exc), param="package") from None
+        except ManifestError as exc:
+            raise InvalidRequest(f"{package!r} is not a usable package: {exc}", param="package",
+                                 code="invalid_value") from None
 
     def known(self) -> list[PooledModel]:
         """Every model the box may serve, the default first; those never asked for are set up now, unloaded."""
@@ -189,10 +198,9 @@ class ModelPool:
         admission = Admission(slots=options["parallel"], queue_size=self.settings.queue_size,
                               classes=self.settings.priority_classes, aging=self.settings.queue_aging,
                               buckets=self.buckets)
-        is_default = not self._models  # the default model stays until deep idle, unless model_settings says
-        set_here = "keep_alive" in self.settings.model_settings.get(entry.name, {})
-        keep_alive = None if is_default and not set_here else options["keep_alive"]
-        model = PooledModel(entry, runner, admission, keep_alive, options, last_used=self.clock())
+        model = PooledModel(entry, runner, admission, options["keep_alive"], options, last_used=self.clock())
+        if not self._models:  # the first is the default
+            model.keep_alive = self._default_keep_alive(model)
         runner.on_begin.append(lambda: self._begin(model))
         runner.on_end.append(lambda: self._end(model))
         runner.on_load.append(lambda seconds: [hook(model.name, seconds) for hook in self.on_load])
@@ -209,6 +217,10 @@ class ModelPool:
         options["keep_alive"] = float(own.get("keep_alive", s.keep_alive))
         return options
 
+    def _default_keep_alive(self, model: PooledModel) -> float | None:
+        """The default model stays until deep idle, unless model_settings gives it a keep_alive."""
+        return model.options["keep_alive"] if "keep_alive" in self.settings.model_settings.get(model.name, {}) else None
+
     def sampling_defaults(self, model: PooledModel) -> dict:
         """The service's defaults, then the model's own (its catalog entry or package), then the config's for it."""
         return SAMPLING_DEFAULTS | model.entry.sampling | self.settings.model_sampling.get(model.name, {})
@@ -218,6 +230,7 @@ class ModelPool:
         with self._cond:
             model.in_use += 1
             model.last_used = self.clock()
+            self._resting = False
         for hook in self.on_begin:
             hook()
 
@@ -231,9 +244,10 @@ class ModelPool:
 
     # -- loading and unloading ---------------------------------------------------------
     def load(self, model: PooledModel, who: str = SYSTEM, keep: tuple[PooledModel, ...] = ()) -> None:
-        """Load the model if it is not, making room first; raises PoolFull or BackendError."""
-        if model.runner.is_loaded:
-            return
+        """Load the model if it is not, making room first; raises PoolFull or BackendError.
+
+        Always under the model's load lock, which an unload holds too: a request for a model being unloaded
+        waits, then loads it again, rather than submitting to a runner that is going away."""
         with model.load_lock:  # a second request for this model waits here for the same load
             if model.runner.is_loaded:
                 return
@@ -248,29 +262,36 @@ class ModelPool:
                 raise
             finally:
                 model.loading = False
+            model.last_used = self.clock()  # its keep-alive counts from now, not from its last request
             self._record("load", model, who, start, "ok", f"about {model.memory_mib} MiB")
 
     def _make_room(self, model: PooledModel, who: str, keep: tuple[PooledModel, ...] = ()) -> None:
         """Unload least recently used idle models until ``model`` fits; never one of ``keep``."""
-        need = model.memory_mib
-        if need > self.budget_mib:
+        need, explicit = model.memory_mib, bool(self.settings.max_model_memory_mb)
+        if explicit and need > self.budget_mib:
             raise PoolFull(f"model {model.name!r} needs about {need} MiB (its file and its KV cache for "
                            f"{model.options['parallel']} slots of {model.options['context_length']} tokens), more "
                            f"than max_model_memory_mb ({self.budget_mib}): raise max_model_memory_mb, or lower its "
                            "parallel or context_length in model_settings")
+        tried: set[str] = set()
         while True:
             with self._lock:
                 others = [m for m in self._models.values() if m is not model and (m.runner.is_loaded or m.loading)]
             used = sum(m.memory_mib for m in others)
-            if len(others) < self.settings.max_loaded and used + need <= self.budget_mib:
+            counted = [m for m in others if m not in keep]  # a swap loads its new model beside the old one
+            # Without a budget set, a model alone always loads: 80% of memory is a guide for sharing, not a cap.
+            fits = used + need <= self.budget_mib or (not explicit and not others)
+            if len(counted) < self.settings.max_loaded and fits:
                 return
-            idle = sorted((m for m in others if m.in_use == 0 and not m.loading and m not in keep),
+            idle = sorted((m for m in counted if m.in_use == 0 and not m.loading and m.name not in tried),
                           key=lambda m: m.last_used)
             if not idle:
                 raise PoolFull(f"no room to load model {model.name!r}: the {len(others)} loaded model(s) "
-                               f"({', '.join(m.name for m in others)}) are all serving requests (max_loaded "
-                               f"{self.settings.max_loaded}, {used} of max_model_memory_mb {self.budget_mib} MiB in "
-                               "use); retry when they finish, or raise max_loaded or max_model_memory_mb")
+                               f"({', '.join(m.name for m in others)}) are serving requests or being swapped "
+                               f"(max_loaded {self.settings.max_loaded}, {used} of max_model_memory_mb "
+                               f"{self.budget_mib} MiB in use); retry when they finish, or raise max_loaded or "
+                               "max_model_memory_mb")
+            tried.add(idle[0].name)
             self._unload(idle[0], who, "evict", f"to make room for {model.name}")
 
     def unload(self, model: PooledModel, who: str = SYSTEM, force: bool = False) -> None:
@@ -279,14 +300,25 @@ class ModelPool:
             if model.in_use and not force:
                 raise ModelBusy(f"model {model.name!r} has {model.in_use} request(s) in flight; unload it when "
                                 "they finish, or add force=true to fail them")
-            self._unload(model, who, "unload", "admin request")
+            if model.runner.is_loaded and not self._unload(model, who, "unload", "admin request", force=force):
+                raise ModelBusy(f"model {model.name!r} is loading or just got a request; try again")
 
-    def _unload(self, model: PooledModel, who: str, event: str, why: str) -> None:
-        if not model.runner.is_loaded:
-            return
-        start = time.perf_counter()
-        model.runner.unload()
-        self._record(event, model, who, start, "ok", why)
+    def _unload(self, model: PooledModel, who: str, event: str, why: str, force: bool = False) -> bool:
+        """Unload under the model's load lock, and unless ``force`` only while nothing uses it; False when it was
+        left (loading, in use, or not loaded). Never waits for the lock: the caller may hold ``_placing``,
+        which a loader holding its own load lock waits for."""
+        if not model.load_lock.acquire(blocking=False):
+            return False
+        try:
+            with self._cond:
+                if not model.runner.is_loaded or (model.in_use and not force):
+                    return False
+            start = time.perf_counter()
+            model.runner.unload()
+            self._record(event, model, who, start, "ok", why)
+            return True
+        finally:
+            model.load_lock.release()
 
     def _record(self, event: str, model: PooledModel, who: str, start: float, outcome: str, detail: str) -> None:
         ms = (time.perf_counter() - start) * 1000
@@ -319,15 +351,11 @@ class ModelPool:
             new.warming = False
         if problem:
             if not was_loaded:
-                self._unload(new, who, "unload", "failed its swap probe")
+                self._unload(new, who, "unload", "failed its swap probe", force=True)
             self._record("swap", new, who, start, "failed", f"{name} stays on {old.name}: {problem}")
             raise SwapFailed(f"swap of {name!r} to {entry.name!r} refused, {old.name!r} keeps serving: {problem}")
         warm = time.perf_counter()
-        with self._lock:  # the switch: requests that look the name up from here on get the new model
-            for alias in {name, old.name, *old.entry.aliases}:
-                self._routes[alias] = new.name
-            if old is self.default:
-                self.default = new
+        self._point(old, new, {name, old.name, *old.entry.aliases})  # the switch
         switched = time.perf_counter()
         new.swapped_from, new.swapped_at, new.probe_failures = old, self.clock(), 0
         timings = {"load_ms": round((loaded - start) * 1000, 1), "warm_up_ms": round((warm - loaded) * 1000, 1),
@@ -340,19 +368,40 @@ class ModelPool:
     def _retire_later(self, model: PooledModel, who: str) -> None:
         threading.Thread(target=self._retire, args=(model, who), name="model-retire", daemon=True).start()
 
+    def _point(self, old: PooledModel, new: PooledModel, names: set[str]) -> None:
+        """Requests that look up ``names``, or any name that led to ``old``, get ``new`` from here on; the default
+        and its keep-alive move with it. ``new``'s own names lead to itself again."""
+        with self._lock:
+            for alias, target in list(self._routes.items()):
+                if target == old.name:
+                    self._routes[alias] = new.name
+            for alias in names:
+                self._routes[alias] = new.name
+            for alias in (new.name, *new.entry.aliases):
+                self._routes.pop(alias, None)
+            if self.default is old:
+                self.default = new
+                new.keep_alive, old.keep_alive = self._default_keep_alive(new), old.options["keep_alive"]
+
     def _retire(self, old: PooledModel, who: str) -> None:
-        """Unload a swapped-out model once the requests it was serving have finished."""
-        with self._cond:
-            while old.in_use and not self._stopping:
-                self._cond.wait(1.0)
-        with self._placing:
-            if old.in_use == 0:
-                self._unload(old, who, "unload", "swapped out")
+        """Unload a swapped-out model once the requests it was serving have finished (one that comes back for a
+        request that looked it up just before the switch then expires by its keep_alive)."""
+        while not self._stopping:
+            with self._cond:
+                while old.in_use and not self._stopping:
+                    self._cond.wait(1.0)
+            with self._placing:
+                if not old.runner.is_loaded or self._unload(old, who, "unload", "swapped out"):
+                    return
+            time.sleep(0.05)  # a request took it, or it is loading: look again
 
     # -- live health probes ----------------------------------------------------------------
     def check_health(self) -> None:
         """Each loaded model with nothing in flight answers a tiny generation; after PROBE_FAILURES failures in a
-        row its runner is restarted, or, when a swap brought it in within rollback_window, the swap is undone."""
+        row its runner is restarted, or, when a swap brought it in within rollback_window, the swap is undone.
+        Not while the box is idle: a probe would fill the caches idle freed."""
+        if self._resting:
+            return
         for model in self.loaded():
             if model.in_use or model.loading or model.warming:
                 continue
@@ -377,7 +426,9 @@ class ModelPool:
             except (BackendError, APIError) as exc:  # the old one cannot come back: restart this one instead
                 log.error("rolling %s back to %s failed: %s", model.name, old.name, exc)
         start = time.perf_counter()
-        model.runner.unload()
+        with self._placing:  # not if a request started using it meanwhile, or it went away
+            if not self._unload(model, SYSTEM, "unload", f"{PROBE_FAILURES} failed probes in a row: restarting"):
+                return
         try:
             self.load(model)
             self._record("restart", model, SYSTEM, start, "ok", f"{PROBE_FAILURES} failed probes in a row")
@@ -388,14 +439,11 @@ class ModelPool:
         """Point every name the swap moved back at the old model, and retire the one that failed."""
         start = time.perf_counter()
         self.load(old, keep=(model,))
-        if probe(old.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout):
-            raise BackendError(f"{old.name} fails its probe too")
-        with self._lock:
-            for alias, target in list(self._routes.items()):
-                if target == model.name:
-                    self._routes[alias] = old.name
-            if self.default is model:
-                self.default = old
+        problem = probe(old.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
+        if problem:
+            self._unload(old, SYSTEM, "unload", "failed its probe on the way back")
+            raise BackendError(f"{old.name} fails its probe too: {problem}")
+        self._point(model, old, set())
         model.swapped_from = None
         self._record("rollback", model, SYSTEM, start, "ok", f"{model.name} -> {old.name}: {PROBE_FAILURES} failed "
                      f"probes within rollback_window ({self.settings.rollback_window:.0f} s) of its swap")
@@ -432,7 +480,10 @@ class ModelPool:
                 next_probe = self.clock() + (every or EXPIRY_CHECK)
 
     def ask_keep_alive(self, model: PooledModel, seconds: float | None) -> None:
-        """A request's keep_alive for the model after it (None: the box's); it may shorten the box's, never extend it."""
+        """A request's keep_alive for the model after it (None: the box's); it may shorten the box's, never extend it.
+        Not the default model's: one client must not unload what the whole site uses."""
+        if model is self.default:
+            return
         with self._cond:
             model.asked_keep_alive = seconds
             self._cond.notify_all()
@@ -457,7 +508,9 @@ class ModelPool:
         with self._placing:
             for model in self.loaded():
                 keep_alive = self._keep_alive(model)
-                if keep_alive is not None and model.in_use == 0 and now - model.last_used >= keep_alive:
+                if keep_alive is None or model.warming or model.in_use:
+                    continue
+                if now - model.last_used >= keep_alive:
                     self._unload(model, SYSTEM, "expire", f"unused for {now - model.last_used:.0f} s "
                                                           f"(keep_alive {keep_alive:.0f} s)")
 
@@ -476,19 +529,29 @@ class ModelPool:
             return sum(m.runner.load_count for m in self._models.values())
 
     def ensure_loaded(self) -> None:
-        """Wake: the models deep idle unloaded come back (the default one when none was)."""
-        names, self._asleep = self._asleep or [self.default.name], []
+        """Wake: the default model comes back now (the request waits for it), the others deep idle unloaded in the
+        background; one that no longer loads is logged, and does not stop the wake."""
+        others, self._asleep = [n for n in self._asleep if n != self.default.name], []
+        self.load(self.default)
+        if others:
+            threading.Thread(target=self._reload, args=(others,), name="model-wake", daemon=True).start()
+
+    def _reload(self, names: list[str]) -> None:
         for name in names:
-            self.load(self.get(name))
+            try:
+                self.load(self.get(name))
+            except (BackendError, APIError) as exc:  # the load_failed event has the detail
+                log.error("model %s did not come back after deep idle: %s", name, exc)
 
     def unload_all(self, why: str = "deep idle") -> None:
         with self._placing:
             loaded = self.loaded()
             self._asleep = [m.name for m in loaded] or self._asleep
             for model in loaded:
-                self._unload(model, SYSTEM, "unload", why)
+                self._unload(model, SYSTEM, "unload", why, force=True)
 
     def release_cache(self) -> None:
+        self._resting = True
         for model in self.loaded():
             model.runner.release_cache()
 

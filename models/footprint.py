@@ -43,10 +43,10 @@ class ModelShape:
 def inspect(path: Path, fmt: str) -> ModelShape:
     """The shape of the model at ``path``: a .gguf file or an ONNX package folder."""
     path = Path(path)
-    if path.is_dir():
-        disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    else:
-        disk = path.stat().st_size
+    try:
+        disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    except OSError:  # gone since it was listed: loading it will say so
+        return ModelShape(0)
     if fmt == "gguf":
         return _gguf_shape(path, disk)
     if fmt == "onnx":
@@ -57,7 +57,7 @@ def inspect(path: Path, fmt: str) -> ModelShape:
 def _gguf_shape(path: Path, disk: int) -> ModelShape:
     try:
         meta = gguf_metadata(path)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, MemoryError, OverflowError):
         return ModelShape(disk)
     arch = meta.get("general.architecture")
 
@@ -90,8 +90,13 @@ def gguf_metadata(path: Path) -> dict:
     return meta
 
 
+MAX_STRING = 1 << 20  # longer than any real key or value: a damaged header, not something to allocate
+
+
 def _read_string(f) -> str:
     (length,) = struct.unpack("<Q", f.read(8))
+    if length > MAX_STRING:
+        raise ValueError(f"a GGUF string of {length} bytes: the header is damaged")
     return f.read(length).decode("utf-8", errors="replace")
 
 
@@ -103,6 +108,8 @@ def _read_value(f, kind: int, keep: bool = True):
         return _read_string(f)
     if kind == _ARRAY:
         item, n = struct.unpack("<IQ", f.read(12))
+        if n > MAX_STRING * 64:
+            raise ValueError(f"a GGUF array of {n} items: the header is damaged")
         if item in _SCALARS and not keep:  # skip without decoding
             f.seek(n * struct.calcsize(_SCALARS[item]), 1)
             return None

@@ -36,7 +36,7 @@ def export_package(folder: Path, out: Path, private_key: Path | None = None) -> 
     sums = "".join(f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files).encode()
     key = _private_key(private_key) if private_key else None
     partial = Path(out).with_name(Path(out).name + ".partial")
-    with tarfile.open(partial, "w") as tar:
+    with tarfile.open(partial, "w", dereference=True) as tar:  # a package's symlinked file goes as the file
         for path in files:
             tar.add(path, arcname=f"{manifest.name}/{path.relative_to(folder).as_posix()}", recursive=False)
         _add_bytes(tar, f"{manifest.name}/{SUMS}", sums)
@@ -55,7 +55,8 @@ def import_package(archive: Path, models_dir: Path, public_key: Path | None = No
         try:
             with _open(archive) as tar:
                 name = _check_members(tar, archive)
-                tar.extractall(scratch, filter="data")
+                # Members are checked above; the "data" filter (Python >= 3.10.12 / 3.11.4) checks again where it exists.
+                tar.extractall(scratch, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (OSError, tarfile.TarError) as exc:
             raise TransferError(f"{archive} could not be unpacked ({exc}): it is cut short or damaged; copy it again") from None
         folder = scratch / name

@@ -3,6 +3,7 @@ model events, and what /v1/models and /readyz tell a caller. tests/test_serving.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -312,3 +313,40 @@ def test_a_request_cannot_keep_a_model_longer_than_the_box_allows(make_box):
 @pytest.mark.parametrize("keep_alive", ["soon", -1, True, "5 minutes"])
 def test_a_bad_keep_alive_is_a_400_naming_it(box, keep_alive):
     assert_openai_error(box.client.post(CHAT, json=chat_body(keep_alive=keep_alive)), 400, param="keep_alive")
+
+
+# -- what a review found --------------------------------------------------------------------------------
+def test_a_model_listed_long_ago_and_loaded_now_is_not_expired_at_once(make_box):
+    box = make_box(extra_models={"second": {}}, keep_alive=1)
+    assert box.client.get("/v1/models").status_code == 200  # sets "second" up, unloaded
+    time.sleep(1.2)
+    assert box.client.post("/api/models/second/load", json={}).status_code == 200
+    time.sleep(0.4)  # its keep-alive counts from the load
+    assert box.state.models.get("second").runner.is_loaded
+
+
+def test_swaps_in_a_row_and_back_keep_every_name_on_the_serving_model(make_box):
+    box = make_box(extra_models={"second": {"reply": "Two."}, "third": {"reply": "Three."}})
+    pool = box.state.models
+    assert box.client.post("/api/models/fake/swap", json={"package": "second"}).status_code == 200
+    assert box.client.post("/api/models/fake/swap", json={"package": "third"}).status_code == 200
+    assert {n: pool.get(n).name for n in ("fake", "fake-alias", "second")} | {None: pool.get(None).name} == {
+        "fake": "third", "fake-alias": "third", "second": "third", None: "third"}
+    assert pool.default.keep_alive is None and pool.get("third").keep_alive is None  # the default stays loaded
+    assert box.client.post("/api/models/third/swap", json={"package": "fake"}).status_code == 200
+    assert {n: pool.get(n).name for n in ("fake", "second", "third")} == {"fake": "fake", "second": "fake",
+                                                                          "third": "fake"}
+    assert ask(box, None).get_json()["choices"][0]["message"]["content"] == REPLY
+
+
+def test_a_non_finite_keep_alive_is_refused(box):
+    body = json.dumps(chat_body()).replace("}]}", '}], "keep_alive": NaN}')
+    r = box.client.post(CHAT, data=body, content_type="application/json")
+    assert_openai_error(r, 400)
+
+
+def test_a_request_cannot_unload_the_default_model(make_box):
+    box = make_box(keep_alive=0.1)
+    assert box.client.post(CHAT, json=chat_body(keep_alive=0)).status_code == 200
+    time.sleep(0.4)
+    assert box.runner.is_loaded

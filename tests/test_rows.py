@@ -332,6 +332,7 @@ def test_waking_from_deep_idle_does_not_hash_the_model_again(tmp_path, monkeypat
         r = client.post(COMPLETIONS, json={"prompt": "x"})
         assert r.status_code == 503 and r.get_json()["error"]["code"] == "model_load_failed"
         assert "sha256" in r.get_json()["error"]["message"] and hashed == [model, model]
+        assert str(tmp_path) not in r.get_json()["error"]["message"]  # a path is for admins (GET /api/status)
     finally:
         app.extensions["appliance"].power.stop()
         runner.unload()

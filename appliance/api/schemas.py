@@ -7,6 +7,7 @@ so a client learns about a typo instead of getting silently ignored options.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Literal, Union
 
@@ -191,10 +192,12 @@ DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 def parse_duration(value: float | str) -> float:
     """Seconds from a number or a duration such as '30s', '10m', '1h', '250ms'."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number of seconds, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise ValueError("must be seconds or a duration such as '30s', '10m' or '1h'")
-    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    match = re.fullmatch(r"\s*(-?\d{1,9}(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
     if not match:
         raise ValueError(f"must be seconds or a duration such as '30s', '10m' or '1h', got {value!r}")
     return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
