@@ -119,7 +119,7 @@ def m005_model_events(db: sqlite_utils.Database):
         {
             "id": int,
             "time": str,  # ISO 8601, UTC
-            "event": str,  # load, load_failed, unload, evict, expire, swap, probe_failed, restart, rollback
+            "event": str,  # load, load_failed, unload, evict, expire, swap, probe_failed, restart, rollback, crash
             "model": str,
             "who": str,  # the admin key's id, or "system" (a request's load, keep-alive, deep idle, eviction)
             "duration_ms": float,

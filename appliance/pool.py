@@ -204,6 +204,8 @@ class ModelPool:
         runner.on_begin.append(lambda: self._begin(model))
         runner.on_end.append(lambda: self._end(model))
         runner.on_load.append(lambda seconds: [hook(model.name, seconds) for hook in self.on_load])
+        runner.on_crash.append(lambda status: self._record("crash", model, SYSTEM, time.perf_counter(), "failed",
+                                                           f"the runner died ({status}); a new one is starting"))
         self._models[entry.name] = model
         return model
 

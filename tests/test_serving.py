@@ -199,6 +199,8 @@ def test_kill_9_of_the_runner_fails_only_its_streams_and_a_new_one_serves(fresh_
     assert time.perf_counter() - start < 5
     assert runner_pids(svc) and runner_pids(svc) != [pid]
     assert requests.get(svc.url + "/readyz", timeout=5).json()["model"]["runner_crashes"] == 1
+    crashes = [e for e in requests.get(svc.url + "/api/models/events", timeout=5).json()["data"] if e["event"] == "crash"]
+    assert len(crashes) == 1 and "killed by signal 9" in crashes[0]["detail"]
 
 
 def test_deep_idle_leaves_no_runner_process(fresh_service):

@@ -79,6 +79,7 @@ class ModelRunner:
         self.on_begin: list = []
         self.on_end: list = []
         self.on_load: list = []  # hook(seconds) after each successful load: the metrics' load durations
+        self.on_crash: list = []  # hook(exit status) when the runner died unplanned, before it is restarted
         self._verified = VerifiedFiles()
         self._ids = itertools.count(1)
         self._streams: dict[int, RequestStream] = {}
@@ -225,6 +226,8 @@ class ModelRunner:
             status = child.exit_status()
             log.error("runner of %s died (%s); the next request starts a new one", self.entry.name, status)
             self._fail_streams(f"the model's runner process died ({status}); retry the request")
+            for hook in self.on_crash:
+                hook(status)
             threading.Thread(target=self._restart, name="runner-restart", daemon=True).start()
 
     def _restart(self) -> None:
