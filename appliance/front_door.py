@@ -32,11 +32,22 @@ FILES_PER_CONNECTION = 3  # its socket, and behind TLS the relay's two
 SPARE_FILES = 256  # the database, the runner's pipe, the model files, logs
 
 
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def is_probe(task) -> bool:
+    """Whether a waitress task (a channel whose first request is parsed) is a health probe."""
+    requests = getattr(task, "requests", None)
+    return bool(requests) and requests[0].command == "GET" and requests[0].path in PROBES
+
+
 class LastIdleFirstDispatcher(ThreadedTaskDispatcher):
     """waitress's thread pool, handing each task to the worker that went idle last.
 
-    Tasks still start in the order they came; only which idle thread runs one changes. Each idle
-    worker waits on a condition of its own (all on the pool's lock), kept on a stack.
+    Tasks start in the order they came, except health probes (GET /healthz, /readyz), which go to the
+    front: when every thread is busy (a full queue holds all but 4) and a burst of requests waits to be
+    told 429, a probe would otherwise wait behind all of them. Each idle worker waits on a condition of
+    its own (all on the pool's lock), kept on a stack.
     """
 
     def __init__(self):
@@ -66,7 +77,10 @@ class LastIdleFirstDispatcher(ThreadedTaskDispatcher):
 
     def add_task(self, task):
         with self.lock:
-            self.queue.append(task)
+            if is_probe(task):  # a health probe must not wait behind a burst of other requests
+                self.queue.appendleft(task)
+            else:
+                self.queue.append(task)
             if self.idle:
                 self.idle.pop().notify()
             queue_size = len(self.queue)

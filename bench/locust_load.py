@@ -88,7 +88,9 @@ class Prober:
     def __init__(self, port: int, admin_key: str):
         self.port, self.key = port, admin_key
         self.health_ms: list[float] = []
+        self.health_at: list[float] = []  # when each probe in health_ms began, s after the prober started
         self.health_failures = 0
+        self.started = time.perf_counter()  # the clock each probe is timed on
         self.status: list[dict] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._health, daemon=True),
@@ -114,6 +116,7 @@ class Prober:
             took = time.perf_counter() - began
             if ok:
                 self.health_ms.append(took * 1000)
+                self.health_at.append(began - self.started)
             else:
                 self.health_failures += 1
             self._stop.wait(max(0.0, 0.5 - took))
@@ -129,7 +132,10 @@ class Prober:
 
     def summary(self) -> dict:
         queue = self.status
-        return {"healthz": latency(self.health_ms) | {"failures": self.health_failures},
+        slowest = sorted(zip(self.health_ms, self.health_at), reverse=True)[:5]
+        return {"healthz": latency(self.health_ms) | {"failures": self.health_failures,
+                                                      "slowest": [{"at_s": round(at, 1), "ms": round(ms, 1)}
+                                                                  for ms, at in slowest]},
                 "queue": {"samples": len(queue),
                           "max_depth": max((q["queue_depth"] for q in queue), default=None),
                           "max_busy_slots": max((q["busy_slots"] for q in queue), default=None),
