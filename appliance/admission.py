@@ -28,6 +28,7 @@ from appliance.errors import APIError, InvalidRequest
 
 
 HOLDS_KEPT = 64  # recent slot holding times the throughput is measured over
+WAIT_CHECK = 1.0  # seconds between a queued request's own looks at its client, its deadline and its turn
 
 
 class TooManyRequests(APIError):
@@ -75,6 +76,7 @@ class Ticket:
         self.limits = limits  # the client's own buckets, should they be rebuilt before it is released
         self.arrived = admission.clock()
         self.started: float | None = None  # when it got its slot
+        self.turn = threading.Condition(admission.lock)  # notified when it may be its turn
         self.running = False
         self.done = False
 
@@ -141,7 +143,8 @@ class Admission:
         self.slots, self.queue_size, self.aging, self.clock = slots, queue_size, aging, clock
         self.classes = {c["name"]: PriorityClass(**c) for c in classes}
         self.buckets = buckets or ClientBuckets(requests_per_minute, tokens_per_minute, clock)
-        self._cond = threading.Condition()
+        self.lock = threading.Lock()  # the queue's; each waiting ticket has a condition on it
+        self._cond = threading.Condition(self.lock)
         self._waiting: list[Ticket] = []
         self._running = 0
         self._per_class: dict[str, int] = {name: 0 for name in self.classes}
@@ -212,13 +215,14 @@ class Admission:
                     self._leave(ticket)
                     raise QueueTimeout(f"waited {waited:.0f} s for a free slot, the timeout of priority class "
                                        f"{ticket.cls.name!r}; the box is busy, retry later")
-                self._cond.wait(0.2)  # also re-checks cancellation and aging
+                # Woken when it may be its turn (_wake_next); the timeout re-checks cancellation and the deadline.
+                ticket.turn.wait(WAIT_CHECK)
             self._waiting.remove(ticket)
             self._running += 1
             ticket.running = True
             ticket.started = self.clock()
             self._waits.append(ticket.started - ticket.arrived)
-            self._cond.notify_all()
+            self._wake_next()
 
     def _my_turn(self, ticket: Ticket) -> bool:
         if self._running >= self.slots:
@@ -231,7 +235,14 @@ class Admission:
         self._waiting.remove(ticket)
         self._per_class[ticket.cls.name] -= 1
         ticket.done = True
-        self._cond.notify_all()
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        """Wake only the waiting request whose turn it now is: hundreds waking to scan the queue cost the HTTP
+        threads (and health checks) the GIL under load."""
+        if self._waiting and self._running < self.slots:
+            now = self.clock()
+            max(self._waiting, key=lambda t: (t.effective_priority(now), -t.seq)).turn.notify()
 
     def _release(self, ticket: Ticket, completion_tokens: int) -> None:
         with self._cond:
@@ -245,7 +256,7 @@ class Admission:
                 self._waiting.remove(ticket)
             self._per_class[ticket.cls.name] -= 1
             self.buckets.spend_tokens(ticket.client, ticket.limits, completion_tokens)
-            self._cond.notify_all()
+            self._wake_next()
 
     def stats(self) -> dict:
         with self._cond:

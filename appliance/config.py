@@ -85,6 +85,12 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+# HTTP threads beyond the slots and queue places (each holds one): at 500 users a burst of new requests waiting
+# for their 429 left health probes hundreds of ms behind with 4 spare (bench/results/locust); the front door runs
+# its requests on the threads idle last, so spare threads cost memory only when a burst uses them.
+SPARE_HTTP_THREADS = 32
+
+
 @dataclass
 class Settings:
     home: Path = field(default_factory=default_home, metadata={"help": "data folder: database, config, model packages"})
@@ -120,7 +126,7 @@ class Settings:
     audit_checkpoint_rows: int = field(default=100, metadata={"help": "sign a checkpoint of the log's hash chain every this many rows (0: only at shutdown and pruning)"})
     max_request_bytes: int = field(default=4_000_000, metadata={"help": "largest request body accepted, in bytes"})
     max_connections: int = field(default=1000, metadata={"help": "open client connections the box holds; past that, the one idle longest (silent, or still sending its request) is closed to make room, and a running request never is"})
-    http_threads: int = field(default=0, metadata={"help": "HTTP worker threads (0: parallel + queue_size + 4, so health probes always find one free)"})
+    http_threads: int = field(default=0, metadata={"help": "HTTP worker threads (0: parallel + queue_size + 32, so health probes find one free while a burst of new requests waits to be told 429)"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime execution provider: auto, cuda, tensorrt or cpu (auto: best available, else CPU)"})
     idle_after: float = field(default=300.0, metadata={"help": "seconds without requests before going idle (KV cache freed, power profile lowered)"})
     deep_idle_after: float = field(default=1800.0, metadata={"help": "seconds without requests before unloading the model"})
@@ -136,7 +142,7 @@ class Settings:
     @property
     def worker_threads(self) -> int:
         """HTTP threads: every slot and queue place may hold one, and a few stay free for probes and the UI."""
-        return self.http_threads or self.parallel + self.queue_size + 4
+        return self.http_threads or self.parallel + self.queue_size + SPARE_HTTP_THREADS
 
     @property
     def prompt_chars_limit(self) -> int:
