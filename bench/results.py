@@ -123,7 +123,10 @@ def load_runs(root: Path | None = None) -> dict[str, list[dict]]:
     """Every run.json under root, by benchmark folder (sorted by name), each benchmark's runs oldest first."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(results_root(root).glob("*/runs/*/run.json")):
-        runs.setdefault(path.parents[2].name, []).append(json.loads(path.read_text()))
+        run = json.loads(path.read_text())
+        # Folders a run keeps beside its reports (a diagnosis's data and scripts), named in the index.
+        run["folders"] = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+        runs.setdefault(path.parents[2].name, []).append(run)
     return {name: sorted(found, key=_order) for name, found in sorted(runs.items())}
 
 
@@ -161,6 +164,10 @@ def index_markdown(runs: dict[str, list[dict]]) -> str:
         latest = found[-1]
         lines.append(f"| [{name}]({name}/summary.md) | {_cell(latest['about'])} | {_cell(latest['goal'])} | "
                      f"{_cell(latest['figure'])} | {', '.join(_link(r, f'{name}/') for r in reversed(found))} |")
+    kept = [f"`{name}/runs/{r['run']}/{folder}`" for name, found in runs.items() for r in found
+            for folder in r.get("folders", [])]
+    if kept:
+        lines += ["", f"Folders a run keeps beside its reports (a diagnosis's data and scripts): {', '.join(kept)}."]
     return "\n".join(lines + [""])
 
 

@@ -121,7 +121,7 @@ def test_serve_with_home_serves_a_package_registered_there(tmp_path):
                             args=("--home", str(data), "--model", "home-served-model"))
     try:
         models = requests.get(service.url + "/v1/models", timeout=10).json()["data"]
-        assert [m["id"] for m in models] == ["home-served-model"]
+        assert models[0]["id"] == "home-served-model" and models[0]["appliance"]["default"]  # then the bundled one
         assert (data / "logs.db").exists() and not (tmp_path / "user" / ".appliance").exists()
     finally:
         service.stop()
