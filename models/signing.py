@@ -20,27 +20,25 @@ def load_private_key(path: Path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    try:
-        key = load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SigningError(f"{path}: not a readable PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"{path} is not an Ed25519 private key: make one with "
-                           "openssl genpkey -algorithm ed25519 -out signing.pem")
-    return key
+    return _load(path, lambda data: load_pem_private_key(data, password=None), Ed25519PrivateKey, "private",
+                 "openssl genpkey -algorithm ed25519 -out signing.pem")
 
 
 def load_public_key(path: Path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+    return _load(path, load_pem_public_key, Ed25519PublicKey, "public",
+                 "openssl pkey -in signing.pem -pubout -out signing.pub")
+
+
+def _load(path: Path, parse, kind: type, which: str, make: str):
     try:
-        key = load_pem_public_key(Path(path).read_bytes())
+        key = parse(Path(path).read_bytes())
     except (OSError, ValueError, TypeError) as exc:
-        raise SigningError(f"{path}: not a readable PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise SigningError(f"{path} is not an Ed25519 public key: make it with "
-                           "openssl pkey -in signing.pem -pubout -out signing.pub")
+        raise SigningError(f"{path}: not a readable PEM {which} key ({exc})") from None
+    if not isinstance(key, kind):
+        raise SigningError(f"{path} is not an Ed25519 {which} key: make one with {make}")
     return key
 
 
