@@ -312,15 +312,19 @@ class ModelPool:
         if not model.load_lock.acquire(blocking=False):
             return False
         try:
-            with self._cond:
-                if not model.runner.is_loaded or (model.in_use and not force):
-                    return False
-            start = time.perf_counter()
-            model.runner.unload()
-            self._record(event, model, who, start, "ok", why)
-            return True
+            return self._unload_held(model, who, event, why, force)
         finally:
             model.load_lock.release()
+
+    def _unload_held(self, model: PooledModel, who: str, event: str, why: str, force: bool) -> bool:
+        """``_unload`` with the model's load lock already held."""
+        with self._cond:
+            if not model.runner.is_loaded or (model.in_use and not force):
+                return False
+        start = time.perf_counter()
+        model.runner.unload()
+        self._record(event, model, who, start, "ok", why)
+        return True
 
     def _record(self, event: str, model: PooledModel, who: str, start: float, outcome: str, detail: str) -> None:
         ms = (time.perf_counter() - start) * 1000
@@ -546,11 +550,14 @@ class ModelPool:
                 log.error("model %s did not come back after deep idle: %s", name, exc)
 
     def unload_all(self, why: str = "deep idle") -> None:
-        with self._placing:
-            loaded = self.loaded()
-            self._asleep = [m.name for m in loaded] or self._asleep
-            for model in loaded:
-                self._unload(model, SYSTEM, "unload", why, force=True)
+        """Deep idle: every model unloaded, one that is loading as soon as its load ends (its load lock, taken
+        before _placing as a load takes them, so the two cannot wait on each other)."""
+        with self._lock:
+            going = [m for m in self._models.values() if m.runner.is_loaded or m.loading]
+        self._asleep = [m.name for m in going] or self._asleep
+        for model in going:
+            with model.load_lock, self._placing:
+                self._unload_held(model, SYSTEM, "unload", why, force=True)
 
     def release_cache(self) -> None:
         self._resting = True

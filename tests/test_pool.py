@@ -350,3 +350,14 @@ def test_a_request_cannot_unload_the_default_model(make_box):
     assert box.client.post(CHAT, json=chat_body(keep_alive=0)).status_code == 200
     time.sleep(0.4)
     assert box.runner.is_loaded
+
+
+def test_deep_idle_while_a_model_loads_unloads_it_once_loaded(make_box):
+    box = make_box(extra_models={"slow": {"load_seconds": 0.5}})
+    loading = threading.Thread(target=lambda: box.client.post("/api/models/slow/load", json={}))
+    loading.start()
+    time.sleep(0.1)
+    assert box.state.models.get("slow").loading
+    assert box.client.post("/api/power", json={"state": "deep_idle"}).status_code == 200
+    loading.join()
+    assert box.state.models.loaded() == []  # deep idle means nothing stays loaded, a late load included
