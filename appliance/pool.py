@@ -44,7 +44,7 @@ from appliance.errors import APIError, InvalidRequest, LogUnavailable, ModelNotF
 from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, probe
 from appliance.runner.supervisor import ModelRunner
 from models import ModelEntry, ModelNotFound, find_model
-from models.footprint import ModelShape, inspect
+from models.footprint import ModelShape, read_shape
 from models.manifest import ManifestError
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,11 @@ class PooledModel:
     def name(self) -> str:
         return self.entry.name
 
-    def answers_to(self, name: str) -> bool:
-        return name == self.entry.name or name in self.entry.aliases
-
     @property
     def shape(self) -> ModelShape | None:
         """What its files say (size, KV cache per token, quantization); read once."""
         if self._shape is None and self.entry.path is not None:
-            self._shape = inspect(self.entry.path, self.entry.format)
+            self._shape = read_shape(self.entry.path, self.entry.format)
         return self._shape
 
     @property
@@ -147,10 +144,10 @@ class ModelPool:
         with self._lock:
             name = self._routes.get(name, name)
             for model in self._models.values():
-                if model.answers_to(name):
+                if model.entry.answers_to(name):
                     return model
         for entry in self.catalog():
-            if entry.available and (name == entry.name or name in entry.aliases):
+            if entry.available and entry.answers_to(name):
                 with self._lock:
                     return self._models.get(entry.name) or self._add_locked(entry)
         raise ModelNotFoundError(f"model {name!r} is not served here; GET /v1/models lists the models")
@@ -159,10 +156,10 @@ class ModelPool:
         """A model to swap in: a known model's name or alias, or the path of a package folder or .gguf file."""
         with self._lock:
             for model in self._models.values():  # by its own names: a swap may have pointed them elsewhere
-                if model.answers_to(package):
+                if model.entry.answers_to(package):
                     return model.entry
         for entry in self.catalog():
-            if entry.available and (package == entry.name or package in entry.aliases):
+            if entry.available and entry.answers_to(package):
                 return entry
         try:
             return find_model(package, home=self.settings.home)

