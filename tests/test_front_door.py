@@ -43,10 +43,16 @@ def close_all(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
+# A lock-out shows as a timeout (60 s before the fix); the bound leaves room for a busy 2-core CI box
+# that has just accepted or dropped hundreds of sockets. How fast health checks are is bench/locust_load's.
+SERVED_WITHIN_S = 5.0
+
+
 def assert_a_real_client_is_served(url: str, verify=True) -> None:
     started = time.monotonic()
     health = requests.get(url + "/healthz", timeout=10, verify=verify)
-    assert health.status_code == 200 and time.monotonic() - started < 1.0, time.monotonic() - started
+    waited = time.monotonic() - started
+    assert health.status_code == 200 and waited < SERVED_WITHIN_S, f"/healthz took {waited:.2f} s"
     chat = requests.post(url + "/v1/chat/completions", json=CHAT, timeout=60, verify=verify)
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
