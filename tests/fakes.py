@@ -4,7 +4,8 @@ The fake engine answers canned text, one byte a token, with real batching bookke
 
 The "model file" is a JSON file: ``{"reply": "...", "context_length": 256,
 "step_seconds": 0.0, "load_seconds": 0.0, "fail_on": "text"}``. Every sequence answers ``reply``
-(then ends), one byte per step; a prompt containing ``fail_on`` makes the
+(then ends), one byte per step; where a grammar's mask leaves the next byte out, it takes the lowest token the
+mask allows instead. A prompt containing ``fail_on`` makes the
 step fail as an engine error would. Tokens are the prompt's UTF-8 bytes;
 ``<|im_start|>`` and ``<|im_end|>`` are control tokens 256 and 257, which
 only a template may produce.
@@ -21,6 +22,8 @@ import threading
 import time
 from multiprocessing import Pipe
 from pathlib import Path
+
+import numpy as np
 
 from appliance.backends import register
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
@@ -82,7 +85,7 @@ class FakeBackend(Backend):
         self._kv[slot] = self._kv.get(slot, [])[:keep]
         self._produced[slot] = 0
 
-    def step(self, feeds: list[Feed]) -> dict[int, int]:
+    def step(self, feeds: list[Feed], masks: dict | None = None) -> dict[int, int]:
         self.steps.append(feeds)
         time.sleep(self.config.get("step_seconds", 0.0))
         out = {}
@@ -95,12 +98,20 @@ class FakeBackend(Backend):
                 raise BackendError("the fake engine was told to fail on this prompt")
             if feed.sample:
                 n = self._produced[feed.slot]
-                out[feed.slot] = self.reply[n] if n < len(self.reply) else EOS
+                token = self.reply[n] if n < len(self.reply) else EOS
+                out[feed.slot] = _allowed(token, masks.get(feed.slot)) if masks else token
                 self._produced[feed.slot] = n + 1
         return out
 
     def clear(self) -> None:
         self._kv.clear()
+
+
+def _allowed(token: int, mask) -> int:
+    if mask is None:
+        return token
+    allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little"))
+    return token if token in allowed else int(allowed[0])
 
 
 register("fake", FakeBackend)

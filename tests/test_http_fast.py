@@ -402,3 +402,47 @@ def test_model_sampling_in_the_config_replaces_the_models_defaults(make_box):
     box = make_box(model_sampling={"fake": {"temperature": 0.3, "repeat_penalty": 1.2}})
     defaults = box.client.get("/v1/models").get_json()["data"][0]["appliance"]["sampling_defaults"]
     assert defaults["temperature"] == 0.3 and defaults["repeat_penalty"] == 1.2 and defaults["top_k"] == 40
+
+
+# -- constrained decoding (the fake engine takes the lowest token a grammar allows where its reply does not fit) --
+def test_a_grammar_steers_the_output_and_ends_it_when_complete(box):
+    r = box.client.post(CHAT, json=chat_body(grammar='root ::= "yes" | "no"'))
+    assert r.status_code == 200, r.get_json()
+    choice = r.get_json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("no", "stop")
+
+
+def test_json_that_fits_its_schema_comes_through_whole(make_box):
+    box = make_box(fake={"reply": '{"a": [1, 2]}  and then some prose'})
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    for stream in (False, True):
+        r = box.client.post(CHAT, json=chat_body(response_format=fmt, stream=stream))
+        if stream:
+            events = sse_events(r.get_data(as_text=True))
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
+            finish = events[-2]["choices"][0]["finish_reason"]
+        else:
+            text, finish = r.get_json()["choices"][0]["message"]["content"], r.get_json()["choices"][0]["finish_reason"]
+        assert (json.loads(text), finish) == ({"a": [1, 2]}, "stop")
+
+
+def test_a_constrained_answer_cut_short_ends_with_length(box):
+    r = box.client.post(CHAT, json=chat_body(response_format={"type": "json_object"}, max_tokens=3))
+    choice = r.get_json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"].startswith("{")
+
+
+@pytest.mark.parametrize("extra, param, named", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
+     "response_format.json_schema.schema", "not"),
+    ({"response_format": {"type": "json_object", "schema": {"type": "string", "format": "color"}}},
+     "response_format.schema", "color"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}},
+     "response_format.json_schema.name", None),
+    ({"grammar": 'root ::= "unclosed'}, "grammar", None),
+    ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "grammar", "either"),
+])
+def test_what_the_grammar_engine_cannot_follow_is_a_400_naming_the_field(box, extra, param, named):
+    error = assert_openai_error(box.client.post(CHAT, json=chat_body(**extra)), 400, param=param)
+    assert named is None or named in error["message"], error

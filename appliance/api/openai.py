@@ -9,7 +9,7 @@ import uuid
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from appliance import auth
+from appliance import auth, grammar
 from appliance.api import request_log
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from appliance.backends.base import SamplingParams, Usage
@@ -80,7 +80,26 @@ def _sampling_params(req, model: PooledModel) -> SamplingParams:
     options = state().models.sampling_defaults(model)
     options.update({name: getattr(req, name) for name in SAMPLING_DEFAULTS if getattr(req, name) is not None})
     return SamplingParams(max_tokens=req.max_tokens, seed=req.seed, stop=req.stop_list,
-                          logit_bias=req.logit_bias_pairs, **options)
+                          logit_bias=req.logit_bias_pairs, grammar=_grammar(req), **options)
+
+
+def _grammar(req) -> str | None:
+    """The grammar a request's output must follow, compiled and checked before it queues; None: free text."""
+    fmt = req.response_format
+    wants_json = fmt is not None and fmt.type != "text"
+    if req.grammar is not None and wants_json:
+        raise InvalidRequest("send either grammar or a JSON response_format, not both", param="grammar",
+                             code="invalid_value")
+    param = "grammar" if req.grammar is not None else (
+        "response_format.json_schema.schema" if wants_json and fmt.type == "json_schema" else "response_format.schema")
+    try:
+        if req.grammar is not None:
+            return grammar.text_grammar(req.grammar)
+        if not wants_json:
+            return None
+        return grammar.json_schema_grammar(fmt.json_schema.schema_ if fmt.type == "json_schema" else fmt.schema_)
+    except grammar.GrammarError as exc:
+        raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
 
 
 def _respond(req, model: PooledModel, messages, prompt, chat: bool):

@@ -26,6 +26,7 @@ MAX_INT_DIGITS = 100
 MAX_TOP_K = 1_000_000  # more than any vocabulary; the engines take a 32-bit int
 MAX_STOP_CHARS = 1000  # every generated token is matched against each stop string
 MAX_LOGIT_BIAS = 1024  # biased tokens per request (OpenAI takes 300)
+MAX_GRAMMAR_CHARS = 100_000
 
 
 class _Strict(BaseModel):
@@ -53,6 +54,26 @@ class ChatMessage(_Strict):
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": text}
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the schema's name, as OpenAI takes it")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="a JSON Schema the output validates against; "
+                                 "none: any JSON object")
+    strict: bool | None = Field(None, description="always followed here: decoding is constrained either way")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text: free text; json_object: any JSON object; json_schema: JSON valid against json_schema")
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict | None = Field(None, alias="schema", description="llama-server-style extension: with json_object, "
+                                 "the schema the object validates against")
+
+    def model_post_init(self, __context) -> None:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object: {\"name\": ..., \"schema\": {...}}")
 
 
 class _GenerationRequest(_Strict):
@@ -87,6 +108,10 @@ class _GenerationRequest(_Strict):
                                                                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
                                                                    "additionalProperties": {"minimum": -100,
                                                                                             "maximum": 100}})
+    response_format: ResponseFormat | None = Field(None, description="constrain the output to JSON: every answer "
+                                                   "parses, and validates against the schema if one is given")
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS, description="llama.cpp-style extension: a GBNF "
+                                "grammar (or a Lark one, as llguidance reads it) the output follows")
     priority: str | None = Field(None, description="priority class name (see the priority_classes setting); the X-Priority header does the same")
     keep_alive: float | str | None = Field(None, description="how long the model stays loaded after this request, as Ollama takes it: seconds, or a duration such as '30s', '10m', '1h' (0: unload when done); never longer than the box's keep_alive")
 

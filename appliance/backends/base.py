@@ -45,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 or less bans it
+    grammar: str | None = None  # an llguidance grammar the output must follow (appliance.grammar)
 
     @property
     def penalizes(self) -> bool:
@@ -144,8 +145,10 @@ class Backend(abc.ABC):
         and set up its sampler."""
 
     @abc.abstractmethod
-    def step(self, feeds: list[Feed]) -> dict[int, int]:
-        """One batched forward pass; the sampled next token of every feed with ``sample``, by slot."""
+    def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
+        """One batched forward pass; the sampled next token of every feed with ``sample``, by slot. ``masks``: by
+        slot, a bitmask of the tokens that may be sampled (``appliance.grammar.apply_mask``), applied before
+        any other sampling step."""
 
     @abc.abstractmethod
     def clear(self) -> None:

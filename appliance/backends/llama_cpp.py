@@ -19,6 +19,7 @@ import numpy as np
 from llama_cpp import _logger as llama_logger
 
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
+from appliance.grammar import apply_mask
 from models.formats import GGUF_FILE_TYPES
 
 N_BATCH = 512  # tokens per decode: a prompt longer than this is fed in chunks between decode steps
@@ -148,8 +149,12 @@ class LlamaCppBackend(Backend):
             llama_cpp.llama_sampler_free(old)
         self._samplers[slot] = _sampler_chain(params, self._n_vocab, self.requested_context_length)
 
-    def step(self, feeds: list[Feed]) -> dict[int, int]:
+    def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         outputs = self._decode(feeds)
+        for slot, index in outputs:
+            if masks and slot in masks:  # the sampler chain reads these very logits: masked in place
+                apply_mask(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index),
+                                                 shape=(self._n_vocab,)), masks[slot])
         return {slot: llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index) for slot, index in outputs}
 
     def clear(self) -> None:

@@ -29,6 +29,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
 from appliance.backends.hf_tokenizer import HfTokenizer
+from appliance.grammar import apply_mask
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class OnnxRuntimeBackend(Backend):
             self._caches[slot] = cache.detached(keep)
         self._samplers[slot] = SlotSampler(params, self.requested_context_length)
 
-    def step(self, feeds: list[Feed]) -> dict[int, int]:
+    def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         for feed in feeds:
             self._check(feed)
         decoding = [f for f in feeds if len(f.tokens) == 1]
@@ -224,7 +225,8 @@ class OnnxRuntimeBackend(Backend):
         for feed in feeds:
             if len(feed.tokens) > 1:
                 last_logits[feed.slot] = self._prefill(feed)
-        return {f.slot: self._sample(f.slot, last_logits[f.slot]) for f in feeds if f.sample}
+        masks = masks or {}
+        return {f.slot: self._samplers[f.slot].sample(last_logits[f.slot], masks.get(f.slot)) for f in feeds if f.sample}
 
     def clear(self) -> None:
         self._caches.clear()
@@ -297,9 +299,6 @@ class OnnxRuntimeBackend(Backend):
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
         return (logits if every_position else logits[:, -1]).astype(np.float32), outputs[1:]
-
-    def _sample(self, slot: int, logits: np.ndarray) -> int:
-        return self._samplers[slot].sample(logits)
 
     def _cache(self, slot: int) -> _Cache:
         if slot not in self._caches:
@@ -394,10 +393,12 @@ class SlotSampler:
         self.last_n = context_length if params.repeat_last_n < 0 else params.repeat_last_n
         self.generated: list[int] = []
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
         params = self.params
-        if params.logit_bias or params.penalizes:
+        if params.logit_bias or params.penalizes or mask is not None:
             logits = logits.astype(np.float32, copy=True)
+            if mask is not None:
+                apply_mask(logits, mask)
             for token, bias in params.logit_bias:
                 logits[token] += banned_or(bias)
             if params.penalizes:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
 from appliance.backends.decoding import StopMatcher, Utf8Stream
 from appliance.chat_template import ChatTemplateError
+from appliance.grammar import Constraint, GrammarError, Grammars, grammars_for
 from appliance.runner import protocol as msg
 from appliance.runner.prompt import chat_tokens, completion_tokens
 
@@ -33,6 +34,7 @@ class Prepared:
     id: int
     tokens: list[int]
     params: SamplingParams
+    constraint: Constraint | None = None  # the grammar its output follows
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Sequence:
     id: int
     prompt: list[int]
     params: SamplingParams
+    constraint: Constraint | None = None
     fed: int = 0  # prompt tokens already in the slot's KV cache
     generated: int = 0
     next_token: int | None = None  # sampled, not yet fed
@@ -59,8 +62,10 @@ class Slot:
     last_used: float = 0.0
 
 
-def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit) -> Prepared | msg.Refused:
-    """Render, tokenize and check the context of one request (any thread: touches only the vocabulary)."""
+def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit,
+            grammars: Grammars | None = None) -> Prepared | msg.Refused:
+    """Render, tokenize and check the context of one request, and set up its grammar (any thread: touches only the
+    vocabulary)."""
     try:
         if submit.messages is not None:
             tokens = chat_tokens(backend, submit.messages)
@@ -85,7 +90,14 @@ def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit) -> Prepared
         return msg.Refused(submit.id, f"max_tokens={wanted} does not fit: the prompt takes {len(tokens)} of the "
                            f"{context} tokens of context, so at most {room} can be generated",
                            code="context_length_exceeded", param="max_tokens")
-    return Prepared(submit.id, tokens, replace(submit.params, max_tokens=wanted or room))
+    constraint = None
+    if submit.params.grammar is not None:
+        try:
+            constraint = (grammars or grammars_for(backend, facts.n_vocab)).constraint(submit.params.grammar)
+        except GrammarError as exc:
+            return msg.Refused(submit.id, f"this model cannot follow the requested format: {exc}",
+                               code="invalid_grammar", param="response_format")
+    return Prepared(submit.id, tokens, replace(submit.params, max_tokens=wanted or room), constraint)
 
 
 class Scheduler:
@@ -100,6 +112,7 @@ class Scheduler:
         self._outbox: dict[int, msg.Output] = {}  # text not sent yet, by request
         self._streaming: set[int] = set()  # requests whose first text has gone out
         self._last_sent = 0.0
+        self.grammars = grammars_for(backend, facts.n_vocab)
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
@@ -185,7 +198,7 @@ class Scheduler:
             except Exception as exc:  # e.g. a sampler setting the engine refused: this request fails, not the runner
                 self.emit(msg.Failed(request.id, f"the engine refused the request's settings: {exc}"))
                 continue
-            slot.seq = Sequence(request.id, request.tokens, request.params, fed=keep)
+            slot.seq = Sequence(request.id, request.tokens, request.params, request.constraint, fed=keep)
             self.emit(msg.Admitted(request.id, prompt_tokens=len(request.tokens), cached_tokens=keep))
 
     def _pick_slot(self, free: list[Slot], request: Prepared) -> Slot:
@@ -222,8 +235,10 @@ class Scheduler:
         return feeds
 
     def _step(self, feeds: list[Feed]) -> list[msg.Output]:
+        masks = {f.slot: self.slots[f.slot].seq.constraint.mask() for f in feeds
+                 if f.sample and self.slots[f.slot].seq.constraint is not None}
         try:
-            sampled = self.backend.step(feeds)
+            sampled = self.backend.step(feeds, masks)
         except BackendError as exc:
             self._fail_all(str(exc))
             return []
@@ -245,9 +260,16 @@ class Scheduler:
         if self.backend.is_end_of_generation(token):
             return self._finish(slot, _tail(seq), "stop")
         seq.generated += 1
+        if seq.constraint is not None:
+            try:
+                seq.constraint.advance(token)
+            except GrammarError as exc:  # the mask allowed the token, so only a bug in the engine gets here
+                return self._fail(slot, f"the output left its grammar: {exc}")
         text = seq.stops.push(seq.utf8.push(self.backend.token_bytes(token)))
         if seq.stops.stopped:
             return self._finish(slot, text, "stop")
+        if seq.constraint is not None and seq.constraint.complete:  # nothing may follow but the end
+            return self._finish(slot, text + _tail(seq), "stop")
         if seq.generated >= seq.params.max_tokens or len(slot.tokens) >= self.facts.context_length:
             return self._finish(slot, text + _tail(seq), "length")
         seq.next_token = token
@@ -256,6 +278,12 @@ class Scheduler:
     def _finish(self, slot: Slot, text: str, reason: str) -> msg.Output:
         seq, slot.seq, slot.last_used = slot.seq, None, time.monotonic()
         return msg.Output(seq.id, text, seq.generated, finish_reason=reason)
+
+    def _fail(self, slot: Slot, message: str) -> None:
+        seq, slot.seq = slot.seq, None
+        self._outbox.pop(seq.id, None)
+        self._streaming.discard(seq.id)
+        self.emit(msg.Failed(seq.id, message))
 
     def _drop_cancelled(self) -> list[msg.Output]:
         """A cancelled sequence leaves before the next decode, freeing its slot."""

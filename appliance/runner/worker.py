@@ -57,7 +57,7 @@ def _read(conn: Connection, backend, facts, scheduler: Scheduler, emit) -> None:
         if isinstance(message, msg.Submit):
             request_id = message.id
             try:
-                message = prepare(backend, facts, message)
+                message = prepare(backend, facts, message, scheduler.grammars)
             except Exception as exc:  # a bug must fail this request, never the reader (which would hang them all)
                 emit(msg.Failed(request_id, f"could not prepare the request: {exc.__class__.__name__}: {exc}"))
                 continue
