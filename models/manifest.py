@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from models.kinds import KINDS
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FORMATS = ("gguf", "onnx")
@@ -42,6 +44,7 @@ class Manifest:
     metrics: dict | None = None  # optional, e.g. {"greedy_agreement_vs_fp32": 0.97}
     aliases: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
+    kind: str = "chat"  # "chat" or "embedding" (models.kinds); manifests written before kinds existed are chat
 
     def file(self, suffix: str) -> FileRecord:
         """The one listed file whose name ends with suffix (e.g. ".gguf", "model.onnx")."""
@@ -76,6 +79,7 @@ def write_manifest(
     metrics: dict | None = None,
     aliases: tuple[str, ...] = (),
     known: tuple[FileRecord, ...] = (),
+    kind: str = "chat",
 ) -> Manifest:
     """Record every file of folder (except the manifest itself) with its size and sha256.
 
@@ -94,7 +98,7 @@ def write_manifest(
     manifest = Manifest(
         name=name, architecture=architecture, format=format, quantization=quantization, target=target,
         context_length=int(context_length), files=files, source=dict(source or {}), metrics=metrics,
-        aliases=tuple(aliases),
+        aliases=tuple(aliases), kind=kind,
     )
     (folder / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
@@ -125,6 +129,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise ManifestError(f"{path} is malformed ({exc}); re-export the model package") from None
     if manifest.format not in FORMATS:
         raise ManifestError(f"{path}: unknown format {manifest.format!r}, expected one of {FORMATS}")
+    if manifest.kind not in KINDS:
+        raise ManifestError(f"{path}: unknown kind {manifest.kind!r}, expected one of {KINDS}")
     return manifest
 
 

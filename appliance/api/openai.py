@@ -71,7 +71,7 @@ def _check_prompt_size(chars: int, param: str) -> None:
 
 def _arrived(req, prompt: str) -> PooledModel:
     """The model asked for; what the request is goes into its row now, before it waits for a slot."""
-    model = state().models.get(req.model)
+    model = state().models.get(req.model, kind="chat")
     g.logged_request.describe(model.name, prompt, req.stream)
     return model
 

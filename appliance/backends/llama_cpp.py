@@ -19,6 +19,7 @@ import numpy as np
 from llama_cpp import _logger as llama_logger
 
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
+from appliance.backends.embedding import EmbeddingBackend
 from appliance.grammar import apply_mask
 from models.formats import GGUF_FILE_TYPES
 
@@ -227,3 +228,115 @@ def _sampler_chain(params: SamplingParams, n_vocab: int, context_length: int):
     seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
     return chain
+
+
+# -- embedding models ----------------------------------------------------------------
+EMBED_SEQUENCES = 128  # most inputs one embedding batch holds (llama.cpp allows up to 256)
+
+
+class LlamaCppEmbedder(EmbeddingBackend):
+    """A GGUF embedding model (BERT and kin) in llama.cpp's embedding mode: one decode per batch of sequences,
+    pooled by llama.cpp as the model's header says (mean for all-MiniLM-L6-v2), then L2-normalised here.
+
+    A separate path from ``LlamaCppBackend``: no KV cache to keep (encoder models have none), no sampler. One
+    batch holds at most the model's trained context in tokens, and every token of a sequence in one batch, as
+    a non-causal model needs."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model_path, threads: int, context_length: int):
+        super().__init__(model_path, threads, context_length)
+        self._model = self._ctx = self._vocab = self._batch = self._memory = None
+
+    def load(self) -> ModelFacts:
+        llama_logger.set_verbose(False)
+        llama_cpp.llama_backend_init()
+        path = Path(self.model_path)
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {path}: not a GGUF file it can read")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        trained = llama_cpp.llama_model_n_ctx_train(self._model)
+        self._n_batch = min(self.requested_context_length, trained) if trained > 0 else self.requested_context_length
+        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params())
+        if not self._ctx:
+            raise BackendError(f"llama.cpp could not make an embedding context of {self._n_batch} tokens for {path}")
+        pooling = llama_cpp.llama_pooling_type(self._ctx)
+        if pooling not in POOLING_NAMES:
+            raise BackendError(f"{path} pools its vectors in no way this service serves (llama.cpp pooling type "
+                               f"{pooling}): embedding models need mean, CLS or last-token pooling in their header")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)  # None for encoders; a decoder's is cleared per batch
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, EMBED_SEQUENCES)
+        self._dims = llama_cpp.llama_model_n_embd(self._model)
+        info = {"backend": self.name, "architecture": _meta(self._model, "general.architecture"),
+                "quantization": _quantization(self._model), "threads": self.threads, "file": str(path),
+                "dimensions": self._dims, "pooling": POOLING_NAMES[pooling]}
+        return ModelFacts(context_length=self._n_batch, n_slots=EMBED_SEQUENCES, n_batch=self._n_batch,
+                          n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab), info=info)
+
+    def _context_params(self):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = self._n_batch  # a sequence's tokens in one ubatch
+        params.n_seq_max = EMBED_SEQUENCES
+        params.kv_unified = True  # else llama.cpp splits n_ctx among the sequences
+        params.embeddings = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # the model's own (its GGUF header)
+        params.n_threads = params.n_threads_batch = self.threads
+        params.no_perf = True
+        return params
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        tokens = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, room, True, False)
+        if n < 0:
+            raise BackendError(f"llama.cpp could not tokenize {len(data)} bytes")
+        return tokens[:n]
+
+    def embed(self, sequences: list[list[int]]) -> bytes:
+        batch, n = self._batch, 0
+        if len(sequences) > EMBED_SEQUENCES or sum(map(len, sequences)) > self._n_batch:
+            raise BackendError(f"an embedding batch holds at most {EMBED_SEQUENCES} inputs of {self._n_batch} tokens")
+        for seq, tokens in enumerate(sequences):
+            for pos, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, 1
+                batch.seq_id[n][0] = seq
+                n += 1
+        batch.n_tokens = n
+        if self._memory:
+            llama_cpp.llama_memory_clear(self._memory, True)
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise BackendError(f"llama_decode failed with status {status}")
+        # A pooled vector's pointer is valid only until the next decode: copied out at once.
+        vectors = np.array([np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(self._ctx, seq), shape=(self._dims,))
+                            for seq in range(len(sequences))], dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.maximum(norms, 1e-12)).astype("<f4").tobytes()
+
+
+POOLING_NAMES = {llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean",
+                 llama_cpp.LLAMA_POOLING_TYPE_CLS: "cls", llama_cpp.LLAMA_POOLING_TYPE_LAST: "last"}
+
+
+def _meta(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
+def _quantization(model) -> str | None:
+    file_type = _meta(model, "general.file_type")
+    return GGUF_FILE_TYPES.get(int(file_type), file_type) if file_type else None

@@ -4,6 +4,9 @@ service -> runner: Submit, Cancel, ReleaseCache, Shutdown
 runner -> service: Ready or LoadFailed once at start, then Admitted or Refused for
 every Submit, a Step after every batched decode (text of each sequence in it),
 and Failed when the engine fails a sequence.
+
+An embedding model's runner takes a Submit whose params are ``EmbedParams`` and answers
+Admitted or Refused, then one Step holding the request's ``Vectors`` (or Failed).
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ from appliance.backends.base import ModelFacts, SamplingParams
 
 
 @dataclass(frozen=True)
+class EmbedParams:
+    """What an embeddings request asks: the vector of each input, a text or token ids, in order."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
 class Submit:
     id: int
-    params: SamplingParams
+    params: SamplingParams | EmbedParams  # a generation's sampling, or an embeddings request's inputs
     messages: list[dict] | None = None  # a chat: rendered with the model's template
     prompt: str | None = None  # a plain completion
 
@@ -71,6 +81,15 @@ class Output:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+
+@dataclass(frozen=True)
+class Vectors(Output):
+    """An embeddings request's result, its one and final output (``finish_reason`` "stop", no text): one vector
+    per input, L2-normalised, as float32 little-endian one after another."""
+
+    data: bytes = b""
+    dimensions: int = 0
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class ModelRunner:
         self.entry = entry
         self.spec = {"format": entry.format, "path": str(entry.path), "threads": threads,
                      "context_length": context_length, "parallel": parallel, "provider": provider,
-                     "stream_interval": stream_interval}
+                     "stream_interval": stream_interval, "kind": entry.kind}
         self.spawn = spawn or RunnerProcess.start
         self.facts: ModelFacts | None = None
         self.load_error: str | None = None

@@ -5,7 +5,8 @@ with one end of a socket pair. It imports the engine; the service never does.
 Two threads: the reader takes messages off the pipe and tokenizes new requests
 (so a long prompt never holds up the step loop), the main thread runs the
 scheduler. The process ends when told to, or when the service's end of the
-pipe closes (the service died).
+pipe closes (the service died). An embedding model (spec ``kind``) gets the
+embedding engine and loop (``appliance.runner.embedder``) in the same two threads.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import threading
 from multiprocessing.connection import Connection
 
 from appliance.backends import BackendError, create_backend
+from appliance.backends.embedding import create_embedder
+from appliance.runner import embedder
 from appliance.runner import protocol as msg
-from appliance.runner.scheduler import Scheduler, prepare
+from appliance.runner.scheduler import Scheduler, prepare as prepare_generation
 
 
 def serve(conn: Connection, spec: dict) -> None:
@@ -29,25 +32,50 @@ def serve(conn: Connection, spec: dict) -> None:
         with send_lock:
             conn.send(message)
 
+    embedding = spec.get("kind") == "embedding"
     try:
-        backend = create_backend(spec["format"], spec["path"], threads=spec["threads"],
-                                 context_length=spec["context_length"], n_slots=spec["parallel"],
-                                 provider=spec.get("provider", "auto"))
+        backend = _embedder(spec) if embedding else _generator(spec)
         facts = backend.load()
     except (BackendError, OSError, ValueError) as exc:
         emit(msg.LoadFailed(str(exc)))
         return
     emit(msg.Ready(facts))
-    scheduler = Scheduler(backend, facts, emit, stream_interval=spec.get("stream_interval", 0.0))
-    threading.Thread(target=_read, args=(conn, backend, facts, scheduler, emit), name="runner-reader",
-                     daemon=True).start()
+    if embedding:
+        scheduler = embedder.Embedder(backend, facts, emit)
+
+        def prepare(submit):
+            return embedder.prepare(backend, facts, submit)
+    else:
+        scheduler = Scheduler(backend, facts, emit, stream_interval=spec.get("stream_interval", 0.0))
+
+        def prepare(submit):
+            return _prepare(backend, facts, submit, scheduler)
+    threading.Thread(target=_read, args=(conn, scheduler, emit, prepare), name="runner-reader", daemon=True).start()
     try:
         scheduler.run()
     finally:
         backend.close()
 
 
-def _read(conn: Connection, backend, facts, scheduler: Scheduler, emit) -> None:
+def _generator(spec: dict):
+    return create_backend(spec["format"], spec["path"], threads=spec["threads"], context_length=spec["context_length"],
+                          n_slots=spec["parallel"], provider=spec.get("provider", "auto"))
+
+
+def _embedder(spec: dict):
+    return create_embedder(spec["format"], spec["path"], threads=spec["threads"], context_length=spec["context_length"])
+
+
+def _prepare(backend, facts, submit: msg.Submit, scheduler: Scheduler):
+    """A generation's; an embeddings request sent to a chat model is refused, never half-run."""
+    if isinstance(submit.params, msg.EmbedParams):
+        return msg.Refused(submit.id, "this model is a chat model, which makes no embeddings: send embeddings "
+                           "requests to an embedding model (GET /v1/models lists each model's kind)",
+                           code="model_kind_mismatch", param="model")
+    return prepare_generation(backend, facts, submit, scheduler.grammars)
+
+
+def _read(conn: Connection, scheduler, emit, prepare) -> None:
     while True:
         try:
             message = conn.recv()
@@ -57,7 +85,7 @@ def _read(conn: Connection, backend, facts, scheduler: Scheduler, emit) -> None:
         if isinstance(message, msg.Submit):
             request_id = message.id
             try:
-                message = prepare(backend, facts, message, scheduler.grammars)
+                message = prepare(message)
             except Exception as exc:  # a bug must fail this request, never the reader (which would hang them all)
                 emit(msg.Failed(request_id, f"could not prepare the request: {exc.__class__.__name__}: {exc}"))
                 continue

@@ -1,0 +1,65 @@
+"""The interface of an engine serving an embedding model: tokenize, then one batched forward + pooling.
+
+It lives in the runner process, as a generating backend does, and is picked by model format through a
+registry of its own (a model's kind, chat or embedding, says which registry). An embedding model keeps
+no state between batches: every call of ``embed`` is a new set of sequences, pooled per sequence and
+L2-normalised, so a text's vector is the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+
+from appliance.backends.base import BackendError, ModelFacts
+
+# model format -> "module:Class", imported only when an embedding model of that format is loaded
+_REGISTRY: dict[str, str | type[EmbeddingBackend]] = {
+    "gguf": "appliance.backends.llama_cpp:LlamaCppEmbedder",
+}
+
+
+class EmbeddingBackend(abc.ABC):
+    """``load`` reports ``ModelFacts`` with ``n_slots`` = most sequences one ``embed`` call takes, ``n_batch`` =
+    most tokens it takes, ``context_length`` = most tokens of one input, and ``info["dimensions"]``."""
+
+    name: str = ""
+
+    def __init__(self, model_path, threads: int, context_length: int):
+        self.model_path = model_path
+        self.threads = threads
+        self.requested_context_length = context_length
+
+    @abc.abstractmethod
+    def load(self) -> ModelFacts: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of text, with the model's own start and end tokens (BERT: [CLS] ... [SEP])."""
+
+    @abc.abstractmethod
+    def embed(self, sequences: list[list[int]]) -> bytes:
+        """One vector per sequence, pooled and L2-normalised: float32 little-endian, one after another."""
+
+
+def register_embedder(model_format: str, backend: str | type[EmbeddingBackend]) -> None:
+    _REGISTRY[model_format] = backend
+
+
+def create_embedder(model_format: str, model_path, threads: int, context_length: int) -> EmbeddingBackend:
+    try:
+        target = _REGISTRY[model_format]
+    except KeyError:
+        raise BackendError(f"no backend serves embedding models of format {model_format!r}") from None
+    if isinstance(target, str):
+        module_name, class_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendError(f"the backend for {model_format!r} embedding models is not installed "
+                               f"({exc.name} missing): pip install 'edge-appliance[llama]'") from exc
+        target = _REGISTRY[model_format] = getattr(module, class_name)
+    return target(model_path, threads=threads, context_length=context_length)

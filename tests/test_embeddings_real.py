@@ -1,0 +1,173 @@
+"""Embeddings on the real bundled all-MiniLM-L6-v2: converted to GGUF on its first load, served by llama.cpp's
+embedding mode in a real runner, asked with the real ``openai`` client over loopback; and the converter
+checked against the fp32 model in transformers (torch is a test tool here, never the service's)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+import time
+
+import pytest
+
+from models import bundled_embedding
+from tests.helpers import assert_openai_error, needs_bundled_model, start_service
+
+pytestmark = [pytest.mark.slow, needs_bundled_model,
+              pytest.mark.skipif(bundled_embedding.source_zip() is None,
+                                 reason=f"needs the bundled embedding model: {bundled_embedding.INSTALL}")]
+
+MODEL = bundled_embedding.NAME
+PARAPHRASE = ("The cat is sleeping on the sofa.", "A cat naps on the couch.")
+UNRELATED = "Interest rates rose by half a percentage point this quarter."
+SENTENCES = ["The cat sits on the mat.", "A feline is resting on a rug.", "Stock markets fell sharply today.",
+             "Héllo, Wörld! naïve café, \u201cquotes\u201d 123,456.78", "unbelievably antidisestablishmentarianism",
+             "日本語のテキスト and emoji 😀", "x", "Pump 3 pressure alarm: check the relief valve."]
+
+
+@pytest.fixture(scope="module")
+def embedding_service(tmp_path_factory):
+    svc = start_service(tmp_path_factory.mktemp("embeddings-home"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(embedding_service):
+    import openai
+
+    return openai.OpenAI(base_url=embedding_service.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def vectors(client, inputs, **extra) -> list[list[float]]:
+    return [d.embedding for d in client.embeddings.create(model=MODEL, input=inputs, **extra).data]
+
+
+def cosine(a, b) -> float:
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+
+
+def test_a_paraphrase_pair_is_closer_than_an_unrelated_pair(client):
+    a, b, c = vectors(client, [*PARAPHRASE, UNRELATED])
+    assert cosine(a, b) > cosine(a, c) + 0.3 and cosine(a, b) > cosine(b, c) + 0.3
+
+
+def test_batched_results_equal_single_results(client):
+    batch = vectors(client, SENTENCES)
+    for text, vector in zip(SENTENCES, batch):
+        assert cosine(vectors(client, text)[0], vector) >= 0.9999, text
+
+
+def test_the_vector_length_matches_v1_models(client):
+    model = next(m for m in client.models.list().data if m.id == MODEL)
+    assert model.model_extra["appliance"]["kind"] == "embedding"
+    assert len(vectors(client, "length")[0]) == model.model_extra["appliance"]["dimensions"] == 384
+    chat = next(m for m in client.models.list().data if m.id != MODEL)
+    assert chat.model_extra["appliance"]["kind"] == "chat"
+
+
+def test_base64_decodes_to_the_same_floats(client):
+    floats = vectors(client, ["one", "two"], encoding_format="float")
+    coded = client.embeddings.create(model=MODEL, input=["one", "two"], encoding_format="base64").data
+    decoded = [list(struct.unpack("<384f", base64.b64decode(d.embedding))) for d in coded]
+    assert decoded == floats
+    assert vectors(client, ["one", "two"]) == floats  # the client's default: it asks for base64 and decodes it
+
+
+def test_token_arrays_give_the_texts_vectors(client, embedding_service):
+    tokens = [101, 7592, 2088, 102]  # [CLS] hello world [SEP] in the model's own vocabulary
+    assert cosine(vectors(client, tokens)[0], vectors(client, "hello world")[0]) >= 0.9999
+
+
+def test_a_chat_model_asked_for_embeddings_or_the_reverse_gets_a_400(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.embeddings.create(model="smollm2-135m-instruct", input="hi")
+    assert raised.value.body["code"] == "model_kind_mismatch" and MODEL in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.body["code"] == "model_kind_mismatch" and "smollm2-135m-instruct" in raised.value.body["message"]
+
+
+@pytest.mark.parametrize("inputs,status,code", [
+    ("", 400, "invalid_value"),
+    ([], 400, "invalid_value"),
+    (["x"] * 10_000, 400, "invalid_value"),
+    ("word " * 600, 400, "context_length_exceeded"),
+])
+def test_bad_inputs_get_clear_4xx(embedding_service, inputs, status, code):
+    import requests
+
+    r = requests.post(embedding_service.url + "/v1/embeddings", json={"model": MODEL, "input": inputs}, timeout=60)
+    error = assert_openai_error(r, status, code, "input")
+    assert error["message"]
+
+
+def test_a_request_of_2048_inputs_stalls_no_chat_or_small_request(embedding_service, client):
+    big_done = []
+    big = threading.Thread(target=lambda: big_done.append(vectors(client, [f"sentence number {i}" for i in range(2048)])))
+    big.start()
+    try:
+        time.sleep(1.0)
+        start = time.monotonic()
+        assert len(vectors(client, "a small one")[0]) == 384
+        small_s = time.monotonic() - start
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=4,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content is not None
+    finally:
+        big.join(timeout=300)
+    assert len(big_done[0]) == 2048
+    assert small_s < 5.0, f"a one-sentence request took {small_s:.1f} s beside a 2048-input one"
+
+
+def test_rows_record_the_sha256_of_input_and_vectors(embedding_service, client):
+    import hashlib
+
+    coded = client.embeddings.create(model=MODEL, input=["log me"], encoding_format="base64")
+    row = embedding_service.last_row()
+    assert row["endpoint"] == "/v1/embeddings" and row["status"] == 200 and row["model"] == MODEL
+    data = base64.b64decode(coded.data[0].embedding)
+    assert row["response_sha256"] == hashlib.sha256(data).hexdigest() and row["prompt_tokens"] == 4
+
+
+def test_the_converted_gguf_is_cached_and_verified(embedding_service):
+    gguf = embedding_service.home / "converted" / bundled_embedding.GGUF_NAME
+    assert gguf.is_file() and bundled_embedding.recorded_sha256(gguf)
+    assert "convert (ok" in embedding_service.output()
+
+
+# -- the converter against the fp32 model --------------------------------------------------------------------
+def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path):
+    """GGUF (F16) through llama.cpp against the fp32 safetensors in transformers with mean pooling: the same
+    tokens, and cosine >= 0.999 for every sentence."""
+    import zipfile
+
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from appliance.backends.embedding import create_embedder
+    from models.embedding_gguf import convert
+
+    source = bundled_embedding.source_zip()
+    folder = tmp_path / "hf"
+    zipfile.ZipFile(source).extractall(folder)
+    gguf = convert(source, tmp_path / "minilm.gguf")
+    engine = create_embedder("gguf", gguf, threads=2, context_length=512)
+    engine.load()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert [engine.tokenize(s) for s in SENTENCES] == [tokenizer(s)["input_ids"] for s in SENTENCES]
+        ours = np.frombuffer(engine.embed([engine.tokenize(s) for s in SENTENCES]), dtype="<f4").reshape(len(SENTENCES), -1)
+    finally:
+        engine.close()
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+    assert (ours * reference).sum(axis=1).min() >= 0.999
