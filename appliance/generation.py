@@ -47,7 +47,8 @@ class Generation:
     _using = False
 
     # -- start: everything that can still become a plain HTTP error ---------------
-    def start(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams) -> None:
+    def start(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams,
+              tools: list[dict] | None = None) -> None:
         """Queue, wake, load and submit; raises an APIError (the caller's error handler answers it)."""
         try:
             self._ticket = self.admission.admit(self.client, self.priority, self.limits)
@@ -57,7 +58,7 @@ class Generation:
             if self.cancel():  # the client left while the box woke: drop it before its prefill
                 raise Cancelled()
             (self.load or self.runner.ensure_loaded)()
-            self._stream = self.runner.submit(messages, prompt, params)
+            self._stream = self.runner.submit(messages, prompt, params, tools)
             self._admitted(self._stream.get())
         except Cancelled:
             status, reason = self.cancel.status()

@@ -40,6 +40,10 @@ def json_schema_grammar(schema: dict | None) -> str:
     return _compiled("json", json.dumps(ANY_OBJECT if schema is None else schema, sort_keys=True))
 
 
+def lark_grammar(lark: str) -> str:
+    return _compiled("lark", lark)
+
+
 def text_grammar(text: str) -> str:
     """A Lark grammar, or a llama.cpp GBNF one (``root ::= ...``) through llguidance's own translation to Lark."""
     try:

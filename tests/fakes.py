@@ -3,7 +3,7 @@
 The fake engine answers canned text, one byte a token, with real batching bookkeeping.
 
 The "model file" is a JSON file: ``{"reply": "...", "context_length": 256,
-"step_seconds": 0.0, "load_seconds": 0.0, "fail_on": "text"}``. Every sequence answers ``reply``
+"step_seconds": 0.0, "load_seconds": 0.0, "fail_on": "text", "chat_template": "..."}``. Every sequence answers ``reply``
 (then ends), one byte per step; where a grammar's mask leaves the next byte out, it takes the lowest token the
 mask allows instead. A prompt containing ``fail_on`` makes the
 step fail as an engine error would. Tokens are the prompt's UTF-8 bytes;
@@ -79,7 +79,7 @@ class FakeBackend(Backend):
         return token == EOS
 
     def chat_template(self) -> tuple[str, str, str]:
-        return TEMPLATE, "", "<|im_end|>"
+        return self.config.get("chat_template", TEMPLATE), "", "<|im_end|>"
 
     def start_sequence(self, slot: int, keep: int, params: SamplingParams) -> None:
         self._kv[slot] = self._kv.get(slot, [])[:keep]

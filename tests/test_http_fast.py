@@ -446,3 +446,109 @@ def test_a_constrained_answer_cut_short_ends_with_length(box):
 def test_what_the_grammar_engine_cannot_follow_is_a_400_naming_the_field(box, extra, param, named):
     error = assert_openai_error(box.client.post(CHAT, json=chat_body(**extra)), 400, param=param)
     assert named is None or named in error["message"], error
+
+
+# -- tool calling -------------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+ROOMY = {"context_length": 2048}  # the default tool prompt is longer than the fake's usual context
+
+
+def tool_box(make_box, reply: str):
+    return make_box(fake={"reply": reply} | ROOMY, context_length=2048)
+
+
+def streamed_calls(events: list) -> tuple[str, dict, str]:
+    """(content, {index: [id, name, arguments]}, finish_reason) reassembled from chat chunks, as clients do."""
+    content, calls, finish = "", {}, None
+    for event in events[1:-1]:
+        choice = event["choices"][0]
+        content += choice["delta"].get("content", "")
+        for part in choice["delta"].get("tool_calls", []):
+            call = calls.setdefault(part["index"], ["", "", ""])
+            call[0] = part.get("id", call[0])
+            call[1] += part.get("function", {}).get("name", "")
+            call[2] += part["function"].get("arguments", "")
+        finish = choice["finish_reason"] or finish
+    return content, calls, finish
+
+
+def test_a_tool_call_in_the_answer_becomes_tool_calls_whole_and_streamed(make_box):
+    box = tool_box(make_box, "Let me look. " + CALL)
+    body = chat_body(tools=[WEATHER])
+    message = box.client.post(CHAT, json=body).get_json()["choices"][0]
+    assert message["finish_reason"] == "tool_calls" and message["message"]["content"] == "Let me look."
+    (call,) = message["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call-")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    content, calls, finish = streamed_calls(sse_events(box.client.post(CHAT, json=body | {"stream": True}).get_data(as_text=True)))
+    assert (content.strip(), finish) == ("Let me look.", "tool_calls")
+    assert [c[1:] for c in calls.values()] == [["get_weather", '{"city": "Oslo"}']] and calls[0][0].startswith("call-")
+    assert CALL in box.last_row()["response"]  # logged as the model wrote it
+
+
+def test_tool_choice_none_or_an_unknown_tool_leaves_the_text_as_it_is(make_box):
+    box = tool_box(make_box, CALL.replace("get_weather", "launch"))
+    for body in (chat_body(tools=[WEATHER]), chat_body(tools=[WEATHER], tool_choice="none")):
+        choice = box.client.post(CHAT, json=body).get_json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"], choice
+
+
+def test_a_named_tool_choice_constrains_the_answer_to_a_call_of_that_tool(make_box):
+    box = tool_box(make_box, CALL + "\nand more text")
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    body = chat_body(tools=[other, WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                     parallel_tool_calls=False)  # one call, then nothing but the end
+    choice = box.client.post(CHAT, json=body).get_json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    forced = box.client.post(CHAT, json=body | {"tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                                                "max_tokens": 80}).get_json()["choices"][0]
+    assert forced["message"]["content"].startswith('<tool_call>\n{"name": "get_time", "arguments": {'), forced
+
+
+def test_tool_turns_reach_a_template_without_tools_as_the_default_prompt(make_box):
+    from appliance.runner.prompt import chat_tokens
+    from appliance.tools import DEFAULT_PROMPT
+
+    box = tool_box(make_box, "")
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "tool_call_id": "call-1", "content": "12 C, rain"}]
+    from tests.fakes import FakeBackend
+
+    backend = FakeBackend(box.model_path, 1, 2048, 1)
+    backend.load()
+    text = bytes(t for t in chat_tokens(backend, messages, [WEATHER]) if t < 256).decode()
+    assert DEFAULT_PROMPT.split("\n")[0] in text and '"get_weather"' in text
+    assert CALL.replace("Oslo", "Oslo") in text and "<tool_response>\n12 C, rain\n</tool_response>" in text
+
+
+def test_a_template_that_renders_tools_gets_them_itself(make_box):
+    from appliance.runner.prompt import chat_tokens
+    from tests.fakes import FakeBackend
+
+    template = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
+                "{% for m in messages %}{{ m.role }}:{{ m.content }}\n{% endfor %}")
+    box = make_box(fake={"chat_template": template})
+    backend = FakeBackend(box.model_path, 1, 256, 1)
+    backend.load()
+    text = bytes(t for t in chat_tokens(backend, [{"role": "user", "content": "hi"}], [WEATHER]) if t < 256).decode()
+    assert text.startswith("TOOLS:get_weather;user:hi")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "launch"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"messages": [{"role": "tool", "content": "12 C"}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}, {"role": "user"}]}, "messages.1"),
+    ({"n": 0}, "n"),
+])
+def test_bad_tool_settings_are_a_400_naming_the_field(box, extra, param):
+    assert_openai_error(box.client.post(CHAT, json=chat_body(**extra)), 400, param=param)

@@ -19,6 +19,7 @@ from appliance.generation import Generation
 from appliance.pool import PooledModel
 from appliance.request import LoggedRequest
 from appliance.state import state
+from appliance.tools import CallStream, ToolCall, call_grammar, split_calls
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -47,9 +48,10 @@ def model_json(info: dict) -> dict:
 def chat_completions():
     req = parse_body(request.get_data(), ChatCompletionRequest)
     messages = [m.as_template_message() for m in req.messages]
-    _check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
+    tools = req.tool_list if req.calling else None  # tool_choice none: the model is not told of them
+    _check_prompt_size(sum(len(json.dumps(m["content"])) for m in messages) + len(json.dumps(tools or [])), "messages")
     model = _arrived(req, prompt=json.dumps(messages, ensure_ascii=False))
-    return _respond(req, model, messages=messages, prompt=None, chat=True)
+    return _respond(req, model, messages=messages, prompt=None, chat=True, tools=tools)
 
 
 @bp.post("/completions")
@@ -90,6 +92,17 @@ def _grammar(req) -> str | None:
     if req.grammar is not None and wants_json:
         raise InvalidRequest("send either grammar or a JSON response_format, not both", param="grammar",
                              code="invalid_value")
+    calling = getattr(req, "calling", None)
+    if calling not in (None, "auto"):
+        if req.grammar is not None or wants_json:
+            raise InvalidRequest("a required or named tool call is constrained already: leave out response_format "
+                                 "and grammar, or set tool_choice to auto", param="tool_choice", code="invalid_value")
+        only = None if calling == "required" else calling
+        try:
+            return grammar.lark_grammar(call_grammar(req.tool_list, only, req.parallel_tool_calls and only is None))
+        except grammar.GrammarError as exc:
+            raise InvalidRequest(f"tools: a parameters schema cannot be followed: {exc}", param="tools",
+                                 code="invalid_schema") from None
     param = "grammar" if req.grammar is not None else (
         "response_format.json_schema.schema" if wants_json and fmt.type == "json_schema" else "response_format.schema")
     try:
@@ -102,17 +115,17 @@ def _grammar(req) -> str | None:
         raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
 
 
-def _respond(req, model: PooledModel, messages, prompt, chat: bool):
+def _respond(req, model: PooledModel, messages, prompt, chat: bool, tools: list[dict] | None = None):
     pool, logged = state().models, g.logged_request
     generation = Generation(
         model.runner, model.admission, logged.started, logged.cancel, client=auth.client_id(),
         limits=auth.client_limits(), load=lambda: pool.load(model),
         priority=auth.request_priority(req.priority or request.headers.get("X-Priority"), model.admission.classes),
     )
-    generation.start(messages, prompt, _sampling_params(req, model))  # until it is admitted, errors are plain responses
+    generation.start(messages, prompt, _sampling_params(req, model), tools)  # until admitted, errors are plain responses
     pool.ask_keep_alive(model, req.keep_alive)
     logged.generation = generation
-    shape = _ChatShape(model.name) if chat else _CompletionShape(model.name)
+    shape = _ChatShape(model.name, tools) if chat else _CompletionShape(model.name)
     if req.stream:
         logged.streaming = True
         return Response(
@@ -148,10 +161,8 @@ class _Stream:
         yield sse(shape.first_delta())
         try:
             for output in generation.outputs():
-                if output.text:
-                    yield sse(shape.delta(output.text))
-                if output.finish_reason:
-                    yield sse(shape.delta("", output.finish_reason))
+                for event in shape.deltas(output.text, output.finish_reason):
+                    yield sse(event)
         except GenerationFailed as exc:  # headers are gone: report the failure in the stream
             logged.fail(exc)
         logged.finish()  # before the last events: a client that has read [DONE] finds its row finished
@@ -164,10 +175,15 @@ class _Stream:
 
 
 class _ChatShape:
+    """A chat answer in OpenAI's shape; with tools, the calls in its text become ``tool_calls``."""
+
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, tools: list[dict] | None = None):
         self.model, self.id, self.created = model, new_id("chatcmpl"), int(time.time())
+        self.tool_names = {t["function"]["name"] for t in tools or []}
+        self._calls = CallStream(self.tool_names) if tools else None
+        self._called = 0
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -176,20 +192,46 @@ class _ChatShape:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
-    def delta(self, text: str, finish_reason: str | None = None) -> dict:
-        choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
+    def delta(self, text: str, finish_reason: str | None = None, tool_calls: list[dict] | None = None) -> dict:
+        delta = {"content": text} if text else {}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
+
+    def deltas(self, text: str, finish_reason: str | None) -> list[dict]:
+        """The chunks of one piece of streamed text (and of the end, with ``finish_reason``)."""
+        calls: list[ToolCall] = []
+        if self._calls is not None:
+            text, calls = self._calls.push(text)
+            if finish_reason:
+                rest, more = self._calls.end()
+                text, calls = text + rest, calls + more
+        events = [self.delta(text)] if text else []
+        for call in calls:  # the name first, then the arguments, as OpenAI streams them
+            first = call.as_json(new_id("call")) | {"index": self._called}
+            first["function"] = {"name": call.name, "arguments": ""}
+            events += [self.delta("", tool_calls=[first]),
+                       self.delta("", tool_calls=[{"index": self._called, "function": {"arguments": call.arguments}}])]
+            self._called += 1
+        if finish_reason:
+            events.append(self.delta("", self._finish_reason(finish_reason, self._called)))
+        return events
+
+    @staticmethod
+    def _finish_reason(reason: str, calls: int) -> str:
+        return "tool_calls" if calls and reason == "stop" else reason
 
     def usage_only(self, result: Generation) -> dict:
         return self._base(self.chunk_object) | {"choices": [], "usage": usage_json(result.usage)}
 
     def complete(self, result: Generation) -> dict:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": result.response_text},
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
+        text, calls = split_calls(result.response_text, self.tool_names) if self.tool_names else (result.response_text, [])
+        message = {"role": "assistant", "content": text or None if calls else text}
+        if calls:
+            message["tool_calls"] = [call.as_json(new_id("call")) for call in calls]
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": self._finish_reason(result.finish_reason, len(calls))}
         return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}
 
 
@@ -203,7 +245,7 @@ class _CompletionShape(_ChatShape):
     def first_delta(self) -> dict:
         return self.delta("")
 
-    def delta(self, text: str, finish_reason: str | None = None) -> dict:
+    def delta(self, text: str, finish_reason: str | None = None, tool_calls=None) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 

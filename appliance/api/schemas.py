@@ -27,6 +27,14 @@ MAX_TOP_K = 1_000_000  # more than any vocabulary; the engines take a 32-bit int
 MAX_STOP_CHARS = 1000  # every generated token is matched against each stop string
 MAX_LOGIT_BIAS = 1024  # biased tokens per request (OpenAI takes 300)
 MAX_GRAMMAR_CHARS = 100_000
+MAX_TOOLS = 128
+
+
+class ToolError(InvalidRequest):
+    """A tools setting that cannot work: a 400 naming its field (raised while the body is validated)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}", param=param, code="invalid_value")
 
 
 class _Strict(BaseModel):
@@ -42,18 +50,75 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ToolCallFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
+
+
+class ToolCallMessage(_Strict):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     # "developer" is what newer OpenAI clients send instead of "system".
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="who wrote the message; tool and function messages are not supported"
-    )
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="who wrote the message; tool: the result of a tool call, naming it by tool_call_id")
+    content: Union[str, list[TextPart], None] = Field(None, description="the text; only an assistant message that "
+                                                      "holds tool_calls may leave it out")
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = Field(None, description="an assistant's earlier tool calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+    def model_post_init(self, __context) -> None:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages hold tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
 
     def as_template_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        text = self.content if isinstance(self.content, str) or self.content is None else "".join(
+            p.text for p in self.content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message = {"role": role, "content": text}
+        if self.tool_calls:
+            # Chat templates (Qwen's, Hermes') write arguments with tojson: they take an object, not JSON text.
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="what the model calls it by")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema of the arguments; none: any object")
+    strict: bool | None = Field(None, description="always followed when a call is required or named")
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Strict):
@@ -182,10 +247,40 @@ class _GenerationRequest(_Strict):
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may call")
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description="none: answer in text; auto (the default with tools): the model decides; required: "
+        "at least one call; a named function: a call of that one. Required and named calls are constrained to "
+        "the tool's parameters schema")
+    # Off unless asked, as llama-server has it: a small model allowed another call tends to repeat its call
+    # until max_tokens.
+    parallel_tool_calls: bool = Field(False, description="whether one answer may hold several calls (a named "
+                                      "tool_choice is always one call)")
 
     def model_post_init(self, __context) -> None:
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ToolError("tools", "two tools have the same name")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ToolError("tool_choice", f"names the tool {self.tool_choice.function.name!r}, which is not in "
+                            f"tools ({', '.join(names) or 'none given'})")
+        if self.tool_choice == "required" and not names:
+            raise ToolError("tool_choice", "is required, but no tools are given")
+
+    @property
+    def calling(self) -> str | None:
+        """How this request may call tools: None (it cannot), "auto", "required" or the one tool's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    @property
+    def tool_list(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class CompletionRequest(_GenerationRequest):

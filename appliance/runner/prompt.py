@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from appliance.backends.base import Backend
 from appliance.chat_template import ChatTemplateError, render_chat
+from appliance.tools import template_renders_tools, tools_as_text
 
 
-def chat_tokens(backend: Backend, messages: list[dict]) -> list[int]:
+def chat_tokens(backend: Backend, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     template, bos, eos = backend.chat_template()
-    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos)
+    if not template_renders_tools(template) and (tools or _holds_tool_turns(messages)):
+        messages, tools = tools_as_text(messages, tools), None
+    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos, tools=tools)
     tokens: list[int] = []
     for i, (text, is_content) in enumerate(_split_contents(rendered, messages)):
         tokens += backend.tokenize(text, add_special=i == 0, parse_special=not is_content)
     return _one_bos(backend, tokens)
+
+
+def _holds_tool_turns(messages: list[dict]) -> bool:
+    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 def completion_tokens(backend: Backend, prompt: str) -> list[int]:

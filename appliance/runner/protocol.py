@@ -29,6 +29,7 @@ class Submit:
     params: SamplingParams | EmbedParams  # a generation's sampling, or an embeddings request's inputs
     messages: list[dict] | None = None  # a chat: rendered with the model's template
     prompt: str | None = None  # a plain completion
+    tools: list[dict] | None = None  # a chat's tools, for its prompt (appliance.tools)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def prepare(backend: Backend, facts: ModelFacts, submit: msg.Submit,
     vocabulary)."""
     try:
         if submit.messages is not None:
-            tokens = chat_tokens(backend, submit.messages)
+            tokens = chat_tokens(backend, submit.messages, submit.tools)
         else:
             tokens = completion_tokens(backend, submit.prompt or "")
     except (ChatTemplateError, BackendError) as exc:

@@ -167,12 +167,13 @@ class ModelRunner:
             self._send(msg.ReleaseCache())
 
     # -- requests ------------------------------------------------------------
-    def submit(self, messages: list[dict] | None, prompt: str | None, params) -> RequestStream:
+    def submit(self, messages: list[dict] | None, prompt: str | None, params,
+               tools: list[dict] | None = None) -> RequestStream:
         stream = RequestStream(next(self._ids))
         with self._lock:
             self._streams[stream.id] = stream
         try:
-            self._send(msg.Submit(stream.id, params, messages=messages, prompt=prompt))
+            self._send(msg.Submit(stream.id, params, messages=messages, prompt=prompt, tools=tools))
         except BackendError:
             self._streams.pop(stream.id, None)
             raise
