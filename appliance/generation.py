@@ -37,6 +37,7 @@ class Generation:
     limits: tuple[int | None, int | None] = (None, None)  # the client's own requests and tokens per minute
     load: Callable[[], object] | None = None  # brings the model in (the pool's makes room first); None: the runner's
     text: list[str] = field(default_factory=list)
+    logprobs: list[msg.Logprob] = field(default_factory=list)  # one per token, when the request asked
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     ttft_ms: float | None = None
@@ -115,6 +116,7 @@ class Generation:
             self._first = time.perf_counter()
             self.ttft_ms = (self._first - self.started) * 1000
         self.text.append(output.text)
+        self.logprobs += output.logprobs
         self.usage.completion_tokens = output.completion_tokens
         if output.finish_reason:
             self.finish_reason = output.finish_reason

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.backends import register
-from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, TokenLogprob
 from appliance.runner.worker import serve
 
 SPECIALS = {"<|im_start|>": 256, "<|im_end|>": 257}
@@ -44,6 +44,7 @@ class FakeBackend(Backend):
         self.steps: list[list[Feed]] = []  # every step's feeds, for tests that look at the batching
         self._kv: dict[int, list[int]] = {}
         self._produced: dict[int, int] = {}
+        self._top: dict[int, int | None] = {}
 
     def load(self) -> ModelFacts:
         try:
@@ -84,6 +85,7 @@ class FakeBackend(Backend):
     def start_sequence(self, slot: int, keep: int, params: SamplingParams) -> None:
         self._kv[slot] = self._kv.get(slot, [])[:keep]
         self._produced[slot] = 0
+        self._top[slot] = params.logprobs
 
     def step(self, feeds: list[Feed], masks: dict | None = None) -> dict[int, int]:
         self.steps.append(feeds)
@@ -101,6 +103,9 @@ class FakeBackend(Backend):
                 token = self.reply[n] if n < len(self.reply) else EOS
                 out[feed.slot] = _allowed(token, masks.get(feed.slot)) if masks else token
                 self._produced[feed.slot] = n + 1
+        # Logprobs of a made-up distribution: the token it says, then the next byte up, then the next.
+        self.logprobs = {slot: TokenLogprob(token, -0.25, tuple((token + i, -0.25 - i) for i in range(self._top[slot])))
+                         for slot, token in out.items() if self._top.get(slot) is not None}
         return out
 
     def clear(self) -> None:

@@ -552,3 +552,36 @@ def test_a_template_that_renders_tools_gets_them_itself(make_box):
 ])
 def test_bad_tool_settings_are_a_400_naming_the_field(box, extra, param):
     assert_openai_error(box.client.post(CHAT, json=chat_body(**extra)), 400, param=param)
+
+
+# -- logprobs -------------------------------------------------------------------------------------------------
+def test_chat_logprobs_come_per_token_whole_and_streamed(box):
+    body = chat_body(logprobs=True, top_logprobs=2, max_tokens=5)
+    choice = box.client.post(CHAT, json=body).get_json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert [e["token"] for e in content] == list(REPLY[:5]) and content[0]["bytes"] == [ord(REPLY[0])]
+    assert [alt["token"] for alt in content[0]["top_logprobs"]] == [REPLY[0], chr(ord(REPLY[0]) + 1)]
+    assert content[0]["logprob"] == -0.25
+    events = sse_events(box.client.post(CHAT, json=body | {"stream": True}).get_data(as_text=True))
+    streamed = [e for event in events[1:-1] if event["choices"][0]["logprobs"]
+                for e in event["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    plain = box.client.post(CHAT, json=chat_body(max_tokens=5)).get_json()["choices"][0]
+    assert plain["logprobs"] is None
+
+
+def test_completion_logprobs_take_the_completions_form(box):
+    r = box.client.post(COMPLETIONS, json={"prompt": "Once", "max_tokens": 3, "logprobs": 1})
+    logprobs = r.get_json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == list(REPLY[:3]) and logprobs["text_offset"] == [0, 1, 2]
+    assert logprobs["token_logprobs"] == [-0.25] * 3 and logprobs["top_logprobs"][0] == {REPLY[0]: -0.25}
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+    (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (COMPLETIONS, {"logprobs": 6}, "logprobs"),
+])
+def test_logprobs_out_of_range_are_a_400_naming_the_field(box, path, extra, param):
+    body = chat_body(**extra) if path == CHAT else {"prompt": "Once", **extra}
+    assert_openai_error(box.client.post(path, json=body), 400, param=param)

@@ -18,6 +18,7 @@ from appliance.errors import GenerationFailed, InvalidRequest
 from appliance.generation import Generation
 from appliance.pool import PooledModel
 from appliance.request import LoggedRequest
+from appliance.runner import protocol as msg
 from appliance.state import state
 from appliance.tools import CallStream, ToolCall, call_grammar, split_calls
 
@@ -82,7 +83,7 @@ def _sampling_params(req, model: PooledModel) -> SamplingParams:
     options = state().models.sampling_defaults(model)
     options.update({name: getattr(req, name) for name in SAMPLING_DEFAULTS if getattr(req, name) is not None})
     return SamplingParams(max_tokens=req.max_tokens, seed=req.seed, stop=req.stop_list,
-                          logit_bias=req.logit_bias_pairs, grammar=_grammar(req), **options)
+                          logit_bias=req.logit_bias_pairs, grammar=_grammar(req), logprobs=req.logprobs_top, **options)
 
 
 def _grammar(req) -> str | None:
@@ -125,7 +126,8 @@ def _respond(req, model: PooledModel, messages, prompt, chat: bool, tools: list[
     generation.start(messages, prompt, _sampling_params(req, model), tools)  # until admitted, errors are plain responses
     pool.ask_keep_alive(model, req.keep_alive)
     logged.generation = generation
-    shape = _ChatShape(model.name, tools) if chat else _CompletionShape(model.name)
+    logprobs = req.logprobs_top is not None
+    shape = _ChatShape(model.name, logprobs, tools) if chat else _CompletionShape(model.name, logprobs)
     if req.stream:
         logged.streaming = True
         return Response(
@@ -161,7 +163,7 @@ class _Stream:
         yield sse(shape.first_delta())
         try:
             for output in generation.outputs():
-                for event in shape.deltas(output.text, output.finish_reason):
+                for event in shape.deltas(output):
                     yield sse(event)
         except GenerationFailed as exc:  # headers are gone: report the failure in the stream
             logged.fail(exc)
@@ -179,8 +181,9 @@ class _ChatShape:
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, tools: list[dict] | None = None):
+    def __init__(self, model: str, logprobs: bool = False, tools: list[dict] | None = None):
         self.model, self.id, self.created = model, new_id("chatcmpl"), int(time.time())
+        self.logprobs = logprobs
         self.tool_names = {t["function"]["name"] for t in tools or []}
         self._calls = CallStream(self.tool_names) if tools else None
         self._called = 0
@@ -192,22 +195,26 @@ class _ChatShape:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
-    def delta(self, text: str, finish_reason: str | None = None, tool_calls: list[dict] | None = None) -> dict:
+    def delta(self, text: str, finish_reason: str | None = None, tool_calls: list[dict] | None = None,
+              logprobs: tuple = ()) -> dict:
         delta = {"content": text} if text else {}
         if tool_calls:
             delta["tool_calls"] = tool_calls
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs_json(logprobs) if logprobs else None,
+                  "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
-    def deltas(self, text: str, finish_reason: str | None) -> list[dict]:
-        """The chunks of one piece of streamed text (and of the end, with ``finish_reason``)."""
+    def deltas(self, output: msg.Output) -> list[dict]:
+        """The chunks of one output of the runner: its text (with its tokens' logprobs), calls, and the end."""
+        text, finish_reason = output.text, output.finish_reason
+        logprobs = output.logprobs if self.logprobs else ()
         calls: list[ToolCall] = []
         if self._calls is not None:
             text, calls = self._calls.push(text)
             if finish_reason:
                 rest, more = self._calls.end()
                 text, calls = text + rest, calls + more
-        events = [self.delta(text)] if text else []
+        events = [self.delta(text, logprobs=logprobs)] if text or logprobs else []
         for call in calls:  # the name first, then the arguments, as OpenAI streams them
             first = call.as_json(new_id("call")) | {"index": self._called}
             first["function"] = {"name": call.name, "arguments": ""}
@@ -230,27 +237,51 @@ class _ChatShape:
         message = {"role": "assistant", "content": text or None if calls else text}
         if calls:
             message["tool_calls"] = [call.as_json(new_id("call")) for call in calls]
-        choice = {"index": 0, "message": message, "logprobs": None,
+        choice = {"index": 0, "message": message,
+                  "logprobs": self._logprobs_json(result.logprobs) if self.logprobs else None,
                   "finish_reason": self._finish_reason(result.finish_reason, len(calls))}
         return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}
+
+    @staticmethod
+    def _logprobs_json(entries) -> dict:
+        def token(data: bytes, logprob: float) -> dict:
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+        return {"content": [token(data, logprob) | {"top_logprobs": [token(*alt) for alt in top]}
+                            for data, logprob, top in entries], "refusal": None}
 
 
 class _CompletionShape(_ChatShape):
     object = chunk_object = "text_completion"
 
-    def __init__(self, model: str):
-        super().__init__(model)
+    def __init__(self, model: str, logprobs: bool = False):
+        super().__init__(model, logprobs)
         self.id = new_id("cmpl")
+        self._offset = 0  # characters of text before the next token, for text_offset
 
     def first_delta(self) -> dict:
         return self.delta("")
 
-    def delta(self, text: str, finish_reason: str | None = None, tool_calls=None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def delta(self, text: str, finish_reason: str | None = None, tool_calls=None, logprobs: tuple = ()) -> dict:
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs_json(logprobs) if logprobs else None,
+                  "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
+    def _logprobs_json(self, entries) -> dict:
+        """The completions API's form: parallel lists, and each token's place in the text."""
+        tokens = [data.decode("utf-8", errors="replace") for data, _, _ in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
+                "top_logprobs": [{data.decode("utf-8", errors="replace"): lp for data, lp in top} for _, _, top in entries],
+                "text_offset": offsets}
+
     def complete(self, result: Generation) -> dict:
-        choice = {"index": 0, "text": result.response_text, "logprobs": None, "finish_reason": result.finish_reason}
+        choice = {"index": 0, "text": result.response_text,
+                  "logprobs": self._logprobs_json(result.logprobs) if self.logprobs else None,
+                  "finish_reason": result.finish_reason}
         return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}
 
 

@@ -57,10 +57,11 @@ RESPONSE_SCHEMAS = {
             "choices": {"type": "array", "items": {
                 "type": "object", "required": ["index", "message", "finish_reason"],
                 "properties": {
-                    "index": {"type": "integer"}, "logprobs": {"type": "null"},
+                    "index": {"type": "integer"}, "logprobs": _nullable({"type": "object"}),
                     "finish_reason": _nullable({"type": "string"}),
                     "message": {"type": "object", "required": ["role", "content"],
-                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
+                                "properties": {"role": {"const": "assistant"}, "content": _nullable({"type": "string"}),
+                                               "tool_calls": {"type": "array", "items": {"type": "object"}}}},
                 },
             }},
         },
@@ -72,7 +73,8 @@ RESPONSE_SCHEMAS = {
             "model": {"type": "string"}, "usage": _ref("Usage"),
             "choices": {"type": "array", "items": {
                 "type": "object", "required": ["index", "text", "finish_reason"],
-                "properties": {"index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": "null"},
+                "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                               "logprobs": _nullable({"type": "object"}),
                                "finish_reason": _nullable({"type": "string"})},
             }},
         },

@@ -28,10 +28,11 @@ MAX_STOP_CHARS = 1000  # every generated token is matched against each stop stri
 MAX_LOGIT_BIAS = 1024  # biased tokens per request (OpenAI takes 300)
 MAX_GRAMMAR_CHARS = 100_000
 MAX_TOOLS = 128
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
-class ToolError(InvalidRequest):
-    """A tools setting that cannot work: a 400 naming its field (raised while the body is validated)."""
+class FieldError(InvalidRequest):
+    """Fields that do not work together: a 400 naming the field (raised while the body is validated)."""
 
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}", param=param, code="invalid_value")
@@ -256,18 +257,28 @@ class ChatCompletionRequest(_GenerationRequest):
     # until max_tokens.
     parallel_tool_calls: bool = Field(False, description="whether one answer may hold several calls (a named "
                                       "tool_choice is always one call)")
+    logprobs: bool = Field(False, description="give each answer token's log-probability under the model")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: also this "
+                                     "many likeliest tokens at each place")
 
     def model_post_init(self, __context) -> None:
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ToolError("tools", "two tools have the same name")
+            raise FieldError("tools", "two tools have the same name")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ToolError("tool_choice", f"names the tool {self.tool_choice.function.name!r}, which is not in "
+            raise FieldError("tool_choice", f"names the tool {self.tool_choice.function.name!r}, which is not in "
                             f"tools ({', '.join(names) or 'none given'})")
         if self.tool_choice == "required" and not names:
-            raise ToolError("tool_choice", "is required, but no tools are given")
+            raise FieldError("tool_choice", "is required, but no tools are given")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "needs logprobs: true")
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """None: no logprobs; n: each token's and the n likeliest."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def calling(self) -> str | None:
@@ -287,6 +298,12 @@ class CompletionRequest(_GenerationRequest):
     prompt: Union[str, list[str]] = Field(description="one prompt, or a list holding exactly one",
                                           json_schema_extra={"minLength": 1, "minItems": 1, "maxItems": 1,
                                                              "items": {"minLength": 1}})
+    logprobs: int | None = Field(None, ge=0, le=5, description="each token's log-probability and this many "
+                                 "likeliest tokens at each place (the completions API's form)")
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

@@ -46,11 +46,34 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 or less bans it
     grammar: str | None = None  # an llguidance grammar the output must follow (appliance.grammar)
+    logprobs: int | None = None  # None: none; n: each sampled token's log-probability and the n likeliest
 
     @property
     def penalizes(self) -> bool:
         return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
                                             or self.presence_penalty != 0.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (its raw logits: before penalties, biases and grammar
+    masks), and the likeliest tokens at that position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The log-softmax of one position's logits, for ``token`` and the ``top`` likeliest (largest first)."""
+    import numpy as np
+
+    shifted = logits.astype(np.float64) - float(np.max(logits))
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    top = min(top, len(log_probs))
+    best = np.argpartition(-log_probs, top - 1)[:top] if top > 0 else np.array([], dtype=np.int64)
+    best = best[np.argsort(-log_probs[best], kind="stable")]
+    return TokenLogprob(token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in best))
 
 
 BAN = -100.0  # a logit bias this low bans its token, as OpenAI's -100 does
@@ -108,6 +131,8 @@ class Backend(abc.ABC):
         self.threads = threads
         self.requested_context_length = context_length
         self.n_slots = n_slots
+        # Set by step for the sequences whose params ask for logprobs: the sampled token's, by slot.
+        self.logprobs: dict[int, TokenLogprob] = {}
 
     # -- lifecycle ---------------------------------------------------------
     @abc.abstractmethod

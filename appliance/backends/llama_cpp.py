@@ -18,7 +18,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _logger as llama_logger
 
-from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
+from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or,
+                                     token_logprob)
 from appliance.backends.embedding import EmbeddingBackend
 from appliance.grammar import apply_mask
 from models.formats import GGUF_FILE_TYPES
@@ -34,6 +35,7 @@ class LlamaCppBackend(Backend):
         self._model = self._ctx = self._vocab = None
         self._batch = None
         self._samplers: dict[int, ctypes.c_void_p] = {}
+        self._logprobs: dict[int, int | None] = {}  # by slot: how many top logprobs its sequence asks for
         self._piece = ctypes.create_string_buffer(256)
 
     # -- lifecycle ---------------------------------------------------------
@@ -149,14 +151,20 @@ class LlamaCppBackend(Backend):
         if old is not None:
             llama_cpp.llama_sampler_free(old)
         self._samplers[slot] = _sampler_chain(params, self._n_vocab, self.requested_context_length)
+        self._logprobs[slot] = params.logprobs
 
     def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         outputs = self._decode(feeds)
+        sampled, self.logprobs = {}, {}
         for slot, index in outputs:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+            raw = logits.copy() if self._logprobs.get(slot) is not None else None
             if masks and slot in masks:  # the sampler chain reads these very logits: masked in place
-                apply_mask(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index),
-                                                 shape=(self._n_vocab,)), masks[slot])
-        return {slot: llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index) for slot, index in outputs}
+                apply_mask(logits, masks[slot])
+            sampled[slot] = llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index)
+            if raw is not None:
+                self.logprobs[slot] = token_logprob(raw, sampled[slot], self._logprobs[slot])
+        return sampled
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)

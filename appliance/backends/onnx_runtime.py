@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or
+from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, TokenLogprob, banned_or,
+                                     token_logprob)
 from appliance.backends.hf_tokenizer import HfTokenizer
 from appliance.grammar import apply_mask
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
@@ -226,7 +227,9 @@ class OnnxRuntimeBackend(Backend):
             if len(feed.tokens) > 1:
                 last_logits[feed.slot] = self._prefill(feed)
         masks = masks or {}
-        return {f.slot: self._samplers[f.slot].sample(last_logits[f.slot], masks.get(f.slot)) for f in feeds if f.sample}
+        sampled = {f.slot: self._samplers[f.slot].sample(last_logits[f.slot], masks.get(f.slot)) for f in feeds if f.sample}
+        self.logprobs = {slot: self._samplers[slot].logprob for slot in sampled if self._samplers[slot].logprob}
+        return sampled
 
     def clear(self) -> None:
         self._caches.clear()
@@ -392,9 +395,10 @@ class SlotSampler:
         self.rng = np.random.default_rng(params.seed)  # no seed: numpy draws a fresh one from the OS
         self.last_n = context_length if params.repeat_last_n < 0 else params.repeat_last_n
         self.generated: list[int] = []
+        self.logprob: TokenLogprob | None = None  # of the last sampled token, when the params ask
 
     def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
-        params = self.params
+        params, raw = self.params, logits
         if params.logit_bias or params.penalizes or mask is not None:
             logits = logits.astype(np.float32, copy=True)
             if mask is not None:
@@ -405,6 +409,7 @@ class SlotSampler:
                 penalize(logits, self.generated[-self.last_n:], params)
         token = pick_token(logits, params, self.rng)
         self.generated.append(token)
+        self.logprob = token_logprob(raw, token, params.logprobs) if params.logprobs is not None else None
         return token
 
 

@@ -74,6 +74,10 @@ class Refused:
     param: str | None = None
 
 
+# A sampled token's bytes and log-probability, and the likeliest tokens' (bytes, log-probability) at its place.
+Logprob = tuple[bytes, float, tuple[tuple[bytes, float], ...]]
+
+
 @dataclass(frozen=True)
 class Output:
     """What one sequence produced in one step. ``finish_reason`` set: its last output, its slot is free."""
@@ -82,6 +86,7 @@ class Output:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    logprobs: tuple[Logprob, ...] = ()  # one per token sampled in this output, when the request asked
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams
+from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, TokenLogprob
 from appliance.backends.decoding import StopMatcher, Utf8Stream
 from appliance.chat_template import ChatTemplateError
 from appliance.grammar import Constraint, GrammarError, Grammars, grammars_for
@@ -139,7 +139,8 @@ class Scheduler:
         for output in outputs:
             held = self._outbox.get(output.id)
             if held is not None:
-                output = msg.Output(output.id, held.text + output.text, output.completion_tokens, output.finish_reason)
+                output = msg.Output(output.id, held.text + output.text, output.completion_tokens, output.finish_reason,
+                                    held.logprobs + output.logprobs)
             self._outbox[output.id] = output
             urgent |= output.finish_reason is not None or output.id not in self._streaming
         now = time.monotonic()
@@ -250,15 +251,16 @@ class Scheduler:
             if seq.next_token is None:
                 seq.fed += len(feed.tokens)
             if feed.slot in sampled:
-                output = self._on_token(slot, sampled[feed.slot])
+                output = self._on_token(slot, sampled[feed.slot], self.backend.logprobs.get(feed.slot))
                 if output is not None:
                     outputs.append(output)
         return outputs
 
-    def _on_token(self, slot: Slot, token: int) -> msg.Output | None:
+    def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None) -> msg.Output | None:
         seq = slot.seq
         if self.backend.is_end_of_generation(token):
             return self._finish(slot, _tail(seq), "stop")
+        entries = (self._logprob_entry(logprob),) if logprob else ()
         seq.generated += 1
         if seq.constraint is not None:
             try:
@@ -269,15 +271,19 @@ class Scheduler:
         if seq.stops.stopped:
             return self._finish(slot, text, "stop")
         if seq.constraint is not None and seq.constraint.complete:  # nothing may follow but the end
-            return self._finish(slot, text + _tail(seq), "stop")
+            return self._finish(slot, text + _tail(seq), "stop", entries)
         if seq.generated >= seq.params.max_tokens or len(slot.tokens) >= self.facts.context_length:
-            return self._finish(slot, text + _tail(seq), "length")
+            return self._finish(slot, text + _tail(seq), "length", entries)
         seq.next_token = token
-        return msg.Output(seq.id, text, seq.generated) if text else None
+        return msg.Output(seq.id, text, seq.generated, logprobs=entries) if text or entries else None
 
-    def _finish(self, slot: Slot, text: str, reason: str) -> msg.Output:
+    def _logprob_entry(self, logprob: TokenLogprob) -> msg.Logprob:
+        token_bytes = self.backend.token_bytes
+        return (token_bytes(logprob.token), logprob.logprob, tuple((token_bytes(t), lp) for t, lp in logprob.top))
+
+    def _finish(self, slot: Slot, text: str, reason: str, entries: tuple = ()) -> msg.Output:
         seq, slot.seq, slot.last_used = slot.seq, None, time.monotonic()
-        return msg.Output(seq.id, text, seq.generated, finish_reason=reason)
+        return msg.Output(seq.id, text, seq.generated, finish_reason=reason, logprobs=entries)
 
     def _fail(self, slot: Slot, message: str) -> None:
         seq, slot.seq = slot.seq, None
