@@ -107,6 +107,7 @@ class PooledModel:
     swapped_at: float = 0.0
     load_lock: threading.Lock = field(default_factory=threading.Lock)  # requests for it wait for one load
     _shape: ModelShape | None = None
+    _dimensions: int | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +119,13 @@ class PooledModel:
         if self._shape is None and self.entry.path is not None:
             self._shape = read_shape(self.entry.path, self.entry.format)
         return self._shape
+
+    @property
+    def dimensions(self) -> int | None:
+        """An embedding model's vector length, from its file's header (read once: a GGUF's vocabulary is long)."""
+        if self._dimensions is None:
+            self._dimensions = _dimensions(self.entry)
+        return self._dimensions
 
     @property
     def memory_mib(self) -> int:
@@ -314,7 +322,7 @@ class ModelPool:
             raise BackendError(str(exc)) from None
         if entry is not model.entry:
             model.entry = model.runner.entry = entry
-            model._shape = None  # its file exists now
+            model._shape = model._dimensions = None  # its file exists now
             self._record("convert", model, who, start, "ok", f"{entry.convert_from.name} -> {entry.path.name}")
 
     def _make_room(self, model: PooledModel, who: str, keep: tuple[PooledModel, ...] = ()) -> None:
@@ -633,7 +641,7 @@ class ModelPool:
         if info["context_length"] is None:  # not loaded: what it is set to get (the model's own may be less)
             info["context_length"] = model.options["context_length"]
         if model.entry.kind == EMBEDDING:  # the vector length: the engine's once loaded, else its file's
-            info.setdefault("dimensions", _dimensions(model.entry))
+            info["dimensions"] = info.get("dimensions") or model.dimensions
             info.pop("sampling_defaults")
         if internals:
             info.update(estimated_memory_mib=model.memory_mib, in_use=model.in_use, keep_alive=model.keep_alive,

@@ -140,9 +140,10 @@ def test_the_converted_gguf_is_cached_and_verified(embedding_service):
 
 
 # -- the converter against the fp32 model --------------------------------------------------------------------
-def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path):
-    """GGUF (F16) through llama.cpp against the fp32 safetensors in transformers with mean pooling: the same
-    tokens, and cosine >= 0.999 for every sentence."""
+@pytest.mark.parametrize("out_type", ["F32", "F16"])
+def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path, out_type):
+    """GGUF (the bundled F32, and F16) through llama.cpp against the fp32 safetensors in transformers with mean
+    pooling: the same tokens, and cosine >= 0.999 for every sentence."""
     import zipfile
 
     import numpy as np
@@ -155,7 +156,7 @@ def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path):
     source = bundled_embedding.source_zip()
     folder = tmp_path / "hf"
     zipfile.ZipFile(source).extractall(folder)
-    gguf = convert(source, tmp_path / "minilm.gguf")
+    gguf = convert(source, tmp_path / "minilm.gguf", out_type=out_type)
     engine = create_embedder("gguf", gguf, threads=2, context_length=512)
     engine.load()
     try:
@@ -171,3 +172,33 @@ def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path):
         mask = batch["attention_mask"].unsqueeze(-1).float()
         reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
     assert (ours * reference).sum(axis=1).min() >= 0.999
+
+
+# -- the pipeline's package --------------------------------------------------------------------------------
+def test_the_pipeline_exports_an_int8_package_that_the_box_serves(tmp_path):
+    """distill.export_embedding: Q8_0 GGUF, manifest of kind embedding, a report against fp32 that meets the goal;
+    a box whose default model is that package serves it at /v1/embeddings and still finds a chat model."""
+    import json
+
+    import requests
+
+    from distill.export_embedding import export
+    from models.catalog import find_model, verify_model
+    from models.manifest import read_manifest
+
+    folder = export(bundled_embedding.source_zip(), tmp_path / "pkg", "minilm-q8", "Q8_0")
+    manifest = read_manifest(folder)
+    assert manifest.kind == "embedding" and manifest.quantization == "Q8_0" and manifest.architecture == "bert"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["pairs"] >= 200 and report["spearman_vs_fp32"] >= 0.99 and report["meets_goal"], report
+    entry = find_model(str(folder))
+    assert entry.kind == "embedding" and verify_model(entry)[0]
+    svc = start_service(tmp_path / "home", extra_env={"APPLIANCE_MODEL": str(folder)})
+    try:
+        r = requests.post(svc.url + "/v1/embeddings", json={"input": ["one", "two"]}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "minilm-q8" and len(r.json()["data"][0]["embedding"]) == 384
+        chat = requests.post(svc.url + "/v1/chat/completions", timeout=120,
+                             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["model"] == "smollm2-135m-instruct"
+    finally:
+        svc.stop()

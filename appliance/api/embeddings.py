@@ -82,7 +82,8 @@ def embeddings():
     _check_sizes(inputs)
     model = state().models.get(req.model, kind=EMBEDDING)
     g.logged_request.describe(model.name, json.dumps(req.input, ensure_ascii=False), stream=False)
-    _check_dimensions(req.dimensions, state().models.describe(model).get("dimensions"), model.name)
+    if req.dimensions is not None:
+        _check_dimensions(req.dimensions, state().models.describe(model).get("dimensions"), model.name)
     vectors = _run(req, model, inputs)
     _check_dimensions(req.dimensions, vectors.dimensions, model.name)  # where only the loaded engine knew it
     return jsonify(response_json(model.name, vectors, len(inputs), req.encoding_format, g.logged_request.generation))
