@@ -71,8 +71,9 @@ class Ticket:
     """One request's place: waiting, then holding a slot until released."""
 
     def __init__(self, admission: Admission, cls: PriorityClass, client: str, seq: int,
-                 limits: tuple[int | None, int | None] = (None, None)):
+                 limits: tuple[int | None, int | None] = (None, None), size: int = 1):
         self.admission, self.cls, self.client, self.seq = admission, cls, client, seq
+        self.size = size  # slots it holds at once: a request's n choices
         self.limits = limits  # the client's own buckets, should they be rebuilt before it is released
         self.arrived = admission.clock()
         self.started: float | None = None  # when it got its slot
@@ -120,11 +121,11 @@ class ClientBuckets:
                 raise TooManyRequests(f"rate limit: {tokens.capacity:.0f} generated tokens per minute per client",
                                       code="rate_limit_tokens", retry_after=tokens.seconds_until(1))
 
-    def take_request(self, client: str, limits: tuple[int | None, int | None]) -> None:
+    def take_request(self, client: str, limits: tuple[int | None, int | None], count: int = 1) -> None:
         with self._lock:
             requests, _ = self._pair(client, limits)
             if requests is not None:
-                requests.level -= 1
+                requests.level -= count
 
     def spend_tokens(self, client: str, limits: tuple[int | None, int | None], count: int) -> None:
         with self._lock:
@@ -153,9 +154,14 @@ class Admission:
         self._holds = deque(maxlen=HOLDS_KEPT)  # seconds each recent request held its slot
 
     # -- admission -----------------------------------------------------------
-    def admit(self, client: str, class_name: str | None, limits: tuple[int | None, int | None] = (None, None)) -> Ticket:
-        """``limits``: the client's own (requests, tokens) per minute, e.g. its key's; None: the service's."""
+    def admit(self, client: str, class_name: str | None, limits: tuple[int | None, int | None] = (None, None),
+              size: int = 1) -> Ticket:
+        """``limits``: the client's own (requests, tokens) per minute, e.g. its key's; None: the service's. ``size``:
+        the slots it needs at once (n choices), each counted as a request in the client's bucket."""
         cls = self._class(class_name)
+        if size > self.slots:
+            raise InvalidRequest(f"n={size} needs {size} slots at once; this model has {self.slots} (its parallel "
+                                 "setting): send a smaller n, or several requests", param="n", code="invalid_value")
         with self._cond:
             self.buckets.check(client, limits)
             if len(self._waiting) >= self.queue_size and self._running >= self.slots:
@@ -168,9 +174,9 @@ class Admission:
                 raise TooManyRequests(f"priority class {cls.name!r} already has its {cls.max_concurrency} requests "
                                       "in flight; retry later", code="class_busy", retry_after=self._seconds_per_start())
             self._check_deadline(cls)
-            self.buckets.take_request(client, limits)
+            self.buckets.take_request(client, limits, size)
             self._per_class[cls.name] += 1
-            ticket = Ticket(self, cls, client, next(self._seq), limits)
+            ticket = Ticket(self, cls, client, next(self._seq), limits, size)
             self._waiting.append(ticket)
             return ticket
 
@@ -218,14 +224,14 @@ class Admission:
                 # Woken when it may be its turn (_wake_next); the timeout re-checks cancellation and the deadline.
                 ticket.turn.wait(WAIT_CHECK)
             self._waiting.remove(ticket)
-            self._running += 1
+            self._running += ticket.size
             ticket.running = True
             ticket.started = self.clock()
             self._waits.append(ticket.started - ticket.arrived)
             self._wake_next()
 
     def _my_turn(self, ticket: Ticket) -> bool:
-        if self._running >= self.slots:
+        if self._running + ticket.size > self.slots:
             return False
         now = self.clock()
         best = max(self._waiting, key=lambda t: (t.effective_priority(now), -t.seq))
@@ -250,7 +256,7 @@ class Admission:
                 return
             ticket.done = True
             if ticket.running:
-                self._running -= 1
+                self._running -= ticket.size
                 self._holds.append(self.clock() - ticket.started)
             else:
                 self._waiting.remove(ticket)

@@ -9,6 +9,7 @@ frees the slot and the power manager's count however the generation ends.
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from collections.abc import Iterator
@@ -27,6 +28,20 @@ CANCEL_GRACE = 30  # seconds the runner gets to confirm a cancel before the requ
 
 
 @dataclass
+class Choice:
+    """One of a generation's answers (a request with n > 1 has n, sharing its prompt)."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[msg.Logprob] = field(default_factory=list)  # one per token, when the request asked
+    finish_reason: str | None = None
+    tokens: int = 0
+
+    @property
+    def response_text(self) -> str:
+        return "".join(self.text)
+
+
+@dataclass
 class Generation:
     runner: ModelRunner
     admission: Admission
@@ -36,10 +51,9 @@ class Generation:
     priority: str | None
     limits: tuple[int | None, int | None] = (None, None)  # the client's own requests and tokens per minute
     load: Callable[[], object] | None = None  # brings the model in (the pool's makes room first); None: the runner's
-    text: list[str] = field(default_factory=list)
-    logprobs: list[msg.Logprob] = field(default_factory=list)  # one per token, when the request asked
+    choices: list[Choice] = field(default_factory=lambda: [Choice()])
     usage: Usage = field(default_factory=Usage)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # set when every choice has finished (or the generation was cancelled)
     ttft_ms: float | None = None
     _first: float | None = None
     _ended: float | None = None
@@ -51,8 +65,10 @@ class Generation:
     def start(self, messages: list[dict] | None, prompt: str | None, params: SamplingParams,
               tools: list[dict] | None = None) -> None:
         """Queue, wake, load and submit; raises an APIError (the caller's error handler answers it)."""
+        n = getattr(params, "n", 1)
+        self.choices = [Choice() for _ in range(n)]
         try:
-            self._ticket = self.admission.admit(self.client, self.priority, self.limits)
+            self._ticket = self.admission.admit(self.client, self.priority, self.limits, size=n)
             self._using = True
             self.runner.begin_use()
             self._ticket.wait(self.cancel)
@@ -100,7 +116,7 @@ class Generation:
                 raise _failure(event)
             self._record(event)
             yield event
-            if event.finish_reason:
+            if self.finish_reason:
                 return
             cancel_sent = cancel_sent or self._cancel_if_gone()
 
@@ -115,11 +131,14 @@ class Generation:
         if self._first is None:
             self._first = time.perf_counter()
             self.ttft_ms = (self._first - self.started) * 1000
-        self.text.append(output.text)
-        self.logprobs += output.logprobs
-        self.usage.completion_tokens = output.completion_tokens
-        if output.finish_reason:
-            self.finish_reason = output.finish_reason
+        choice = self.choices[output.index]
+        choice.text.append(output.text)
+        choice.logprobs += output.logprobs
+        choice.tokens = output.completion_tokens
+        choice.finish_reason = output.finish_reason or choice.finish_reason
+        self.usage.completion_tokens = sum(c.tokens for c in self.choices)
+        if all(c.finish_reason for c in self.choices):
+            self.finish_reason = self.choices[0].finish_reason
 
     def run_to_end(self) -> None:
         """Consume the whole generation (non-streamed requests); a cancelled one raises with the cancel's status."""
@@ -172,7 +191,10 @@ class Generation:
 
     @property
     def response_text(self) -> str:
-        return "".join(self.text)
+        """What the log keeps: the answer, or with n > 1 the answers as a JSON list."""
+        if len(self.choices) == 1:
+            return self.choices[0].response_text
+        return json.dumps([c.response_text for c in self.choices], ensure_ascii=False)
 
 
 def _failure(event: msg.Failed | RunnerCrashed) -> GenerationFailed:

@@ -42,6 +42,7 @@ class FakeBackend(Backend):
         super().__init__(model_path, threads, context_length, n_slots)
         self.config: dict = {}
         self.steps: list[list[Feed]] = []  # every step's feeds, for tests that look at the batching
+        self.copies: list[tuple[int, int]] = []  # (source, target) of every KV copy, for tests of n > 1
         self._kv: dict[int, list[int]] = {}
         self._produced: dict[int, int] = {}
         self._top: dict[int, int | None] = {}
@@ -98,11 +99,11 @@ class FakeBackend(Backend):
             kv += feed.tokens
             if self.config.get("fail_on") and self.config["fail_on"].encode() in bytes(t for t in kv if t < 256):
                 raise BackendError("the fake engine was told to fail on this prompt")
-            if feed.sample:
-                n = self._produced[feed.slot]
+            for slot in (feed.slot, *feed.also) if feed.sample else ():
+                n = self._produced[slot]
                 token = self.reply[n] if n < len(self.reply) else EOS
-                out[feed.slot] = _allowed(token, masks.get(feed.slot)) if masks else token
-                self._produced[feed.slot] = n + 1
+                out[slot] = _allowed(token, masks.get(slot)) if masks and slot in masks else token
+                self._produced[slot] = n + 1
         # Logprobs of a made-up distribution: the token it says, then the next byte up, then the next.
         self.logprobs = {slot: TokenLogprob(token, -0.25, tuple((token + i, -0.25 - i) for i in range(self._top[slot])))
                          for slot, token in out.items() if self._top.get(slot) is not None}
@@ -110,6 +111,10 @@ class FakeBackend(Backend):
 
     def clear(self) -> None:
         self._kv.clear()
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        self._kv[target] = list(self._kv.get(source, []))
+        self.copies.append((source, target))
 
 
 def _allowed(token: int, mask) -> int:

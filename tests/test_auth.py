@@ -300,7 +300,7 @@ def test_a_keys_priority_class_and_id_reach_the_queue(make_box):
     batch = create_key(box.settings.home, "user", "--priority", "batch", "--name", "nightly")
     admitted = []
     admit = box.admission.admit
-    box.admission.admit = lambda client, cls, limits: admitted.append((client, cls)) or admit(client, cls, limits)
+    box.admission.admit = lambda client, cls, limits, size=1: admitted.append((client, cls)) or admit(client, cls, limits, size)
     other = create_key(box.settings.home, "user")
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(batch)).status_code == 200
     assert admitted[-1] == (f"key:{key_id(batch)}", "batch")
@@ -356,7 +356,7 @@ def test_a_key_may_ask_for_a_lower_class(make_box):
     key = create_key(box.settings.home, "user", "--priority", "interactive")
     admitted = []
     admit = box.admission.admit
-    box.admission.admit = lambda client, cls, limits: admitted.append(cls) or admit(client, cls, limits)
+    box.admission.admit = lambda client, cls, limits, size=1: admitted.append(cls) or admit(client, cls, limits, size)
     assert box.client.post(CHAT, json=chat_body(priority="batch"), headers=bearer(key)).status_code == 200
     assert box.client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code == 200
     assert admitted == ["batch", "interactive"]

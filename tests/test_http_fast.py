@@ -84,7 +84,7 @@ BAD_BODIES = [
     (json.dumps(chat_body(frobnicate=1)).encode(), "unknown_parameter", "frobnicate"),
     (json.dumps({"messages": []}).encode(), "invalid_value", "messages"),
     (json.dumps({"max_tokens": 3}).encode(), "missing_field", "messages"),
-    (json.dumps(chat_body(n=2)).encode(), "invalid_value", "n"),
+    (json.dumps(chat_body(n=17)).encode(), "invalid_value", "n"),
     (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), "invalid_value", None),
     (json.dumps(chat_body(seed=2**32)).encode(), "invalid_value", "seed"),
     (b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "invalid_json", None),
@@ -585,3 +585,34 @@ def test_completion_logprobs_take_the_completions_form(box):
 def test_logprobs_out_of_range_are_a_400_naming_the_field(box, path, extra, param):
     body = chat_body(**extra) if path == CHAT else {"prompt": "Once", **extra}
     assert_openai_error(box.client.post(path, json=body), 400, param=param)
+
+
+# -- n choices ------------------------------------------------------------------------------------------------
+def test_n_choices_share_one_prefill_and_each_comes_back(make_box):
+    box = make_box(parallel=4)
+    r = box.client.post(CHAT, json=chat_body(n=3, max_tokens=5))
+    body = r.get_json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert {c["message"]["content"] for c in body["choices"]} == {REPLY[:5]}
+    assert body["usage"]["completion_tokens"] == 15
+    assert json.loads(box.last_row()["response"]) == [REPLY[:5]] * 3
+    info = box.client.get("/api/models").get_json()["data"][0]
+    assert info["prefilled_tokens"] == body["usage"]["prompt_tokens"], info  # one prefill, not three
+
+
+def test_n_choices_stream_each_with_its_index_and_its_end(make_box):
+    box = make_box(parallel=4)
+    events = sse_events(box.client.post(CHAT, json=chat_body(n=2, stream=True)).get_data(as_text=True))
+    assert [c["index"] for c in events[0]["choices"]] == [0, 1]
+    texts, ends = {0: "", 1: ""}, {}
+    for event in events[1:-1]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            ends[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: REPLY, 1: REPLY} and ends == {0: "stop", 1: "stop"}
+
+
+def test_n_past_the_models_slots_is_a_400_naming_n(box):
+    error = assert_openai_error(box.client.post(CHAT, json=chat_body(n=3)), 400, param="n")  # the box has 2 slots
+    assert "parallel" in error["message"]

@@ -82,3 +82,22 @@ def test_greedy_logprobs_batched_match_a_solo_run_and_the_top_one_is_the_chosen_
     # greedy tokens stay the same, their log-probabilities moved by up to 0.12 here (llama.cpp: within 2e-3).
     tolerance = 2e-3 if service.backend == "llama.cpp" else 0.2
     assert [e["logprob"] for e in batched] == pytest.approx([e["logprob"] for e in solo], abs=tolerance)
+
+
+def test_n_choices_at_temperature_1_come_from_one_prefill(service):
+    def prefilled() -> int:
+        models = requests.get(service.url + "/api/models", timeout=10).json()["data"]
+        return next(m for m in models if m["loaded"])["prefilled_tokens"]
+
+    body = {"messages": [{"role": "user", "content": "Invent a name for a cat."}], "n": 3, "temperature": 1.0,
+            "max_tokens": 16, "seed": 5}
+    before = prefilled()
+    r = requests.post(service.url + "/v1/chat/completions", timeout=120, json=body)
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in reply["choices"]]
+    assert all(texts) and len(set(texts)) > 1, texts  # each choice samples on its own
+    assert prefilled() - before == reply["usage"]["prompt_tokens"]  # the prompt was computed once, not three times
+    again = requests.post(service.url + "/v1/chat/completions", timeout=120, json=body).json()
+    assert [c["message"]["content"] for c in again["choices"]] == texts  # seeded: the same three again

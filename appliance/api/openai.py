@@ -15,7 +15,7 @@ from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, pars
 from appliance.backends.base import SamplingParams, Usage
 from appliance.config import SAMPLING_DEFAULTS
 from appliance.errors import GenerationFailed, InvalidRequest
-from appliance.generation import Generation
+from appliance.generation import Choice, Generation
 from appliance.pool import PooledModel
 from appliance.request import LoggedRequest
 from appliance.runner import protocol as msg
@@ -83,7 +83,8 @@ def _sampling_params(req, model: PooledModel) -> SamplingParams:
     options = state().models.sampling_defaults(model)
     options.update({name: getattr(req, name) for name in SAMPLING_DEFAULTS if getattr(req, name) is not None})
     return SamplingParams(max_tokens=req.max_tokens, seed=req.seed, stop=req.stop_list,
-                          logit_bias=req.logit_bias_pairs, grammar=_grammar(req), logprobs=req.logprobs_top, **options)
+                          logit_bias=req.logit_bias_pairs, grammar=_grammar(req), logprobs=req.logprobs_top, n=req.n,
+                          **options)
 
 
 def _grammar(req) -> str | None:
@@ -127,7 +128,7 @@ def _respond(req, model: PooledModel, messages, prompt, chat: bool, tools: list[
     pool.ask_keep_alive(model, req.keep_alive)
     logged.generation = generation
     logprobs = req.logprobs_top is not None
-    shape = _ChatShape(model.name, logprobs, tools) if chat else _CompletionShape(model.name, logprobs)
+    shape = _ChatShape(model.name, logprobs, tools, req.n) if chat else _CompletionShape(model.name, logprobs, req.n)
     if req.stream:
         logged.streaming = True
         return Response(
@@ -177,52 +178,54 @@ class _Stream:
 
 
 class _ChatShape:
-    """A chat answer in OpenAI's shape; with tools, the calls in its text become ``tool_calls``."""
+    """A chat answer in OpenAI's shape, with a choice per sequence (n); with tools, the calls in a choice's text
+    become its ``tool_calls``."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, logprobs: bool = False, tools: list[dict] | None = None):
+    def __init__(self, model: str, logprobs: bool = False, tools: list[dict] | None = None, n: int = 1):
         self.model, self.id, self.created = model, new_id("chatcmpl"), int(time.time())
-        self.logprobs = logprobs
+        self.logprobs, self.n = logprobs, n
         self.tool_names = {t["function"]["name"] for t in tools or []}
-        self._calls = CallStream(self.tool_names) if tools else None
-        self._called = 0
+        self._calls = [CallStream(self.tool_names) for _ in range(n)] if tools else None
+        self._called = [0] * n  # calls streamed so far, by choice
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def first_delta(self) -> dict:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self._base(self.chunk_object) | {"choices": [choice]}
+        choices = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(self.n)]
+        return self._base(self.chunk_object) | {"choices": choices}
 
     def delta(self, text: str, finish_reason: str | None = None, tool_calls: list[dict] | None = None,
-              logprobs: tuple = ()) -> dict:
+              logprobs: tuple = (), index: int = 0) -> dict:
         delta = {"content": text} if text else {}
         if tool_calls:
             delta["tool_calls"] = tool_calls
-        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs_json(logprobs) if logprobs else None,
+        choice = {"index": index, "delta": delta, "logprobs": self._logprobs_json(logprobs, index) if logprobs else None,
                   "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
     def deltas(self, output: msg.Output) -> list[dict]:
         """The chunks of one output of the runner: its text (with its tokens' logprobs), calls, and the end."""
-        text, finish_reason = output.text, output.finish_reason
+        text, finish_reason, i = output.text, output.finish_reason, output.index
         logprobs = output.logprobs if self.logprobs else ()
         calls: list[ToolCall] = []
         if self._calls is not None:
-            text, calls = self._calls.push(text)
+            text, calls = self._calls[i].push(text)
             if finish_reason:
-                rest, more = self._calls.end()
+                rest, more = self._calls[i].end()
                 text, calls = text + rest, calls + more
-        events = [self.delta(text, logprobs=logprobs)] if text or logprobs else []
+        events = [self.delta(text, logprobs=logprobs, index=i)] if text or logprobs else []
         for call in calls:  # the name first, then the arguments, as OpenAI streams them
-            first = call.as_json(new_id("call")) | {"index": self._called}
+            first = call.as_json(new_id("call")) | {"index": self._called[i]}
             first["function"] = {"name": call.name, "arguments": ""}
-            events += [self.delta("", tool_calls=[first]),
-                       self.delta("", tool_calls=[{"index": self._called, "function": {"arguments": call.arguments}}])]
-            self._called += 1
+            rest = {"index": self._called[i], "function": {"arguments": call.arguments}}
+            events += [self.delta("", tool_calls=[first], index=i), self.delta("", tool_calls=[rest], index=i)]
+            self._called[i] += 1
         if finish_reason:
-            events.append(self.delta("", self._finish_reason(finish_reason, self._called)))
+            events.append(self.delta("", self._finish_reason(finish_reason, self._called[i]), index=i))
         return events
 
     @staticmethod
@@ -233,17 +236,20 @@ class _ChatShape:
         return self._base(self.chunk_object) | {"choices": [], "usage": usage_json(result.usage)}
 
     def complete(self, result: Generation) -> dict:
-        text, calls = split_calls(result.response_text, self.tool_names) if self.tool_names else (result.response_text, [])
+        choices = [self._choice(i, c) for i, c in enumerate(result.choices)]
+        return self._base(self.object) | {"choices": choices, "usage": usage_json(result.usage)}
+
+    def _choice(self, index: int, choice: Choice) -> dict:
+        text = choice.response_text
+        text, calls = split_calls(text, self.tool_names) if self.tool_names else (text, [])
         message = {"role": "assistant", "content": text or None if calls else text}
         if calls:
             message["tool_calls"] = [call.as_json(new_id("call")) for call in calls]
-        choice = {"index": 0, "message": message,
-                  "logprobs": self._logprobs_json(result.logprobs) if self.logprobs else None,
-                  "finish_reason": self._finish_reason(result.finish_reason, len(calls))}
-        return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}
+        return {"index": index, "message": message,
+                "logprobs": self._logprobs_json(choice.logprobs, index) if self.logprobs else None,
+                "finish_reason": self._finish_reason(choice.finish_reason, len(calls))}
 
-    @staticmethod
-    def _logprobs_json(entries) -> dict:
+    def _logprobs_json(self, entries, index: int) -> dict:
         def token(data: bytes, logprob: float) -> dict:
             return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
 
@@ -254,35 +260,35 @@ class _ChatShape:
 class _CompletionShape(_ChatShape):
     object = chunk_object = "text_completion"
 
-    def __init__(self, model: str, logprobs: bool = False):
-        super().__init__(model, logprobs)
+    def __init__(self, model: str, logprobs: bool = False, n: int = 1):
+        super().__init__(model, logprobs, n=n)
         self.id = new_id("cmpl")
-        self._offset = 0  # characters of text before the next token, for text_offset
+        self._offsets = [0] * n  # by choice: characters of text before its next token, for text_offset
 
     def first_delta(self) -> dict:
-        return self.delta("")
+        return self._base(self.chunk_object) | {"choices": [self.delta("", index=i)["choices"][0] for i in range(self.n)]}
 
-    def delta(self, text: str, finish_reason: str | None = None, tool_calls=None, logprobs: tuple = ()) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs_json(logprobs) if logprobs else None,
+    def delta(self, text: str, finish_reason: str | None = None, tool_calls=None, logprobs: tuple = (),
+              index: int = 0) -> dict:
+        choice = {"index": index, "text": text, "logprobs": self._logprobs_json(logprobs, index) if logprobs else None,
                   "finish_reason": finish_reason}
         return self._base(self.chunk_object) | {"choices": [choice]}
 
-    def _logprobs_json(self, entries) -> dict:
-        """The completions API's form: parallel lists, and each token's place in the text."""
+    def _logprobs_json(self, entries, index: int) -> dict:
+        """The completions API's form: parallel lists, and each token's place in the choice's text."""
         tokens = [data.decode("utf-8", errors="replace") for data, _, _ in entries]
         offsets = []
         for text in tokens:
-            offsets.append(self._offset)
-            self._offset += len(text)
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(text)
         return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
                 "top_logprobs": [{data.decode("utf-8", errors="replace"): lp for data, lp in top} for _, _, top in entries],
                 "text_offset": offsets}
 
-    def complete(self, result: Generation) -> dict:
-        choice = {"index": 0, "text": result.response_text,
-                  "logprobs": self._logprobs_json(result.logprobs) if self.logprobs else None,
-                  "finish_reason": result.finish_reason}
-        return self._base(self.object) | {"choices": [choice], "usage": usage_json(result.usage)}
+    def _choice(self, index: int, choice: Choice) -> dict:
+        return {"index": index, "text": choice.response_text,
+                "logprobs": self._logprobs_json(choice.logprobs, index) if self.logprobs else None,
+                "finish_reason": choice.finish_reason}
 
 
 def new_id(prefix: str) -> str:

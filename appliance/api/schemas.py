@@ -28,6 +28,7 @@ MAX_STOP_CHARS = 1000  # every generated token is matched against each stop stri
 MAX_LOGIT_BIAS = 1024  # biased tokens per request (OpenAI takes 300)
 MAX_GRAMMAR_CHARS = 100_000
 MAX_TOOLS = 128
+MAX_N = 16
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
@@ -154,7 +155,8 @@ class _GenerationRequest(_Strict):
                                                                  "items": {"maxLength": MAX_STOP_CHARS}})
     seed: int | None = Field(None, description=f"same seed + same request = same output; 0 to {MAX_SEED}",
                              json_schema_extra={"minimum": 0, "maximum": MAX_SEED})
-    n: int = Field(1, description="only 1 is supported", json_schema_extra={"const": 1})
+    n: int = Field(1, ge=1, le=MAX_N, description="choices: answers sampled from one prefill of the prompt, each "
+                   "holding a slot (at most the model's parallel setting)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -207,13 +209,6 @@ class _GenerationRequest(_Strict):
         if value is not None and not 0 <= value <= MAX_SEED:
             raise ValueError(f"must be an integer from 0 to {MAX_SEED}: the engines take a 32-bit seed "
                              f"({MAX_SEED + 1} means random there), and a larger one would be cut to another seed")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, value):
-        if value != 1:
-            raise ValueError("only n=1 is supported: send several requests for several completions")
         return value
 
     @field_validator("logit_bias")

@@ -47,6 +47,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 or less bans it
     grammar: str | None = None  # an llguidance grammar the output must follow (appliance.grammar)
     logprobs: int | None = None  # None: none; n: each sampled token's log-probability and the n likeliest
+    n: int = 1  # choices: sequences that share the prompt's KV cache, each sampled on its own
 
     @property
     def penalizes(self) -> bool:
@@ -103,6 +104,9 @@ class Feed:
     tokens: list[int]
     pos: int
     sample: bool  # sample the token after the last one (a prompt's last chunk, or a generating sequence)
+    # More slots that sample their own first token from the same logits: the other choices of a request with n > 1,
+    # which share this prompt (the scheduler copies its KV cache to them after the step).
+    also: tuple[int, ...] = ()
 
 
 @dataclass
@@ -178,6 +182,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def clear(self) -> None:
         """Drop the whole KV cache (the model stays loaded)."""
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Make slot ``target``'s KV cache a copy of slot ``source``'s (a prompt prefilled once for n choices)."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} backend cannot share a prompt between "
+                                  "sequences: send n=1")
 
     # -- scoring (reports and benches, never while requests run) -----------------
     def logits(self, tokens: list[int]) -> np.ndarray:

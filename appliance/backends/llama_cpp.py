@@ -156,18 +156,31 @@ class LlamaCppBackend(Backend):
     def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         outputs = self._decode(feeds)
         sampled, self.logprobs = {}, {}
+        also = {f.slot: f.also for f in feeds if f.also}
         for slot, index in outputs:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-            raw = logits.copy() if self._logprobs.get(slot) is not None else None
-            if masks and slot in masks:  # the sampler chain reads these very logits: masked in place
-                apply_mask(logits, masks[slot])
-            sampled[slot] = llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index)
-            if raw is not None:
-                self.logprobs[slot] = token_logprob(raw, sampled[slot], self._logprobs[slot])
+            raw = logits.copy() if also.get(slot) or self._logprobs.get(slot) is not None else logits
+            for sampler in (slot, *also.get(slot, ())):
+                if sampler != slot:
+                    logits[:] = raw  # each choice samples the prompt's logits as they came
+                self._sample(sampler, logits, raw, index, (masks or {}).get(sampler), sampled)
         return sampled
+
+    def _sample(self, slot: int, logits: np.ndarray, raw: np.ndarray, index: int, mask, sampled: dict) -> None:
+        if mask is not None:  # the sampler chain reads these very logits: masked in place
+            apply_mask(logits, mask)
+        sampled[slot] = llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index)
+        if self._logprobs.get(slot) is not None:
+            self.logprobs[slot] = token_logprob(raw, sampled[slot], self._logprobs[slot])
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        # Whole streams only: with a stream per slot, llama.cpp copies a sequence to another stream whole
+        # (a partial copy across streams aborts). The copy is applied at the next decode.
+        llama_cpp.llama_memory_seq_rm(self._memory, target, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
 
     def _decode(self, feeds: list[Feed], every_position: bool = False) -> list[tuple[int, int]]:
         """One llama_decode of feeds; (slot, index in the batch) of every feed that samples. The logits are kept

@@ -227,12 +227,16 @@ class OnnxRuntimeBackend(Backend):
             if len(feed.tokens) > 1:
                 last_logits[feed.slot] = self._prefill(feed)
         masks = masks or {}
-        sampled = {f.slot: self._samplers[f.slot].sample(last_logits[f.slot], masks.get(f.slot)) for f in feeds if f.sample}
+        sampled = {slot: self._samplers[slot].sample(last_logits[f.slot], masks.get(slot))
+                   for f in feeds if f.sample for slot in (f.slot, *f.also)}
         self.logprobs = {slot: self._samplers[slot].logprob for slot in sampled if self._samplers[slot].logprob}
         return sampled
 
     def clear(self) -> None:
         self._caches.clear()
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        self._caches[target] = self._cache(source).detached()
 
     def _check(self, feed: Feed) -> None:
         if not feed.tokens:

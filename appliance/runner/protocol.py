@@ -87,6 +87,7 @@ class Output:
     completion_tokens: int
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     logprobs: tuple[Logprob, ...] = ()  # one per token sampled in this output, when the request asked
+    index: int = 0  # which of the request's choices (n > 1)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Vectors(Output):
 class Step:
     batch_size: int  # sequences in this decode
     outputs: list[Output] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens computed since the last Step (a choice that copies a prompt computes none)
 
 
 @dataclass(frozen=True)

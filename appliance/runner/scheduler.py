@@ -47,6 +47,9 @@ class Sequence:
     generated: int = 0
     next_token: int | None = None  # sampled, not yet fed
     cancelled: bool = False
+    index: int = 0  # which of its request's choices
+    choices: tuple[int, ...] = ()  # the slots of its request's other choices, waiting for this prompt's prefill
+    copies_prompt: bool = False  # another choice's: gets that prefill's KV cache instead of computing its own
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     stops: StopMatcher = None
 
@@ -109,8 +112,9 @@ class Scheduler:
         self._waiting: list[Prepared] = []  # only if the service ever sends more than there are slots
         self._running = True
         self.stream_interval = stream_interval
-        self._outbox: dict[int, msg.Output] = {}  # text not sent yet, by request
-        self._streaming: set[int] = set()  # requests whose first text has gone out
+        self._outbox: dict[tuple[int, int], msg.Output] = {}  # text not sent yet, by (request, choice)
+        self._streaming: set[tuple[int, int]] = set()  # choices whose first text has gone out
+        self._prefilled = 0  # prompt tokens computed since the last Step went out
         self._last_sent = 0.0
         self.grammars = grammars_for(backend, facts.n_vocab)
 
@@ -137,25 +141,26 @@ class Scheduler:
         """
         urgent = False
         for output in outputs:
-            held = self._outbox.get(output.id)
+            key = (output.id, output.index)
+            held = self._outbox.get(key)
             if held is not None:
-                output = msg.Output(output.id, held.text + output.text, output.completion_tokens, output.finish_reason,
-                                    held.logprobs + output.logprobs)
-            self._outbox[output.id] = output
-            urgent |= output.finish_reason is not None or output.id not in self._streaming
+                output = replace(output, text=held.text + output.text, logprobs=held.logprobs + output.logprobs)
+            self._outbox[key] = output
+            urgent |= output.finish_reason is not None or key not in self._streaming
         now = time.monotonic()
         if self._outbox and (urgent or now - self._last_sent >= self.stream_interval):
             self._flush(batch_size)
             self._last_sent = now
 
     def _flush(self, batch_size: int) -> None:
-        for output in self._outbox.values():
+        for key, output in self._outbox.items():
             if output.finish_reason:
-                self._streaming.discard(output.id)
+                self._streaming.discard(key)
             else:
-                self._streaming.add(output.id)
-        self.emit(msg.Step(batch_size=batch_size, outputs=list(self._outbox.values())))
+                self._streaming.add(key)
+        self.emit(msg.Step(batch_size=batch_size, outputs=list(self._outbox.values()), prefilled=self._prefilled))
         self._outbox.clear()
+        self._prefilled = 0
 
     def _drain(self, block: bool) -> None:
         try:
@@ -186,7 +191,7 @@ class Scheduler:
     def _assign(self) -> None:
         while self._waiting:
             free = [s for s in self.slots if s.seq is None]
-            if not free:
+            if len(free) < self._waiting[0].params.n:  # the service admits a request only when its slots are free
                 return
             request = self._waiting.pop(0)
             slot = self._pick_slot(free, request)
@@ -196,11 +201,27 @@ class Scheduler:
             del slot.tokens[keep:]
             try:
                 self.backend.start_sequence(slot.index, keep, request.params)
+                slot.seq = Sequence(request.id, request.tokens, request.params, request.constraint, fed=keep)
+                slot.seq.choices = tuple(self._start_choice(request, i).index for i in range(1, request.params.n))
             except Exception as exc:  # e.g. a sampler setting the engine refused: this request fails, not the runner
+                for busy in self.slots:
+                    if busy.seq is not None and busy.seq.id == request.id:
+                        busy.seq = None
                 self.emit(msg.Failed(request.id, f"the engine refused the request's settings: {exc}"))
                 continue
-            slot.seq = Sequence(request.id, request.tokens, request.params, request.constraint, fed=keep)
             self.emit(msg.Admitted(request.id, prompt_tokens=len(request.tokens), cached_tokens=keep))
+
+    def _start_choice(self, request: Prepared, index: int) -> Slot:
+        """Choice ``index`` (n > 1) in a slot of its own, waiting for the first choice's prefill; a seeded request's
+        choices draw from seed + index, so each differs and all are reproducible."""
+        slot = self._pick_slot([s for s in self.slots if s.seq is None], request)
+        slot.tokens.clear()
+        seed = request.params.seed
+        params = replace(request.params, seed=None if seed is None else (seed + index) % SEEDS)
+        self.backend.start_sequence(slot.index, 0, params)
+        constraint = self.grammars.constraint(params.grammar) if params.grammar is not None else None
+        slot.seq = Sequence(request.id, request.tokens, params, constraint, index=index, copies_prompt=True)
+        return slot
 
     def _pick_slot(self, free: list[Slot], request: Prepared) -> Slot:
         """The idle slot holding the longest prefix of the request, where that prefix is long. Else the one
@@ -225,19 +246,21 @@ class Scheduler:
         feeds = [Feed(s.index, [s.seq.next_token], len(s.tokens), sample=True)
                  for s in self.slots if s.seq and s.seq.next_token is not None]
         budget = self.facts.n_batch - len(feeds)
-        prefilling = sorted((s for s in self.slots if s.seq and s.seq.next_token is None), key=lambda s: s.seq.id)
+        prefilling = sorted((s for s in self.slots if s.seq and s.seq.next_token is None and not s.seq.copies_prompt),
+                            key=lambda s: s.seq.id)
         for slot in prefilling:
             if budget <= 0:
                 break
             seq = slot.seq
             chunk = seq.prompt[seq.fed : seq.fed + budget]
-            feeds.append(Feed(slot.index, chunk, len(slot.tokens), sample=seq.fed + len(chunk) == len(seq.prompt)))
+            last = seq.fed + len(chunk) == len(seq.prompt)
+            feeds.append(Feed(slot.index, chunk, len(slot.tokens), sample=last, also=seq.choices if last else ()))
             budget -= len(chunk)
         return feeds
 
     def _step(self, feeds: list[Feed]) -> list[msg.Output]:
-        masks = {f.slot: self.slots[f.slot].seq.constraint.mask() for f in feeds
-                 if f.sample and self.slots[f.slot].seq.constraint is not None}
+        masks = {i: self.slots[i].seq.constraint.mask() for f in feeds if f.sample for i in (f.slot, *f.also)
+                 if self.slots[i].seq.constraint is not None}
         try:
             sampled = self.backend.step(feeds, masks)
         except BackendError as exc:
@@ -250,11 +273,24 @@ class Scheduler:
             seq = slot.seq
             if seq.next_token is None:
                 seq.fed += len(feed.tokens)
-            if feed.slot in sampled:
-                output = self._on_token(slot, sampled[feed.slot], self.backend.logprobs.get(feed.slot))
-                if output is not None:
-                    outputs.append(output)
+                self._prefilled += len(feed.tokens)
+            for choice in (slot, *self._copy_prompt(slot, feed.also)):
+                if choice.index in sampled:
+                    output = self._on_token(choice, sampled[choice.index], self.backend.logprobs.get(choice.index))
+                    if output is not None:
+                        outputs.append(output)
         return outputs
+
+    def _copy_prompt(self, slot: Slot, choices: tuple[int, ...]) -> list[Slot]:
+        """The other choices of the request whose prompt ``slot`` just prefilled, each given a copy of its KV cache."""
+        copied = []
+        for index in choices:
+            choice = self.slots[index]
+            self.backend.copy_sequence(slot.index, index)
+            choice.tokens = list(slot.tokens)
+            choice.seq.fed, choice.seq.copies_prompt = len(choice.seq.prompt), False
+            copied.append(choice)
+        return copied
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None) -> msg.Output | None:
         seq = slot.seq
@@ -275,7 +311,7 @@ class Scheduler:
         if seq.generated >= seq.params.max_tokens or len(slot.tokens) >= self.facts.context_length:
             return self._finish(slot, text + _tail(seq), "length", entries)
         seq.next_token = token
-        return msg.Output(seq.id, text, seq.generated, logprobs=entries) if text or entries else None
+        return msg.Output(seq.id, text, seq.generated, logprobs=entries, index=seq.index) if text or entries else None
 
     def _logprob_entry(self, logprob: TokenLogprob) -> msg.Logprob:
         token_bytes = self.backend.token_bytes
@@ -283,12 +319,16 @@ class Scheduler:
 
     def _finish(self, slot: Slot, text: str, reason: str, entries: tuple = ()) -> msg.Output:
         seq, slot.seq, slot.last_used = slot.seq, None, time.monotonic()
-        return msg.Output(seq.id, text, seq.generated, finish_reason=reason, logprobs=entries)
+        return msg.Output(seq.id, text, seq.generated, finish_reason=reason, logprobs=entries, index=seq.index)
 
     def _fail(self, slot: Slot, message: str) -> None:
-        seq, slot.seq = slot.seq, None
-        self._outbox.pop(seq.id, None)
-        self._streaming.discard(seq.id)
+        """One sequence failed: its request fails, every choice of it."""
+        seq = slot.seq
+        for other in self.slots:
+            if other.seq is not None and other.seq.id == seq.id:
+                self._outbox.pop((seq.id, other.seq.index), None)
+                self._streaming.discard((seq.id, other.seq.index))
+                other.seq = None
         self.emit(msg.Failed(seq.id, message))
 
     def _drop_cancelled(self) -> list[msg.Output]:
@@ -298,10 +338,13 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         if self._outbox:
             self._flush(batch_size=0)  # what they produced before the failure
+        failed = set()
         for slot in self.slots:
             if slot.seq:
-                self._streaming.discard(slot.seq.id)
-                self.emit(msg.Failed(slot.seq.id, f"the engine failed: {message}"))
+                self._streaming.discard((slot.seq.id, slot.seq.index))
+                if slot.seq.id not in failed:  # once per request, whatever its choices
+                    failed.add(slot.seq.id)
+                    self.emit(msg.Failed(slot.seq.id, f"the engine failed: {message}"))
                 slot.seq = None
         self.backend.clear()
         for slot in self.slots:
@@ -319,6 +362,7 @@ def _tail(seq: Sequence) -> str:
 # that spreads the batch slows every sequence in it for as long as they run, while a short prefix is
 # prefilled again in a fraction of a second.
 REUSE_WORTH_SPREADING = 256
+SEEDS = 2**32 - 1  # the engines take seeds 0 .. 2**32 - 2 (llama.cpp reads 0xFFFFFFFF as "random")
 
 
 def _span(indices: list[int]) -> int:

@@ -47,9 +47,10 @@ class RunnerCrashed:
 class RequestStream:
     """The events of one request, in order: Admitted or Refused, then Outputs, ending with a finish, Failed or RunnerCrashed."""
 
-    def __init__(self, request_id: int):
+    def __init__(self, request_id: int, choices: int = 1):
         self.id = request_id
         self.events: queue.Queue = queue.Queue()
+        self.open_choices = choices  # it ends when each of its choices has finished
 
     def get(self, timeout: float | None = None):
         return self.events.get(timeout=timeout)
@@ -74,6 +75,7 @@ class ModelRunner:
         self.load_count = 0
         self.crash_count = 0
         self.last_batch_size = 0
+        self.prefilled_tokens = 0  # prompt tokens the engine computed, over this runner's life
         # Called as hook() when a request starts using the model and hook() again when it stops:
         # the power manager counts activity and wakes the box through these.
         self.on_begin: list = []
@@ -169,7 +171,7 @@ class ModelRunner:
     # -- requests ------------------------------------------------------------
     def submit(self, messages: list[dict] | None, prompt: str | None, params,
                tools: list[dict] | None = None) -> RequestStream:
-        stream = RequestStream(next(self._ids))
+        stream = RequestStream(next(self._ids), choices=getattr(params, "n", 1))
         with self._lock:
             self._streams[stream.id] = stream
         try:
@@ -237,16 +239,22 @@ class ModelRunner:
     def _dispatch(self, message) -> None:
         if isinstance(message, msg.Step):
             self.last_batch_size = message.batch_size
+            self.prefilled_tokens += message.prefilled
             for output in message.outputs:
-                self._deliver(output.id, output, final=output.finish_reason is not None)
+                self._deliver(output.id, output, ends=output.finish_reason is not None)
         elif isinstance(message, (msg.Refused, msg.Failed)):
-            self._deliver(message.id, message, final=True)
+            self._deliver(message.id, message, ends=True, every_choice=True)
         elif isinstance(message, msg.Admitted):
-            self._deliver(message.id, message, final=False)
+            self._deliver(message.id, message, ends=False)
 
-    def _deliver(self, request_id: int, event, final: bool) -> None:
+    def _deliver(self, request_id: int, event, ends: bool, every_choice: bool = False) -> None:
+        """Put event on its request's stream; one that ends a choice (or all of them) may end the stream."""
         with self._lock:
-            stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None and ends:
+                stream.open_choices = 0 if every_choice else stream.open_choices - 1
+                if stream.open_choices <= 0:
+                    del self._streams[request_id]
         if stream is not None:
             stream.events.put(event)
 
@@ -266,7 +274,8 @@ class ModelRunner:
         info = {"id": self.entry.name, "format": self.entry.format, "loaded": self.is_loaded,
                 "load_count": self.load_count, "runner_crashes": self.crash_count}
         if internals:
-            info.update(path=str(self.entry.path), runner_pid=self.pid if self.is_loaded else None)
+            info.update(path=str(self.entry.path), runner_pid=self.pid if self.is_loaded else None,
+                        prefilled_tokens=self.prefilled_tokens)
         if self.facts is not None:
             engine = {k: v for k, v in self.facts.info.items() if internals or k not in INTERNAL_FACTS}
             info.update(engine, context_length=self.facts.context_length, parallel=self.facts.n_slots)
