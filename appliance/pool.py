@@ -102,6 +102,7 @@ class PooledModel:
     loading: bool = False
     asked_keep_alive: float | None = None  # the latest request's shorter keep_alive, if it asked for one
     warming: bool = False  # a swap is loading and probing it: the live probes leave it alone
+    resting: bool = False  # unused for idle_after: its KV cache was released (idle, for this model alone)
     probe_failures: int = 0  # consecutive failed live probes
     swapped_from: PooledModel | None = None  # the model a swap replaced with this one, while a rollback may happen
     swapped_at: float = 0.0
@@ -248,6 +249,7 @@ class ModelPool:
         runner.on_load.append(lambda seconds: [hook(model.name, seconds) for hook in self.on_load])
         runner.on_crash.append(lambda status: self._record("crash", model, SYSTEM, time.perf_counter(), "failed",
                                                            f"the runner died ({status}); a new one is starting"))
+        runner.reload = lambda: self.load(model)  # within max_loaded and the memory budget, as any load
         self._models[entry.name] = model
         return model
 
@@ -274,6 +276,7 @@ class ModelPool:
         with self._cond:
             model.in_use += 1
             model.last_used = self.clock()
+            model.resting = False
             self._resting = False
         for hook in self.on_begin:
             hook()
@@ -463,11 +466,11 @@ class ModelPool:
     def check_health(self) -> None:
         """Each loaded model with nothing in flight answers a tiny generation; after PROBE_FAILURES failures in a
         row its runner is restarted, or, when a swap brought it in within rollback_window, the swap is undone.
-        Not while the box is idle: a probe would fill the caches idle freed."""
+        Not while the box or the model is idle: a probe would fill the caches idle freed."""
         if self._resting:
             return
         for model in self.loaded():
-            if model.in_use or model.loading or model.warming:
+            if model.in_use or model.loading or model.warming or model.resting:
                 continue
             start = time.perf_counter()
             problem = self._probe(model, LIVE_PROBE_TOKENS, self.settings.probe_timeout, LIVE_PROBE)
@@ -569,21 +572,29 @@ class ModelPool:
         now, soonest = self.clock(), EXPIRY_CHECK
         for model in self.loaded():
             keep_alive = self._keep_alive(model)
-            if keep_alive is not None and model.in_use == 0:
+            if model.in_use:
+                continue
+            if keep_alive is not None:
                 soonest = min(soonest, max(0.05, model.last_used + keep_alive - now))
+            if not model.resting:
+                soonest = min(soonest, max(0.05, model.last_used + self.settings.idle_after - now))
         return soonest
 
     def expire(self) -> None:
-        """Unload every model past its keep-alive with nothing in flight."""
+        """Unload every model past its keep-alive with nothing in flight; release the KV cache of one unused for
+        idle_after, though others keep the box busy (idle, per model)."""
         now = self.clock()
         with self._placing:
             for model in self.loaded():
                 keep_alive = self._keep_alive(model)
-                if keep_alive is None or model.warming or model.in_use:
+                if model.warming or model.in_use:
                     continue
-                if now - model.last_used >= keep_alive:
+                if keep_alive is not None and now - model.last_used >= keep_alive:
                     self._unload(model, SYSTEM, "expire", f"unused for {now - model.last_used:.0f} s "
                                                           f"(keep_alive {keep_alive:.0f} s)")
+                elif not model.resting and now - model.last_used >= self.settings.idle_after:
+                    model.runner.release_cache()
+                    model.resting = True
 
     # -- the power manager's view: the pool as one model -------------------------------------
     @property
@@ -628,6 +639,7 @@ class ModelPool:
         self._resting = True
         for model in self.loaded():
             model.runner.release_cache()
+            model.resting = True
 
     # -- what callers see ----------------------------------------------------------------
     def describe(self, model: PooledModel, internals: bool = False) -> dict:

@@ -361,3 +361,19 @@ def test_deep_idle_while_a_model_loads_unloads_it_once_loaded(make_box):
     assert box.client.post("/api/power", json={"state": "deep_idle"}).status_code == 200
     loading.join()
     assert box.state.models.loaded() == []  # deep idle means nothing stays loaded, a late load included
+
+
+def test_a_model_unused_for_idle_after_frees_its_kv_cache_while_another_keeps_the_box_busy(make_box):
+    box = make_box(extra_models={"second": {}}, idle_after=0.5, deep_idle_after=60, keep_alive=60)
+    pool = box.state.models
+    assert ask(box, "second").status_code == 200
+    second = pool.get("second")
+    released = []
+    second.runner.release_cache = lambda: released.append(time.monotonic())
+    deadline = time.monotonic() + 5
+    while not released and time.monotonic() < deadline:
+        assert ask(box, "fake").status_code == 200  # the box stays busy, so it never idles as a whole
+        time.sleep(0.1)
+    assert released and second.resting and not pool.default.resting
+    assert second.runner.is_loaded  # idle frees the cache; only keep_alive unloads
+    assert ask(box, "second").status_code == 200 and not second.resting

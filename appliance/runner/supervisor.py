@@ -82,6 +82,7 @@ class ModelRunner:
         self.on_end: list = []
         self.on_load: list = []  # hook(seconds) after each successful load: the metrics' load durations
         self.on_crash: list = []  # hook(exit status) when the runner died unplanned, before it is restarted
+        self.reload = self.ensure_loaded  # how a crashed runner comes back (the pool's load makes room first)
         self._verified = VerifiedFiles()
         self._ids = itertools.count(1)
         self._streams: dict[int, RequestStream] = {}
@@ -232,8 +233,8 @@ class ModelRunner:
 
     def _restart(self) -> None:
         try:
-            self.ensure_loaded()
-        except BackendError as exc:  # readyz reports it; the next request tries again
+            self.reload()
+        except Exception as exc:  # no room, or no load: readyz and the model events say why; the next request tries
             log.error("restarting the runner of %s failed: %s", self.entry.name, exc)
 
     def _dispatch(self, message) -> None:
