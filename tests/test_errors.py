@@ -49,6 +49,18 @@ BAD_REQUESTS = [
     ("lone-surrogate-in-prompt", COMPLETIONS, '{"prompt": "\\udfff there"}', 400, "prompt", "invalid_value"),
     ("seed-beyond-32-bits", CHAT, {"messages": HI, "seed": 2**32 + 7}, 400, "seed", "invalid_value"),
     ("seed-that-means-random", CHAT, {"messages": HI, "seed": 2**32 - 1}, 400, "seed", "invalid_value"),
+    ("n-zero", CHAT, {"messages": HI, "n": 0}, 400, "n", "invalid_value"),
+    ("malformed-schema", CHAT, {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}}}, 400,
+     "response_format.json_schema.schema", "invalid_schema"),
+    ("unsupported-schema-keyword", CHAT, {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "response_format.json_schema.schema",
+     "invalid_schema"),
+    ("tool-without-a-name", CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"parameters": {}}}]},
+     400, "tools.0.function.name", "missing_field"),
+    ("tool-choice-naming-no-tool", CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"name": "a"}}],
+                                          "tool_choice": {"type": "function", "function": {"name": "b"}}}, 400,
+     "tool_choice", "invalid_value"),
 ]
 
 
