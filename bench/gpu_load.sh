@@ -1,55 +1,77 @@
 #!/usr/bin/env bash
-# bench.load on a CUDA machine (the lent H200), the appliance against llama.cpp's llama-server, one GGUF.
+# bench.load on a CUDA machine (a lent H100 or H200), the appliance against llama.cpp's llama-server, one GGUF,
+# with the load generator's ceiling (bench/canned_server.py) and llama-batched-bench (the engine's limit) beside.
 #
-# Nothing can be fetched there, so what it needs travels in an ignored folder .gpu/ (see below), and the
-# machine keeps /tmp between calls while it is warm. Stages, one per call:
-#   build   unpack llama-cpp-python's sdist (.gpu/a/sdist.tar.gz: vendor/llama.cpp without .git, tests and
-#           the backends CUDA does not use), build llama.cpp with CUDA as shared libraries plus llama-server
-#           and llama-batched-bench, install the service's missing wheels (.gpu/a/wheels) into /tmp/site,
-#           unpack this commit (.gpu/a/repo.tar, from `git archive HEAD`) to /tmp/gpu/repo; keep the model's
-#           first part (.gpu/a/model.part*)
-#   model   keep the model's other parts (.gpu/b/model.part*) and join them into /tmp/gpu/model.gguf
-#   bench   python -m bench.load against both servers; its run folder comes back in $OUT/results/load/runs/: copy it
-#           into bench/results/load/runs/ and run `python -m bench.results`
-# llama-cpp-python's Python package runs from the sdist over those libraries (LLAMA_CPP_LIB_PATH). BENCH_COMMIT
-# names the commit of .gpu/a/repo.tar (the unpacked tree has no git).
+# Nothing can be fetched there, so what it needs travels in ignored folders (a call carries at most 64 MiB),
+# and the machine keeps /tmp between calls while it is warm (30 s idle). Stages, one per call, in this order:
+#   model   keep the model's second part (.gpu/b/model.gguf.gz.part*) in /tmp/gpu
+#   build   unpack llama-cpp-python's sdist (.gpu/a/sdist.tar.gz: without .git, models, docs, benches), install the
+#           service's wheels (.gpu/a/wheels, every one, --no-deps: the machine has numpy) into /tmp/site, join the
+#           model (.gpu/a holds its first part), build llama.cpp with CUDA as shared libraries plus llama-server and
+#           llama-batched-bench, and run llama-batched-bench (/tmp/gpu/batched-bench.txt, and $OUT)
+#   bench   unpack this commit (.gpu/r/repo.tar, from `git archive HEAD`) and run python -m bench.load against
+#           the servers given (default: appliance, llama-server, canned), batched-bench's output attached
+#   power   python -m bench.gpu_power: GPU memory loaded, idle, deep idle and after waking
+# The run folders come back in $OUT/results/<benchmark>/runs/: copy them into bench/results/ and run
+# `python -m bench.results`. llama-cpp-python's Python package runs from the sdist over the libraries built here
+# (LLAMA_CPP_LIB_PATH). BENCH_COMMIT names the commit of repo.tar (the unpacked tree has no git).
 set -euo pipefail
-stage=${1:?usage: bench/gpu_load.sh build|model|bench [bench.load options]}
+stage=${1:?usage: bench/gpu_load.sh model|build|bench|power [options]}
 shift
 work=/tmp/gpu
 sdist=$work/llama_cpp_python-0.3.36
 mkdir -p "$work"
 
+setup_env() {
+    export PYTHONPATH=/tmp/site:$sdist:$work/repo LLAMA_CPP_LIB_PATH=$work/build/bin
+    export LD_LIBRARY_PATH=$work/build/bin:${LD_LIBRARY_PATH:-}
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+    rm -rf "$work/repo" && mkdir -p "$work/repo" && tar xf .gpu/r/repo.tar -C "$work/repo"
+    nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
+}
+
 case "$stage" in
+model)
+    cp .gpu/b/model.gguf.gz.part* "$work/"
+    ls -la "$work"
+    ;;
 build)
     tar xzf .gpu/a/sdist.tar.gz -C "$work"
-    mkdir -p "$work/repo" && tar xf .gpu/a/repo.tar -C "$work/repo"
-    cp .gpu/a/model.part* "$work/"
-    python3 -m pip install -q --no-index --find-links .gpu/a/wheels --target /tmp/site \
-        flask waitress 'sqlite-utils>=4.0' 'pydantic>=2.5'
-    cmake -S "$sdist/vendor/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+        $(ls .gpu/a/wheels/*.whl | grep -v '/pip-')
+    cp .gpu/a/model.gguf.gz.part* "$work/"
+    cat "$work"/model.gguf.gz.part* | gunzip > "$work/model.gguf"
+    sha256sum "$work/model.gguf"
+    python3 --version
+    cmake -S "$sdist/vendor/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_OPENMP=OFF -DGGML_NATIVE=ON \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_OPENSSL=OFF > "$work/cmake.log"
-    time cmake --build "$work/build" --target llama llama-server llama-batched-bench -j "$(nproc)" > "$work/build.log"
-    ls -la "$work/build/bin"
-    ;;
-model)
-    cp .gpu/b/model.part* "$work/"
-    cat "$work"/model.part* > "$work/model.gguf"
-    sha256sum "$work/model.gguf"
+    start=$(date +%s)
+    cmake --build "$work/build" --target llama llama-server llama-batched-bench -j "$(nproc)" > "$work/build.log"
+    echo "build: $(( $(date +%s) - start )) s"
+    ls "$work/build/bin"
+    # The engine's own limit: prompts of 32 tokens, 128 generated, 1 to 64 sequences at once.
+    "$work/build/bin/llama-batched-bench" -m "$work/model.gguf" -ngl 99 -c 20480 -b 2048 -ub 512 -npp 32 -ntg 128 \
+        -npl 1,8,32,64 > "$work/batched-bench.txt" 2> "$work/batched-bench.log"
+    grep '^|' "$work/batched-bench.txt"
+    cp "$work/batched-bench.txt" "${OUT:-$work}/" || true
     ;;
 bench)
-    export PYTHONPATH=/tmp/site:$sdist:$work/repo LLAMA_CPP_LIB_PATH=$work/build/bin
-    export LD_LIBRARY_PATH=$work/build/bin:${LD_LIBRARY_PATH:-}
-    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    setup_env
     cd "$work/repo"
-    BENCH_RESULTS=${OUT:?}/results python3 -m bench.load --model "$work/model.gguf" --servers appliance llama-server \
-        --llama-server "$work/build/bin/llama-server" "$@"
+    BENCH_RESULTS=${OUT:?}/results python3 -m bench.load --model "$work/model.gguf" \
+        --llama-server "$work/build/bin/llama-server" --attach "$work/batched-bench.txt" "$@" ||
+        { tail -n 40 /tmp/bench-load-*/*.log; exit 1; }
+    ;;
+power)
+    setup_env
+    cd "$work/repo"
+    BENCH_RESULTS=${OUT:?}/results python3 -m bench.gpu_power --model "$work/model.gguf" "$@" ||
+        { tail -n 40 /tmp/bench-gpu-power-*/*.log; exit 1; }
     ;;
 *)
-    echo "unknown stage $stage: use build, model or bench" >&2
+    echo "unknown stage $stage: use model, build, bench or power" >&2
     exit 2
     ;;
 esac

@@ -10,6 +10,10 @@ Per server and level: aggregate generated tokens/s (all completion tokens over t
 time), the median per-stream decode tokens/s, time to first token p50 and p99, errors, and for the
 appliance the lost log rows (requests sent that have no finished 200 row in its logs.db).
 
+The clients are spread over --client-procs processes (threads within each), so the load generator's
+own Python is not what limits a fast server; the server "canned" (bench/canned_server.py: canned tokens,
+no model) shows that ceiling beside the real servers.
+
     bench/build_llama_server.sh            # once: llama-server from the installed llama-cpp-python's sdist
     pip install -e '.[bench]'              # llama-cpp-python's own server
     python -m bench.load --clients 1 4 8 16 --requests-per-client 2 --max-tokens 128
@@ -22,6 +26,7 @@ import argparse
 import concurrent.futures
 import http.client
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -37,7 +42,7 @@ from bench.common import PROMPTS, machine, start_server, start_service, stream_c
 from bench.results import command_line, record
 from models import find_model
 
-SERVERS = ("appliance", "llama-server", "llama-cpp-python")
+SERVERS = ("appliance", "llama-server", "llama-cpp-python", "canned")
 PEER = "llama-server"  # what the ratios are against
 # The goals of issue 13: aggregate throughput against llama-server's (0.97 at one client, 1.0 above),
 # time to first token p50 at most 1.2x llama-server's.
@@ -46,6 +51,13 @@ AGGREGATE_GOAL_ABOVE_ONE = 1.0
 TTFT_GOAL = 1.2
 GOAL = ("aggregate >= 0.97x llama-server's at 1 client and >= 1.0x at 4, 8 and 16, TTFT p50 <= 1.2x, "
         "no errors, no lost log rows (issue 13)")
+# The goals of issue 27 (both servers on a GPU): single-stream decode at least 0.95x llama-server's, aggregate
+# at least 1.0x at 32 and 64 streams; TTFT p50 and p99 are reported beside llama-server's, with no goal.
+GPU_DECODE_GOAL = 0.95
+GPU_AGGREGATE_GOAL = {32: 1.0, 64: 1.0}
+GPU_GOAL = ("single-stream decode >= 0.95x llama-server's, aggregate >= 1.0x at 32 and 64 streams, no errors, "
+            "no lost log rows (issue 27: both on a GPU)")
+CANNED_WORKERS = 4
 
 
 def default_llama_server() -> Path:
@@ -116,7 +128,15 @@ def start_llama_cpp_python(setup: Setup) -> Server:
                   note="one request at a time, no slots; its streams carry no usage, so tokens are its content deltas")
 
 
-STARTERS = {"appliance": start_appliance, "llama-server": start_llama_server, "llama-cpp-python": start_llama_cpp_python}
+def start_canned(setup: Setup) -> Server:
+    args = ["-m", "bench.canned_server", "--workers", str(CANNED_WORKERS)]
+    proc, port = start_server(lambda port: [*args, "--port", str(port)], "/health", log=setup.workdir / "canned.log")
+    return Server("canned", proc, port, " ".join(["python", *args, "--port PORT"]),
+                  note="no model: canned tokens as fast as it can send them, the load generator's ceiling")
+
+
+STARTERS = {"appliance": start_appliance, "llama-server": start_llama_server, "llama-cpp-python": start_llama_cpp_python,
+            "canned": start_canned}
 
 
 def prompt(clients: int, index: int) -> str:
@@ -143,17 +163,42 @@ def one_request(server: Server, text: str, max_tokens: int) -> dict:
             "ttft_ms": (stamps[0] - run["start"]) * 1000, "decode_tps": (tokens - 1) / span if span > 0 else None}
 
 
-def run_level(server: Server, clients: int, requests_per_client: int, max_tokens: int) -> list[dict]:
-    """clients threads at once, each sending its requests one after the other."""
-    barrier = threading.Barrier(clients)
+def run_level(server: Server, clients: int, requests_per_client: int, max_tokens: int, procs: int = 1) -> list[dict]:
+    """clients at once, each sending its requests one after the other: threads spread over procs processes
+    (forked, so they share nothing but the start), all starting together. perf_counter is the system's
+    monotonic clock, so the processes' times compare."""
+    if procs <= 1:
+        return client_group(server, list(range(clients)), clients, requests_per_client, max_tokens)
+    ctx = multiprocessing.get_context("fork")
+    groups = [list(range(clients))[i::procs] for i in range(min(procs, clients))]
+    start = ctx.Barrier(len(groups))
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_group_process, args=(server, ids, clients, requests_per_client, max_tokens, start,
+                                                        results)) for ids in groups]
+    for w in workers:
+        w.start()
+    out = [r for _ in workers for r in results.get(timeout=900)]
+    for w in workers:
+        w.join()
+    return out
+
+
+def _group_process(server, ids, clients, requests_per_client, max_tokens, start, results) -> None:
+    results.put(client_group(server, ids, clients, requests_per_client, max_tokens, start.wait))
+
+
+def client_group(server: Server, ids: list[int], clients: int, requests_per_client: int, max_tokens: int,
+                 ready=None) -> list[dict]:
+    """The clients ids, one thread each; ready() (the other processes' barrier) runs once all are started."""
+    barrier = threading.Barrier(len(ids), action=ready)
 
     def client(c: int) -> list[dict]:
         barrier.wait()
         return [one_request(server, prompt(clients, c * requests_per_client + r), max_tokens)
                 for r in range(requests_per_client)]
 
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        return [r for results in pool.map(client, range(clients)) for r in results]
+    with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+        return [r for results in pool.map(client, ids) for r in results]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -224,10 +269,10 @@ def wait_until_quiet(busy_percent: float = 15.0, longest: float = 15.0) -> float
     return time.monotonic() - start
 
 
-def bench_level(server: Server, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+def bench_level(server: Server, clients: int, requests_per_client: int, max_tokens: int, procs: int = 1) -> dict:
     waited = wait_until_quiet()
     before = last_row_id(server.home) if server.home else None
-    requests = run_level(server, clients, requests_per_client, max_tokens)
+    requests = run_level(server, clients, requests_per_client, max_tokens, procs)
     level = {"server": server.name, "clients": clients, "summary": summarize(requests), "requests": requests,
              "waited_for_quiet_s": waited}
     if server.home:
@@ -263,15 +308,24 @@ def with_ratios(levels: list[dict], servers_per_round: int) -> list[dict]:
         round_ = levels[start:start + servers_per_round]
         peer = next((lv for lv in round_ if lv["server"] == PEER), None)
         out += [lv | {"aggregate_ratio": ratio(lv, peer, "aggregate_tps"),
+                      "per_stream_ratio": ratio(lv, peer, "per_stream_tps_median"),
                       "ttft_p50_ratio": ratio(lv, peer, "ttft_p50_ms")} for lv in round_]
     return out
 
 
-def goals(level: dict) -> str:
-    """Issue 13's goals for one appliance level: ✅ or ❌ per goal, '-' where llama-server was not measured."""
-    aggregate_goal = AGGREGATE_GOAL.get(level["clients"], AGGREGATE_GOAL_ABOVE_ONE)
-    marks = [("aggregate", level["aggregate_ratio"], lambda r: r >= aggregate_goal),
-             ("TTFT", level["ttft_p50_ratio"], lambda r: r <= TTFT_GOAL)]
+def goals(level: dict, gpu: bool = False) -> str:
+    """Issue 13's goals (issue 27's with gpu) for one appliance level: ✅ or ❌ per goal, '-' where llama-server
+    was not measured."""
+    if gpu:
+        marks = [("single-stream decode >= 0.95x", level.get("per_stream_ratio"), lambda r: r >= GPU_DECODE_GOAL)
+                 ] if level["clients"] == 1 else []
+        if level["clients"] in GPU_AGGREGATE_GOAL:
+            marks.append((f"aggregate >= {GPU_AGGREGATE_GOAL[level['clients']]}x", level["aggregate_ratio"],
+                          lambda r: r >= GPU_AGGREGATE_GOAL[level["clients"]]))
+    else:
+        aggregate_goal = AGGREGATE_GOAL.get(level["clients"], AGGREGATE_GOAL_ABOVE_ONE)
+        marks = [("aggregate", level["aggregate_ratio"], lambda r: r >= aggregate_goal),
+                 ("TTFT", level["ttft_p50_ratio"], lambda r: r <= TTFT_GOAL)]
     out = [f"{name} {'-' if value is None else '✅' if ok(value) else '❌'}" for name, value, ok in marks]
     clean = level["summary"]["errors"] == 0 and level.get("log_rows", {}).get("lost", 0) == 0
     return ", ".join(out + [f"no errors or lost rows {'✅' if clean else '❌'}"])
@@ -289,25 +343,28 @@ def markdown(data: dict) -> str:
         f"Python {m['python']}, llama-cpp-python {m['llama_cpp_python']}, llama-server {meta['llama_server_version']}; "
         f"{meta['date']}; load average {meta['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end.",
         "",
-        "| clients | server | aggregate tok/s | x llama-server | per-stream tok/s (median) | TTFT p50 ms | x llama-server | TTFT p99 ms | errors | lost log rows |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | server | aggregate tok/s | x llama-server | per-stream tok/s (median) | x llama-server | TTFT p50 ms | x llama-server | TTFT p99 ms | errors | lost log rows |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in runs:
         s = lv["summary"]
         lost = str(lv["log_rows"]["lost"]) if "log_rows" in lv else "-"
         lines.append(f"| {lv['clients']} | {lv['server']} | {fmt(s['aggregate_tps'])} | {fmt(lv['aggregate_ratio'], 2)} | "
-                     f"{fmt(s['per_stream_tps_median'])} | {fmt(s['ttft_p50_ms'], 0)} | {fmt(lv['ttft_p50_ratio'], 2)} | "
+                     f"{fmt(s['per_stream_tps_median'])} | {fmt(lv.get('per_stream_ratio'), 2)} | "
+                     f"{fmt(s['ttft_p50_ms'], 0)} | {fmt(lv['ttft_p50_ratio'], 2)} | "
                      f"{fmt(s['ttft_p99_ms'], 0)} | {s['errors']} | {lost} |")
-    lines += ["", "Goals of the appliance (issue 13: aggregate >= 0.97x llama-server at 1 client and >= 1.0x above, "
-              "TTFT p50 <= 1.2x, no errors, no lost rows):", ""]
-    lines += [f"- {lv['clients']} clients: {goals(lv)}" for lv in runs if lv["server"] == "appliance"]
+    gpu = meta.get("goals") == "27"
+    lines += ["", f"Goals of the appliance ({GPU_GOAL if gpu else GOAL}):", ""]
+    lines += [f"- {lv['clients']} clients: {goals(lv, gpu)}" for lv in runs if lv["server"] == "appliance"]
     lines += [
         "",
         "Aggregate tok/s is every completion token of the level over its wall time (first request sent to last stream",
         "ended); per-stream tok/s counts from a stream's first text event to its last; TTFT is from sending a request",
         "to its first text event, so it includes the wait for a slot. Completion tokens are the server's own",
         "`usage.completion_tokens` where its stream reports it. Lost log rows: requests sent that have no finished",
-        "row with status 200 in the appliance's logs.db. The clients (Python threads) share the CPU with the server.",
+        "row with status 200 in the appliance's logs.db. The clients are Python threads spread over "
+        f"{meta.get('client_procs', 1)} process(es), on the same CPU as the servers; the server `canned`, where it ran, "
+        "streams canned tokens with no model: its row is the load generator's ceiling.",
         "Each level starts once the machine's CPU is below 15% (at most 15 s): a server just started or just done",
         "may still be busy for a moment. One run, no repeats: read small differences as noise.",
         "",
@@ -327,15 +384,18 @@ def figure(data: dict) -> str:
     ttft = [lv["ttft_p50_ratio"] for lv in ours if lv["ttft_p50_ratio"] is not None]
     errors = sum(lv["summary"]["errors"] for lv in ours)
     lost = sum(lv.get("log_rows", {}).get("lost", 0) for lv in ours)
-    return (f"aggregate {' / '.join(fmt(lv['aggregate_ratio'], 2) + 'x' for lv in ours)} llama-server's at "
+    single = next((lv for lv in ours if lv["clients"] == 1 and lv.get("per_stream_ratio") is not None), None)
+    return ((f"single-stream decode {single['per_stream_ratio']:.2f}x, " if single else "") + f"aggregate {' / '.join(fmt(lv['aggregate_ratio'], 2) + 'x' for lv in ours)} llama-server's at "
             f"{' / '.join(str(lv['clients']) for lv in ours)} clients, TTFT p50 "
             f"{f'{min(ttft):.2f}-{max(ttft):.2f}x' if ttft else '-'}; {errors} errors, {lost} lost rows")
 
 
-def write_report(meta: dict, runs: list[dict], inputs: list[Path], label: str | None = None) -> Path:
+def write_report(meta: dict, runs: list[dict], inputs: list[Path], label: str | None = None,
+                 files: dict | None = None) -> Path:
     data = {"meta": meta, "runs": runs}
-    run = record("load", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(data), command=meta["command"],
-                 report=markdown(data), data=data, inputs=inputs, label=label)
+    goal = GPU_GOAL if meta.get("goals") == "27" else GOAL
+    run = record("load", about=__doc__.splitlines()[0], goal=goal, figure=figure(data), command=meta["command"],
+                 report=markdown(data), data=data, inputs=inputs, label=label, files=files)
     return run / "report.md"
 
 
@@ -368,7 +428,13 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=default_threads(), help="inference threads (default: physical cores)")
     parser.add_argument("--parallel", type=int, default=8, help="slots (default 8)")
     parser.add_argument("--context", type=int, default=4096, help="context tokens per slot (default 4096)")
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS[:3]))
+    parser.add_argument("--client-procs", type=int, default=8,
+                        help="client processes the clients are spread over (default 8; 1: threads of this process)")
+    parser.add_argument("--goals", choices=("13", "27"), default="13",
+                        help="whose goals the report checks: issue 13's (CPU) or issue 27's (both on a GPU)")
+    parser.add_argument("--attach", nargs="*", type=Path, default=[],
+                        help="files kept in the run folder beside the report (say, llama-batched-bench's output)")
     parser.add_argument("--llama-server", type=Path, help="llama-server binary (default: bench/build_llama_server.sh's)")
     parser.add_argument("--label", help="the run's id in bench/results/load/runs/<date>-<id> (default: the commit; "
                                         "quick with --quick)")
@@ -399,7 +465,7 @@ def main(argv=None) -> None:
         runs = []
         for clients in args.clients:
             for server in servers:
-                runs.append(bench_level(server, clients, args.requests_per_client, args.max_tokens))
+                runs.append(bench_level(server, clients, args.requests_per_client, args.max_tokens, args.client_procs))
                 print(describe(runs[-1]), flush=True)
     finally:
         for server in servers:
@@ -411,13 +477,15 @@ def main(argv=None) -> None:
                   f"TTFT p50 {fmt(lv['ttft_p50_ratio'], 2)}x")
     meta = {"model": setup.model.name, "threads": args.threads, "parallel": args.parallel, "context": args.context,
             "clients": args.clients, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
+            "client_procs": args.client_procs, "goals": args.goals,
             "machine": machine() | {"physical_cores": psutil.cpu_count(logical=False)},
             "llama_server_version": llama_server_version(setup.llama_server) if PEER in args.servers else None,
             "servers": {s.name: {"command": s.command, "note": s.note} for s in servers},
             "load_average": load_average, "load_average_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
             "command": command_line("load", argv)}
     inputs = [setup.model] + ([setup.llama_server] if PEER in args.servers else [])
-    print("report:", write_report(meta, runs, inputs, args.label or ("quick" if args.quick else None)))
+    attached = {f.name: f for f in args.attach if f.is_file()}
+    print("report:", write_report(meta, runs, inputs, args.label or ("quick" if args.quick else None), attached))
 
 
 if __name__ == "__main__":
