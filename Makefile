@@ -18,6 +18,14 @@ LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS += -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
+# make serve LLAMA_GPU=cuda builds llama.cpp with CUDA for the GPU of this machine (CUDA_ARCH=native); name the
+# architecture where the build machine has no GPU or another one: 87 for Jetson Orin, 90 for Hopper. A venv
+# built without it is rebuilt only after make clean.
+LLAMA_GPU ?=
+CUDA_ARCH ?= native
+ifeq ($(LLAMA_GPU),cuda)
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
+endif
 PIP_INSTALL = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install
 
 .PHONY: serve test test-fast bench clean

@@ -113,7 +113,7 @@ class Settings:
     probe_every: float = field(default=15.0, metadata={"help": "seconds between live health probes: each loaded model with no request in flight answers a tiny generation; after 3 failures in a row its runner is restarted (0: no probes)"})
     probe_timeout: float = field(default=10.0, metadata={"help": "seconds a live health probe may take before it counts as failed"})
     rollback_window: float = field(default=600.0, metadata={"help": "seconds after a swap during which 3 failed probes in a row swap the old model back instead of restarting the new one"})
-    model_settings: dict = field(default_factory=dict, metadata={"help": "per model name, settings that replace the service's for it: parallel, context_length, threads, keep_alive"})
+    model_settings: dict = field(default_factory=dict, metadata={"help": "per model name, settings that replace the service's for it: parallel, context_length, threads, keep_alive, gpu_layers, flash_attn, main_gpu, tensor_split, kv_cache_type"})
     rate_limit_rpm: int = field(default=0, metadata={"help": "requests per minute per client (0: no limit)"})
     rate_limit_tpm: int = field(default=0, metadata={"help": "generated tokens per minute per client (0: no limit)"})
     max_prompt_chars: int = field(default=0, metadata={"help": "longest prompt in characters, checked before tokenizing (0: 16 per token of context)"})
@@ -128,6 +128,11 @@ class Settings:
     max_connections: int = field(default=1000, metadata={"help": "open client connections the box holds; past that, the one idle longest (silent, or still sending its request) is closed to make room, and a running request never is"})
     http_threads: int = field(default=0, metadata={"help": "HTTP worker threads (0: parallel + queue_size + 32, so health probes find one free while a burst of new requests waits to be told 429)"})
     provider: str = field(default="auto", metadata={"help": "ONNX Runtime execution provider: auto, cuda, tensorrt or cpu (auto: best available, else CPU)"})
+    gpu_layers: str | int = field(default="auto", metadata={"help": "llama.cpp: layers offloaded to the GPU (auto: every layer where the build can offload, else 0; or a number)"})
+    flash_attn: str = field(default="auto", metadata={"help": "llama.cpp: flash attention auto, on or off (a quantized V cache needs it on)"})
+    main_gpu: int = field(default=0, metadata={"help": "llama.cpp: the GPU that holds the model (with tensor_split, the one for small tensors)"})
+    tensor_split: list[float] = field(default_factory=list, metadata={"help": "llama.cpp: share of the model on each GPU, e.g. [3, 1]; empty: llama.cpp decides"})
+    kv_cache_type: str = field(default="f16", metadata={"help": "llama.cpp: the KV cache's type, f16, q8_0 or q4_0 (quantized: less memory per slot)"})
     idle_after: float = field(default=300.0, metadata={"help": "seconds without requests before going idle (KV cache freed, power profile lowered)"})
     deep_idle_after: float = field(default=1800.0, metadata={"help": "seconds without requests before unloading the model"})
     memory_low_mb: int = field(default=256, metadata={"help": "go to deep idle early when the box has less available memory than this"})
@@ -191,6 +196,11 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return _list_of_tables(value)
         if kind == "list[str]":
             return _list_of_strings(value)
+        if kind == "list[float]":
+            return _list_of_numbers(value)
+        if kind == "str | int":  # a word such as "auto", or a number
+            return value if isinstance(value, int) and not isinstance(value, bool) else (
+                int(value) if str(value).strip().isdigit() else str(value))
         if kind == "dict":
             return _table_of_tables(value)
         return str(value)
@@ -214,6 +224,15 @@ def _table_of_tables(value: Any) -> dict[str, dict]:
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError(value)
     return value
+
+
+def _list_of_numbers(value: Any) -> list[float]:
+    """A TOML list of numbers, or from the environment a JSON list or comma-separated text."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else [float(v) for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise ValueError(value)
+    return [float(v) for v in value]
 
 
 def _list_of_strings(value: Any) -> list[str]:
@@ -286,7 +305,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)
     _validate_per_model("model_sampling", settings.model_sampling, SAMPLING_OPTIONS, least=None)
-    _validate_per_model("model_settings", settings.model_settings, MODEL_SETTINGS, least=0)  # keep_alive may be 0
+    _validate_per_model("model_settings", {m: {k: v for k, v in o.items() if k not in ENGINE_SETTINGS}
+                                           for m, o in settings.model_settings.items()},
+                        MODEL_SETTINGS + ENGINE_SETTINGS, least=0)  # keep_alive may be 0
+    _validate_engine("", vars(settings))
+    for model, options in settings.model_settings.items():
+        _validate_engine(f"model_settings for {model!r}: ", options)
     _validate_patterns(settings.log_redact)
     _validate_power(settings)
     _validate_tls(settings)
@@ -309,6 +333,29 @@ SAMPLING_OPTIONS = tuple(SAMPLING_DEFAULTS)
 
 # What model_settings may set for one model: the service's own settings of these names are the default.
 MODEL_SETTINGS = ("parallel", "context_length", "threads", "keep_alive")
+# llama.cpp's engine settings, service-wide and per model (appliance.backends.llama_cpp reads them).
+ENGINE_SETTINGS = ("gpu_layers", "flash_attn", "main_gpu", "tensor_split", "kv_cache_type")
+FLASH_ATTN_MODES = ("auto", "on", "off")
+KV_CACHE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per number: ggml's blocks of 32 with a scale
+KV_CACHE_TYPES = tuple(KV_CACHE_BYTES)
+
+
+def _validate_engine(where: str, options: dict) -> None:
+    layers = options.get("gpu_layers", "auto")
+    if layers != "auto" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+        raise ConfigError(f"{where}setting 'gpu_layers' must be auto or a whole number of layers, got {layers!r}")
+    if options.get("flash_attn", "auto") not in FLASH_ATTN_MODES:
+        raise ConfigError(f"{where}setting 'flash_attn' must be one of {', '.join(FLASH_ATTN_MODES)}, "
+                          f"got {options['flash_attn']!r}")
+    if options.get("kv_cache_type", "f16") not in KV_CACHE_TYPES:
+        raise ConfigError(f"{where}setting 'kv_cache_type' must be one of {', '.join(KV_CACHE_TYPES)}, "
+                          f"got {options['kv_cache_type']!r}")
+    main_gpu = options.get("main_gpu", 0)
+    if isinstance(main_gpu, bool) or not isinstance(main_gpu, int) or main_gpu < 0:
+        raise ConfigError(f"{where}setting 'main_gpu' must be a GPU index (0, 1, ...), got {main_gpu!r}")
+    split = options.get("tensor_split", [])
+    if not isinstance(split, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in split):
+        raise ConfigError(f"{where}setting 'tensor_split' must be a list of shares such as [3, 1], got {split!r}")
 
 
 def _validate_per_model(setting: str, per_model: dict, known: tuple[str, ...], least: float | None) -> None:

@@ -139,6 +139,19 @@ class _StateCollector:
                          st.power.last_wake_ms / 1000)
         yield _gauge("appliance_log_writable", "0 while writes to the request log fail (disk full or failing)",
                      int(st.db.log_error is None))
+        yield from _devices([m for m in models if m.runner.is_loaded and m.runner.facts is not None])
+
+
+def _devices(models):
+    """Where each loaded model runs and how many of its layers are on a GPU, as its engine reported at load."""
+    device = GaugeMetricFamily("appliance_model_device", "1 for the device a loaded model's layers mostly run on "
+                               "(llama.cpp's CPU or CUDA0; ONNX Runtime's execution provider)", labels=["model", "device"])
+    for model in models:
+        info = model.runner.facts.info
+        device.add_metric([model.name, str(info.get("device") or info.get("provider"))], 1)
+    yield device
+    yield from _per_model(models, "appliance_model_gpu_layers", "Layers of a loaded model on a GPU, as llama.cpp "
+                          "reported them at load", lambda m: m.runner.facts.info.get("gpu_layers_offloaded") or 0)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

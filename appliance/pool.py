@@ -32,14 +32,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psutil
 
 from appliance import embedding
 from appliance.admission import Admission, ClientBuckets
 from appliance.backends.base import BackendError
-from appliance.config import SAMPLING_DEFAULTS, Settings
+from appliance.config import ENGINE_SETTINGS, KV_CACHE_BYTES, SAMPLING_DEFAULTS, Settings
 from appliance.db import Database
 from appliance.errors import APIError, InvalidRequest, LogUnavailable, ModelNotFoundError, ServiceUnavailable
 from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, PROBE_PROMPTS, probe
@@ -134,7 +134,10 @@ class PooledModel:
             return 0
         if self.entry.kind == EMBEDDING:  # no KV cache kept between batches: its file is what it holds
             return -(-self.shape.disk_bytes // 2**20)
-        return self.shape.memory_mib(self.options["context_length"], self.options["parallel"])
+        shape = self.shape
+        if self.entry.format == "gguf":  # llama.cpp's cache is of kv_cache_type (ONNX Runtime's, of the graph's)
+            shape = replace(shape, kv_value_bytes=KV_CACHE_BYTES[self.options["kv_cache_type"]])
+        return shape.memory_mib(self.options["context_length"], self.options["parallel"])
 
 
 class ModelPool:
@@ -237,7 +240,8 @@ class ModelPool:
         options = self.options(entry.name)
         runner = ModelRunner(entry, threads=options["threads"], context_length=options["context_length"],
                              parallel=options["parallel"], provider=self.settings.provider,
-                             stream_interval=self.settings.stream_interval, spawn=self.spawn)
+                             stream_interval=self.settings.stream_interval, spawn=self.spawn,
+                             engine={k: options[k] for k in ENGINE_SETTINGS})
         admission = Admission(slots=options["parallel"], queue_size=self.settings.queue_size,
                               classes=self.settings.priority_classes, aging=self.settings.queue_aging,
                               buckets=self.buckets)
@@ -261,6 +265,8 @@ class ModelPool:
             k: own[k] for k in ("parallel", "context_length", "threads") if k in own}
         options = {k: int(v) for k, v in options.items()}
         options["keep_alive"] = float(own.get("keep_alive", s.keep_alive))
+        options |= {k: own.get(k, getattr(s, k)) for k in ENGINE_SETTINGS}
+        options["tensor_split"] = tuple(options["tensor_split"])
         return options
 
     def _default_keep_alive(self, model: PooledModel) -> float | None:

@@ -28,13 +28,13 @@ class ModelShape:
     layers: int = 0  # 0: the shape is unknown, and only the files are counted
     kv_width: int = 0  # key and value numbers per token per layer
     trained_context: int = 0
-    kv_value_bytes: int = 2
+    kv_value_bytes: float = 2
     quantization: str | None = None
 
     def kv_bytes(self, context_length: int, slots: int) -> int:
         """The KV cache of ``slots`` sequences of ``context_length`` tokens (capped at the trained context)."""
         tokens = min(context_length, self.trained_context or context_length) * slots
-        return self.layers * tokens * self.kv_width * self.kv_value_bytes
+        return int(self.layers * tokens * self.kv_width * self.kv_value_bytes)
 
     def memory_mib(self, context_length: int, slots: int) -> int:
         return -(-(self.disk_bytes + self.kv_bytes(context_length, slots)) // 2**20)

@@ -40,6 +40,11 @@ def test_config_precedence_defaults_file_env_flags(tmp_path):
         ("", {"APPLIANCE_LOG_TEXT": "maybe"}, "log_text"),
         ("", {"APPLIANCE_PORT": "-1"}, "positive"),
         ("port = [\n", {}, "config.toml"),
+        ("", {"APPLIANCE_GPU_LAYERS": "lots"}, "gpu_layers"),
+        ("kv_cache_type = 'q5_1'\n", {}, "kv_cache_type"),
+        ("flash_attn = 'maybe'\n", {}, "flash_attn"),
+        ("tensor_split = ['a']\n", {}, "tensor_split"),
+        ("[model_settings.big]\nkv_cache_type = 'fp8'\n", {}, "model_settings for 'big'"),
     ],
 )
 def test_config_errors_name_the_setting(tmp_path, toml, env, message):
@@ -404,3 +409,11 @@ def test_model_sampling_must_name_known_options():
         load_settings(overrides={"model_sampling": {"m": {"temprature": 0.2}}}, environ={})
     settings = load_settings(environ={"APPLIANCE_MODEL_SAMPLING": '{"m": {"temperature": 0.2}}'})
     assert settings.model_sampling == {"m": {"temperature": 0.2}}
+
+
+def test_engine_settings_come_from_the_environment_and_per_model(tmp_path):
+    (tmp_path / "config.toml").write_text("[model_settings.big]\ngpu_layers = 20\nkv_cache_type = 'q4_0'\n")
+    s = load_settings(environ={"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_GPU_LAYERS": "12",
+                               "APPLIANCE_TENSOR_SPLIT": "3,1", "APPLIANCE_KV_CACHE_TYPE": "q8_0"})
+    assert (s.gpu_layers, s.tensor_split, s.kv_cache_type, s.flash_attn) == (12, [3.0, 1.0], "q8_0", "auto")
+    assert s.model_settings["big"] == {"gpu_layers": 20, "kv_cache_type": "q4_0"}

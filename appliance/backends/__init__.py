@@ -43,11 +43,13 @@ def backend_class(model_format: str) -> type[Backend]:
 
 
 def create_backend(
-    model_format: str, model_path, threads: int, context_length: int, n_slots: int = 1, provider: str = "auto"
+    model_format: str, model_path, threads: int, context_length: int, n_slots: int = 1, provider: str = "auto",
+    engine: dict | None = None,
 ) -> Backend:
     cls = backend_class(model_format)
-    # Settings only some engines have (e.g. the execution provider) go to those that list them in ``options``.
-    extra = {k: v for k, v in {"provider": provider}.items() if k in cls.options}
+    # Settings only some engines have (the execution provider, llama.cpp's GPU and KV cache settings) go to those
+    # that list them in ``options``.
+    extra = {k: v for k, v in ({"provider": provider} | (engine or {})).items() if k in cls.options}
     return cls(model_path, threads=threads, context_length=context_length, n_slots=n_slots, **extra)
 
 

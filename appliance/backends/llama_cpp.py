@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import re
 from pathlib import Path
 
 import llama_cpp
@@ -21,17 +22,40 @@ from llama_cpp import _logger as llama_logger
 from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or,
                                      token_logprob)
 from appliance.backends.embedding import EmbeddingBackend
+from appliance.backends.llama_report import captured_log, load_report
 from appliance.grammar import apply_mask
 from models.formats import GGUF_FILE_TYPES
 
 N_BATCH = 512  # tokens per decode: a prompt longer than this is fed in chunks between decode steps
+# The engine settings a model may have (appliance.config's gpu_layers, flash_attn, main_gpu, tensor_split,
+# kv_cache_type), with what llama.cpp itself would do.
+ENGINE_DEFAULTS = {"gpu_layers": "auto", "flash_attn": "auto", "main_gpu": 0, "tensor_split": (), "kv_cache_type": "f16"}
+FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+
+def _provider(report: dict) -> str:
+    """cpu, or the GPU backend most layers run on (CUDA0 -> cuda)."""
+    if not report["gpu_layers_offloaded"] or not report["device"] or report["device"].startswith("CPU"):
+        return "cpu"
+    return re.sub(r"\d+$", "", report["device"]).lower()
+
+
+def gpu_layers(setting) -> int:
+    """Layers to offload: auto is every layer (-1) where this build can offload, else none."""
+    if setting == "auto":
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    return int(setting)
 
 
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
+    options = tuple(ENGINE_DEFAULTS)  # the GPU and KV cache settings (appliance.config), per model
 
-    def __init__(self, model_path, threads: int, context_length: int, n_slots: int):
+    def __init__(self, model_path, threads: int, context_length: int, n_slots: int, **engine):
         super().__init__(model_path, threads, context_length, n_slots)
+        self.engine = ENGINE_DEFAULTS | engine
         self._model = self._ctx = self._vocab = None
         self._batch = None
         self._samplers: dict[int, ctypes.c_void_p] = {}
@@ -43,24 +67,42 @@ class LlamaCppBackend(Backend):
         llama_logger.set_verbose(False)
         llama_cpp.llama_backend_init()
         path = Path(self.model_path)
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
-        if not self._model:
-            raise BackendError(f"llama.cpp could not load {path}: not a GGUF file it can read")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        trained = llama_cpp.llama_n_ctx_train(self._model)
-        # Never serve more context than the model was trained for.
-        per_slot = min(self.requested_context_length, trained) if trained > 0 else self.requested_context_length
-        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(per_slot))
+        with captured_log() as lines:  # what llama.cpp did with the settings, as it says
+            self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), self._model_params())
+            if not self._model:
+                raise BackendError(f"llama.cpp could not load {path}: not a GGUF file it can read")
+            self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+            trained = llama_cpp.llama_n_ctx_train(self._model)
+            # Never serve more context than the model was trained for.
+            per_slot = min(self.requested_context_length, trained) if trained > 0 else self.requested_context_length
+            self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(per_slot))
         if not self._ctx:
-            raise BackendError(f"llama.cpp could not make a context of {per_slot} x {self.n_slots} tokens for {path}")
+            raise BackendError(f"llama.cpp could not make a context of {per_slot} x {self.n_slots} tokens for {path} "
+                               f"(kv_cache_type {self.engine['kv_cache_type']}, flash_attn {self.engine['flash_attn']})")
+        self._report = load_report(lines)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         return ModelFacts(context_length=per_slot, n_slots=self.n_slots, n_batch=N_BATCH, n_vocab=self._n_vocab,
                           info=self._info(path))
 
+    def _model_params(self):
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers(self.engine["gpu_layers"])
+        params.main_gpu = self.engine["main_gpu"]
+        split = self.engine["tensor_split"]
+        if split:
+            if len(split) > llama_cpp.llama_max_devices():
+                raise BackendError(f"tensor_split has {len(split)} parts; this llama.cpp build takes at most "
+                                   f"{llama_cpp.llama_max_devices()}")
+            self._split = (ctypes.c_float * llama_cpp.llama_max_devices())(*split)  # kept alive with the model
+            params.tensor_split = self._split
+        return params
+
     def _context_params(self, per_slot: int):
         params = llama_cpp.llama_context_default_params()
+        params.flash_attn_type = FLASH_ATTN[self.engine["flash_attn"]]
+        params.type_k = params.type_v = KV_CACHE_TYPES[self.engine["kv_cache_type"]]
         params.n_ctx = per_slot * self.n_slots
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_seq_max = self.n_slots
@@ -94,7 +136,11 @@ class LlamaCppBackend(Backend):
             "architecture": self._meta("general.architecture"),
             "quantization": GGUF_FILE_TYPES.get(int(file_type), file_type) if file_type else None,
             "threads": self.threads,
-            "provider": "gpu-capable" if llama_cpp.llama_supports_gpu_offload() else "cpu",
+            # where it runs as llama.cpp reports it; "gpu_layers" is what was asked, auto resolved
+            "provider": _provider(self._report),
+            **self._report,
+            "gpu_layers": gpu_layers(self.engine["gpu_layers"]),
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
             "file": str(path),
         }
 

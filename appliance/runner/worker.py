@@ -59,7 +59,7 @@ def serve(conn: Connection, spec: dict) -> None:
 
 def _generator(spec: dict):
     return create_backend(spec["format"], spec["path"], threads=spec["threads"], context_length=spec["context_length"],
-                          n_slots=spec["parallel"], provider=spec.get("provider", "auto"))
+                          n_slots=spec["parallel"], provider=spec.get("provider", "auto"), engine=spec.get("engine"))
 
 
 def _embedder(spec: dict):
