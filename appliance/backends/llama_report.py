@@ -19,6 +19,7 @@ import llama_cpp
 _LAYER = re.compile(r"layer\s+\d+ assigned to device (\S+?),")
 _FLASH = re.compile(r"llama_context: flash_attn\s+=\s+(\w+)")
 _KV = re.compile(r"llama_kv_cache: size = .*K \((\w+)\): .*V \((\w+)\)")
+_KV_SIZE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
 _KV_DEVICE = re.compile(r"llama_kv_cache: layer\s+\d+: dev = (\S+)")
 
 
@@ -42,7 +43,7 @@ def captured_log():
 
 def load_report(lines: list[str]) -> dict:
     """The facts the log holds: device (where most layers are), layers and how many are on a GPU, kv_device,
-    flash_attn ("enabled"/"disabled") and kv_cache_type."""
+    flash_attn ("enabled"/"disabled"), kv_cache_type and kv_cache_mib (every slot's)."""
     text = "".join(lines)
     layers = Counter(_LAYER.findall(text))
     kv_devices = Counter(_KV_DEVICE.findall(text))
@@ -50,11 +51,13 @@ def load_report(lines: list[str]) -> dict:
     if flash == "auto":  # decided when the graphs are built: flash attention nodes in them, or none
         flash = "enabled" if "(FLASH_ATTN_EXT)" in text else "disabled"
     kv = _KV.search(text)
+    kv_size = _KV_SIZE.search(text)
     return {
         "device": layers.most_common(1)[0][0] if layers else None,
         "layers": sum(layers.values()) or None,
         "gpu_layers_offloaded": sum(n for device, n in layers.items() if not device.startswith("CPU")) if layers else None,
         "kv_device": kv_devices.most_common(1)[0][0] if kv_devices else None,
         "flash_attn": flash,
+        "kv_cache_mib": float(kv_size.group(1)) if kv_size else None,
         "kv_cache_type": kv.group(1) if kv and kv.group(1) == kv.group(2) else (f"{kv.group(1)}/{kv.group(2)}" if kv else None),
     }
