@@ -348,7 +348,7 @@ def models_swap(ctx, name, package, url):
 
 def _entry_json(e) -> dict:
     return {"name": e.name, "format": e.format, "path": str(e.path) if e.path else None, "sha256": e.sha256,
-            "available": e.available, "source": e.source, "aliases": list(e.aliases)}
+            "available": e.available, "source": e.source, "aliases": list(e.aliases), "kind": e.kind}
 
 
 @cli.group(invoke_without_command=True)

@@ -410,6 +410,10 @@ class ModelPool:
         old = self.get(name)
         if entry.name == old.name:
             raise InvalidRequest(f"{name!r} already serves {entry.name!r}", param="package", code="invalid_value")
+        if entry.kind != old.entry.kind:  # its clients would get 400s for every request
+            raise InvalidRequest(f"{name!r} serves {_a(old.entry.kind)} model and {entry.name!r} is {_a(entry.kind)} "
+                                 "model: swap a name only to a model of the same kind", param="package",
+                                 code="model_kind_mismatch")
         start = time.perf_counter()
         with self._lock:
             new = self._models.get(entry.name) or self._add_locked(entry)

@@ -240,3 +240,10 @@ def test_the_live_probe_of_an_embedding_model_asks_for_vectors(ebox):
     assert pool._probe(embedder, 2, 5.0) is None
     pool.check_health()
     assert embedder.probe_failures == 0
+
+
+def test_a_name_is_never_swapped_to_a_model_of_another_kind(ebox):
+    r = ebox.client.post("/api/models/fake/swap", json={"package": "embedder"})
+    error = assert_openai_error(r, 400, "model_kind_mismatch", "package")
+    assert "same kind" in error["message"]
+    assert ebox.state.models.get("fake").name == "fake"
