@@ -418,6 +418,48 @@ def logs_verify(ctx, public_key, as_json, home):
     sys.exit(0 if result.ok else 1)
 
 
+@logs.command("export")
+@click.option("--since", help="rows started at or after this ISO 8601 time (UTC unless it names a zone)")
+@click.option("--until", help="rows started before this time")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--model", help="only this model's rows")
+@click.option("--status", help="an HTTP status, or ok, error, cancelled, open")
+@click.option("--key-id", help="only rows of this API key id")
+@click.option("--endpoint", help="only this endpoint, e.g. /v1/chat/completions")
+@click.option("-q", "--search", help="text in the prompt, response or error")
+@click.option("--text/--no-text", default=False, show_default=True, help="include prompts and responses")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="file to write [default: stdout]")
+@_home_option
+@click.pass_context
+def logs_export(ctx, since, until, fmt, model, status, key_id, endpoint, search, text, out, home):
+    """Write the log's rows, newest first, as JSON Lines (for a SIEM or ELK) or CSV.
+
+    The same filters as the web UI's Logs page and GET /api/logs/export.
+
+    \b
+    Example:
+      appliance logs export --since 2026-12-01 --format jsonl --out requests.jsonl
+      appliance logs export --status error --format csv
+    """
+    from appliance import log_export
+    from appliance.errors import APIError
+
+    try:
+        filters = log_export.parse_filters({"since": since, "until": until, "model": model, "status": status,
+                                            "key_id": key_id, "endpoint": endpoint, "q": search})
+    except APIError as exc:
+        raise click.BadParameter(exc.message, param_hint=f"--{exc.param}") from None
+    db = _read_log(_settings(ctx, home=home))
+    chunks = log_export.export(db.iter_requests(*log_export.where_clause(filters)), fmt, text)
+    stream = open(out, "w", encoding="utf-8", newline="") if out else sys.stdout
+    try:
+        for chunk in chunks:
+            stream.write(chunk)
+    finally:
+        if out:
+            stream.close()
+
+
 def _read_log(settings: Settings):
     from appliance.db import Database
 

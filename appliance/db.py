@@ -393,6 +393,30 @@ class Database:
         with self._lock:
             return list(self.db["requests"].rows_where(order_by="id desc", limit=limit, offset=offset))
 
+    def query_requests(self, where: str = "1", args: list | None = None, limit: int = 50, offset: int = 0,
+                       before_id: int | None = None) -> list[dict]:
+        """Rows matching a filter (``log_export.where_clause``), newest first: a page of a filtered log view.
+
+        ``before_id`` starts below that row instead of skipping ``offset`` rows, so an export that walks the
+        whole log in batches neither repeats nor misses rows while new ones arrive."""
+        sql, params = f"SELECT * FROM requests WHERE ({where})", list(args or [])
+        if before_id is not None:
+            sql, params = sql + " AND id < ?", params + [before_id]
+        with self._lock:
+            cursor = self.db.execute(sql + " ORDER BY id DESC LIMIT ? OFFSET ?", params + [limit, offset])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def iter_requests(self, where: str = "1", args: list | None = None, batch: int = 500):
+        """Every row matching a filter, newest first, read in batches (the lock is not held between them)."""
+        before = None
+        while True:
+            rows = self.query_requests(where, args, limit=batch, before_id=before)
+            yield from rows
+            if len(rows) < batch:
+                return
+            before = rows[-1]["id"]
+
     def get_request(self, request_id: int) -> dict:
         with self._lock:
             return self.db["requests"].get(request_id)

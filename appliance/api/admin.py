@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 
-from appliance import auth
+from appliance import auth, log_export
 from appliance.api import request_log
 from appliance.api.schemas import PowerRequest, SwapRequest, parse_body
 from appliance.backends.base import BackendError
-from appliance.errors import InvalidRequest, ServiceUnavailable
+from appliance.errors import APIError, InvalidRequest, ServiceUnavailable
 from appliance.state import state
+from appliance.timestamps import utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
 request_log.attach(bp, record_body=True)  # what an admin changed, and with which key, is in the audit chain
@@ -91,11 +92,42 @@ def logs():
 
     Prompts and responses only with ?text=true (their sha256 always): what people asked is read
     when someone means to, and only with an admin or auditor key where keys are in force.
+
+    Filters (each optional, all must hold): ``model``, ``status`` (an HTTP status, or ``ok``, ``error``,
+    ``cancelled``, ``open``), ``key_id``, ``endpoint``, ``since`` and ``until`` (ISO 8601, UTC unless zoned),
+    ``q`` (text in the prompt, response or error). ``has_more`` says whether an older page exists.
     """
-    rows = state().db.recent_requests(_limit_arg(), offset=_offset_arg())
+    where, args = log_export.where_clause(log_export.parse_filters(request.args))
+    limit = _limit_arg()
+    rows = state().db.query_requests(where, args, limit=limit + 1, offset=_offset_arg())
     if not _flag("text"):
-        rows = [{k: v for k, v in row.items() if k not in TEXT_COLUMNS} for row in rows]
-    return jsonify({"data": rows})
+        rows = [log_export.without_texts(row) for row in rows]
+    return jsonify({"data": rows[:limit], "has_more": len(rows) > limit})
+
+
+@bp.get("/logs/<int:request_id>")
+def log_row(request_id: int):
+    """One request's row; its prompt and response only with ?text=true, as for the list."""
+    rows = state().db.query_requests("id = ?", [request_id], limit=1)
+    if not rows:
+        raise APIError(f"no request {request_id} in the log (it may have been pruned by retention)",
+                       param="request_id", code="not_found", status=404)
+    return jsonify(rows[0] if _flag("text") else log_export.without_texts(rows[0]))
+
+
+@bp.get("/logs/export")
+def export_logs():
+    """Every row matching the filters (as for /api/logs), newest first, streamed as ``?format=csv`` or ``jsonl``.
+
+    Texts only with ?text=true. JSON Lines is what a SIEM or ELK ingests; CSV opens in a spreadsheet (a cell
+    that would start a formula is prefixed with an apostrophe)."""
+    where, args = log_export.where_clause(log_export.parse_filters(request.args))
+    fmt, text = request.args.get("format", "jsonl"), _flag("text")
+    body = log_export.export(state().db.iter_requests(where, args), fmt, text)
+    mimetype = "text/csv" if fmt == "csv" else "application/x-ndjson"
+    name = f"requests-{utcnow()[:19].replace(':', '')}.{fmt}"
+    return Response(stream_with_context(body), mimetype=mimetype,
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 def _flag(name: str) -> bool:

@@ -1,223 +1,145 @@
-// The appliance's web UI: chat over the same OpenAI-compatible API any client uses,
-// plus the request log and the power state. Plain JavaScript, no network beyond this box.
+// The appliance's web UI: pages over the same documented REST API any client uses. Plain JavaScript modules,
+// no build step, nothing fetched beyond this box. This file: sign-in, which pages the key's role may open,
+// the page router, the readiness banner and the power badge.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
-const conversation = [];
-let controller = null;
+import { $, api, errorMessage, getKey, onUnauthorized, setKey } from "./api.js";
+import { initChat, loadChatModels } from "./chat.js";
+import { initPages, loadStatus, pages, role, showPower } from "./pages.js";
 
-// -- API key ----------------------------------------------------------------
-// Where the box requires keys, the UI asks for one when the API answers 401 and keeps it for this
-// tab only (sessionStorage). Every call goes through api(): JSON bodies with their Content-Type, and
-// the key as a Bearer header; the browser adds the Origin the box checks on POSTs.
-const KEY = "appliance.api_key";
+const can = { chat: false, admin: false, logs: false, models: false };
+let signedIn = false;
 
-async function api(path, options = {}) {
-  const headers = { ...(options.headers || {}) };
-  if (options.body !== undefined) headers["Content-Type"] = "application/json";
-  const key = sessionStorage.getItem(KEY);
-  if (key) headers.Authorization = `Bearer ${key}`;
-  const response = await fetch(path, { ...options, headers });
-  if (response.status === 401) askForKey(await errorMessage(response.clone()));
-  return response;
+// -- sign-in and roles ----------------------------------------------------------------------
+// The key's role is read from what the API lets it do (the same rules as auth.py's): a user key may call
+// /v1/*, an auditor key /api/logs, an admin key both and the rest of /api/*. No private endpoint is needed.
+async function allowed(path) {
+  const response = await api(path, { quiet: true });
+  return { ok: response.ok, status: response.status };
+}
+
+async function probeRoles() {
+  const [chat, admin, logs] = await Promise.all([allowed("/v1/models"), allowed("/api/status"), allowed("/api/logs?limit=1")]);
+  if ([chat, admin, logs].every((r) => r.status === 401)) {
+    const hadKey = Boolean(getKey());
+    setKey(null);
+    askForKey(hadKey ? "That key was refused (wrong, expired or revoked). Sign in with another." :
+      "This box needs an API key.");
+    return false;
+  }
+  can.chat = chat.ok;
+  can.admin = admin.ok;
+  can.logs = logs.ok;
+  can.models = chat.ok || admin.ok;
+  role.admin = can.admin;
+  role.logs = can.logs;
+  document.querySelectorAll("[data-needs]").forEach((el) => { el.hidden = !can[el.dataset.needs]; });
+  document.querySelectorAll(".admin-only").forEach((el) => { el.hidden = !can.admin; });
+  const who = can.admin ? "admin" : can.chat ? "user" : can.logs ? "auditor" : "no access";
+  $("whoami").textContent = getKey() ? `signed in: ${who}` : "no key needed here";
+  $("whoami").dataset.role = who;
+  $("sign-out").hidden = !getKey();
+  $("key-form").hidden = true;
+  $("main").hidden = false;
+  signedIn = true;
+  return true;
 }
 
 function askForKey(message) {
+  signedIn = false;
   $("key-message").textContent = message;
   $("key-form").hidden = false;
+  $("main").hidden = true;
+  $("api-key").focus();
 }
 
-$("key-form").addEventListener("submit", (e) => {
+$("key-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const key = $("api-key").value.trim();
-  if (key) sessionStorage.setItem(KEY, key);
   $("api-key").value = "";
-  $("key-form").hidden = true;
-  refreshPower();
+  if (!key) return;
+  setKey(key);
+  if (await probeRoles()) start();
 });
 
-// -- tabs -------------------------------------------------------------------
-document.querySelectorAll("button.tab").forEach((tab) => {
-  tab.addEventListener("click", () => {
-    document.querySelectorAll("button.tab, .panel").forEach((el) => el.classList.remove("active"));
-    tab.classList.add("active");
-    $(tab.dataset.tab).classList.add("active");
-    if (tab.dataset.tab === "logs") loadLogs();
-    if (tab.dataset.tab === "power-panel") loadStatus();
+$("sign-out").addEventListener("click", () => {
+  setKey(null);
+  location.hash = "";
+  location.reload();
+});
+
+onUnauthorized((message) => askForKey(message));
+
+// -- pages ----------------------------------------------------------------------------------
+const PAGE_NEEDS = { chat: "chat", status: "admin", models: "models", logs: "logs" };
+
+function route() {
+  if (!signedIn) return;
+  let page = location.hash.slice(1);
+  if (!(page in PAGE_NEEDS)) page = Object.keys(PAGE_NEEDS).find((p) => can[PAGE_NEEDS[p]]) || "chat";
+  document.querySelectorAll(".page").forEach((section) => { section.hidden = section.id !== `page-${page}`; });
+  document.querySelectorAll("nav .tab").forEach((tab) => {
+    if (tab.dataset.page === page) tab.setAttribute("aria-current", "page");
+    else tab.removeAttribute("aria-current");
   });
-});
-
-// -- chat -------------------------------------------------------------------
-function addMessage(role, text) {
-  const div = document.createElement("div");
-  div.className = `message ${role}`;
-  div.textContent = text;
-  $("messages").appendChild(div);
-  return div;
-}
-
-async function errorMessage(response) {
-  try {
-    const body = await response.json();
-    return body.error.message;
-  } catch {
-    return `HTTP ${response.status}`;
-  }
-}
-
-// Yields the JSON payload of every "data:" event of a server-sent-event stream.
-async function* sseEvents(response) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      if (!event.startsWith("data: ")) continue;
-      const data = event.slice(6);
-      if (data === "[DONE]") return;
-      yield JSON.parse(data);
+  const section = $(`page-${page}`);
+  let refusal = section.querySelector(".refused");
+  if (!can[PAGE_NEEDS[page]]) {
+    if (!refusal) {
+      refusal = document.createElement("p");
+      refusal.className = "refused";
+      refusal.setAttribute("role", "alert");
+      section.prepend(refusal);
     }
+    refusal.textContent = "This page needs a key with another role; sign in with one that has it.";
+    section.querySelectorAll(":scope > :not(.refused):not(h2)").forEach((el) => { el.hidden = true; });
+    return;
   }
+  if (refusal) refusal.remove();
+  if (page === "chat") loadChatModels();
+  else pages[page]();
 }
 
-async function send(text) {
-  $("error").textContent = "";
-  conversation.push({ role: "user", content: text });
-  addMessage("user", text);
-  const bubble = addMessage("assistant", "");
-  bubble.classList.add("streaming");
-  controller = new AbortController();
-  setBusy(true);
-  let reply = "";
-  let finish = null;
-  let usage = null;
+window.addEventListener("hashchange", route);
+
+// -- banner and power badge -----------------------------------------------------------------
+async function refresh() {
   try {
-    const response = await api("/v1/chat/completions", {
-      method: "POST",
-      signal: controller.signal,
-      body: JSON.stringify({
-        messages: conversation,
-        stream: true,
-        stream_options: { include_usage: true },
-        temperature: Number($("temperature").value),
-        max_tokens: Number($("max-tokens").value),
-      }),
-    });
-    if (!response.ok) throw new Error(await errorMessage(response));
-    for await (const event of sseEvents(response)) {
-      if (event.error) throw new Error(event.error.message);
-      if (event.usage) usage = event.usage;
-      for (const choice of event.choices) {
-        reply += choice.delta.content || "";
-        finish = choice.finish_reason || finish;
-      }
-      bubble.textContent = reply;
-    }
-    conversation.push({ role: "assistant", content: reply });
-  } catch (err) {
-    if (err.name === "AbortError") finish = "stopped";
+    const ready = await fetch("/readyz", { credentials: "omit" });
+    const banner = $("banner");
+    if (ready.ok) banner.hidden = true;
     else {
-      $("error").textContent = err.message;
-      conversation.pop();
+      banner.textContent = `Not ready: ${await errorMessage(ready)}`;
+      banner.hidden = false;
     }
-  } finally {
-    bubble.classList.remove("streaming");
-    bubble.dataset.finish = finish || "";
-    const meta = document.createElement("span");
-    meta.className = "meta";
-    meta.textContent = [finish && `finish: ${finish}`, usage && `${usage.completion_tokens} tokens`].filter(Boolean).join(" · ");
-    bubble.appendChild(meta);
-    setBusy(false);
-    controller = null;
-    refreshPower();
-  }
-}
-
-function setBusy(busy) {
-  $("send").disabled = busy;
-  $("stop").disabled = !busy;
-}
-
-$("composer").addEventListener("submit", (e) => {
-  e.preventDefault();
-  const text = $("prompt").value.trim();
-  if (!text || controller) return;
-  $("prompt").value = "";
-  send(text);
-});
-$("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) {
-    e.preventDefault();
-    $("composer").requestSubmit();
-  }
-});
-$("stop").addEventListener("click", () => controller && controller.abort());
-$("clear").addEventListener("click", () => {
-  conversation.length = 0;
-  $("messages").replaceChildren();
-});
-
-// -- logs -------------------------------------------------------------------
-async function loadLogs() {
-  const response = await api("/api/logs?limit=50");
-  if (!response.ok) return;
-  const { data } = await response.json();
-  $("log-rows").replaceChildren(
-    ...data.map((r) => {
-      const tr = document.createElement("tr");
-      const cells = [r.id, r.started.slice(0, 19).replace("T", " "), r.endpoint, r.status, r.prompt_tokens,
-        r.completion_tokens, r.ttft_ms && r.ttft_ms.toFixed(0), r.tokens_per_s && r.tokens_per_s.toFixed(1), r.error];
-      for (const value of cells) {
-        const td = document.createElement("td");
-        td.textContent = value ?? "";
-        tr.appendChild(td);
+    if (ready.ok) {
+      const body = await ready.json();
+      if (!can.admin) showPower({ state: body.power_state });
+    }
+    if (can.admin) {
+      if (location.hash === "#status") await loadStatus();
+      else {
+        const response = await api("/api/status", { quiet: true });
+        if (response.ok) showPower(await response.json());
       }
-      return tr;
-    }),
-  );
-}
-$("refresh-logs").addEventListener("click", loadLogs);
-
-// -- power ------------------------------------------------------------------
-function showPower(status) {
-  const badge = $("power");
-  badge.textContent = status.state.replace("_", " ");
-  badge.className = `badge ${status.state}`;
-  badge.dataset.state = status.state;
-}
-
-async function loadStatus() {
-  const response = await api("/api/status");
-  if (!response.ok) return;
-  const status = await response.json();
-  showPower(status);
-  $("status-detail").textContent = JSON.stringify(status, null, 2);
-}
-
-async function refreshPower() {
-  try {
-    const response = await api("/api/status");
-    if (response.ok) showPower(await response.json());
+    }
   } catch {
+    $("banner").textContent = "The box does not answer: it may be restarting or off the network.";
+    $("banner").hidden = false;
     $("power").textContent = "offline";
   }
 }
 
-document.querySelectorAll("button[data-power]").forEach((button) => {
-  button.addEventListener("click", async () => {
-    const response = await api("/api/power", {
-      method: "POST",
-      body: JSON.stringify({ state: button.dataset.power }),
-    });
-    if (response.ok) loadStatus();
-  });
-});
+let started = false;
+function start() {
+  route();
+  refresh();
+  if (!started) {
+    started = true;
+    setInterval(refresh, 5000);
+  }
+}
 
-refreshPower();
-setInterval(refreshPower, 10000);
+initChat();
+initPages();
+if (await probeRoles()) start();

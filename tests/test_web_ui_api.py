@@ -1,0 +1,120 @@
+"""What the web UI needs from the admin API, on the fast tier's box: log filters, one row, CSV and JSON Lines
+export (and the CLI's), the page and its files, and the deploy/ monitoring files against /metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from appliance.cli import cli
+from tests.helpers import CHAT, assert_openai_error, chat_body
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fill(box) -> None:
+    box.client.post(CHAT, json=chat_body("the pump is red"))
+    box.client.post(CHAT, json=chat_body("=HYPERLINK(\"http://x\")"))
+    box.client.post(CHAT, json=chat_body("100%_done"))
+    box.client.post(CHAT, json={"messages": []})  # a 400
+
+
+def _ids(response) -> list[int]:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return [r["id"] for r in response.get_json()["data"]]
+
+
+def test_logs_filter_by_status_text_model_and_time(box):
+    _fill(box)
+    c = box.client
+    assert _ids(c.get("/api/logs")) == [4, 3, 2, 1]
+    assert _ids(c.get("/api/logs?status=error")) == [4]
+    assert _ids(c.get("/api/logs?status=400")) == [4]
+    assert _ids(c.get("/api/logs?status=ok")) == [3, 2, 1]
+    assert _ids(c.get("/api/logs?q=PUMP")) == [1]  # case-insensitive
+    assert _ids(c.get("/api/logs?q=100%25_")) == [3]  # % and _ are the text's own, not wildcards
+    assert _ids(c.get("/api/logs?q=0%25_d")) == [3]
+    assert _ids(c.get("/api/logs?q=%25")) == [3]
+    assert _ids(c.get("/api/logs?model=fake&status=ok")) == [3, 2, 1]
+    assert _ids(c.get("/api/logs?model=other")) == []
+    assert _ids(c.get("/api/logs?endpoint=/v1/chat/completions")) == [4, 3, 2, 1]
+    started = box.rows()[1]["started"]
+    assert _ids(c.get("/api/logs", query_string={"since": started})) == [4, 3, 2]
+    assert _ids(c.get("/api/logs", query_string={"until": started})) == [1]
+    assert _ids(c.get("/api/logs?since=2000-01-01")) == [4, 3, 2, 1]
+    assert _ids(c.get("/api/logs?since=2999-01-01T00:00%2B02:00")) == []
+    page = c.get("/api/logs?limit=2").get_json()
+    assert [r["id"] for r in page["data"]] == [4, 3] and page["has_more"] is True
+    page = c.get("/api/logs?limit=2&offset=2").get_json()
+    assert [r["id"] for r in page["data"]] == [2, 1] and page["has_more"] is False
+    assert "prompt" not in page["data"][0]
+
+
+def test_bad_log_filters_are_400s_that_name_them(box):
+    assert_openai_error(box.client.get("/api/logs?status=teapot"), 400, "invalid_value", "status")
+    assert_openai_error(box.client.get("/api/logs?since=yesterday"), 400, "invalid_value", "since")
+    assert_openai_error(box.client.get("/api/logs/export?format=xml"), 400, "invalid_value", "format")
+
+
+def test_one_row_with_and_without_its_texts(box):
+    _fill(box)
+    row = box.client.get("/api/logs/1").get_json()
+    assert row["id"] == 1 and "prompt" not in row
+    assert "the pump is red" in box.client.get("/api/logs/1?text=true").get_json()["prompt"]
+    assert_openai_error(box.client.get("/api/logs/99"), 404, "not_found")
+
+
+def test_export_csv_and_jsonl_hold_the_filtered_rows(box):
+    _fill(box)
+    r = box.client.get("/api/logs/export?format=csv&status=ok&text=true")
+    assert r.status_code == 200 and r.mimetype == "text/csv"
+    assert "attachment" in r.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.get_data(as_text=True))))
+    assert [int(row["id"]) for row in rows] == [3, 2, 1]
+    assert rows[0]["status"] == "200" and rows[0]["model"] == "fake"
+    formula = next(row for row in rows if row["id"] == "2")["prompt"]
+    assert not formula.startswith("=") and not formula.startswith("{\"messages\": [{\"role\": \"user\", \"content\": \"=")
+    r = box.client.get("/api/logs/export?format=jsonl&q=pump")
+    assert r.mimetype == "application/x-ndjson"
+    lines = [json.loads(line) for line in r.get_data(as_text=True).splitlines()]
+    assert [line["id"] for line in lines] == [1]
+    assert "prompt" not in lines[0] and lines[0]["prompt_sha256"]
+    empty = box.client.get("/api/logs/export?format=csv&model=none").get_data(as_text=True)
+    assert empty.strip().startswith("id,seq,started") and len(empty.strip().splitlines()) == 1
+
+
+def test_export_walks_past_one_batch(box):
+    for i in range(7):
+        box.client.post(CHAT, json=chat_body(f"n{i}"))
+    rows = list(box.db.iter_requests(batch=3))
+    assert [r["id"] for r in rows] == [7, 6, 5, 4, 3, 2, 1]
+
+
+def test_logs_export_command_writes_jsonl_and_csv(box, tmp_path):
+    _fill(box)
+    out = tmp_path / "rows.jsonl"
+    result = CliRunner().invoke(cli, ["logs", "export", "--home", str(box.settings.home), "--since", "2000-01-01",
+                                      "--format", "jsonl", "--out", str(out), "--text"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [4, 3, 2, 1] and "pump" in lines[3]["prompt"]
+    result = CliRunner().invoke(cli, ["logs", "export", "--home", str(box.settings.home), "--status", "error",
+                                      "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert [row["id"] for row in csv.DictReader(io.StringIO(result.stdout))] == ["4"]
+    result = CliRunner().invoke(cli, ["logs", "export", "--home", str(box.settings.home), "--since", "soon"])
+    assert result.exit_code == 2 and "--since" in result.output
+
+
+def test_the_page_and_its_files_are_served_with_the_policy(box):
+    page = box.client.get("/")
+    assert page.status_code == 200
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    html = page.get_data(as_text=True)
+    assert "http://" not in html and "https://" not in html and "<style" not in html
+    for name in ("app.js", "app.css", "markdown.js"):
+        assert box.client.get(f"/static/{name}").status_code == 200, name
