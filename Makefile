@@ -62,11 +62,11 @@ serve: $(VENV)/.installed-serve
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/appliance serve $(ARGS)
 
 # System tools the tests use, installed first when missing (tests/system-deps.sh): the installer test's
-# systemd-analyze, ip and unshare and the audit test's sqlite3 shell where they can be (without them those
-# tests skip a check or use Python's sqlite3), and Debian's chromium and chromium-driver, which the web UI
-# tests need.
+# systemd-analyze, ip and unshare, the audit test's sqlite3 shell and promtool (Debian's prometheus package,
+# which checks deploy/prometheus/alerts.yml) where they can be (without them those tests skip a check or use
+# Python's sqlite3), and Debian's chromium and chromium-driver, which the web UI tests need.
 # BROWSER_TESTS=no skips both the browser install and those tests.
-SYSTEM_TOOLS = systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux
+SYSTEM_TOOLS = systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux promtool=prometheus
 BROWSER_TOOLS = /usr/bin/chromium=chromium /usr/bin/chromedriver=chromium-driver
 BROWSER_TESTS ?= yes
 # --durations: the slowest tests and the suite's time, in every CI log.

@@ -15,6 +15,7 @@ blueprint, ``metrics``, so access control can be set on that blueprint alone.
 
 from __future__ import annotations
 
+import psutil
 from flask import Blueprint, Flask, Response, current_app
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,7 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from appliance.api.error_handlers import error_response
 from appliance.errors import LogUnavailable
-from appliance.power import STATES
+from appliance.power import STATES, tree_rss
 from appliance.request import LoggedRequest
 
 bp = Blueprint("metrics", __name__)
@@ -139,6 +140,12 @@ class _StateCollector:
                          st.power.last_wake_ms / 1000)
         yield _gauge("appliance_log_writable", "0 while writes to the request log fail (disk full or failing)",
                      int(st.db.log_error is None))
+        # The box's memory, read at scrape time, for the dashboard and the "memory over 85%" alert (deploy/).
+        memory = psutil.virtual_memory()
+        yield _gauge("appliance_memory_total_bytes", "The box's physical memory", memory.total)
+        yield _gauge("appliance_memory_available_bytes", "Memory the box can give without swapping", memory.available)
+        yield _gauge("appliance_resident_memory_bytes", "Resident memory of the service and its runner processes",
+                     tree_rss(psutil.Process()))
         yield from _devices([m for m in models if m.runner.is_loaded and m.runner.facts is not None])
 
 

@@ -6,8 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
+import yaml
 from click.testing import CliRunner
 
 from appliance.cli import cli
@@ -118,3 +123,50 @@ def test_the_page_and_its_files_are_served_with_the_policy(box):
     assert "http://" not in html and "https://" not in html and "<style" not in html
     for name in ("app.js", "app.css", "markdown.js"):
         assert box.client.get(f"/static/{name}").status_code == 200, name
+
+
+# -- deploy/: the Grafana dashboard and Prometheus rules a site imports ---------------------------------------
+DEPLOY = ROOT / "deploy"
+METRIC = re.compile(r"\bappliance_[a-z_]+\b")
+
+
+def _metric_names(box) -> set[str]:
+    box.client.post(CHAT, json=chat_body("hi"))
+    for power in ("deep_idle", "active"):  # a wake, so that appliance_last_wake_seconds is there
+        assert box.client.post("/api/power", json={"state": power}).status_code == 200
+    box.client.post(CHAT, json=chat_body("hi again"))
+    text = box.client.get("/metrics").get_data(as_text=True)
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_metric_in_the_dashboard_and_rules_is_served(box):
+    served = _metric_names(box)
+    dashboard = json.loads((DEPLOY / "grafana" / "edge-appliance.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    used = set(METRIC.findall(" ".join(exprs))) | set(METRIC.findall(rules))
+    assert {"appliance_request_duration_seconds_bucket", "appliance_memory_available_bytes",
+            "appliance_log_writable", "appliance_model_events_total"} <= used
+    assert not used - served, f"not in /metrics: {sorted(used - served)}"
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_the_alert_rules_hold_the_seeds_thresholds():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    by_name = {r["alert"]: r for r in rules}
+    assert "> 0.5" in by_name["ApplianceLatencyP99High"]["expr"] and by_name["ApplianceLatencyP99High"]["for"] == "5m"
+    assert "> 0.02" in by_name["ApplianceErrorRateHigh"]["expr"]
+    assert "[24h]" in by_name["ApplianceRunnerRestarts"]["expr"] and "> 3" in by_name["ApplianceRunnerRestarts"]["expr"]
+    assert "> 0.85" in by_name["ApplianceMemoryHigh"]["expr"] and by_name["ApplianceMemoryHigh"]["for"] == "5m"
+    assert "appliance_log_writable == 0" in by_name["ApplianceLogWritesFailing"]["expr"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "scrape.yml").read_text())
+    job = scrape["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and job["authorization"]["type"] == "Bearer"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_promtool_accepts_the_alert_rules():
+    result = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 5 rules found" in result.stdout

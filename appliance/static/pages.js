@@ -34,8 +34,8 @@ export async function loadStatus() {
       ["memory used", sys.total_memory ? `${fmt.bytes(sys.total_memory - sys.available_memory)} of ${fmt.bytes(sys.total_memory)}` : null],
       ["RSS (service + runners)", fmt.bytes(sys.rss)],
     ];
-    for (const [name, value] of Object.entries(sys.temperatures || {})) pairs.push([`temperature ${name}`, `${fmt.num(value, 1)} °C`]);
-    for (const [name, value] of Object.entries(sys.gpu || {})) pairs.push([`GPU ${name}`, typeof value === "object" ? JSON.stringify(value) : value]);
+    for (const [name, value] of Object.entries(sys.temperatures_c || {})) pairs.push([`temperature ${name}`, `${fmt.num(value, 1)} °C`]);
+    if (sys.gpu_percent !== undefined) pairs.push(["GPU", `${fmt.num(sys.gpu_percent, 0)} %`]);
     fillList($("status-system"), pairs);
     const q = status.queue || {};
     fillList($("status-queue"), [
