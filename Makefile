@@ -66,17 +66,20 @@ serve: $(VENV)/.installed-serve
 # which checks deploy/prometheus/alerts.yml) where they can be (without them those tests skip a check or use
 # Python's sqlite3), and Debian's chromium and chromium-driver, which the web UI tests need.
 # BROWSER_TESTS=no skips both the browser install and those tests.
-SYSTEM_TOOLS = systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux promtool=prometheus
+SYSTEM_TOOLS = systemd-analyze=systemd sqlite3=sqlite3 ip=iproute2 unshare=util-linux
+MONITORING_TOOLS = promtool=prometheus
 BROWSER_TOOLS = /usr/bin/chromium=chromium /usr/bin/chromedriver=chromium-driver
 BROWSER_TESTS ?= yes
 # --durations: the slowest tests and the suite's time, in every CI log.
 ifeq ($(BROWSER_TESTS),no)
 test: $(VENV)/.installed-test
 	sh tests/system-deps.sh --optional $(SYSTEM_TOOLS)
+	sh tests/system-deps.sh --optional $(MONITORING_TOOLS)
 	$(BIN)/python -m pytest -m "not browser" --durations=15 $(PYTEST_ARGS)
 else
 test: $(VENV)/.installed-test
 	sh tests/system-deps.sh --optional $(SYSTEM_TOOLS)
+	sh tests/system-deps.sh --optional $(MONITORING_TOOLS)
 	sh tests/system-deps.sh $(BROWSER_TOOLS)
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 endif

@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from appliance.api.error_handlers import error_response
 from appliance.errors import LogUnavailable
+from appliance.history import RequestHistory
 from appliance.power import STATES, tree_rss
 from appliance.request import LoggedRequest
 
@@ -191,5 +192,8 @@ def init_app(app: Flask) -> None:
     app.extensions["appliance"].models.on_load.append(
         lambda name, seconds: metrics.load_duration.labels(name).observe(seconds))
     app.extensions["appliance"].request_observers.append(metrics.request_finished)
+    history = RequestHistory()  # the last hour by minute, for the web UI's charts (GET /api/status/history)
+    app.extensions["history"] = history
+    app.extensions["appliance"].request_observers.append(history.observe)
     app.register_error_handler(LogUnavailable, _log_unavailable)
     app.register_blueprint(bp)

@@ -237,6 +237,9 @@ def test_status_page_forces_idle_and_shows_events(browser, ui_service):
     wait_for(browser, "return document.getElementById('power').dataset.state === 'idle'")
     wait_for(browser, "return document.querySelector('#power-events tbody').textContent.includes('admin request')")
     assert "load" in browser.find_element("css selector", "#status-model-events tbody").text
+    # The charts of the last hour (uPlot, vendored) over the requests the earlier tests made.
+    wait_for(browser, "return document.querySelectorAll('#charts canvas').length === 4")
+    assert int(browser.execute_script("return document.getElementById('charts').dataset.requests")) > 0
     screenshot(browser, "status-desktop")
     browser.find_element("css selector", "button[data-power=active]").click()
     wait_for(browser, "return document.getElementById('page-status').dataset.state === 'active'")

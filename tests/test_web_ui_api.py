@@ -16,6 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 from appliance.cli import cli
+from appliance.history import RequestHistory
+from installer import vendor_js
 from tests.helpers import CHAT, assert_openai_error, chat_body
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +172,64 @@ def test_promtool_accepts_the_alert_rules():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 5 rules found" in result.stdout
+
+
+# -- the status charts' hour in memory -------------------------------------------------------------------------
+def test_history_buckets_requests_by_minute_and_forgets_the_hour_before():
+    now = [600_000.0]
+    history = RequestHistory(minutes=3, clock=lambda: now[0])
+    history.add(200, 0.1, ttft_ms=50, tokens_per_s=20)
+    history.add(200, 0.3, ttft_ms=150, tokens_per_s=40)
+    history.add(503, 0.2)
+    now[0] += 60
+    series = history.series()
+    assert series["time"] == [599_940, 600_000, 600_060]
+    assert series["requests"] == [0, 3, 0] and series["errors"] == [0, 1, 0]
+    assert series["latency_p50_s"][1] == 0.2 and series["latency_p95_s"][1] == 0.3
+    assert series["ttft_p50_s"][1] == 0.15 and series["tokens_per_s_p50"][1] == 40
+    assert series["latency_p50_s"][0] is None
+    now[0] += 600
+    history.add(200, 0.5)
+    assert history.series()["requests"] == [0, 0, 1] and len(history._buckets) == 1
+
+
+def test_history_endpoint_counts_the_box_requests(box):
+    box.client.post(CHAT, json=chat_body("one"))
+    box.client.post(CHAT, json=chat_body("two"))
+    series = box.client.get("/api/status/history").get_json()
+    assert len(series["time"]) == 60 and series["requests"][-1] == 2
+    assert series["latency_p50_s"][-1] > 0 and series["ttft_p50_s"][-1] > 0
+
+
+# -- vendored JavaScript ------------------------------------------------------------------------------------
+def test_vendored_files_match_their_manifest():
+    assert vendor_js.check() == []
+    manifest = json.loads(vendor_js.MANIFEST.read_text())
+    for package in manifest["packages"]:
+        assert package["version"][0].isdigit() and package["integrity"].startswith("sha512-")
+        assert any(entry["path"].endswith("LICENSE") for entry in package["files"].values()), package["name"]
+
+
+def test_a_changed_vendored_file_is_reported(tmp_path):
+    vendor = tmp_path / "vendor"
+    shutil.copytree(vendor_js.VENDOR, vendor)
+    target = next(p for p in vendor.rglob("*.js"))
+    target.write_text(target.read_text() + "\n// edited")
+    (vendor / "stray.js").write_text("")
+    problems = vendor_js.check(vendor)
+    assert any("does not match" in p for p in problems) and any("stray.js" in p for p in problems)
+
+
+def test_refresh_refuses_a_tarball_that_is_not_the_registry_s(tmp_path):
+    vendor = tmp_path / "vendor"
+    shutil.copytree(vendor_js.VENDOR, vendor)
+    package = json.loads((vendor / "MANIFEST.json").read_text())["packages"][0]
+
+    def fake_get(url):  # offline: the registry's answer, and a tarball that is not the one it names
+        if url.endswith(".tgz"):
+            return b"not the tarball"
+        return json.dumps({"version": package["version"], "license": "MIT",
+                           "dist": {"tarball": package["tarball"], "integrity": package["integrity"]}}).encode()
+
+    with pytest.raises(SystemExit, match="does not match its integrity"):
+        vendor_js.refresh(vendor, get=fake_get)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from appliance import auth, log_export
 from appliance.api import request_log
@@ -20,6 +20,13 @@ request_log.attach(bp, record_body=True)  # what an admin changed, and with whic
 def status():
     """Power state, time in state, last wake latency, model and system figures."""
     return jsonify(_status())
+
+
+@bp.get("/status/history")
+def status_history():
+    """The last hour by minute, oldest first, from memory: requests, 5xx, p50/p95 latency and time to first
+    token, median decode tokens/s (null for a minute without a request). Gone at a restart; Prometheus keeps more."""
+    return jsonify(current_app.extensions["history"].series())
 
 
 def _status() -> dict:

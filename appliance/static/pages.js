@@ -41,8 +41,8 @@ export async function loadStatus() {
     fillList($("status-queue"), [
       ["busy slots", `${q.busy_slots} of ${q.slots}`],
       ["waiting", q.queue_depth],
-      ...Object.entries(q.queued_by_class || {}).map(([name, n]) => [`  ${name}`, `${n} waiting, expect ${fmt.num((q.expected_wait_s || {})[name], 1)} s`]),
-      ["wait p50 / p99", `${fmt.num(q.wait_ms_p50, 0)} / ${fmt.num(q.wait_ms_p99, 0)} ms`],
+      ...Object.entries(q.queued_by_class || {}).map(([name, n]) => [`waiting: ${name}`, `${n}, expect ${fmt.num((q.expected_wait_s || {})[name], 1)} s`]),
+      ["wait p50 / p99", q.wait_ms_p50 == null ? "no waits yet" : `${fmt.num(q.wait_ms_p50, 0)} / ${fmt.num(q.wait_ms_p99, 0)} ms`],
       ["last batch", q.batch_size],
     ]);
     const m = status.models || {};
@@ -56,8 +56,42 @@ export async function loadStatus() {
     fillTable($("power-events").tBodies[0], power.data.map((e) =>
       [fmt.time(e.time), e.from_state, e.to_state, e.reason, fmt.num(e.wake_ms, 0)]), "No power state changes yet.");
     showModelEvents($("status-model-events").tBodies[0], events.data);
+    await loadCharts();
   } catch (err) {
     $("status-error").textContent = err.message;
+  }
+}
+
+// -- charts (uPlot, vendored: appliance/static/vendor/MANIFEST.json) --------------------------------------
+const CHARTS = {
+  requests: [["requests", "requests", "#1f6feb"], ["errors", "5xx", "#b42318"]],
+  latency: [["latency_p50_s", "p50", "#1f6feb"], ["latency_p95_s", "p95", "#e8590c"]],
+  ttft: [["ttft_p50_s", "p50", "#1f6feb"], ["ttft_p95_s", "p95", "#e8590c"]],
+  tps: [["tokens_per_s_p50", "tok/s", "#2b8a3e"]],
+};
+const charts = {};
+let uPlot = null;
+
+async function loadCharts() {
+  const history = await getJSON("/api/status/history");
+  uPlot = uPlot || (await import("./vendor/uplot/uPlot.esm.js")).default;
+  $("charts").dataset.minutes = history.time.length;
+  $("charts").dataset.requests = history.requests.reduce((a, b) => a + b, 0);
+  for (const [name, series] of Object.entries(CHARTS)) {
+    const data = [history.time, ...series.map(([key]) => history[key])];
+    const holder = document.querySelector(`[data-chart=${name}]`);
+    const width = Math.max(260, holder.clientWidth || 300);
+    if (charts[name] && charts[name].width === width) {
+      charts[name].setData(data);
+      continue;
+    }
+    if (charts[name]) charts[name].destroy();
+    charts[name] = new uPlot({
+      width, height: 160, legend: { show: true }, cursor: { drag: { x: false, y: false } },
+      scales: { x: { time: true } },
+      series: [{}, ...series.map(([, label, stroke]) => ({ label, stroke, width: 2, spanGaps: false, points: { size: 4 } }))],
+      axes: [{}, { size: 50 }],
+    }, data, holder);
   }
 }
 
