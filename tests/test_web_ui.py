@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from appliance.cli import cli
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "build" / "ui-screenshots"
 SECOND = "smollm2-copy"
-PAGES = ("chat", "status", "models", "logs")
+PAGES = ("chat", "status", "models", "logs", "keys")
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +222,10 @@ def test_logs_filter_detail_and_csv_export(browser, ui_service, downloads):
     assert [int(r["id"]) for r in rows] == [wanted]
     assert rows[0]["status"] == "200" and "zebracorn" in rows[0]["prompt"] and rows[0]["model"] == MODEL
 
+    browser.find_element("id", "verify-log").click()
+    wait_for(browser, "return document.getElementById('verify-result').dataset.ok === 'true'")
+    assert "OK" in browser.find_element("id", "verify-result").text
+
     browser.find_element("css selector", "#log-filters button[type=reset]").click()
     wait_for(browser, "return document.getElementById('filter-q').value === ''")
     browser.find_element("id", "filter-status").send_keys("ok")
@@ -379,7 +384,7 @@ def test_sign_in_with_keys_shows_each_role_its_pages(browser, tmp_path):
         wait_for(browser, "return document.getElementById('whoami').dataset.role === 'user'")
         hidden = browser.execute_script("return [...document.querySelectorAll('nav .tab')].filter(t => t.hidden)"
                                         ".map(t => t.dataset.page)")
-        assert sorted(hidden) == ["logs", "status"]
+        assert sorted(hidden) == ["keys", "logs", "status"]
         assert browser.execute_script("return sessionStorage.getItem('appliance.api_key')") == user
         assert browser.execute_script("return localStorage.getItem('appliance.api_key')") is None
         send_chat(browser, "Hi.", max_tokens=4)
@@ -396,6 +401,23 @@ def test_sign_in_with_keys_shows_each_role_its_pages(browser, tmp_path):
         wait_for(browser, "return document.getElementById('whoami').dataset.role === 'admin'")
         browser.get(svc.url + "/#status")
         wait_for(browser, "return !!document.getElementById('page-status').dataset.state")
+
+        # The Keys page: create a key (shown once), see it listed, revoke it.
+        browser.get(svc.url + "/#keys")
+        wait_for(browser, f"return document.querySelector('#key-table tbody').textContent.includes('{user.split('-')[1]}')")
+        browser.find_element("id", "new-key-name").send_keys("kiosk-2")
+        browser.find_element("css selector", "#key-create button[type=submit]").click()
+        wait_for(browser, "return !document.getElementById('new-key').hidden")
+        created = browser.find_element("id", "new-key-value").text
+        assert created.startswith("sk-")
+        new_id = created.split("-")[1]
+        wait_for(browser, f"return !!document.querySelector(\"button[data-revoke='{new_id}']\")")
+        screenshot(browser, "keys-desktop")
+        browser.find_element("css selector", f"button[data-revoke='{new_id}']").click()
+        browser.switch_to.alert.accept()
+        wait_for(browser, f"return !document.querySelector(\"button[data-revoke='{new_id}']\")")
+        assert requests.get(svc.url + "/v1/models", headers={"Authorization": f"Bearer {created}"},
+                            timeout=10).status_code == 401
     finally:
         browser.execute_script("sessionStorage.clear()")
         svc.stop()

@@ -233,3 +233,46 @@ def test_refresh_refuses_a_tarball_that_is_not_the_registry_s(tmp_path):
 
     with pytest.raises(SystemExit, match="does not match its integrity"):
         vendor_js.refresh(vendor, get=fake_get)
+
+
+def test_verify_endpoint_reports_the_chain_and_an_edit(box):
+    _fill(box)
+    result = box.client.get("/api/logs/verify").get_json()
+    assert result["ok"] is True and result["rows"] == 4 and result["problems"] == []
+    box.db.db.execute("UPDATE requests SET status = 201 WHERE id = 2")  # behind the service's back
+    box.db.db.commit()
+    result = box.client.get("/api/logs/verify").get_json()
+    assert result["ok"] is False and any("seq 2" in p or "id 2" in p for p in result["problems"]), result
+
+
+# -- keys over the admin API (the Keys page) --------------------------------------------------------------------
+def _refused(response) -> tuple[int, str]:
+    return response.status_code, response.get_json()["error"]["code"]
+
+
+def test_keys_are_created_once_listed_without_secrets_and_revoked(box):
+    c = box.client
+    r = c.post("/api/keys", json={"role": "admin", "name": "ops"})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    admin = r.get_json()
+    assert admin["key"].startswith("sk-") and admin["role"] == "admin"
+    row = box.last_row()
+    assert row["endpoint"] == "/api/keys" and admin["key"] not in (row["prompt"] or "") + (row["response"] or "")
+    # Keys now exist, so loopback needs one too.
+    assert _refused(c.get("/api/keys")) == (401, "missing_api_key")
+    headers = {"Authorization": f"Bearer {admin['key']}"}
+    user = c.post("/api/keys", json={"role": "user", "name": "kiosk", "expires": "2099-01-31", "priority": "batch",
+                                     "rpm": 10}, headers=headers).get_json()
+    listed = {k["id"]: k for k in c.get("/api/keys", headers=headers).get_json()["data"]}
+    assert set(listed) == {admin["id"], user["id"]}
+    assert listed[user["id"]]["state"] == "active" and listed[user["id"]]["priority"] == "batch"
+    assert not any("hash" in k or "salt" in k or "key" in k for k in listed.values())
+    assert _refused(c.get("/api/keys", headers={"Authorization": f"Bearer {user['key']}"})) == (403, "wrong_role")
+    assert c.post(f"/api/keys/{user['id']}/revoke", json={}, headers=headers).get_json()["revoked"] is True
+    assert _refused(c.get("/v1/models", headers={"Authorization": f"Bearer {user['key']}"}))[0] == 401
+    assert_openai_error(c.post(f"/api/keys/{user['id']}/revoke", json={}, headers=headers), 404, "not_found")
+    assert_openai_error(c.post("/api/keys", json={"role": "root"}, headers=headers), 400, param="role")
+    assert_openai_error(c.post("/api/keys", json={"role": "user", "priority": "vip"}, headers=headers), 400,
+                        param="priority")
+    assert_openai_error(c.post("/api/keys", json={"role": "user", "expires": "soon"}, headers=headers), 400,
+                        param="expires")

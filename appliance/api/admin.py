@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import auth, log_export
 from appliance.api import request_log
@@ -93,6 +96,54 @@ def set_power():
 TEXT_COLUMNS = ("prompt", "response")
 
 
+# -- keys: what 'appliance keys create / list / revoke' do, for the web UI's Keys page ----------------------
+class KeyRequest(BaseModel):
+    """A new API key. Its secret is in the answer once; only its salted hash is stored."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["user", "admin", "auditor", "metrics"] = Field(description="what the key may call")
+    name: str | None = Field(None, max_length=200, description="who or what the key is for")
+    expires: str | None = Field(None, description="last valid date (2027-01-31) or ISO date-time, UTC unless zoned")
+    priority: str | None = Field(None, description="priority class of the key's requests by default")
+    rpm: int | None = Field(None, ge=0, description="requests per minute for this key (0: no limit)")
+    tpm: int | None = Field(None, ge=0, description="generated tokens per minute for this key (0: no limit)")
+
+
+@bp.get("/keys")
+def list_keys():
+    """Every key, oldest first: id, name, role, state (active, expired, revoked), priority, limits; never a key."""
+    return jsonify({"data": [row | {"state": auth.key_state(row)} for row in state().db.api_keys()]})
+
+
+@bp.post("/keys")
+def create_key():
+    """Create a key, answered once with its secret ("key"); the log row keeps the request, never the key.
+
+    Creating the first key turns keys on for loopback clients too (auth "auto"): sign in with it next."""
+    req = parse_body(request.get_data(), KeyRequest)
+    classes = [c["name"] for c in state().settings.priority_classes]
+    if req.priority is not None and req.priority not in classes:
+        raise InvalidRequest(f"unknown priority class {req.priority!r}: use one of {', '.join(classes)}",
+                             param="priority", code="invalid_value")
+    try:
+        expiry = auth.parse_expiry(req.expires) if req.expires else None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="expires", code="invalid_value") from None
+    key_id, key = auth.new_key()
+    fields = dict(name=req.name, role=req.role, priority=req.priority, expires=expiry, rpm=req.rpm, tpm=req.tpm)
+    state().db.add_api_key(id=key_id, **fields, **auth.hash_secret(key))
+    return jsonify({"id": key_id, "key": key, **fields}), 201
+
+
+@bp.post("/keys/<key_id>/revoke")
+def revoke_key(key_id: str):
+    """Revoke a key by its id; refused from its next request on."""
+    if not state().db.revoke_api_key(key_id):
+        raise APIError(f"no active key {key_id!r}: GET /api/keys lists them", param="key_id", code="not_found",
+                       status=404)
+    return jsonify({"id": key_id, "revoked": True})
+
+
 @bp.get("/logs")
 def logs():
     """The most recent API requests from the SQLite log, newest first; ?offset=N skips the N newest.
@@ -120,6 +171,26 @@ def log_row(request_id: int):
         raise APIError(f"no request {request_id} in the log (it may have been pruned by retention)",
                        param="request_id", code="not_found", status=404)
     return jsonify(rows[0] if _flag("text") else log_export.without_texts(rows[0]))
+
+
+@bp.get("/logs/verify")
+def verify_logs():
+    """Check the log's hash chain and signed checkpoints, as 'appliance logs verify' does (admin and auditor keys).
+
+    It reads its own snapshot of the file through a read-only connection, so the service writes on meanwhile."""
+    from appliance.audit.keys import trusted_public_key
+    from appliance.audit.verify import verify_log
+    from appliance.db import Database
+
+    settings = state().settings
+    db = Database(settings.db_path, readonly=True)
+    try:
+        result = verify_log(db, trusted_public_key(settings.home), checkpoint_rows=settings.audit_checkpoint_rows)
+    finally:
+        db.close()
+    return jsonify({"ok": result.ok, "rows": result.rows, "first_seq": result.first_seq, "last_seq": result.last_seq,
+                    "signed_through": result.signed_through, "unsigned_tail": result.unsigned_tail,
+                    "open_rows": result.open_rows, "problems": result.problems, "checked": utcnow()})
 
 
 @bp.get("/logs/export")

@@ -2,7 +2,7 @@
 // request log (/api/logs with filters, one row, CSV and JSON Lines export). Only the documented REST API.
 "use strict";
 
-import { $, api, download, errorMessage, fillList, fillTable, fmt, getJSON, h, postJSON } from "./api.js";
+import { $, api, download, errorMessage, fillList, fillTable, fmt, getJSON, getKey, h, postJSON, setKey } from "./api.js";
 
 export const role = { admin: false, logs: false };
 
@@ -246,6 +246,21 @@ async function exportLogs(format) {
   download(name ? name[1] : `requests.${format}`, await response.text(), response.headers.get("Content-Type"));
 }
 
+async function verifyLog() {
+  $("verify-result").textContent = "Checking every row and signed checkpoint…";
+  $("verify-problems").replaceChildren();
+  try {
+    const r = await getJSON("/api/logs/verify");
+    $("verify-result").dataset.ok = r.ok;
+    $("verify-result").textContent = `${r.ok ? "OK" : "FAILED"}: ${r.rows} chained row(s)` +
+      (r.rows ? ` (seq ${r.first_seq} to ${r.last_seq})` : "") + `, signed through seq ${r.signed_through || 0}; ` +
+      `${r.unsigned_tail} not yet signed, ${r.open_rows} still open. Checked ${fmt.time(r.checked)} UTC.`;
+    $("verify-problems").replaceChildren(...r.problems.map((p) => h("li", p)));
+  } catch (err) {
+    $("verify-result").textContent = err.message;
+  }
+}
+
 async function loadLogModels() {
   try {
     const { data } = await getJSON("/v1/models", { quiet: true });
@@ -256,6 +271,66 @@ async function loadLogModels() {
   } catch {
     // an auditor key may not list models: the filter stays "any"
   }
+}
+
+// -- keys -----------------------------------------------------------------------------------
+export async function loadKeys() {
+  try {
+    const [{ data }, status] = await Promise.all([getJSON("/api/keys"), getJSON("/api/status")]);
+    fillTable($("key-table").tBodies[0], data.map((k) => [
+      k.id, k.name, k.role, k.state, k.priority || "default", `${k.rpm ?? "box"} / ${k.tpm ?? "box"}`,
+      k.expires ? fmt.time(k.expires) : "never", fmt.time(k.created), k.state === "active" ? revokeButton(k) : "",
+    ]), "No keys: anyone who reaches the box on loopback may call everything.");
+    const select = $("new-key-priority");
+    if (select.options.length === 1) {
+      for (const name of Object.keys((status.queue || {}).queued_by_class || {})) select.appendChild(h("option", name, { value: name }));
+    }
+    $("keys-error").textContent = "";
+  } catch (err) {
+    $("keys-error").textContent = err.message;
+  }
+}
+
+function revokeButton(key) {
+  const b = h("button", "Revoke", { type: "button" });
+  b.dataset.revoke = key.id;
+  b.setAttribute("aria-label", `revoke key ${key.id}${key.name ? ` (${key.name})` : ""}`);
+  b.addEventListener("click", async () => {
+    if (!confirm(`Revoke key ${key.id}${key.name ? ` (${key.name})` : ""}? Its next request is refused.`)) return;
+    try {
+      await postJSON(`/api/keys/${encodeURIComponent(key.id)}/revoke`);
+    } catch (err) {
+      $("keys-error").textContent = err.message;
+    }
+    await loadKeys();
+  });
+  return b;
+}
+
+async function createKey(e) {
+  e.preventDefault();
+  const body = { role: $("new-key-role").value };
+  for (const [field, id] of [["name", "new-key-name"], ["expires", "new-key-expires"], ["priority", "new-key-priority"]]) {
+    if ($(id).value.trim()) body[field] = $(id).value.trim();
+  }
+  for (const [field, id] of [["rpm", "new-key-rpm"], ["tpm", "new-key-tpm"]]) if ($(id).value !== "") body[field] = Number($(id).value);
+  const first = !getKey() && !document.querySelector("#key-table button[data-revoke]");
+  if (first && body.role !== "admin") {
+    $("keys-error").textContent = "Create an admin key first: the first key makes this box require keys from everyone, this page included.";
+    return;
+  }
+  try {
+    const created = await postJSON("/api/keys", body);
+    if (first) setKey(created.key); // keys are on from now: this tab goes on with the admin key it just made
+    $("new-key-value").textContent = created.key;
+    $("new-key-note").textContent = `Key ${created.id} (${created.role}). Send it as "Authorization: Bearer <key>".`;
+    $("new-key").hidden = false;
+    $("key-create").reset();
+    $("keys-error").textContent = "";
+  } catch (err) {
+    $("keys-error").textContent = err.message;
+  }
+  await loadKeys();
 }
 
 // -- wiring ---------------------------------------------------------------------------------
@@ -269,10 +344,24 @@ export function initPages() {
   $("export-csv").addEventListener("click", () => exportLogs("csv"));
   $("export-jsonl").addEventListener("click", () => exportLogs("jsonl"));
   $("log-detail-close").addEventListener("click", () => { $("log-detail").hidden = true; });
+  $("verify-log").addEventListener("click", verifyLog);
+  $("key-create").addEventListener("submit", createKey);
+  $("copy-new-key").addEventListener("click", async () => {
+    const text = $("new-key-value").textContent;
+    try { await navigator.clipboard.writeText(text); } catch {
+      const range = document.createRange();
+      range.selectNodeContents($("new-key-value"));
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      document.execCommand("copy");
+    }
+    $("copy-new-key").textContent = "Copied";
+  });
 }
 
 export const pages = {
   status: loadStatus,
   models: loadModels,
   logs: () => { loadLogModels(); return loadLogs(); },
+  keys: loadKeys,
 };
