@@ -289,6 +289,26 @@ def test_model_text_is_shown_as_text_never_run(browser, ui_service):
     assert result["code"] == "<script>window.__pwned=3</script>"
 
 
+def test_a_hostile_answer_in_a_conversation_is_text(browser, ui_service, tmp_path):
+    """The chat's own path for showing answers: a conversation (imported here) whose answer is HTML."""
+    open_page(browser, ui_service)
+    hostile = '<img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script>'
+    upload = tmp_path / "hostile.json"
+    upload.write_text(json.dumps({"conversations": [{"id": "hostile", "title": "<b>t</b>", "messages": [
+        {"role": "user", "content": "<img src=y onerror=\"window.__pwned=3\">"},
+        {"role": "assistant", "content": hostile, "stats": {"finish": "stop"}}]}]}))
+    browser.find_element("id", "import-chats").send_keys(str(upload))
+    wait_for(browser, "const m = document.querySelector('.message.assistant .body');"
+                      "return m && m.textContent.includes('onerror')")
+    time.sleep(0.3)
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert browser.execute_script("return document.querySelectorAll('#messages img, #messages script, "
+                                  "#conversation-list b').length") == 0
+    assert hostile in browser.find_element("css selector", ".message.assistant .body").text
+    browser.find_element("id", "delete-chat").click()
+    browser.switch_to.alert.accept()
+
+
 def test_markdown_renderer_shapes(browser, ui_service):
     open_page(browser, ui_service)
     shapes = browser.execute_async_script("""
@@ -296,7 +316,8 @@ def test_markdown_renderer_shapes(browser, ui_service):
         import('/static/markdown.js').then(({renderMarkdown}) => {
           const html = (t) => { const d = document.createElement('div'); d.appendChild(renderMarkdown(t)); return d.innerHTML; };
           done([html('a **b** *c* `d`'), html('1. x\\n2. y'), html('- a\\n- b'), html('```py\\nx = 1\\n'),
-                html('> q'), html('## H'), html('snake_case_name and 2 * 3 * 4')]);
+                html('> q'), html('## H'), html('snake_case_name and 2 * 3 * 4'),
+                html('__b__ and x.__y__z')]);
         });""")
     assert shapes[0] == "<p>a <strong>b</strong> <em>c</em> <code>d</code></p>"
     assert shapes[1] == "<ol><li>x</li><li>y</li></ol>"
@@ -305,6 +326,7 @@ def test_markdown_renderer_shapes(browser, ui_service):
     assert shapes[4] == "<blockquote><p>q</p></blockquote>"
     assert shapes[5] == "<h5>H</h5>"
     assert shapes[6] == "<p>snake_case_name and 2 * 3 * 4</p>"
+    assert shapes[7] == "<p><strong>b</strong> and x.__y__z</p>"
 
 
 def test_screenshots_at_phone_width(browser, ui_service):
