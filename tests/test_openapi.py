@@ -18,6 +18,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
+from appliance.api.embeddings import EmbeddingRequest
 from appliance.api.openapi import REF, SKIPPED_METHODS
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, PowerRequest
 from tests.helpers import start_service
@@ -50,7 +51,7 @@ def test_every_route_is_in_the_document(box, document):
 
 @pytest.mark.parametrize("path, model", [
     ("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
-    ("/api/power", PowerRequest),
+    ("/api/power", PowerRequest), ("/v1/embeddings", EmbeddingRequest),
 ])
 def test_request_bodies_are_the_validating_models(document, path, model):
     body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -155,6 +156,6 @@ def test_schemathesis_on_the_real_model(tmp_path):
     finally:
         svc.stop()
     assert not failures, "\n\n".join(failures)
-    assert sent["POST /v1/chat/completions"] and sent["POST /v1/completions"]
+    assert sent["POST /v1/chat/completions"] and sent["POST /v1/completions"] and sent["POST /v1/embeddings"]
     assert any(row["status"] == 200 and row["completion_tokens"] for row in rows)  # the real model answered
     assert not [row for row in rows if row["status"] >= 500], "server errors in the request log"

@@ -15,6 +15,7 @@ from flask import Blueprint, current_app, jsonify
 from pydantic import BaseModel
 
 from appliance import __version__
+from appliance.api.embeddings import EmbeddingRequest
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, PowerRequest
 
 bp = Blueprint("openapi", __name__)
@@ -87,6 +88,20 @@ RESPONSE_SCHEMAS = {
                            "owned_by": {"type": "string"}, "appliance": {"type": "object"}},
         }}},
     },
+    "Embeddings": {
+        "type": "object", "required": ["object", "data", "model", "usage"],
+        "properties": {
+            "object": {"const": "list"}, "model": {"type": "string"},
+            "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"],
+                      "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}},
+            "data": {"type": "array", "items": {
+                "type": "object", "required": ["object", "index", "embedding"],
+                "properties": {"object": {"const": "embedding"}, "index": {"type": "integer"},
+                               "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}},
+                                                       {"type": "string", "description": "base64 of float32 LE"}]}},
+            }},
+        },
+    },
     "Rows": {
         "type": "object", "required": ["data"],
         "properties": {"data": {"type": "array", "items": {"type": "object"}}},
@@ -128,6 +143,8 @@ OPERATIONS = {
     "openai.completions": Operation("Text completion of a prompt (OpenAI-compatible)", CompletionRequest,
                                     _json("TextCompletion") | SSE, tags=("openai",)),
     "openai.list_models": Operation("The served model", ok=_json("ModelList"), tags=("openai",)),
+    "embeddings.embeddings": Operation("Embeddings of one or more inputs (OpenAI-compatible)", EmbeddingRequest,
+                                       _json("Embeddings"), tags=("openai",)),
     "admin.status": Operation("Power state, model, queue and system figures", ok=_json("Status"), tags=("admin",)),
     "admin.set_power": Operation("Force a power state", PowerRequest, _json("Status"), tags=("admin",)),
     "admin.logs": Operation("Recent requests from the log, newest first", ok=_json("Rows"), tags=("admin",),
