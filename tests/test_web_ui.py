@@ -262,6 +262,9 @@ def test_models_page_lists_loads_and_unloads(browser, ui_service):
     browser.find_element("css selector", button).click()
     wait_for(browser, f"return document.querySelector(\"{button}\").dataset.action === 'unload'", timeout=120)
     wait_for(browser, f"return document.querySelector('#model-events tbody').textContent.includes('{SECOND}')")
+    browser.find_element("id", "verify-models").click()
+    wait_for(browser, "return document.getElementById('verify-models-result').dataset.ok === 'true'", timeout=120)
+    assert "ok: sha256 ok" in browser.find_element("css selector", "#model-table tbody").text
     screenshot(browser, "models-desktop")
 
 

@@ -276,3 +276,12 @@ def test_keys_are_created_once_listed_without_secrets_and_revoked(box):
                         param="priority")
     assert_openai_error(c.post("/api/keys", json={"role": "user", "expires": "soon"}, headers=headers), 400,
                         param="expires")
+
+
+def test_models_verify_endpoint_answers_per_model(box):
+    r = box.client.get("/api/models/verify")
+    assert r.status_code == 200, r.get_data(as_text=True)
+    body = r.get_json()
+    assert isinstance(body["data"], list) and isinstance(body["ok"], bool)
+    for result in body["data"]:
+        assert set(result) == {"name", "ok", "available", "detail"}

@@ -47,6 +47,20 @@ def models():
     return jsonify({"data": [pool.describe(m, internals=True) for m in pool.known()]})
 
 
+@bp.get("/models/verify")
+def verify_models():
+    """Recompute the sha256 of every known model's files, as 'appliance models verify' does: ok and why, per model.
+
+    It reads every file, so it takes seconds per GB."""
+    from models import list_models, verify_model
+
+    results = []
+    for entry in list_models(home=state().settings.home):
+        ok, detail = verify_model(entry)
+        results.append({"name": entry.name, "ok": ok, "available": entry.available, "detail": detail})
+    return jsonify({"data": results, "ok": all(r["ok"] or not r["available"] for r in results)})
+
+
 @bp.post("/models/<name>/load")
 def load_model(name: str):
     """Load a model now (making room as a request would), so its first request has no load delay."""

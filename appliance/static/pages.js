@@ -119,7 +119,8 @@ export async function loadModels() {
       m.id + (m.default ? " (default)" : "") + ((m.aliases || []).length ? ` · aka ${m.aliases.join(", ")}` : ""),
       m.kind, m.format, m.quantization, fmt.bytes(m.size_bytes), m.context_length,
       m.loaded ? `loaded${m.runner_pid ? ` (pid ${m.runner_pid})` : ""}${m.in_use ? `, ${m.in_use} in use` : ""}` : "not loaded",
-      role.admin ? modelActions(m) : "",
+      ...(role.admin ? [checksums[m.id] ? `${checksums[m.id].ok ? "ok" : "FAILED"}: ${checksums[m.id].detail}` : "not checked",
+        modelActions(m)] : []),
     ]), "No models.");
     $("swap-name").replaceChildren(...models.map((m) => h("option", m.id, { value: m.id })));
     if (role.admin) showModelEvents($("model-events").tBodies[0], (await getJSON("/api/models/events?limit=30")).data);
@@ -127,6 +128,23 @@ export async function loadModels() {
   } catch (err) {
     $("models-error").textContent = err.message;
   }
+}
+
+const checksums = {};
+
+async function verifyModels() {
+  $("verify-models").disabled = true;
+  $("verify-models-result").textContent = "Reading every model file…";
+  try {
+    const { data, ok } = await getJSON("/api/models/verify");
+    for (const r of data) checksums[r.name] = r;
+    $("verify-models-result").textContent = ok ? "Every installed model matches its sha256." : "A model does not match its sha256: see the table.";
+    $("verify-models-result").dataset.ok = ok;
+  } catch (err) {
+    $("verify-models-result").textContent = err.message;
+  }
+  $("verify-models").disabled = false;
+  await loadModels();
 }
 
 function modelActions(model) {
@@ -337,6 +355,7 @@ async function createKey(e) {
 export function initPages() {
   document.querySelectorAll("button[data-power]").forEach((b) => b.addEventListener("click", () => forcePower(b.dataset.power)));
   $("swap-form").addEventListener("submit", swap);
+  $("verify-models").addEventListener("click", verifyModels);
   $("log-filters").addEventListener("submit", (e) => { e.preventDefault(); logOffset = 0; loadLogs(); });
   $("log-filters").addEventListener("reset", () => setTimeout(() => { logOffset = 0; loadLogs(); }));
   $("logs-older").addEventListener("click", () => { logOffset += PAGE; loadLogs(); });
