@@ -332,6 +332,33 @@ def test_markdown_renderer_shapes(browser, ui_service):
     assert shapes[7] == "<p><strong>b</strong> and x.__y__z</p>"
 
 
+def test_every_control_is_labelled_and_the_chat_works_from_the_keyboard(browser, ui_service):
+    from selenium.webdriver.common.keys import Keys
+
+    for page in PAGES:
+        open_page(browser, ui_service, page)
+        time.sleep(0.3)
+        unlabelled = browser.execute_script("""
+            return [...document.querySelectorAll('input, select, textarea, button')]
+              .filter(e => e.offsetParent !== null || e.type === 'file')
+              .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+              .map(e => e.outerHTML.slice(0, 80));""")
+        assert unlabelled == [], f"{page}: {unlabelled}"
+    open_page(browser, ui_service)
+    browser.find_element("id", "new-chat").send_keys(Keys.ENTER)  # a focused button answers Enter
+    wait_for(browser, "return document.querySelectorAll('.message').length === 0")
+    browser.execute_script("document.getElementById('max-tokens').value = 4; document.getElementById('temperature').value = 0")
+    prompt = browser.find_element("id", "prompt")
+    prompt.send_keys("First line", Keys.SHIFT, Keys.ENTER, Keys.NULL, "second line", Keys.ENTER)
+    assert wait_answer(browser, 1) in ("stop", "length")
+    assert browser.execute_script("return document.querySelector('.message.user').textContent") == "First line\nsecond line"
+    browser.find_element("id", "prompt").send_keys(Keys.TAB)  # Stop is disabled when idle: Send is next
+    assert browser.execute_script("return document.activeElement.id") == "send"
+    assert browser.execute_script("return getComputedStyle(document.activeElement).outlineStyle") == "solid"
+    browser.find_element("css selector", "nav a[data-page=logs]").send_keys(Keys.ENTER)
+    wait_for(browser, "return !document.getElementById('page-logs').hidden")
+
+
 def test_screenshots_at_phone_width(browser, ui_service):
     browser.set_window_size(390, 844)
     try:
