@@ -12,9 +12,11 @@
 #   bench   unpack this commit (.gpu/r/repo.tar, from `git archive HEAD`) and run python -m bench.load against
 #           the servers given (default: appliance, llama-server, canned), batched-bench's output attached
 #   power   python -m bench.gpu_power: GPU memory loaded, idle, deep idle and after waking
-# The run folders come back in $OUT/results/<benchmark>/runs/: copy them into bench/results/ and run
-# `python -m bench.results`. llama-cpp-python's Python package runs from the sdist over the libraries built here
-# (LLAMA_CPP_LIB_PATH). BENCH_COMMIT names the commit of repo.tar (the unpacked tree has no git).
+# The runs are recorded under /tmp/gpu/results and each run folder is copied to $OUT/<benchmark>-<run>/ (what
+# comes back from $OUT must lie at most two folders down): copy each into bench/results/<benchmark>/runs/<run>/
+# and run `python -m bench.results`. llama-cpp-python's Python package runs from the sdist over the libraries built here
+# (LLAMA_CPP_LIB_PATH). BENCH_COMMIT names the commit of repo.tar (the unpacked tree has no git). The bench and
+# power stages preload the system libstdc++ (GPU_LOAD_PRELOAD= turns that off): see setup_env.
 set -euo pipefail
 stage=${1:?usage: bench/gpu_load.sh model|build|bench|power [options]}
 shift
@@ -26,8 +28,20 @@ setup_env() {
     export PYTHONPATH=/tmp/site:$sdist:$work/repo LLAMA_CPP_LIB_PATH=$work/build/bin
     export LD_LIBRARY_PATH=$work/build/bin:${LD_LIBRARY_PATH:-}
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+    # Without the system libstdc++ loaded first, the appliance's runner segfaults in llama.cpp's tokenizer regex
+    # while loading a model on this CUDA build (a std::collate call landing in libggml-cuda.so; 2026-12-05, see
+    # bench/results/load/runs/2026-12-05-h200-preload/notes.md). Every server of the run gets it alike.
+    export LD_PRELOAD=${GPU_LOAD_PRELOAD-/lib/x86_64-linux-gnu/libstdc++.so.6}
     rm -rf "$work/repo" && mkdir -p "$work/repo" && tar xf .gpu/r/repo.tar -C "$work/repo"
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
+}
+
+# Each run folder recorded under $work/results, flat in $OUT (deeper folders do not come back).
+bring_back() {
+    for run in "$work"/results/*/runs/*/; do
+        benchmark=$(basename "$(dirname "$(dirname "$run")")")
+        mkdir -p "${OUT:?}/$benchmark-$(basename "$run")" && cp "$run"* "$OUT/$benchmark-$(basename "$run")/"
+    done
 }
 
 case "$stage" in
@@ -60,15 +74,17 @@ build)
 bench)
     setup_env
     cd "$work/repo"
-    BENCH_RESULTS=${OUT:?}/results python3 -m bench.load --model "$work/model.gguf" \
+    BENCH_RESULTS=$work/results python3 -m bench.load --model "$work/model.gguf" \
         --llama-server "$work/build/bin/llama-server" --attach "$work/batched-bench.txt" "$@" ||
         { tail -n 40 /tmp/bench-load-*/*.log; exit 1; }
+    bring_back
     ;;
 power)
     setup_env
     cd "$work/repo"
-    BENCH_RESULTS=${OUT:?}/results python3 -m bench.gpu_power --model "$work/model.gguf" "$@" ||
+    BENCH_RESULTS=$work/results python3 -m bench.gpu_power --model "$work/model.gguf" "$@" ||
         { tail -n 40 /tmp/bench-gpu-power-*/*.log; exit 1; }
+    bring_back
     ;;
 *)
     echo "unknown stage $stage: use model, build, bench or power" >&2
