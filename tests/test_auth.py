@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from tests.helpers import CHAT, COMPLETIONS, bearer, chat, chat_body, create_key, key_id, last_reply, needs_bundled_model, start_service, wait_for
+from tests.helpers import CHAT, COMPLETIONS, bearer, chat, chat_body, create_key, key_id, needs_bundled_model, start_service, wait_for
 
 
 def assert_error(response, status: int, type_: str, code: str) -> dict:
@@ -439,8 +439,10 @@ def test_the_ui_asks_for_a_key_and_then_works(tmp_path, browser):
         wait_for(browser, "const m = document.querySelector('.message.assistant'); return m && m.dataset.finish")
         assert browser.find_element("id", "error").text == ""
         row = svc.last_row()
-        assert row["status"] == 200 and row["key_id"] == key_id(admin) and row["response"] == last_reply(browser)
-        browser.find_element("css selector", "button[data-tab=power-panel]").click()
+        answer = browser.execute_script(  # the answer as received: the page shows it rendered as Markdown
+            "return JSON.parse(localStorage.getItem('appliance.conversations'))[0].messages.pop().content")
+        assert row["status"] == 200 and row["key_id"] == key_id(admin) and row["response"] == answer
+        browser.find_element("css selector", "nav a[data-page=status]").click()
         browser.find_element("css selector", "button[data-power=idle]").click()  # a POST with the page's Origin
         wait_for(browser, "return document.getElementById('power').dataset.state === 'idle'")
         stored = browser.execute_script("return sessionStorage.getItem('appliance.api_key')")
