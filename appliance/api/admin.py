@@ -107,9 +107,6 @@ def set_power():
     return jsonify(_status())
 
 
-TEXT_COLUMNS = ("prompt", "response")
-
-
 # -- keys: what 'appliance keys create / list / revoke' do, for the web UI's Keys page ----------------------
 class KeyRequest(BaseModel):
     """A new API key. Its secret is in the answer once; only its salted hash is stored."""
