@@ -185,9 +185,17 @@ def test_switch_models_in_the_picker(browser, ui_service):
     assert options[0] == MODEL and SECOND in options
     assert not any("minilm" in o for o in options), "embedding models are not offered for chat"
     pick_model(browser, SECOND)
+    loaded = browser.execute_script("return document.getElementById('chat-model').selectedOptions[0].dataset.loaded")
+    browser.execute_script("""
+        window.__loadingShown = false;
+        new MutationObserver(() => { window.__loadingShown ||= !!document.querySelector('.message .loading'); })
+          .observe(document.getElementById('messages'), {childList: true, subtree: true});""")
     send_chat(browser, "Say hello.", max_tokens=8)
     assert wait_answer(browser, 1, timeout=120) in ("stop", "length")
     assert ui_service.last_row()["model"] == SECOND
+    if loaded == "false":  # the first request to a model not loaded yet says it waits for the load
+        assert browser.execute_script("return window.__loadingShown")
+    wait_for(browser, "return document.getElementById('chat-model').selectedOptions[0].dataset.loaded === 'true'")
 
 
 def test_logs_filter_detail_and_csv_export(browser, ui_service, downloads):

@@ -203,6 +203,10 @@ async function send(text) {
   const started = performance.now();
   let reply = "", finish = null, usage = null, first = null, pending = false;
   const draw = () => { pending = false; body.replaceChildren(renderMarkdown(reply)); };
+  const option = $("chat-model").selectedOptions[0];
+  if (option && option.dataset.loaded === "false") {
+    body.appendChild(h("span", `Loading ${model} on the box first…`, { className: "muted loading" }));
+  }
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST", signal: controller.signal,
@@ -243,6 +247,7 @@ async function send(text) {
     finishNode(div, message);
     setBusy(false);
     controller = null;
+    loadChatModels(); // a model this answer loaded is labelled loaded now
   }
 }
 
@@ -264,6 +269,7 @@ export async function loadChatModels() {
       const option = h("option", `${m.id}${info.default ? " (default)" : ""}${info.loaded ? "" : " · not loaded"}`,
         { value: m.id });
       option.dataset.defaults = JSON.stringify(info.sampling_defaults || {});
+      option.dataset.loaded = Boolean(info.loaded);
       return option;
     }));
     const preferred = models.includes(previous) ? previous : (chat.find((m) => (m.appliance || {}).default) || chat[0] || {}).id;
