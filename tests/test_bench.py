@@ -73,7 +73,7 @@ def test_the_load_bench_counts_lost_rows_and_sums_a_level():
             "command": "python -m bench.load"}
     data = {"meta": meta, "runs": runs}
     text = load.markdown(data)
-    assert "| 4 | appliance | 10.0 | 1.00 | 7.5 | 200 | 1.00 | 298 | 1 | 3 |" in text
+    assert "| 4 | appliance | 10.0 | 1.00 | 7.5 | 1.00 | 200 | 1.00 | 298 | 1 | 3 |" in text  # per-stream ratio too
     assert "- 4 clients: aggregate ✅, TTFT ✅, no errors or lost rows ❌" in text
     assert load.figure(data) == "aggregate 1.00x llama-server's at 4 clients, TTFT p50 1.00-1.00x; 1 errors, 3 lost rows"
 
