@@ -285,3 +285,8 @@ def test_models_verify_endpoint_answers_per_model(box):
     assert isinstance(body["data"], list) and isinstance(body["ok"], bool)
     for result in body["data"]:
         assert set(result) == {"name", "ok", "available", "detail"}
+
+
+def test_status_says_how_long_the_service_has_been_up(box):
+    uptime = box.client.get("/api/status").get_json()["uptime_s"]
+    assert 0 <= uptime < 24 * 3600

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
+import psutil
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +37,8 @@ def status_history():
 def _status() -> dict:
     st = state()
     default = st.models.default
-    return st.power.status() | {"model": st.models.describe(default, internals=True),
+    return st.power.status() | {"uptime_s": round(time.time() - psutil.Process().create_time(), 1),
+                                "model": st.models.describe(default, internals=True),
                                 "queue": default.admission.stats() | {"batch_size": default.runner.last_batch_size},
                                 "models": st.models.status()}
 

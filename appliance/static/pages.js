@@ -20,6 +20,7 @@ export async function loadStatus() {
     showPower(status);
     $("page-status").dataset.state = status.state;
     fillList($("status-power"), [
+      ["service up for", fmt.seconds(status.uptime_s)],
       ["state", status.state.replace("_", " ")],
       ["in this state for", fmt.seconds(status.seconds_in_state)],
       ["next", status.next_state ? `${status.next_state.replace("_", " ")} in ${fmt.seconds(status.seconds_to_next_state)}` : "–"],
