@@ -35,6 +35,29 @@ FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAM
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
+def _tokenize(vocab, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    data = text.encode("utf-8")
+    room = len(data) + 8
+    tokens = (llama_cpp.llama_token * room)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, room, add_special, parse_special)
+    if n < 0:
+        raise BackendError(f"llama.cpp could not tokenize {len(data)} bytes")
+    return tokens[:n]
+
+
+def _free(engine) -> None:
+    """Free what a llama.cpp engine (generating or embedding) holds: its batch, context and model, once."""
+    if engine._batch is not None:
+        llama_cpp.llama_batch_free(engine._batch)
+        engine._batch = None
+    if engine._ctx:
+        llama_cpp.llama_free(engine._ctx)
+        engine._ctx = None
+    if engine._model:
+        llama_cpp.llama_model_free(engine._model)
+        engine._model = None
+
+
 def _provider(report: dict) -> str:
     """cpu, or the GPU backend most layers run on (CUDA0 -> cuda)."""
     if not report["gpu_layers_offloaded"] or not report["device"] or report["device"].startswith("CPU"):
@@ -119,15 +142,7 @@ class LlamaCppBackend(Backend):
         for sampler in self._samplers.values():
             llama_cpp.llama_sampler_free(sampler)
         self._samplers.clear()
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        _free(self)
 
     def _info(self, path: Path) -> dict:
         file_type = self._meta("general.file_type")
@@ -157,13 +172,7 @@ class LlamaCppBackend(Backend):
 
     # -- tokens ------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        room = len(data) + 8
-        tokens = (llama_cpp.llama_token * room)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, room, add_special, parse_special)
-        if n < 0:
-            raise BackendError(f"llama.cpp could not tokenize {len(data)} bytes")
-        return tokens[:n]
+        return _tokenize(self._vocab, text, add_special, parse_special)
 
     def token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
@@ -353,24 +362,10 @@ class LlamaCppEmbedder(EmbeddingBackend):
         return params
 
     def close(self) -> None:
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        _free(self)
 
     def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        room = len(data) + 8
-        tokens = (llama_cpp.llama_token * room)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, room, True, False)
-        if n < 0:
-            raise BackendError(f"llama.cpp could not tokenize {len(data)} bytes")
-        return tokens[:n]
+        return _tokenize(self._vocab, text, add_special=True, parse_special=False)
 
     def embed(self, sequences: list[list[int]]) -> bytes:
         batch, n = self._batch, 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from appliance.backends.base import BackendError, ModelFacts
 from appliance.backends.embedding import EmbeddingBackend
 from appliance.runner import protocol as msg
+from appliance.runner.scheduler import drain
 
 NOT_FOR_CHAT = ("is an embedding model: it makes vectors at POST /v1/embeddings and does not generate text; "
                 "send chat and completions to a chat model (GET /v1/models lists each model's kind)")
@@ -82,13 +83,7 @@ class Embedder:
                 self.step()
 
     def _drain(self, block: bool) -> None:
-        try:
-            item = self.inbox.get(timeout=None if block else 0)
-            while True:
-                self._handle(item)
-                item = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
+        drain(self.inbox, self._handle, block)
 
     def _handle(self, item) -> None:
         if isinstance(item, Job):

@@ -163,13 +163,7 @@ class Scheduler:
         self._prefilled = 0
 
     def _drain(self, block: bool) -> None:
-        try:
-            item = self.inbox.get() if block else self.inbox.get_nowait()
-            while True:
-                self._handle(item)
-                item = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
+        drain(self.inbox, self._handle, block)
 
     def _handle(self, item) -> None:
         if isinstance(item, Prepared):
@@ -349,6 +343,17 @@ class Scheduler:
         self.backend.clear()
         for slot in self.slots:
             slot.tokens.clear()
+
+
+def drain(inbox: queue.Queue, handle: Callable[[object], None], block: bool) -> None:
+    """Handle everything in a runner's inbox, first waiting for something to arrive if ``block``."""
+    try:
+        item = inbox.get() if block else inbox.get_nowait()
+        while True:
+            handle(item)
+            item = inbox.get_nowait()
+    except queue.Empty:
+        pass
 
 
 def _tail(seq: Sequence) -> str:
