@@ -102,9 +102,9 @@ class Recording:
     def is_end_of_generation(self, token: int) -> bool:
         return not self.endless and self.backend.is_end_of_generation(token)
 
-    def step(self, feeds: list[Feed]) -> dict[int, int]:
+    def step(self, feeds: list[Feed], masks=None) -> dict[int, int]:
         self.steps.append(feeds)
-        out = self.backend.step(feeds)
+        out = self.backend.step(feeds, masks)
         for slot, token in out.items():
             self.sampled.setdefault(slot, []).append(token)
         return out
