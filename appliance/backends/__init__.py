@@ -7,9 +7,8 @@ HTTP process never imports an engine. Ask ``create_backend(model_format, ...)``.
 
 from __future__ import annotations
 
-import importlib
-
 from appliance.backends.base import Backend, BackendError, Feed, ModelFacts, SamplingParams, Usage
+from appliance.backends.registry import resolve
 
 # model format -> "module:Class", imported only when a model of that format is used,
 # so a box with only llama.cpp installed never imports onnxruntime and vice versa.
@@ -17,7 +16,6 @@ _REGISTRY: dict[str, str | type[Backend]] = {
     "gguf": "appliance.backends.llama_cpp:LlamaCppBackend",
     "onnx": "appliance.backends.onnx_runtime:OnnxRuntimeBackend",
 }
-_EXTRAS = {"gguf": "llama", "onnx": "onnx"}
 
 
 def register(model_format: str, backend: str | type[Backend]) -> None:
@@ -25,21 +23,7 @@ def register(model_format: str, backend: str | type[Backend]) -> None:
 
 
 def backend_class(model_format: str) -> type[Backend]:
-    try:
-        target = _REGISTRY[model_format]
-    except KeyError:
-        raise BackendError(f"no backend serves models of format {model_format!r}") from None
-    if isinstance(target, str):
-        module_name, class_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise BackendError(
-                f"the backend for {model_format!r} models is not installed ({exc.name} missing): "
-                f"pip install 'edge-appliance[{_EXTRAS.get(model_format, model_format)}]'"
-            ) from exc
-        target = _REGISTRY[model_format] = getattr(module, class_name)
-    return target
+    return resolve(_REGISTRY, model_format)
 
 
 def create_backend(

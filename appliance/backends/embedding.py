@@ -9,9 +9,9 @@ L2-normalised, so a text's vector is the same alone or in any batch.
 from __future__ import annotations
 
 import abc
-import importlib
 
-from appliance.backends.base import BackendError, ModelFacts
+from appliance.backends.base import ModelFacts
+from appliance.backends.registry import resolve
 
 # model format -> "module:Class", imported only when an embedding model of that format is loaded
 _REGISTRY: dict[str, str | type[EmbeddingBackend]] = {
@@ -50,16 +50,5 @@ def register_embedder(model_format: str, backend: str | type[EmbeddingBackend]) 
 
 
 def create_embedder(model_format: str, model_path, threads: int, context_length: int) -> EmbeddingBackend:
-    try:
-        target = _REGISTRY[model_format]
-    except KeyError:
-        raise BackendError(f"no backend serves embedding models of format {model_format!r}") from None
-    if isinstance(target, str):
-        module_name, class_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise BackendError(f"the backend for {model_format!r} embedding models is not installed "
-                               f"({exc.name} missing): pip install 'edge-appliance[llama]'") from exc
-        target = _REGISTRY[model_format] = getattr(module, class_name)
-    return target(model_path, threads=threads, context_length=context_length)
+    cls = resolve(_REGISTRY, model_format, "embedding models")
+    return cls(model_path, threads=threads, context_length=context_length)
