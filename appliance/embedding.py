@@ -13,14 +13,14 @@ The log row records the sha256 of the vectors (float32 little-endian, in input o
 from __future__ import annotations
 
 import hashlib
-import queue
 import time
 from dataclasses import dataclass
 
 from appliance.backends.base import BackendError
 from appliance.generation import Generation
 from appliance.runner import protocol as msg
-from appliance.runner.supervisor import ModelRunner, RunnerCrashed
+from appliance.probe import FAILURES, next_event
+from appliance.runner.supervisor import ModelRunner
 
 PROBE_INPUTS = ("Hello",)  # the live health check's and a swap's warm-up for an embedding model
 
@@ -55,12 +55,10 @@ def probe(runner: ModelRunner, timeout: float, inputs: tuple[str, ...] = PROBE_I
     except BackendError as exc:
         return f"the embedding probe could not start: {exc}"
     while True:
-        try:
-            event = stream.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            runner.cancel(stream)
+        event = next_event(runner, stream, deadline)
+        if event is None:
             return f"the embedding probe got no vectors in the {timeout:.0f} s allowed"
-        if isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)):
+        if isinstance(event, FAILURES):
             return f"the embedding probe failed: {event.message}"
         if isinstance(event, msg.Vectors):
             return None if len(event.data) == 4 * event.dimensions * len(inputs) else "the embedding probe got no vectors"

@@ -17,6 +17,16 @@ from appliance.runner.supervisor import ModelRunner, RunnerCrashed
 PROBE_PROMPTS = ("The capital of France is", "1, 2, 3, 4,")
 LIVE_PROBE = ("Hello",)  # the live health check's: as small as a generation gets
 LIVE_PROBE_TOKENS = 2
+FAILURES = (msg.Refused, msg.Failed, RunnerCrashed)  # a probe's events that end it as failed
+
+
+def next_event(runner: ModelRunner, stream, deadline: float):
+    """A probe's next event, or None once its deadline has passed (its request is then cancelled)."""
+    try:
+        return stream.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        runner.cancel(stream)
+        return None
 
 
 def probe(runner: ModelRunner, tokens: int, timeout: float, prompts: tuple[str, ...] = PROBE_PROMPTS) -> str | None:
@@ -30,12 +40,10 @@ def probe(runner: ModelRunner, tokens: int, timeout: float, prompts: tuple[str, 
             return f"the probe {prompt!r} could not start: {exc}"
         made, finish = 0, None
         while finish is None:
-            try:
-                event = stream.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                runner.cancel(stream)
+            event = next_event(runner, stream, deadline)
+            if event is None:
                 return f"the probe {prompt!r} made {made} of {tokens} tokens in the {timeout:.0f} s allowed"
-            if isinstance(event, (msg.Refused, msg.Failed, RunnerCrashed)):
+            if isinstance(event, FAILURES):
                 return f"the probe {prompt!r} failed: {event.message}"
             if isinstance(event, msg.Output):
                 made, finish = event.completion_tokens, event.finish_reason
