@@ -4,14 +4,13 @@ fake engine, headless Chromium. Their helpers are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import CHROMEDRIVER, CHROMIUM, Box, ServedModel, start_service
+from tests.helpers import Box, ServedModel, start_chromium, start_service
 
 # Offline means offline, for the tests too.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -115,19 +114,7 @@ def box(make_box) -> Box:
 # -- headless Chromium -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("the UI tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()

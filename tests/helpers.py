@@ -9,6 +9,7 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -368,3 +369,23 @@ def package_of(folder: Path, name: str, gguf: Path | None = None) -> Path:
     write_manifest(folder, name=name, architecture="llama", format="gguf", quantization="Q4_1", target="cpu",
                    context_length=2048)
     return folder
+
+
+def start_chromium(profile: Path, extra_flags: tuple[str, ...] = (), capabilities: dict | None = None):
+    """Headless Debian Chromium under chromedriver, with a profile folder of its own and nothing fetched in the
+    background; ``extra_flags`` and ``capabilities`` add to that."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail("the UI tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", *extra_flags):
+        options.add_argument(flag)
+    for name, value in (capabilities or {}).items():
+        options.set_capability(name, value)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from click.testing import CliRunner
 
 from appliance.cli import cli
 from models import find_model
-from tests.helpers import CHROMEDRIVER, CHROMIUM, MODEL, create_key, package_of, start_service, wait_for
+from tests.helpers import MODEL, create_key, package_of, start_chromium, start_service, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -385,22 +384,10 @@ def test_screenshots_at_phone_width(browser, ui_service):
 
 def test_every_page_loads_nothing_from_outside_the_box(ui_service, tmp_path):
     """Chromium that can resolve no name and reach no address but the box's: every request it makes is logged."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("the UI tests need Debian's chromium and chromium-driver")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                 "--proxy-server=http://0.0.0.0:9", f"--proxy-bypass-list=127.0.0.1:{ui_service.port}",
-                 f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_chromium(tmp_path / "chromium", ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                                                    "--proxy-server=http://0.0.0.0:9",
+                                                    f"--proxy-bypass-list=127.0.0.1:{ui_service.port}"),
+                            {"goog:loggingPrefs": {"performance": "ALL"}})
     try:
         for page in PAGES:
             open_page(driver, ui_service, page)
