@@ -22,6 +22,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from models.manifest import SERVING_OPTIONS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Jetson ships Python 3.10
@@ -331,8 +333,9 @@ SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.
 SAMPLING_OPTIONS = tuple(SAMPLING_DEFAULTS)
 
 
-# What model_settings may set for one model: the service's own settings of these names are the default.
-MODEL_SETTINGS = ("parallel", "context_length", "threads", "keep_alive")
+# What model_settings may set for one model: the service's own settings of these names are the default, then what
+# the model's package suggests (its manifest's "serving").
+MODEL_SETTINGS = SERVING_OPTIONS
 # llama.cpp's engine settings, service-wide and per model (appliance.backends.llama_cpp reads them).
 ENGINE_SETTINGS = ("gpu_layers", "flash_attn", "main_gpu", "tensor_split", "kv_cache_type")
 FLASH_ATTN_MODES = ("auto", "on", "off")

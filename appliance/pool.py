@@ -47,7 +47,7 @@ from appliance.runner.supervisor import ModelRunner
 from models import ModelEntry, ModelNotFound, bundled_embedding, find_model
 from models.footprint import ModelShape, read_shape
 from models.kinds import CHAT, EMBEDDING, gguf_dimensions
-from models.manifest import ManifestError
+from models.manifest import SERVING_OPTIONS, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class ModelPool:
             return self._add_locked(entry)
 
     def _add_locked(self, entry: ModelEntry) -> PooledModel:
-        options = self.options(entry.name)
+        options = self.options(entry)
         runner = ModelRunner(entry, threads=options["threads"], context_length=options["context_length"],
                              parallel=options["parallel"], provider=self.settings.provider,
                              stream_interval=self.settings.stream_interval, spawn=self.spawn,
@@ -257,21 +257,30 @@ class ModelPool:
         self._models[entry.name] = model
         return model
 
-    def options(self, name: str) -> dict:
-        """The service's parallel, context_length, threads and keep_alive, with the model's own from model_settings."""
+    def options(self, entry: ModelEntry) -> dict:
+        """Its parallel, context_length, threads and keep_alive: the service's, then what its package suggests,
+        then the config's model_settings for it; and its engine settings (the service's, then model_settings)."""
         s = self.settings
-        own = s.model_settings.get(name, {})
-        options = {"parallel": s.parallel, "context_length": s.context_length, "threads": s.threads} | {
-            k: own[k] for k in ("parallel", "context_length", "threads") if k in own}
-        options = {k: int(v) for k, v in options.items()}
-        options["keep_alive"] = float(own.get("keep_alive", s.keep_alive))
+        own = s.model_settings.get(entry.name, {})
+        chosen = {k: getattr(s, k) for k in SERVING_OPTIONS} | entry.serving | {
+            k: own[k] for k in SERVING_OPTIONS if k in own}
+        options = {k: int(v) for k, v in chosen.items() if k != "keep_alive"}
+        options["keep_alive"] = float(chosen["keep_alive"])
         options |= {k: own.get(k, getattr(s, k)) for k in ENGINE_SETTINGS}
         options["tensor_split"] = tuple(options["tensor_split"])
         return options
 
+    def serving(self, model: PooledModel) -> dict:
+        """Each of its SERVING_OPTIONS: the value it got and where from (service, package or model_settings)."""
+        own = self.settings.model_settings.get(model.name, {})
+        return {k: {"value": model.options[k],
+                    "from": "model_settings" if k in own else "package" if k in model.entry.serving else "service"}
+                for k in SERVING_OPTIONS}
+
     def _default_keep_alive(self, model: PooledModel) -> float | None:
-        """The default model stays until deep idle, unless model_settings gives it a keep_alive."""
-        return model.options["keep_alive"] if "keep_alive" in self.settings.model_settings.get(model.name, {}) else None
+        """The default model stays until deep idle, unless its package or model_settings gives it a keep_alive."""
+        own = model.entry.serving | self.settings.model_settings.get(model.name, {})
+        return model.options["keep_alive"] if "keep_alive" in own else None
 
     def sampling_defaults(self, model: PooledModel) -> dict:
         """The service's defaults, then the model's own (its catalog entry or package), then the config's for it."""
@@ -667,7 +676,7 @@ class ModelPool:
             info.pop("sampling_defaults")
         if internals:
             info.update(estimated_memory_mib=model.memory_mib, in_use=model.in_use, keep_alive=model.keep_alive,
-                        seconds_since_use=round(self.clock() - model.last_used, 1),
+                        seconds_since_use=round(self.clock() - model.last_used, 1), serving=self.serving(model),
                         queue=model.admission.stats() | {"batch_size": model.runner.last_batch_size})
         return info
 

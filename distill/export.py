@@ -171,7 +171,7 @@ def _write_manifest(request: ExportRequest, profile: TargetProfile, fmt: str, fo
     return write_manifest(
         folder, name=package_name(request, profile, fmt), architecture=config["model_type"], format=fmt,
         quantization=quantization, target=profile.name, context_length=int(config["max_position_embeddings"]),
-        source=source, metrics=metrics, aliases=request.aliases, known=known,
+        source=source, metrics=metrics, aliases=request.aliases, known=known, serving=request.serving,
     )
 
 

@@ -33,8 +33,12 @@ from distill.targets import GGUF_QUANT_TYPES, TARGETS
               help="qat: fine-tuning steps of 8 sequences [default: 1000]")
 @click.option("--no-report", is_flag=True, help="skip the measurements (perplexity, agreement, speed, RSS)")
 @click.option("-t", "--threads", type=int, default=2, show_default=True, help="threads for quantizing and measuring")
+@click.option("--serving", "serving", multiple=True, metavar="OPTION=VALUE", callback=lambda ctx, param, v: _serving(v),
+              help="how the box should serve the packages, recorded in their manifests (the site's model_settings "
+                   "still win): parallel=N slots, context_length=N tokens per slot, threads=N, keep_alive=SECONDS; "
+                   "repeat for each")
 def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gguf_quant, calibration_sequences,
-                   qat_steps, no_report, threads):
+                   qat_steps, no_report, threads, serving):
     """Export an HF model folder to INT4 model packages for one target, each with a report.
 
     \b
@@ -43,16 +47,35 @@ def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gg
       appliance models add ./packages/student-arm-gguf
       appliance export ./student --target gpu --algorithm gptq --out ./packages
       appliance export ./student --target arm --format gguf --algorithm imatrix --out ./packages
+      appliance export ./student --target jetson --serving parallel=4 --serving context_length=2048 --out ./packages
     """
     from distill.export import ExportError, ExportRequest, export
     from distill.targets import UnknownTarget
 
     request = ExportRequest(src=model_dir, out=out, target=target, format=fmt, name=name, algorithm=algorithm,
                             calibration=calibration, gguf_quant=gguf_quant, calibration_sequences=calibration_sequences,
-                            qat_steps=qat_steps, measure=not no_report, threads=threads)
+                            qat_steps=qat_steps, measure=not no_report, threads=threads, serving=serving)
     try:
         packages = export(request, progress=lambda line: click.echo(line, err=True))
     except (ExportError, UnknownTarget) as exc:
         raise click.ClickException(str(exc)) from None
     for package in packages:
         click.echo(package)
+
+
+def _serving(pairs: tuple[str, ...]) -> dict:
+    """parallel=4 -> {"parallel": 4}, checked now rather than once the packages are written."""
+    from models.manifest import ManifestError, check_serving
+
+    serving = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            serving[name.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: expected OPTION=NUMBER, e.g. parallel=4", param_hint="--serving") from None
+    try:
+        check_serving(serving, "--serving")
+    except ManifestError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--serving: "), param_hint="--serving") from None
+    return serving

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 Progress = Callable[[str], None]
@@ -35,6 +35,7 @@ class ExportRequest:
     measure: bool = True  # write report.md/report.json (perplexity, agreement, speed, RSS)
     threads: int = 2
     aliases: tuple[str, ...] = ()
+    serving: dict = field(default_factory=dict)  # the manifest's "serving": how the box should serve the packages
 
 
 @contextmanager

@@ -44,6 +44,9 @@ class ModelEntry:
     # A file the GGUF at ``path`` is made from on the model's first load, if it is not there yet (the bundled
     # embedding model's zip: models.bundled_embedding)
     convert_from: Path | None = None
+    # What it suggests for serving it (models.manifest.SERVING_OPTIONS: its package's manifest "serving");
+    # the service's settings fill the rest and the config's model_settings for it override these.
+    serving: dict = field(default_factory=dict)
 
     def answers_to(self, name: str) -> bool:
         """Its name or one of its aliases."""
@@ -165,7 +168,7 @@ def _package_entry(folder: Path) -> ModelEntry:
     return ModelEntry(
         name=manifest.name, format=manifest.format, path=path, description=f"{manifest.architecture} {manifest.quantization}",
         source=str(folder), aliases=manifest.aliases, package=folder, sampling=generation_defaults(folder),
-        kind=manifest.kind,
+        kind=manifest.kind, serving=dict(manifest.serving),
     )
 
 

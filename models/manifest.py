@@ -18,6 +18,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FORMATS = ("gguf", "onnx")
 CACHE_DIR = ".cache"  # derived files a backend may keep inside a package; not part of it
+# What a package may suggest for serving it (the service's settings of these names are the default, and the
+# config's model_settings for it override the package): slots, tokens of context per slot, threads, keep-alive s.
+SERVING_OPTIONS = ("parallel", "context_length", "threads", "keep_alive")
 
 
 class ManifestError(ValueError):
@@ -45,6 +48,7 @@ class Manifest:
     aliases: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
     kind: str = "chat"  # "chat" or "embedding" (models.kinds); manifests written before kinds existed are chat
+    serving: dict = field(default_factory=dict)  # SERVING_OPTIONS the package suggests, e.g. {"parallel": 2}
 
     def file(self, suffix: str) -> FileRecord:
         """The one listed file whose name ends with suffix (e.g. ".gguf", "model.onnx")."""
@@ -80,6 +84,7 @@ def write_manifest(
     aliases: tuple[str, ...] = (),
     known: tuple[FileRecord, ...] = (),
     kind: str = "chat",
+    serving: dict | None = None,
 ) -> Manifest:
     """Record every file of folder (except the manifest itself) with its size and sha256.
 
@@ -89,6 +94,7 @@ def write_manifest(
     folder = Path(folder)
     if format not in FORMATS:
         raise ManifestError(f"format must be one of {FORMATS}, got {format!r}")
+    check_serving(dict(serving or {}), "write_manifest")
     hashed = {record.path: record for record in known}
     files = tuple(
         _record(folder, p, hashed.get(p.relative_to(folder).as_posix()))
@@ -98,7 +104,7 @@ def write_manifest(
     manifest = Manifest(
         name=name, architecture=architecture, format=format, quantization=quantization, target=target,
         context_length=int(context_length), files=files, source=dict(source or {}), metrics=metrics,
-        aliases=tuple(aliases), kind=kind,
+        aliases=tuple(aliases), kind=kind, serving=dict(serving or {}),
     )
     (folder / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
@@ -131,7 +137,22 @@ def read_manifest(folder: Path) -> Manifest:
         raise ManifestError(f"{path}: unknown format {manifest.format!r}, expected one of {FORMATS}")
     if manifest.kind not in KINDS:
         raise ManifestError(f"{path}: unknown kind {manifest.kind!r}, expected one of {KINDS}")
+    check_serving(manifest.serving, str(path))
     return manifest
+
+
+def check_serving(serving: dict, where: str) -> None:
+    """Every option known, a whole number above 0 (keep_alive: seconds, 0 or more)."""
+    if not isinstance(serving, dict):
+        raise ManifestError(f"{where}: serving must be an object such as {{\"parallel\": 2}}, got {serving!r}")
+    for name, value in serving.items():
+        if name not in SERVING_OPTIONS:
+            raise ManifestError(f"{where}: unknown serving option {name!r} (known: {', '.join(SERVING_OPTIONS)})")
+        least_ok = value >= 0 if name == "keep_alive" else value > 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not least_ok or \
+                (name != "keep_alive" and value != int(value)):
+            kind = "seconds, 0 or more" if name == "keep_alive" else "a whole number above 0"
+            raise ManifestError(f"{where}: serving option {name} must be {kind}, got {value!r}")
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:

@@ -125,6 +125,20 @@ def test_model_settings_give_a_model_its_own_slots_and_context(make_box):
     assert box.admission.slots == 2  # the default model keeps the service's
 
 
+def test_a_package_suggests_its_serving_settings_and_model_settings_override_them(make_box):
+    box = make_box(extra_models={"second": {"serving": {"parallel": 1, "context_length": 128, "keep_alive": 7}},
+                                 "third": {"serving": {"parallel": 1, "context_length": 128}}},
+                   model_settings={"third": {"parallel": 3}})
+    second, third = box.state.models.get("second"), box.state.models.get("third")
+    assert second.admission.slots == 1 and second.runner.spec["context_length"] == 128
+    assert second.options["keep_alive"] == 7 and second.options["threads"] == box.settings.threads
+    assert third.admission.slots == 3 and third.runner.spec["context_length"] == 128
+    admin = {m.name: box.state.models.describe(m, internals=True)["serving"] for m in (second, third)}
+    assert admin["second"]["keep_alive"] == {"value": 7, "from": "package"}
+    assert admin["third"]["parallel"] == {"value": 3, "from": "model_settings"}
+    assert admin["third"]["threads"] == {"value": box.settings.threads, "from": "service"}
+
+
 def test_models_list_every_known_model_without_internals(make_box, tmp_path):
     box = make_box(extra_models={"second": {}})
     data = box.client.get("/v1/models").get_json()["data"]
@@ -203,10 +217,10 @@ def test_a_swap_moves_the_name_to_the_new_model_and_retires_the_old(make_box):
     for name in (None, "fake", "fake-alias"):  # the old model's name and alias, and the default, all moved
         r = ask(box, name)
         assert r.get_json()["model"] == "second" and r.get_json()["choices"][0]["message"]["content"] == "Second here."
-    deadline = time.monotonic() + 5
-    while box.runner.is_loaded and time.monotonic() < deadline:
+    deadline = time.monotonic() + 5  # the old runner ends once it has nothing in flight, then its unload is logged
+    while (box.runner.is_loaded or len(events(box)) < 4) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not box.runner.is_loaded  # the old runner ended once it had nothing in flight
+    assert not box.runner.is_loaded
     assert events(box)[1:] == [("load", "second", "ok"), ("swap", "second", "ok"), ("unload", "fake", "ok")]
 
 

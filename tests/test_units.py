@@ -417,3 +417,24 @@ def test_engine_settings_come_from_the_environment_and_per_model(tmp_path):
                                "APPLIANCE_TENSOR_SPLIT": "3,1", "APPLIANCE_KV_CACHE_TYPE": "q8_0"})
     assert (s.gpu_layers, s.tensor_split, s.kv_cache_type, s.flash_attn) == (12, [3.0, 1.0], "q8_0", "auto")
     assert s.model_settings["big"] == {"gpu_layers": 20, "kv_cache_type": "q4_0"}
+
+
+def test_a_manifest_carries_the_serving_settings_its_package_suggests(tmp_path):
+    import json
+
+    from models.catalog import find_model
+    from models.manifest import ManifestError, write_manifest
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF not a real model")
+    meta = dict(name="m", architecture="qwen2", format="gguf", quantization="Q4_K_M", target="cpu", context_length=4096)
+    write_manifest(tmp_path, **meta, serving={"parallel": 2, "context_length": 2048, "keep_alive": 0})
+    assert find_model(str(tmp_path)).serving == {"parallel": 2, "context_length": 2048, "keep_alive": 0}
+    with pytest.raises(ManifestError, match="unknown serving option 'slots'.*parallel"):
+        write_manifest(tmp_path, **meta, serving={"slots": 2})
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for bad, words in [({"parallel": 0}, "parallel must be a whole number above 0"),
+                       ({"context_length": 1.5}, "context_length must be a whole number"),
+                       ({"keep_alive": -1}, "keep_alive must be seconds, 0 or more"), ([2], "must be an object")]:
+        (tmp_path / "manifest.json").write_text(json.dumps(raw | {"serving": bad}))
+        with pytest.raises(ManifestError, match=words):
+            find_model(str(tmp_path))
