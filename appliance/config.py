@@ -107,6 +107,7 @@ class Settings:
     queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
     priority_classes: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CLASSES], metadata={"help": "priority classes: name, priority (higher first), max_concurrency (0: no limit), timeout (seconds in the queue, 0: no limit)"})
     model_sampling: dict = field(default_factory=dict, metadata={"help": "per model name, sampling defaults that replace the model's own: temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty"})
+    embedding_model: str = field(default="", metadata={"help": "model an embeddings request without a model gets (empty: the first embedding model known, the bundled all-MiniLM-L6-v2 where installed)"})
     max_loaded: int = field(default=3, metadata={"help": "models loaded at once, each in its own runner process; loading one more unloads the least recently used idle one"})
     max_model_memory_mb: int = field(default=0, metadata={"help": "memory the loaded models may use together, in MiB (each: its file size plus its KV cache for its slots and context); 0: 80% of the box's memory"})
     keep_alive: float = field(default=300.0, metadata={"help": "seconds a model other than the default stays loaded after its last request; the default model stays until deep idle (a request may ask for less with keep_alive)"})

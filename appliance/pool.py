@@ -183,6 +183,13 @@ class ModelPool:
         return next((m for m in self.known() if m.entry.kind == kind), None)
 
     def _find(self, name: str | None, kind: str | None) -> PooledModel:
+        if name is None and kind == EMBEDDING and self.settings.embedding_model:
+            try:
+                return self._find(self.settings.embedding_model, None)
+            except ModelNotFoundError:
+                raise ModelNotFoundError(f"setting 'embedding_model' names {self.settings.embedding_model!r}, which "
+                                         "is not on this box: name a model in the request, or fix the setting "
+                                         "(GET /v1/models lists the models)") from None
         if name is None and kind not in (None, self.default.entry.kind):
             model = self._first_of(kind)
             if model is None:

@@ -100,6 +100,14 @@ def test_a_chat_model_asked_for_embeddings_is_a_400_naming_an_embedding_model(eb
     assert ebox.last_row()["status"] == 400
 
 
+def test_a_request_without_a_model_gets_the_embedding_model_setting(make_box):
+    assert embed(embedding_box(make_box), "hi").get_json()["model"] == "embedder"  # unset: the first one known
+    assert embed(embedding_box(make_box, embedding_model="embedder-alias"), "hi").get_json()["model"] == "embedder"
+    error = assert_openai_error(embed(embedding_box(make_box, embedding_model="nope"), "hi"), 404)
+    assert "setting 'embedding_model'" in error["message"] and "'nope'" in error["message"]
+    assert_openai_error(embed(embedding_box(make_box, embedding_model="fake"), "hi"), 400, "model_kind_mismatch")
+
+
 def test_an_embedding_model_asked_to_chat_is_a_400_naming_a_chat_model(ebox):
     for path, body in [(CHAT, chat_body()), ("/v1/completions", {"prompt": "hi"})]:
         error = assert_openai_error(ebox.client.post(path, json=body | {"model": "embedder-alias"}), 400,
