@@ -425,13 +425,14 @@ def logs_verify(ctx, public_key, as_json, home):
 @click.option("--model", help="only this model's rows")
 @click.option("--status", help="an HTTP status, or ok, error, cancelled, open")
 @click.option("--key-id", help="only rows of this API key id")
+@click.option("--priority", help="only rows of requests that ran in this priority class")
 @click.option("--endpoint", help="only this endpoint, e.g. /v1/chat/completions")
 @click.option("-q", "--search", help="text in the prompt, response or error")
 @click.option("--text/--no-text", default=False, show_default=True, help="include prompts and responses")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), help="file to write [default: stdout]")
 @_home_option
 @click.pass_context
-def logs_export(ctx, since, until, fmt, model, status, key_id, endpoint, search, text, out, home):
+def logs_export(ctx, since, until, fmt, model, status, key_id, priority, endpoint, search, text, out, home):
     """Write the log's rows, newest first, as JSON Lines (for a SIEM or ELK) or CSV.
 
     The same filters as the web UI's Logs page and GET /api/logs/export.
@@ -446,7 +447,8 @@ def logs_export(ctx, since, until, fmt, model, status, key_id, endpoint, search,
 
     try:
         filters = log_export.parse_filters({"since": since, "until": until, "model": model, "status": status,
-                                            "key_id": key_id, "endpoint": endpoint, "q": search})
+                                            "key_id": key_id, "priority": priority, "endpoint": endpoint,
+                                            "q": search})
     except APIError as exc:
         raise click.BadParameter(exc.message, param_hint=f"--{exc.param}") from None
     db = _read_log(_settings(ctx, home=home))

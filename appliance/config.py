@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from models.manifest import SERVING_OPTIONS
 
@@ -171,6 +171,14 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    # Where each setting's value came from: "default", "file", "environment" or "flag" (load_settings fills it;
+    # a class attribute, not a field, so it is no setting itself).
+    sources: ClassVar[Mapping[str, str]] = {}
+    config_file: ClassVar[str] = ""  # the config file read, if there was one
+
+    def source(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     """Turn a value from TOML, the environment or a flag into the field's type."""
@@ -285,6 +293,9 @@ def load_settings(
 
     merged = layer(file_values, str(path)) | layer(env_values, "environment") | layer(overrides, "flags")
     settings = Settings(**merged)
+    settings.config_file = str(path) if file_values else ""
+    settings.sources = {name: "flag" if name in overrides else "environment" if name in env_values else "file"
+                        for name in merged}
     settings.home = Path(settings.home).expanduser()
     settings.tls_cert, settings.tls_key = (os.path.expanduser(p) for p in (settings.tls_cert, settings.tls_key))
     _validate(settings)

@@ -59,6 +59,7 @@ class Generation:
     _ended: float | None = None
     _stream = None
     _ticket = None
+    priority_class: str | None = None  # the class it was admitted in (None: never admitted)
     _using = False
 
     # -- start: everything that can still become a plain HTTP error ---------------
@@ -69,6 +70,7 @@ class Generation:
         self.choices = [Choice() for _ in range(n)]
         try:
             self._ticket = self.admission.admit(self.client, self.priority, self.limits, size=n)
+            self.priority_class = self._ticket.cls.name
             self._using = True
             self.runner.begin_use()
             self._ticket.wait(self.cancel)
@@ -172,7 +174,8 @@ class Generation:
         """What the log row records of this generation (after ``stop``)."""
         return {"response": self.response_text, "finish_reason": self.finish_reason,
                 "prompt_tokens": self.usage.prompt_tokens, "completion_tokens": self.usage.completion_tokens,
-                "ttft_ms": self.ttft_ms, "tokens_per_s": self.tokens_per_s}
+                "ttft_ms": self.ttft_ms, "tokens_per_s": self.tokens_per_s,
+                "priority": self.priority_class}
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -1,7 +1,7 @@
 """Filters over the request log and its export as CSV or JSON Lines, shared by the admin API and the CLI.
 
-A filter is what an operator narrows the log by: model, status, key, endpoint, a time window and a text
-search. The web UI's Logs page, ``GET /api/logs``, ``GET /api/logs/export`` and ``appliance logs export``
+A filter is what an operator narrows the log by: model, status, key, priority class, endpoint, a time window
+and a text search. The web UI's Logs page, ``GET /api/logs``, ``GET /api/logs/export`` and ``appliance logs export``
 all read the same filter from the same names, so a filtered view and its export hold the same rows.
 JSON Lines is what a site ships to its SIEM or ELK: one row per line, every column, UTC timestamps.
 """
@@ -16,11 +16,12 @@ from typing import Iterable, Iterator, Mapping
 
 from appliance.errors import InvalidRequest
 
-FILTERS = ("model", "status", "key_id", "endpoint", "since", "until", "q")
+FILTERS = ("model", "status", "key_id", "priority", "endpoint", "since", "until", "q")
 TEXT_COLUMNS = ("prompt", "response")
 FORMATS = ("csv", "jsonl")
 # Every column of the requests table in a fixed order, so that CSV files of different days line up.
-COLUMNS = ("id", "seq", "started", "finished", "endpoint", "model", "client", "key_id", "stream", "status", "error",
+COLUMNS = ("id", "seq", "started", "finished", "endpoint", "model", "client", "key_id", "priority", "stream", "status",
+           "error",
            "finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "tokens_per_s",
            "prompt_chars", "response_chars", "redactions", "text_cap", "prompt_sha256", "response_sha256", "digest",
            "prompt", "response")
@@ -60,7 +61,7 @@ def _utc(text: str, name: str) -> str:
 def where_clause(filters: dict) -> tuple[str, list]:
     """SQL for ``WHERE`` (or "1") and its arguments; the text search is a substring, case-insensitive for ASCII."""
     parts, args = [], []
-    for column in ("model", "key_id", "endpoint"):
+    for column in ("model", "key_id", "priority", "endpoint"):
         if column in filters:
             parts.append(f"{column} = ?")
             args.append(filters[column])

@@ -130,6 +130,13 @@ def m005_model_events(db: sqlite_utils.Database):
     )
 
 
+@migrations()
+def m006_request_priority(db: sqlite_utils.Database):
+    # The priority class a generation or embedding ran in, for the log's filters; NULL in older rows and in rows
+    # of requests that never reached the queue. The chain leaves NULL columns out, so older digests still hold.
+    db["requests"].add_column("priority", str)
+
+
 def _chain_existing_rows(db: sqlite_utils.Database) -> None:
     """Rows an older release finished join the chain in the order they were written, so the audit
     covers the log from the upgrade back; the first checkpoint the service signs vouches for them."""

@@ -66,11 +66,11 @@ def test_blank_database_gets_schema_wal_and_migration_record(tmp_path):
     assert "requests" in db.db.table_names()
     assert db.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert [m.name for m in migrations.applied(db.db)] == ["m001_requests", "m002_power_events", "m003_api_keys", "m004_audit",
-                                                          "m005_model_events"]
+                                                          "m005_model_events", "m006_request_priority"]
     db.close()
     Database(tmp_path / "logs.db").close()  # reopening applies nothing twice
     conn = sqlite3.connect(tmp_path / "logs.db")
-    assert conn.execute("select count(*) from _sqlite_migrations").fetchone()[0] == 5
+    assert conn.execute("select count(*) from _sqlite_migrations").fetchone()[0] == 6
 
 
 def test_request_row_lifecycle_and_hash_only_mode(tmp_path):

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "build" / "ui-screenshots"
 SECOND = "smollm2-copy"
-PAGES = ("chat", "status", "models", "logs", "keys")
+PAGES = ("chat", "status", "models", "logs", "keys", "settings")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,15 @@ def test_logs_filter_detail_and_csv_export(browser, ui_service, downloads):
     browser.find_element("id", "filter-status").send_keys("ok")
     browser.find_element("css selector", "#log-filters button[type=submit]").click()
     wait_for(browser, "const r = [...document.querySelectorAll('#log-rows tr')];"
-                      "return r.length > 0 && r.every(t => t.children[5].textContent === '200')")
+                      "return r.length > 0 && r.every(t => t.children[6].textContent === '200')")
+    # The priority class each request ran in is a filter too: the chats above ran in the default class.
+    browser.execute_script("document.getElementById('filter-priority').value = 'batch'")
+    browser.find_element("css selector", "#log-filters button[type=submit]").click()
+    wait_for(browser, "return !document.getElementById('logs-empty').hidden")
+    browser.execute_script("document.getElementById('filter-priority').value = 'default'")
+    browser.find_element("css selector", "#log-filters button[type=submit]").click()
+    wait_for(browser, "const r = [...document.querySelectorAll('#log-rows tr')];"
+                      "return r.length > 0 && r.every(t => t.children[5].textContent === 'default')")
 
 
 def test_status_page_forces_idle_and_shows_events(browser, ui_service):
@@ -255,6 +263,16 @@ def test_status_page_forces_idle_and_shows_events(browser, ui_service):
     screenshot(browser, "status-desktop")
     browser.find_element("css selector", "button[data-power=active]").click()
     wait_for(browser, "return document.getElementById('page-status').dataset.state === 'active'")
+
+
+def test_settings_page_shows_where_each_value_came_from(browser, ui_service):
+    open_page(browser, ui_service, "settings")
+    wait_for(browser, "return document.querySelectorAll('#settings-table tbody tr').length > 20")
+    rows = {r[0]: r for r in browser.execute_script(
+        "return [...document.querySelectorAll('#settings-table tbody tr')].map(t => [...t.children].map(c => c.textContent))")}
+    assert rows["model_settings"][2] == "environment" and '"parallel":1' in rows["model_settings"][1]
+    assert rows["queue_size"][2] == "default" and rows["queue_size"][3] == "APPLIANCE_QUEUE_SIZE"
+    screenshot(browser, "settings-desktop")
 
 
 def test_models_page_lists_loads_and_unloads(browser, ui_service):
@@ -431,7 +449,7 @@ def test_sign_in_with_keys_shows_each_role_its_pages(browser, tmp_path):
         wait_for(browser, "return document.getElementById('whoami').dataset.role === 'user'")
         hidden = browser.execute_script("return [...document.querySelectorAll('nav .tab')].filter(t => t.hidden)"
                                         ".map(t => t.dataset.page)")
-        assert sorted(hidden) == ["keys", "logs", "status"]
+        assert sorted(hidden) == ["keys", "logs", "settings", "status"]
         assert browser.execute_script("return sessionStorage.getItem('appliance.api_key')") == user
         assert browser.execute_script("return localStorage.getItem('appliance.api_key')") is None
         send_chat(browser, "Hi.", max_tokens=4)

@@ -61,6 +61,19 @@ def test_logs_filter_by_status_text_model_and_time(box):
     assert "prompt" not in page["data"][0]
 
 
+def test_logs_filter_by_the_priority_class_a_request_ran_in(box):
+    c = box.client
+    c.post(CHAT, json=chat_body("now"), headers={"X-Priority": "interactive"})
+    c.post(CHAT, json=chat_body("later") | {"priority": "batch"})
+    c.post(CHAT, json=chat_body("whenever"))
+    c.post(CHAT, json=chat_body("?"), headers={"X-Priority": "nope"})  # a 400: it never ran in a class
+    assert [r["priority"] for r in box.rows()] == ["interactive", "batch", "default", None]
+    assert _ids(c.get("/api/logs?priority=batch")) == [2]
+    assert _ids(c.get("/api/logs?priority=default")) == [3]
+    lines = c.get("/api/logs/export?format=jsonl&priority=interactive").get_data(as_text=True).splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [1]
+
+
 def test_bad_log_filters_are_400s_that_name_them(box):
     assert_openai_error(box.client.get("/api/logs?status=teapot"), 400, "invalid_value", "status")
     assert_openai_error(box.client.get("/api/logs?since=yesterday"), 400, "invalid_value", "since")

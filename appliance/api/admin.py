@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 import psutil
@@ -41,6 +42,23 @@ def _status() -> dict:
                                 "model": st.models.describe(default, internals=True),
                                 "queue": default.admission.stats() | {"batch_size": default.runner.last_batch_size},
                                 "models": st.models.status()}
+
+
+@bp.get("/settings")
+def settings():
+    """Every setting: its value, where it came from (default, file, environment or flag), its environment
+    variable and what it does. The config holds no secret (API keys live in the log as salted hashes; of the
+    TLS key only its file's path is a setting), so nothing is masked."""
+    from appliance.config import describe
+
+    current = state().settings
+    return jsonify({"config_file": current.config_file or None, "data": [
+        {"name": name, "value": _plain(getattr(current, name)), "source": current.source(name),
+         "environment": f"APPLIANCE_{name.upper()}", "help": text} for name, _default, text in describe()]})
+
+
+def _plain(value):
+    return str(value) if isinstance(value, Path) else value
 
 
 @bp.get("/models")
@@ -166,7 +184,7 @@ def logs():
     when someone means to, and only with an admin or auditor key where keys are in force.
 
     Filters (each optional, all must hold): ``model``, ``status`` (an HTTP status, or ``ok``, ``error``,
-    ``cancelled``, ``open``), ``key_id``, ``endpoint``, ``since`` and ``until`` (ISO 8601, UTC unless zoned),
+    ``cancelled``, ``open``), ``key_id``, ``priority`` (the class a request ran in), ``endpoint``, ``since`` and ``until`` (ISO 8601, UTC unless zoned),
     ``q`` (text in the prompt, response or error). ``has_more`` says whether an older page exists.
     """
     where, args = log_export.where_clause(log_export.parse_filters(request.args))

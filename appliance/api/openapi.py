@@ -16,7 +16,9 @@ from pydantic import BaseModel
 
 from appliance import __version__
 from appliance.api.embeddings import EmbeddingRequest
-from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, PowerRequest
+from appliance.api.admin import KeyRequest
+from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, PowerRequest, SwapRequest
+from appliance.log_export import FORMATS as EXPORT_FORMATS
 
 bp = Blueprint("openapi", __name__)
 
@@ -102,6 +104,7 @@ RESPONSE_SCHEMAS = {
             }},
         },
     },
+    "Object": {"type": "object"},
     "Rows": {
         "type": "object", "required": ["data"],
         "properties": {"data": {"type": "array", "items": {"type": "object"}}},
@@ -129,6 +132,7 @@ class Operation:
     ok: dict = field(default_factory=dict)  # the 200 response's content, by media type
     query: tuple = ()  # (name, JSON schema, description)
     tags: tuple = ()
+    status: str = "200"  # what a success answers
 
 
 def _json(name: str) -> dict:
@@ -137,21 +141,58 @@ def _json(name: str) -> dict:
 
 LIMIT = ("limit", {"type": "integer", "maximum": 10**18 - 1, "minimum": -(10**18) + 1},
          "most rows to return, held to 1..1000 (default 50)")
+TEXT = ("text", {"type": "boolean"}, "include the prompt and response texts (admin and auditor keys; default false)")
+# The log's filters (appliance.log_export), the same for the list, the export and `appliance logs export`
+LOG_FILTERS = (
+    ("model", {"type": "string"}, "only this model's rows"),
+    ("status", {"type": "string"}, "an HTTP status (e.g. 499), or ok, error, cancelled, open"),
+    ("key_id", {"type": "string"}, "only rows of this API key id"),
+    ("priority", {"type": "string"}, "only rows of requests that ran in this priority class"),
+    ("endpoint", {"type": "string"}, "only this endpoint, e.g. /v1/chat/completions"),
+    ("since", {"type": "string"}, "rows started at or after this ISO 8601 time (UTC unless it names a zone)"),
+    ("until", {"type": "string"}, "rows started before this time"),
+    ("q", {"type": "string"}, "text in the prompt, response or error (case-insensitive for ASCII)"),
+)
+ADMIN = ("admin",)
 OPERATIONS = {
     "openai.chat_completions": Operation("Chat completion (OpenAI-compatible)", ChatCompletionRequest,
                                          _json("ChatCompletion") | SSE, tags=("openai",)),
     "openai.completions": Operation("Text completion of a prompt (OpenAI-compatible)", CompletionRequest,
                                     _json("TextCompletion") | SSE, tags=("openai",)),
-    "openai.list_models": Operation("The served model", ok=_json("ModelList"), tags=("openai",)),
+    "openai.list_models": Operation("Every model the box serves", ok=_json("ModelList"), tags=("openai",)),
+    "openai.get_model": Operation("One model", ok=_json("Object"), tags=("openai",)),
     "embeddings.embeddings": Operation("Embeddings of one or more inputs (OpenAI-compatible)", EmbeddingRequest,
                                        _json("Embeddings"), tags=("openai",)),
     "admin.status": Operation("Power state, model, queue and system figures", ok=_json("Status"), tags=("admin",)),
     "admin.set_power": Operation("Force a power state", PowerRequest, _json("Status"), tags=("admin",)),
-    "admin.logs": Operation("Recent requests from the log, newest first", ok=_json("Rows"), tags=("admin",),
+    "admin.logs": Operation("Recent requests from the log, newest first", ok=_json("Rows"), tags=ADMIN,
                             query=(LIMIT, ("offset", {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
-                                                   "newest rows to skip"),
-                                   ("text", {"type": "boolean"}, "include the prompt and response texts "
-                                                                 "(admin and auditor keys; default false)"))),
+                                                   "newest rows to skip"), TEXT) + LOG_FILTERS),
+    "admin.log_row": Operation("One request's log row", ok=_json("Object"), tags=ADMIN, query=(TEXT,)),
+    "admin.export_logs": Operation(
+        "Every log row matching the filters, newest first, as CSV or JSON Lines",
+        ok={"text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}}},
+        tags=ADMIN, query=(("format", {"type": "string", "enum": list(EXPORT_FORMATS)}, "jsonl (default) or csv"),
+                           TEXT) + LOG_FILTERS),
+    "admin.verify_logs": Operation("Check the log's hash chain and signed checkpoints", ok=_json("Object"),
+                                   tags=ADMIN),
+    "admin.settings": Operation("Every setting with its value and where it came from", ok=_json("Rows"), tags=ADMIN),
+    "admin.models": Operation("Every model, with what only admins see", ok=_json("Rows"), tags=ADMIN),
+    "admin.verify_models": Operation("Recompute every model file's sha256", ok=_json("Rows"), tags=ADMIN),
+    "admin.load_model": Operation("Load a model now, rather than at its first request", ok=_json("Object"),
+                                  tags=ADMIN),
+    "admin.unload_model": Operation(
+        "Unload a model (its requests in flight finish first)", ok=_json("Object"), tags=ADMIN,
+        query=(("force", {"type": "boolean"}, "also a model with requests in flight: they fail (default false)"),)),
+    "admin.swap_model": Operation("Swap a model's name to another package after a warm-up probe", SwapRequest,
+                                  _json("Object"), tags=ADMIN),
+    "admin.model_events": Operation("Loads, unloads, swaps and evictions, newest first", ok=_json("Rows"), tags=ADMIN,
+                                    query=(LIMIT,)),
+    "admin.list_keys": Operation("Every API key (never a secret)", ok=_json("Rows"), tags=ADMIN),
+    "admin.create_key": Operation("Create an API key; its secret is in this answer only", KeyRequest,
+                                  _json("Object"), tags=ADMIN, status="201"),
+    "admin.revoke_key": Operation("Revoke an API key", ok=_json("Object"), tags=ADMIN),
+    "admin.status_history": Operation("The last hour by minute, from memory", ok=_json("Object"), tags=ADMIN),
     "admin.power_events": Operation("Recent power state changes, newest first", ok=_json("Rows"), tags=("admin",),
                                     query=(LIMIT,)),
     "health.healthz": Operation("Liveness: the process answers", ok=_json("Health"), tags=("health",)),
@@ -201,7 +242,8 @@ def _operation(app, rule, method: str, params: list[str], components: dict) -> d
     view = app.view_functions.get(rule.endpoint)
     summary = described.summary if described else ((view.__doc__ or rule.endpoint).strip().splitlines()[0])
     op = {"operationId": f"{rule.endpoint}.{method.lower()}", "summary": summary,
-          "responses": {"200": {"description": "OK", "content": described.ok if described else {}},
+          "responses": {described.status if described else "200": {
+                            "description": "OK", "content": described.ok if described else {}},
                         "4XX": ERRORS, "5XX": ERRORS}}
     if described and described.tags:
         op["tags"] = list(described.tags)

@@ -71,7 +71,7 @@ $("sign-out").addEventListener("click", () => {
 onUnauthorized((message) => askForKey(message));
 
 // -- pages ----------------------------------------------------------------------------------
-const PAGE_NEEDS = { chat: "chat", status: "admin", models: "models", logs: "logs", keys: "admin" };
+const PAGE_NEEDS = { chat: "chat", status: "admin", models: "models", logs: "logs", keys: "admin", settings: "admin" };
 
 function route() {
   if (!signedIn) return;

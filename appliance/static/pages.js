@@ -229,7 +229,7 @@ function logRow(r) {
   const first = h("td");
   first.appendChild(open);
   tr.appendChild(first);
-  for (const value of [fmt.time(r.started), r.endpoint, r.model, r.key_id, r.status ?? "running", r.prompt_tokens,
+  for (const value of [fmt.time(r.started), r.endpoint, r.model, r.key_id, r.priority, r.status ?? "running", r.prompt_tokens,
     r.completion_tokens, fmt.num(r.ttft_ms, 0), fmt.num(r.tokens_per_s, 1), r.error]) tr.appendChild(h("td", value ?? ""));
   return tr;
 }
@@ -289,6 +289,12 @@ async function loadLogModels() {
     select.value = chosen;
   } catch {
     // an auditor key may not list models: the filter stays "any"
+  }
+  try {
+    const status = await getJSON("/api/status", { quiet: true });
+    $("priority-classes").replaceChildren(...Object.keys(status.queue.queued_by_class).map((c) => h("option", "", { value: c })));
+  } catch {
+    // only admins see the classes; others type one
   }
 }
 
@@ -352,6 +358,19 @@ async function createKey(e) {
   await loadKeys();
 }
 
+// -- settings -------------------------------------------------------------------------------
+export async function loadSettings() {
+  try {
+    const { config_file, data } = await getJSON("/api/settings");
+    $("settings-file").textContent = config_file ?? "none read";
+    fillTable($("settings-table").tBodies[0], data.map((s) =>
+      [s.name, typeof s.value === "object" ? JSON.stringify(s.value) : String(s.value), s.source, s.environment, s.help]));
+    $("settings-error").textContent = "";
+  } catch (err) {
+    $("settings-error").textContent = err.message;
+  }
+}
+
 // -- wiring ---------------------------------------------------------------------------------
 export function initPages() {
   document.querySelectorAll("button[data-power]").forEach((b) => b.addEventListener("click", () => forcePower(b.dataset.power)));
@@ -384,4 +403,5 @@ export const pages = {
   models: loadModels,
   logs: () => { loadLogModels(); return loadLogs(); },
   keys: loadKeys,
+  settings: loadSettings,
 };
