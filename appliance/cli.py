@@ -266,17 +266,9 @@ def models_import(ctx, archive, public_key, home):
     Example:
       appliance models import student.tar --public-key signing.pub
     """
-    import shutil
+    from models.transfer import import_and_register
 
-    from models.registry import add_package
-    from models.transfer import import_package
-
-    folder = import_package(archive, _home(ctx, home) / "models", public_key)
-    try:
-        manifest = add_package(folder, home=_home(ctx, home))
-    except BaseException:  # not registered: not left behind either
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    manifest, folder = import_and_register(archive, _home(ctx, home), public_key)
     checked = "signature and checksums checked" if public_key else "checksums checked, no signature asked for"
     click.echo(f"imported {manifest.name} into {folder} ({checked}): serve it with appliance serve --model "
                f"{manifest.name}, or ask for it by name")

@@ -75,6 +75,19 @@ def import_package(archive: Path, models_dir: Path, public_key: Path | None = No
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def import_and_register(archive: Path, home: Path, public_key: Path | None = None) -> tuple[Manifest, Path]:
+    """import_package into the data folder's models/, then register it; nothing is left there when either fails."""
+    from models.registry import add_package
+
+    folder = import_package(archive, Path(home) / "models", public_key)
+    try:
+        manifest = add_package(folder, home=home)
+    except BaseException:  # not registered: not left behind either
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return manifest, folder
+
+
 def _open(archive: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(archive, "r:")

@@ -142,3 +142,25 @@ def test_only_packages_export(tmp_path):
     result = run("models", "export", "smollm2-135m-instruct", "--out", tmp_path / "x.tar", "--home", tmp_path)
     assert result.exit_code == 1 and ("not a model package" in result.output or "not installed" in result.output)
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_the_admin_api_imports_a_tar_on_the_box_and_refuses_a_damaged_one(make_box, tmp_path, package, keys):
+    from models.catalog import list_models
+    from tests.helpers import assert_openai_error
+
+    private, public = keys
+    out = tmp_path / "tiny.tar"
+    assert run("models", "export", package, "--out", out, "--sign", private).exit_code == 0
+    box = make_box()
+    box.state.models.catalog = lambda: list_models(home=box.settings.home)  # the real catalog: registered packages
+    r = box.client.post("/api/models/import", json={"path": str(out), "public_key": str(public)})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    assert r.get_json()["id"] == NAME and not r.get_json()["loaded"]
+    assert NAME in [m["id"] for m in box.client.get("/v1/models").get_json()["data"]]
+    error = assert_openai_error(box.client.post("/api/models/import", json={"path": str(out)}), 422, "import_failed",
+                                "path")
+    assert "already exists" in error["message"]
+    assert_openai_error(box.client.post("/api/models/import", json={"path": str(tmp_path / "nope.tar")}), 400,
+                        "file_not_found", "path")
+    assert leftovers(box.settings.home) == [NAME]
+    assert box.last_row()["endpoint"] == "/api/models/import"  # an admin change is a log row, as every POST

@@ -293,6 +293,23 @@ def test_models_page_lists_loads_and_unloads(browser, ui_service):
     screenshot(browser, "models-desktop")
 
 
+def test_models_page_imports_a_package_tar_that_is_on_the_box(browser, ui_service, tmp_path):
+    tar = tmp_path / "carried.tar"
+    package = package_of(tmp_path / "carried", "carried-on-usb")
+    result = CliRunner().invoke(cli, ["models", "export", str(package), "--out", str(tar)])
+    assert result.exit_code == 0, result.output
+    open_page(browser, ui_service, "models")
+    browser.find_element("id", "import-path").send_keys(str(tar / "missing"))
+    browser.find_element("css selector", "#import-form button[type=submit]").click()
+    wait_for(browser, "return document.getElementById('models-result').textContent.includes('Import refused')")
+    path = browser.find_element("id", "import-path")
+    path.clear()
+    path.send_keys(str(tar))
+    browser.find_element("css selector", "#import-form button[type=submit]").click()
+    wait_for(browser, "return document.getElementById('models-result').textContent.includes('Imported carried-on-usb')")
+    wait_for(browser, "return document.querySelector('#model-table tbody').textContent.includes('carried-on-usb')")
+
+
 def test_model_text_is_shown_as_text_never_run(browser, ui_service):
     open_page(browser, ui_service)
     hostile = ("# Title\n<img src=x onerror=\"window.__pwned=1\">\n<script>window.__pwned=2</script>\n"

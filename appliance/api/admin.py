@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import auth, log_export
 from appliance.api import request_log
-from appliance.api.schemas import PowerRequest, SwapRequest, parse_body
+from appliance.api.schemas import ImportRequest, PowerRequest, SwapRequest, parse_body
 from appliance.backends.base import BackendError
 from appliance.errors import APIError, InvalidRequest, ServiceUnavailable
 from appliance.state import state
@@ -80,6 +80,29 @@ def verify_models():
         ok, detail = verify_model(entry)
         results.append({"name": entry.name, "ok": ok, "available": entry.available, "detail": detail})
     return jsonify({"data": results, "ok": all(r["ok"] or not r["available"] for r in results)})
+
+
+@bp.post("/models/import")
+def import_model():
+    """Check an exported package tar on this box (links, paths, checksums, signature, manifest) and register it,
+    as 'appliance models import' does; answered 201 with the model. Nothing is left behind when a check fails."""
+    from models.manifest import ManifestError
+    from models.registry import RegistryError
+    from models.signing import SigningError
+    from models.transfer import TransferError, import_and_register
+
+    req = parse_body(request.get_data(), ImportRequest)
+    archive = Path(req.path).expanduser()
+    if not archive.is_file():
+        raise InvalidRequest(f"no file {req.path!r} on this box: give the path of a tar made by "
+                             "'appliance models export'", param="path", code="file_not_found")
+    public_key = Path(req.public_key).expanduser() if req.public_key else None
+    try:
+        manifest, _folder = import_and_register(archive, state().settings.home, public_key)
+    except (TransferError, ManifestError, RegistryError, SigningError) as exc:
+        raise APIError(str(exc), param="path", code="import_failed", status=422) from None
+    pool = state().models
+    return jsonify(pool.describe(pool.get(manifest.name), internals=True)), 201
 
 
 @bp.post("/models/<name>/load")

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from appliance import __version__
 from appliance.api.embeddings import EmbeddingRequest
 from appliance.api.admin import KeyRequest
-from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, PowerRequest, SwapRequest
+from appliance.api.schemas import ChatCompletionRequest, CompletionRequest, ImportRequest, PowerRequest, SwapRequest
 from appliance.log_export import FORMATS as EXPORT_FORMATS
 
 bp = Blueprint("openapi", __name__)
@@ -184,6 +184,8 @@ OPERATIONS = {
     "admin.unload_model": Operation(
         "Unload a model (its requests in flight finish first)", ok=_json("Object"), tags=ADMIN,
         query=(("force", {"type": "boolean"}, "also a model with requests in flight: they fail (default false)"),)),
+    "admin.import_model": Operation("Import an exported package tar that is on this box, and register it",
+                                    ImportRequest, _json("Object"), tags=ADMIN, status="201"),
     "admin.swap_model": Operation("Swap a model's name to another package after a warm-up probe", SwapRequest,
                                   _json("Object"), tags=ADMIN),
     "admin.model_events": Operation("Loads, unloads, swaps and evictions, newest first", ok=_json("Rows"), tags=ADMIN,

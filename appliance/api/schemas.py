@@ -314,6 +314,13 @@ class PowerRequest(_Strict):
     state: Literal["active", "idle", "deep_idle"] = Field(description="the power state to move to now")
 
 
+class ImportRequest(_Strict):
+    path: str = Field(min_length=1, description="an exported package tar on this box (appliance models export), e.g. "
+                      "on a USB stick mounted there")
+    public_key: str | None = Field(None, description="an Ed25519 public key file (PEM) on this box: the tar must be "
+                                   "signed by it")
+
+
 class SwapRequest(_Strict):
     package: str = Field(min_length=1, description="the model to swap in: a catalog name or a package folder on this box")
 

@@ -189,6 +189,21 @@ async function swap(e) {
   await loadModels();
 }
 
+async function importPackage(e) {
+  e.preventDefault();
+  const body = { path: $("import-path").value.trim() };
+  if ($("import-key").value.trim()) body.public_key = $("import-key").value.trim();
+  $("models-result").textContent = `Importing ${body.path}: checking every file…`;
+  try {
+    const model = await postJSON("/api/models/import", body);
+    $("models-result").textContent = `Imported ${model.id}: its checksums${body.public_key ? " and signature" : ""} hold.`;
+    $("import-form").reset();
+  } catch (err) {
+    $("models-result").textContent = `Import refused: ${err.message}`;
+  }
+  await loadModels();
+}
+
 // -- logs -----------------------------------------------------------------------------------
 const PAGE = 25;
 let logOffset = 0;
@@ -375,6 +390,7 @@ export async function loadSettings() {
 export function initPages() {
   document.querySelectorAll("button[data-power]").forEach((b) => b.addEventListener("click", () => forcePower(b.dataset.power)));
   $("swap-form").addEventListener("submit", swap);
+  $("import-form").addEventListener("submit", importPackage);
   $("verify-models").addEventListener("click", verifyModels);
   $("log-filters").addEventListener("submit", (e) => { e.preventDefault(); logOffset = 0; loadLogs(); });
   $("log-filters").addEventListener("reset", () => setTimeout(() => { logOffset = 0; loadLogs(); }));
