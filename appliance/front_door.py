@@ -123,10 +123,16 @@ class FrontDoor(TcpWSGIServer):
         oldest.handle_close()
 
 
-def create_front_door(app, host: str, port: int, threads: int, max_connections: int) -> FrontDoor:
-    """The server for ``app``, listening on host:port, with ``threads`` workers and room for ``max_connections``."""
+def create_front_door(app, host: str, port: int, threads: int, max_connections: int, max_body: int) -> FrontDoor:
+    """The server for ``app``, listening on host:port, with ``threads`` workers and room for ``max_connections``.
+
+    waitress reads a whole body (to a temporary file past 512 KB) before the app or its key check sees it, up to
+    1 GiB by default: anyone could make the box buffer that much per connection. A body declared larger than
+    twice ``max_body`` is turned away as soon as its headers arrive; one between the two still reaches the app,
+    whose 413 says which setting to raise, in the API's error shape."""
     adj = Adjustments(
         host=host, port=port, threads=threads, connection_limit=max_connections,
+        max_request_body_size=2 * max_body + 65536,
         asyncore_use_poll=True,  # select() cannot watch a descriptor numbered past 1024
         # Lets waitress notice a client that hangs up while its request runs,
         # so a dropped stream stops generating (environ["waitress.client_disconnected"]).

@@ -63,11 +63,13 @@ def _listen(app, settings, tls_context: ssl.SSLContext | None) -> tuple[FrontDoo
     """
     connections = allow_open_files(settings.max_connections)
     if tls_context is None:
-        server = create_front_door(app, settings.host, settings.port, settings.worker_threads, connections)
+        server = create_front_door(app, settings.host, settings.port, settings.worker_threads, connections,
+                                   settings.max_request_bytes)
         _warn_if_clear_text(settings.host)
         return server, None, f"http://{settings.host}:{server.effective_port}/v1"
     frontend = TLSFrontend(tls_context, settings.host, settings.port, max_connections=connections)
-    server = create_front_door(frontend.wrap(app), "127.0.0.1", 0, settings.worker_threads, connections)
+    server = create_front_door(frontend.wrap(app), "127.0.0.1", 0, settings.worker_threads, connections,
+                               settings.max_request_bytes)
     frontend.start(upstream_port=server.effective_port)
     return server, frontend, f"https://{settings.host}:{frontend.port}/v1"
 

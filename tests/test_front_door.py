@@ -74,6 +74,25 @@ def test_idle_and_half_sent_connections_do_not_lock_out_a_real_client(tmp_path):
     assert all(row["finished"] for row in svc.rows())
 
 
+def test_a_huge_body_is_turned_away_at_its_headers_not_buffered(tmp_path):
+    svc = start_service(tmp_path / "home", extra_env={"APPLIANCE_MAX_REQUEST_BYTES": "100000"})
+    try:
+        sock = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500000000\r\n\r\n{")  # 500 MB declared, none of it sent
+        answer = sock.recv(4096)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        # Just over the setting, the app itself answers, in the API's error shape, naming what to change.
+        r = requests.post(svc.url + "/v1/chat/completions", data=b"{" + b" " * 150_000 + b"}",
+                          headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_entity_too_large", r.text
+        assert "max_request_bytes" in r.json()["error"]["message"]
+        assert_a_real_client_is_served(svc.url)
+    finally:
+        svc.stop()
+
+
 def test_sockets_that_never_handshake_do_not_lock_out_an_https_client(tmp_path):
     cert, key, _ = certificates.write_self_signed(tmp_path / "tls", ["localhost", "127.0.0.1"])
     svc = start_service(tmp_path / "home", ca_file=cert,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify
+from flask import Flask, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from appliance.errors import APIError
@@ -25,7 +25,11 @@ def error_response(error: APIError):
 
 def _http_error(exc: HTTPException):
     kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
-    error = APIError(exc.description or exc.name, code=exc.name.lower().replace(" ", "_"), status=exc.code)
+    message = exc.description or exc.name
+    if exc.code == 413:
+        message = (f"the request body is over {current_app.config['MAX_CONTENT_LENGTH']} bytes, the box's "
+                   "max_request_bytes setting: send less (a long text: split it), or ask the admin to raise it")
+    error = APIError(message, code=exc.name.lower().replace(" ", "_"), status=exc.code)
     error.type = kind
     return error_response(error)
 
