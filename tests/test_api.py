@@ -22,6 +22,8 @@ def test_health_and_ready(service):
     assert ready["model"]["backend"] == service.backend
     assert ready["model"]["quantization"] == service.quantization
     assert ready["model"]["provider"] in ("cpu", "cuda", "tensorrt", "gpu-capable")
+    if service.backend == "onnxruntime" and ready["model"]["provider"] == "cpu":  # provider auto, no GPU here
+        assert ready["model"]["provider_fallback"].startswith("provider auto:"), ready["model"]
 
 
 def test_models_lists_the_served_model(openai_client):

@@ -324,7 +324,24 @@ def test_info_names_the_provider_and_auto_falls_back_to_cpu(tiny_int4, caplog):
     assert info["provider"] == "cpu" and info["backend"] == "onnxruntime"
     assert (info["architecture"], info["threads"]) == ("llama", 2)
     assert "using CPU" in caplog.text
+    assert info["provider_fallback"] == caplog.records[-1].getMessage()  # the log's one line, in /readyz too
     assert (backend.facts.context_length, backend.facts.n_batch) == (512, 512)  # max_position_embeddings caps it
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_cpu_in_one_line_when_cuda_does_not_start(tiny_int4, caplog, monkeypatch):
+    """onnxruntime-gpu on a box without a GPU offers CUDA, then starts the session on the CPU without raising."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING, logger="appliance.backends.onnx_runtime"):
+        backend = loaded(tiny_int4)
+    fallbacks = [r.getMessage() for r in caplog.records if r.name == "appliance.backends.onnx_runtime"]
+    assert len(fallbacks) == 1 and fallbacks[0].startswith("provider auto: cuda failed to start"), fallbacks
+    assert backend.facts.info["provider"] == "cpu" and backend.facts.info["provider_fallback"] == fallbacks[0]
+    assert greedy(backend, tokens(backend, PROMPTS[0]), 4)  # and it serves
+    with pytest.raises(BackendError, match="'cuda' did not start"):
+        loaded(tiny_int4, provider="cuda")
 
 
 @pytest.mark.slow

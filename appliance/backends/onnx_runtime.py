@@ -13,6 +13,12 @@ run: each past left-padded to the longest, the padding masked out, every
 sequence at its own positions. While the same sequences keep decoding, one
 step's batched present is the next step's past as it is (no copying); the
 batch is re-packed only when a sequence joins or leaves it.
+
+Everything stays where the graph runs (the GPU with the CUDA execution
+provider): the present and the logits are bound to that device, re-packing
+and detaching a slot's cache run as small graphs there (``ort_graphs``), and
+only the chosen tokens cross to the host, with the last position's logits
+only for a sequence that samples other than greedily.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, TokenLogprob, banned_or,
                                      token_logprob)
 from appliance.backends.hf_tokenizer import HfTokenizer
+from appliance.backends.ort_graphs import concat_graph, head_graph, window_graph
 from appliance.grammar import apply_mask
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
 
@@ -59,6 +66,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"unknown execution provider {provider!r}: use one of auto, {', '.join(PROVIDERS)}")
         self.requested_provider = provider
         self.provider: str | None = None
+        self.fallback: str | None = None  # why auto did not get the first provider it tried, when it did not
         self._session: ort.InferenceSession | None = None
         self._caches: dict[int, _Cache] = {}
         self._samplers: dict[int, SlotSampler] = {}
@@ -76,6 +84,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime could not load {folder}: {exc}") from exc
         self._graph = _GraphSignature(self._session)
         self._device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
+        self._helpers = _Helpers(self._graph, "cpu" if self._device == "cpu" else "cuda", self.threads)
         trained = int(self.config.get("max_position_embeddings") or self.manifest.context_length)
         return ModelFacts(context_length=min(self.requested_context_length, trained), n_slots=self.n_slots,
                           n_batch=N_BATCH, n_vocab=int(self.config.get("vocab_size") or 0), info=self._info(folder))
@@ -96,9 +105,13 @@ class OnnxRuntimeBackend(Backend):
         for provider in candidates[:-1]:
             try:
                 return self._session_for(folder, provider), provider
-            except ORT_ERRORS as exc:
-                log.warning("provider auto: %s failed to start (%s); trying %s", provider, exc, candidates[-1])
-        return self._session_for(folder, candidates[-1]), candidates[-1]
+            except (*ORT_ERRORS, _ProviderDeclined) as exc:
+                self.fallback = f"provider auto: {provider} failed to start ({exc}); using {candidates[-1]}"
+                log.warning("%s", self.fallback)
+        try:
+            return self._session_for(folder, candidates[-1]), candidates[-1]
+        except _ProviderDeclined as exc:
+            raise BackendError(f"execution provider {candidates[-1]!r} did not start: {exc}") from exc
 
     def _provider_candidates(self) -> list[str]:
         available = ort.get_available_providers()
@@ -111,13 +124,20 @@ class OnnxRuntimeBackend(Backend):
             return [self.requested_provider]
         usable = [p for p in AUTO_ORDER if PROVIDERS[p] in available]
         if usable == ["cpu"]:
-            log.warning("provider auto: using CPU, this onnxruntime build offers only %s", ", ".join(available))
+            self.fallback = f"provider auto: using CPU, this onnxruntime build offers only {', '.join(available)}"
+            log.warning("%s", self.fallback)
         return usable
 
     def _session_for(self, folder: Path, provider: str) -> ort.InferenceSession:
         graph, options, cache = self._session_options(folder, provider)
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
+        if session.get_providers()[0] != PROVIDERS[provider]:
+            # onnxruntime-gpu on a box without a usable GPU (no driver, no device, a CUDA library missing) starts
+            # the session on the CPU instead, saying so only in its own log.
+            if cache is not None:
+                Path(options.optimized_model_filepath).unlink(missing_ok=True)
+            raise _ProviderDeclined(f"onnxruntime started it on {', '.join(session.get_providers())} instead")
         if cache is not None:
             # Renamed only once whole, so a start killed half-way never leaves a broken cache behind.
             Path(options.optimized_model_filepath).replace(cache)
@@ -151,6 +171,8 @@ class OnnxRuntimeBackend(Backend):
             "quantization": self.manifest.quantization,
             "threads": self.threads,
             "provider": self.provider,
+            "provider_fallback": self.fallback,
+            "kv_cache_device": self._device,
             "file": str(folder / GRAPH),
         }
 
@@ -158,6 +180,7 @@ class OnnxRuntimeBackend(Backend):
         self._caches.clear()
         self._samplers.clear()
         self._session = None
+        self._helpers = None
         self.provider = None
 
     @property
@@ -211,23 +234,26 @@ class OnnxRuntimeBackend(Backend):
         if keep == 0:
             self._caches[slot] = self._empty_cache()
         elif keep < cache.length or cache.shared:
-            self._caches[slot] = cache.detached(keep)
+            self._caches[slot] = self._detached(cache, keep)
         self._samplers[slot] = SlotSampler(params, self.requested_context_length)
 
     def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         for feed in feeds:
             self._check(feed)
+        masks = masks or {}
+        # Per feed: None (no sampling), False (greedy: the argmax is enough), True (the logits must cross).
+        wants = {f.slot: any(self._samplers[s].needs_logits(masks.get(s)) for s in (f.slot, *f.also))
+                 if f.sample else None for f in feeds}
         decoding = [f for f in feeds if len(f.tokens) == 1]
         # A graph without position_ids numbers positions itself, which left padding would shift: one at a time.
         batches = [decoding] if self._graph.has_position_ids else [[f] for f in decoding]
-        last_logits = {}
+        heads: dict[int, tuple] = {}
         for batch in filter(None, batches):
-            last_logits.update(zip((f.slot for f in batch), self._decode(batch)))
+            heads.update(self._decode(batch, [wants[f.slot] for f in batch]))
         for feed in feeds:
             if len(feed.tokens) > 1:
-                last_logits[feed.slot] = self._prefill(feed)
-        masks = masks or {}
-        sampled = {slot: self._samplers[slot].sample(last_logits[f.slot], masks.get(slot))
+                heads[feed.slot] = self._prefill(feed, wants[feed.slot])
+        sampled = {slot: self._samplers[slot].sample(*heads[f.slot], masks.get(slot))
                    for f in feeds if f.sample for slot in (f.slot, *f.also)}
         self.logprobs = {slot: self._samplers[slot].logprob for slot in sampled if self._samplers[slot].logprob}
         return sampled
@@ -236,7 +262,7 @@ class OnnxRuntimeBackend(Backend):
         self._caches.clear()
 
     def copy_sequence(self, source: int, target: int) -> None:
-        self._caches[target] = self._cache(source).detached()
+        self._caches[target] = self._detached(self._cache(source))
 
     def _check(self, feed: Feed) -> None:
         if not feed.tokens:
@@ -247,27 +273,32 @@ class OnnxRuntimeBackend(Backend):
         if feed.pos != length:
             raise BackendError(f"slot {feed.slot}: position {feed.pos} does not continue its {length} tokens")
 
-    def _prefill(self, feed: Feed) -> np.ndarray:
-        """One prompt chunk alone; the logits of its last token."""
+    def _prefill(self, feed: Feed, want) -> tuple:
+        """One prompt chunk alone; the head of its last token (see _run)."""
         cache = self._cache(feed.slot)
-        past = cache.detached().values if cache.shared else cache.values
+        past = self._detached(cache).values if cache.shared else cache.values
         n, total = len(feed.tokens), cache.length + len(feed.tokens)
-        logits, present = self._run([feed.tokens], np.ones((1, total), np.int64),
-                                    [list(range(feed.pos, feed.pos + n))], past)
+        head, present = self._run([feed.tokens], np.ones((1, total), np.int64),
+                                  [list(range(feed.pos, feed.pos + n))], past, want)
         self._caches[feed.slot] = _Cache(present)
-        return logits[0]
+        return _row(head, 0)
 
-    def _decode(self, feeds: list[Feed]) -> np.ndarray:
-        """One-token feeds (generating sequences) in one batched run; the logits, a row per feed."""
-        caches = [self._cache(f.slot) for f in feeds]
-        past, pads = self._batched_past(caches, {f.slot for f in feeds})
+    def _decode(self, feeds: list[Feed], wants: list) -> dict[int, tuple]:
+        """One-token feeds (generating sequences) in one batched run; each slot's head (see _run)."""
+        caches = {f.slot: self._cache(f.slot) for f in feeds}
+        # Rows grouped by the arrays their caches live in, in their order there: the same sequences as the last
+        # step are then that step's batch as it is.
+        groups = {id(caches[f.slot].values): i for i, f in reversed(list(enumerate(feeds)))}
+        feeds = sorted(feeds, key=lambda f: (groups[id(caches[f.slot].values)], caches[f.slot].row))
+        past, pads = self._batched_past([caches[f.slot] for f in feeds], set(caches))
         mask = np.ones((len(feeds), _shape(past[0])[2] + 1), np.int64)
         for row, pad in enumerate(pads):
             mask[row, :pad] = 0
-        logits, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past)
+        want = None if all(w is None for w in wants) else any(wants)
+        head, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past, want)
         for row, (feed, pad) in enumerate(zip(feeds, pads)):
             self._caches[feed.slot] = _Cache(present, row, pad)
-        return logits
+        return {feed.slot: _row(head, row) for row, feed in enumerate(feeds)}
 
     def _batched_past(self, caches: list[_Cache], slots: set[int]) -> tuple[list, list[int]]:
         """The past of a batch and each row's left padding."""
@@ -279,24 +310,46 @@ class OnnxRuntimeBackend(Backend):
         # Idle slots would otherwise keep whole old batches alive for the few rows they hold.
         for slot, cache in self._caches.items():
             if slot not in slots and cache.shared:
-                self._caches[slot] = cache.detached()
-        return _pack(caches, self._graph.kv_dtype)
+                self._caches[slot] = self._detached(cache)
+        return self._pack(caches)
+
+    def _pack(self, caches: list[_Cache]) -> tuple[list, list[int]]:
+        """The caches (grouped by the arrays they live in) as one batch, each left-padded with zeros to the
+        longest; and each one's padding. Every cache ends at its arrays' last position (a batch decodes in step),
+        so one window of each group's arrays serves all of its rows."""
+        width = max(c.length for c in caches)
+        groups: dict[int, list[_Cache]] = {}
+        for c in caches:
+            groups.setdefault(id(c.values), []).append(c)
+        parts = []
+        for members in groups.values():
+            values = members[0].values
+            held = _shape(values[0])[2]
+            parts.append(self._helpers.window(values, [c.row for c in members], max(0, held - width), held,
+                                              max(0, width - held)))
+        past = parts[0] if len(parts) == 1 else self._helpers.concat(parts)
+        return past, [width - c.length for c in caches]
+
+    def _detached(self, cache: _Cache, keep: int | None = None) -> _Cache:
+        """Its first ``keep`` positions (all by default) copied into arrays of its own, on the same device."""
+        end = cache.pad + (cache.length if keep is None else keep)
+        return _Cache(self._helpers.window(cache.values, [cache.row], cache.pad, end, 0))
 
     def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
-             past: list, every_position: bool = False) -> tuple[np.ndarray, list]:
-        """One forward pass; the logits (float32, a row per sequence: its last position's, or with every_position
-        a row per position) and the present."""
+             past: list, want: bool | None = None) -> tuple:
+        """One forward pass; its head and its present (left on the graph's device).
+
+        The head: with ``want`` None nothing (a prompt chunk that samples nothing); else the argmax of each
+        sequence's last position (int64, a row per sequence) and, with ``want`` True, that position's logits
+        (float32, a row per sequence; else None)."""
         graph, binding = self._graph, self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
         if graph.has_position_ids:
             binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
         for name, value in zip(graph.past_names, past):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+            _bind_input(binding, name, value)
+        binding.bind_output("logits", self._device)
         for name in graph.present_names:
             binding.bind_output(name, self._device)  # the cache stays where the graph runs
         try:
@@ -304,8 +357,26 @@ class OnnxRuntimeBackend(Backend):
         except ORT_ERRORS as exc:
             raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
-        return (logits if every_position else logits[:, -1]).astype(np.float32), outputs[1:]
+        head = None if want is None else self._helpers.head(outputs[0], want)
+        return head, outputs[1:]
+
+    def _all_logits(self, tokens: list[int]) -> np.ndarray:
+        """Every position's logits (float32) of ``tokens`` from an empty past of their own."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([tokens], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, len(tokens)), np.int64))
+        if self._graph.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.array([list(range(len(tokens)))], dtype=np.int64))
+        for name, value in zip(self._graph.past_names, self._empty_cache().values):
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._graph.present_names:
+            binding.bind_output(name, self._device)
+        try:
+            self.session.run_with_iobinding(binding)
+        except ORT_ERRORS as exc:
+            raise BackendError(f"onnxruntime failed to score {len(tokens)} tokens: {exc}") from exc
+        return binding.get_outputs()[0].numpy()[0].astype(np.float32)
 
     def _cache(self, slot: int) -> _Cache:
         if slot not in self._caches:
@@ -320,10 +391,7 @@ class OnnxRuntimeBackend(Backend):
     # -- scoring -----------------------------------------------------------
     def logits(self, tokens: list[int]) -> np.ndarray:
         # From an empty past of its own: no slot's cache is read or changed.
-        positions = [list(range(len(tokens)))]
-        logits, _ = self._run([tokens], np.ones((1, len(tokens)), np.int64), positions, self._empty_cache().values,
-                              every_position=True)
-        return logits[0]
+        return self._all_logits(tokens)
 
 
 class _GraphSignature:
@@ -337,6 +405,80 @@ class _GraphSignature:
         first = inputs[self.past_names[0]]
         _, self.kv_heads, _, self.head_dim = first.shape
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
+        logits = next(o for o in session.get_outputs() if o.name == "logits")
+        self.logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+
+
+class _ProviderDeclined(Exception):
+    """onnxruntime started a session on other execution providers than the one asked for."""
+
+
+class _Helpers:
+    """The small graphs of ``ort_graphs`` as sessions on the model's execution provider (CUDA or CPU): what the
+    step loop does to the KV cache and the logits runs where they are."""
+
+    def __init__(self, graph: _GraphSignature, device: str, threads: int):
+        self.device, self.threads = device, threads
+        self.n_arrays, self.kv_dtype = len(graph.past_names), graph.kv_dtype
+        self._window = self._session(window_graph(self.n_arrays, self.kv_dtype))
+        self._head = self._session(head_graph(graph.logits_dtype))
+        self._concats: dict[int, ort.InferenceSession] = {}
+
+    def _session(self, model: bytes) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.enable_mem_pattern = False
+        options.log_severity_level = 3
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
+
+    def _run(self, session: ort.InferenceSession, inputs: dict, outputs: dict[str, str]) -> list:
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            _bind_input(binding, name, value)
+        for name, device in outputs.items():
+            binding.bind_output(name, device)
+        try:
+            session.run_with_iobinding(binding)
+        except ORT_ERRORS as exc:
+            raise BackendError(f"onnxruntime failed to re-pack the KV cache: {exc}") from exc
+        return binding.get_outputs()
+
+    def window(self, values: list, rows: list[int], start: int, end: int, pad_left: int) -> list:
+        """Rows ``rows`` of each array, positions start..end, left-padded by ``pad_left`` zero positions."""
+        inputs = {f"x{i}": v for i, v in enumerate(values)} | {
+            "rows": np.array(rows, np.int64), "start": np.array([start], np.int64), "end": np.array([end], np.int64),
+            "pads": np.array([0, 0, pad_left, 0, 0, 0, 0, 0], np.int64)}
+        return self._run(self._window, inputs, {f"y{i}": self.device for i in range(self.n_arrays)})
+
+    def concat(self, parts: list[list]) -> list:
+        """Several batches' arrays (of one width) stacked along the rows, array by array."""
+        if len(parts) not in self._concats:
+            self._concats[len(parts)] = self._session(concat_graph(self.n_arrays, len(parts), self.kv_dtype))
+        inputs = {f"p{j}_{i}": v for j, part in enumerate(parts) for i, v in enumerate(part)}
+        return self._run(self._concats[len(parts)], inputs, {f"y{i}": self.device for i in range(self.n_arrays)})
+
+    def head(self, logits, want_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """The argmax of each row's last position, and with ``want_logits`` those logits, on the host."""
+        last, best = self._run(self._head, {"logits": logits},
+                               {"last": "cpu" if want_logits else self.device, "best": "cpu"})
+        return (last.numpy() if want_logits else None), best.numpy()
+
+
+def _bind_input(binding, name: str, value) -> None:
+    if isinstance(value, np.ndarray):
+        binding.bind_cpu_input(name, value)
+    else:
+        binding.bind_ortvalue_input(name, value)
+
+
+def _row(head: tuple | None, row: int) -> tuple:
+    """One sequence's (logits or None, argmax) of a head."""
+    if head is None:
+        return None, None
+    last, best = head
+    return (None if last is None else last[row]), int(best[row])
 
 
 @dataclass
@@ -357,38 +499,9 @@ class _Cache:
         """Part of a batch's arrays, not arrays of its own."""
         return _shape(self.values[0])[0] > 1 or self.pad > 0
 
-    def detached(self, keep: int | None = None) -> _Cache:
-        """Its first ``keep`` positions (all by default) copied into arrays of its own."""
-        end = self.pad + (self.length if keep is None else keep)
-        return _Cache([_host(v)[self.row : self.row + 1, :, self.pad : end].copy() for v in self.values])
-
-
-def _pack(caches: list[_Cache], dtype) -> tuple[list[np.ndarray], list[int]]:
-    """The caches as one batch, each left-padded with zeros to the longest; and each one's padding."""
-    width = max(c.length for c in caches)
-    pads = [width - c.length for c in caches]
-    hosts: dict[int, list[np.ndarray]] = {}  # each distinct set of arrays brought to the host once
-    for c in caches:
-        if id(c.values) not in hosts:
-            hosts[id(c.values)] = [_host(v) for v in c.values]
-    _, kv_heads, _, head_dim = _shape(caches[0].values[0])
-    past = []
-    for layer in range(len(caches[0].values)):
-        # Zeros, not garbage: masked positions still go through the attention's matmul.
-        batch = np.zeros((len(caches), kv_heads, width, head_dim), dtype=dtype)
-        for row, (c, pad) in enumerate(zip(caches, pads)):
-            batch[row, :, pad:] = hosts[id(c.values)][layer][c.row, :, c.pad:]
-        past.append(batch)
-    return past, pads
-
 
 def _shape(value) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
-
-
-def _host(value) -> np.ndarray:
-    """A numpy view of a cache array (a copy when it lives on a GPU)."""
-    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 class SlotSampler:
@@ -401,7 +514,18 @@ class SlotSampler:
         self.generated: list[int] = []
         self.logprob: TokenLogprob | None = None  # of the last sampled token, when the params ask
 
-    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
+    def needs_logits(self, mask: np.ndarray | None = None) -> bool:
+        """Whether the next token needs the logits, not only their argmax."""
+        params = self.params
+        return (params.temperature > 0 or mask is not None or bool(params.logit_bias) or params.penalizes
+                or params.logprobs is not None)
+
+    def sample(self, logits: np.ndarray | None, best: int | None = None, mask: np.ndarray | None = None) -> int:
+        """The next token, from the logits; or, where needs_logits said no and they did not cross, the argmax."""
+        if logits is None:
+            self.generated.append(best)
+            self.logprob = None
+            return best
         params, raw = self.params, logits
         if params.logit_bias or params.penalizes or mask is not None:
             logits = logits.astype(np.float32, copy=True)
