@@ -23,8 +23,13 @@ endif
 # built without it is rebuilt only after make clean.
 LLAMA_GPU ?=
 CUDA_ARCH ?= native
+# --exclude-libs keeps a libstdc++ linked statically (a toolchain without libstdc++.so, as the lent GPU machines'
+# /opt/gcc) out of each library's exported symbols: exported, libllama bound half its std:: calls to
+# libggml-cuda's private copy and half to the process's libstdc++, and the runner segfaulted loading a model
+# (appliance/backends/cxx_runtime.py; bench/results/onnx_vs_llama/runs/2026-12-05-h100-cuda/notes.md).
+LLAMA_EXCLUDE_STATIC_CXX = -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,libstdc++.a
 ifeq ($(LLAMA_GPU),cuda)
-LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) $(LLAMA_EXCLUDE_STATIC_CXX)
 endif
 PIP_INSTALL = CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install
 

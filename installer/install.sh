@@ -226,7 +226,9 @@ if [ "$GPU" = yes ]; then
         # Jetson Orin (AGX, NX, Nano) is compute capability 8.7; elsewhere let CMake ask the GPU.
         if grep -qi orin /proc/device-tree/model 2>/dev/null; then CUDA_ARCH=87; else CUDA_ARCH=native; fi
     fi
+    # --exclude-libs: a static libstdc++ stays private to each library (why: the Makefile's LLAMA_EXCLUDE_STATIC_CXX).
     CMAKE_FLAGS="$CMAKE_FLAGS -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH"
+    CMAKE_FLAGS="$CMAKE_FLAGS -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,libstdc++.a"
     [ -d /usr/local/cuda/bin ] && PATH=/usr/local/cuda/bin:$PATH
     command -v nvcc >/dev/null 2>&1 || die "--gpu needs CUDA's nvcc (JetPack: /usr/local/cuda/bin/nvcc)"
 fi

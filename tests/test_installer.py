@@ -292,6 +292,9 @@ def test_install_sh_builds_llama_with_the_makefiles_cpu_flags():
     assert f'CMAKE_FLAGS="{base}"' in script
     assert f'CMAKE_FLAGS="$CMAKE_FLAGS {x86}"' in script
     assert "-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH" in script and "CUDA_ARCH=87" in script
+    # The CUDA build keeps a static libstdc++ private to each library, in both (cxx_runtime.py says why).
+    exclude = re.search(r"^LLAMA_EXCLUDE_STATIC_CXX = (.+)$", make, re.M).group(1)
+    assert exclude == "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,libstdc++.a" and exclude in script
 
 
 def test_bundle_for_jetson_python_310_resolves_completely(tmp_path):

@@ -15,9 +15,13 @@ import random
 import re
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
-from llama_cpp import _logger as llama_logger
+from appliance.backends import cxx_runtime
+
+cxx_runtime.preload_cxx_runtime()  # before llama.cpp's libraries load: see cxx_runtime
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+from llama_cpp import _logger as llama_logger  # noqa: E402
 
 from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or,
                                      token_logprob)

@@ -14,7 +14,11 @@ import re
 from collections import Counter
 from contextlib import contextmanager
 
-import llama_cpp
+from appliance.backends import cxx_runtime
+
+cxx_runtime.preload_cxx_runtime()  # before llama.cpp's libraries load: see cxx_runtime
+
+import llama_cpp  # noqa: E402
 
 _LAYER = re.compile(r"layer\s+\d+ assigned to device (\S+?),")
 _FLASH = re.compile(r"llama_context: flash_attn\s+=\s+(\w+)")
