@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import psutil
 
-from appliance import embedding
+from appliance import embedding, gpu_memory
 from appliance.admission import Admission, ClientBuckets
 from appliance.backends.base import BackendError
 from appliance.config import ENGINE_SETTINGS, KV_CACHE_BYTES, SAMPLING_DEFAULTS, Settings
@@ -366,6 +366,9 @@ class ModelPool:
             counted = [m for m in others if m not in keep]  # a swap loads its new model beside the old one
             # Without a budget set, a model alone always loads: 80% of memory is a guide for sharing, not a cap.
             fits = used + need <= self.budget_mib or (not explicit and not others)
+            # Models on a GPU also need its memory: NVML's reading, where there is one (appliance/gpu_memory.py).
+            fits = fits and gpu_memory.room_for(need, [m.runner.facts.info for m in others
+                                                       if getattr(m.runner, "facts", None) is not None])
             if len(counted) < self.settings.max_loaded and fits:
                 return
             idle = sorted((m for m in counted if m.in_use == 0 and not m.loading and m.name not in tried),

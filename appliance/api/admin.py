@@ -10,7 +10,7 @@ import psutil
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance import auth, log_export
+from appliance import auth, gpu_memory, log_export
 from appliance.api import request_log
 from appliance.api.schemas import ImportRequest, PowerRequest, SwapRequest, parse_body
 from appliance.backends.base import BackendError
@@ -41,7 +41,8 @@ def _status() -> dict:
     return st.power.status() | {"uptime_s": round(time.time() - psutil.Process().create_time(), 1),
                                 "model": st.models.describe(default, internals=True),
                                 "queue": default.admission.stats() | {"batch_size": default.runner.last_batch_size},
-                                "models": st.models.status()}
+                                "models": st.models.status(),
+                                "gpu": gpu_memory.read()}  # None without nvidia-ml-py or a GPU
 
 
 @bp.get("/settings")
