@@ -21,7 +21,7 @@ from appliance.runner import protocol as msg
 from appliance.runner.supervisor import ModelRunner, RunnerCrashed
 from distill.calibration import CALIBRATION_SEQUENCES, text_calibration
 from distill.export import ExportRequest, export
-from distill.export_gguf import gguf_name, permute_qk
+from distill.export_gguf import gguf_name
 from distill.gptq import quantize_model, write_rounded_copy
 from distill.qat import train_on_grids
 from distill.rounding import gguf_grids, onnx_grids
@@ -75,6 +75,11 @@ def export_with_gptq(work, target: str, gguf_quant: str | None = None, algorithm
         expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples,
                                                                      method=method))
     return src, packages, expected
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter stores Llama q/k rows with the rotary halves interleaved; HF keeps them split."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def hf_weights(folder) -> dict[str, np.ndarray]:

@@ -28,13 +28,14 @@ CORPUS = [
 ] * 20
 
 
-def train_tokenizer(folder: Path, vocab_size: int = 400):
-    """A byte-level BPE tokenizer like SmolLM2's, trained on a few sentences, as transformers saves it."""
+def train_tokenizer(folder: Path, vocab_size: int = 400, pre_tokenizer=None):
+    """A byte-level BPE tokenizer like SmolLM2's (or with the pre_tokenizer given), trained on a few sentences, as
+    transformers saves it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -63,6 +64,41 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    return folder
+
+
+def qwen2_pre_tokenizer():
+    """Qwen2's own pre-tokenization: its digit-by-digit split regex, then bytes (as its tokenizer.json has it)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from distill.llama_cpp_convert import QWEN2_SPLIT
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def build_tiny_qwen2(folder: Path, seed: int = 0, layers: int = 4) -> Path:
+    """An HF folder: a Qwen2 (GQA, q/k/v biases, tied embeddings) with random weights and a Qwen2-style tokenizer.
+
+    The biases are random too: Qwen2 initialises them at zero, where a converter that dropped them would pass."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(folder, pre_tokenizer=qwen2_pre_tokenizer())
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                parameter.normal_(0, INIT_RANGE)
     model.save_pretrained(folder)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
     return folder
