@@ -80,8 +80,13 @@ def write_gguf(src: Path, out: Path, name: str, outtype: str = "F32") -> Path:
 def _cause(stderr: str) -> str:
     """The converter's own reason: its last error or exception line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    reasons = [line for line in lines if line.startswith("ERROR:") or re.match(r"^\w+(Error|Exception):", line)]
-    return (reasons or lines or ["no output"])[-1]
+    at = max((i for i, line in enumerate(lines) if line.startswith("ERROR:") or re.match(r"^\w+(Error|Exception)\b", line)),
+             default=len(lines) - 1)
+    if at < 0:
+        return "no output"
+    source = [line for line in lines[:at] if not re.fullmatch(r"[\^~]+", line)]
+    bare = re.fullmatch(r"\w+Error", lines[at]) and source  # a failed assert: its source line says what
+    return f"{lines[at]} at `{source[-1]}`" if bare else lines[at]
 
 
 def quantize_gguf(src: Path, out: Path, quant: str, threads: int | None = None,

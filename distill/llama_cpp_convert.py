@@ -9,11 +9,14 @@ wheel of the same version number, so the converter runs in a process of its own
 (``distill.export_gguf.write_gguf`` starts it) where its copy comes first on
 sys.path and never meets the wheel the rest of the pipeline imports.
 
-One addition: llama.cpp names a BPE tokenizer's pre-tokenizer by hashing the ids of
+Two additions. llama.cpp names a BPE tokenizer's pre-tokenizer by hashing the ids of
 a test string, which only the published tokenizers it lists pass. A tokenizer
 trained here (the tests' tiny models) gets its name from the structure of its
 ``tokenizer.json`` instead, and only where that structure is exactly one llama.cpp
-implements; anything else is refused as before.
+implements; anything else is refused as before. And llama.cpp takes every 6th Gemma 3
+layer as global (full attention) unless the GGUF lists each layer's kind, which the
+converter does not write; a depth student keeps its teacher layers' kinds (``layer_types``),
+which that rule may not match, so the list is written.
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def name_unlisted_tokenizers(text_model) -> None:
     text_model.get_vocab_base_pre = get_vocab_base_pre
 
 
+def write_layer_kinds(gemma3_model) -> None:
+    """Each layer's attention kind in the GGUF, as llama.cpp reads it (sliding_window_pattern, one bool a layer)."""
+    base = gemma3_model.set_gguf_parameters
+
+    def set_gguf_parameters(self) -> None:
+        base(self)
+        kinds = self.hparams.get("layer_types")
+        if kinds and self.hparams.get("sliding_window"):
+            self.gguf_writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in kinds])
+
+    gemma3_model.set_gguf_parameters = set_gguf_parameters
+
+
 def main(argv: list[str]) -> None:
     converter, args = Path(argv[0]).resolve(), argv[1:]
     # Started as a script, this file's folder is sys.path[0]: distill's data.py, config.py... must not shadow anything.
@@ -69,8 +85,10 @@ def main(argv: list[str]) -> None:
     sys.path.insert(0, str(converter))
     import convert_hf_to_gguf  # puts converter/gguf-py on sys.path before it imports gguf
     from conversion import TextModel
+    from conversion.gemma import Gemma3Model
 
     name_unlisted_tokenizers(TextModel)
+    write_layer_kinds(Gemma3Model)
     sys.argv = [str(converter / "convert_hf_to_gguf.py"), *args]
     convert_hf_to_gguf.main()
 

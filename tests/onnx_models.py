@@ -104,6 +104,29 @@ def build_tiny_qwen2(folder: Path, seed: int = 0, layers: int = 4) -> Path:
     return folder
 
 
+def build_tiny_gemma3(folder: Path, seed: int = 0, layers: int = 6) -> Path:
+    """An HF folder: a Gemma 3 text model (five sliding-window layers to one global, tied embeddings) with random
+    weights and a byte-level BPE tokenizer. A window of 4 tokens, so that every prompt outgrows it.
+
+    head_dim 256 (as Gemma 3 270M-27B have): llama.cpp scales attention by 1/sqrt(head_dim) and transformers by
+    1/sqrt(query_pre_attn_scalar), 256, which a GGUF does not record."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(folder)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=4, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    Gemma3ForCausalLM(config).eval().save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    return folder
+
+
 def export_tiny(src: Path, out: Path, int4: bool) -> Path:
     return export_package(src, out, ExportOptions(name="tiny-llama", int4=SERVED_INT4 if int4 else None))
 

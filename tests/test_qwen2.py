@@ -12,11 +12,9 @@ pytest.importorskip("gguf")
 
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
-import requests  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from distill.config import DistillConfig  # noqa: E402
 from distill.export import ExportRequest, export  # noqa: E402
 from distill.export_gguf import write_gguf  # noqa: E402
 from distill.export_onnx import ExportOptions, export_package  # noqa: E402
@@ -24,11 +22,8 @@ from distill.pipeline import run_train  # noqa: E402
 from distill.student import build_student  # noqa: E402
 from distill.teacher import load_teacher, load_tokenizer  # noqa: E402
 from models.manifest import read_manifest  # noqa: E402
-from tests.helpers import ServedModel, start_service  # noqa: E402
-from tests.onnx_models import CORPUS, build_tiny_qwen2  # noqa: E402
-
-PROMPTS = ["The quick brown fox", "Numbers: 1 2 3 4", "Grüße aus Köln, ein Bär"]
-NEW_TOKENS = 12
+from tests.distill_helpers import PROMPTS, distill_cfg, served_greedy, transformers_texts, write_corpus  # noqa: E402
+from tests.onnx_models import build_tiny_qwen2  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,27 +49,8 @@ def teacher_gguf(teacher):
 def distilled(teacher_gguf, tmp_path_factory):
     """A depth student of the GGUF teacher after two distillation steps."""
     root = tmp_path_factory.mktemp("qwen2-run")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(20):  # documents: the held-out split is by document
-        (corpus / f"{i:02d}.txt").write_text("\n".join(CORPUS[i % 4::4][:6]))
-    cfg = distill_cfg(teacher_gguf, corpus, root / "run")
+    cfg = distill_cfg(teacher_gguf, write_corpus(root / "corpus"), root / "run")
     return cfg, run_train(cfg)
-
-
-def distill_cfg(teacher, corpus, out, **kw) -> DistillConfig:
-    base = dict(teacher=str(teacher), data=[str(corpus)], out_dir=str(out), block_size=32, batch_size=4, max_steps=2,
-                warmup_steps=1, lr=3e-3, eval_every=0, checkpoint_every=0, log_every=1, val_fraction=0.1,
-                eval_batches=1, keep_every=2)
-    return DistillConfig(**(base | kw)).validate()
-
-
-def hf_greedy(folder, prompt: str, n: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
-    """(prompt ids, n greedy ids) from transformers, EOS or not."""
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer(prompt)["input_ids"]
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return ids, out[0, len(ids):].tolist()
 
 
 # -- the converter and the teacher ------------------------------------------------------------------
@@ -142,33 +118,6 @@ def test_a_distillation_step_from_the_gguf_teacher_gives_a_qwen2_student(distill
 
 
 # -- both packages, served by the box ------------------------------------------------------------------
-def served_greedy(package, backend: str, quantization: str, home, prompts=PROMPTS) -> list[str]:
-    """The box's greedy completion of each prompt, the package being its only model."""
-    service = start_service(home, model=ServedModel(backend, quantization, env={"APPLIANCE_MODEL": str(package)}))
-    try:
-        texts = []
-        for prompt in prompts:
-            r = requests.post(service.url + "/v1/completions", timeout=120,
-                              json={"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0})
-            assert r.status_code == 200, r.text
-            assert r.json()["model"] == read_manifest(package).name
-            texts.append(r.json()["choices"][0]["text"])
-        return texts
-    finally:
-        service.stop()
-
-
-def transformers_texts(folder, prompts=PROMPTS) -> list[str]:
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = []
-    for prompt in prompts:
-        _, greedy = hf_greedy(folder, prompt)
-        if tokenizer.eos_token_id in greedy:  # the box stops there
-            greedy = greedy[: greedy.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(greedy, skip_special_tokens=True))  # the box writes no control tokens
-    return texts
-
-
 @pytest.mark.slow
 def test_full_precision_packages_of_the_student_are_served_exactly_as_transformers_answers(distilled, tmp_path):
     """No rounding: whatever differs is the exporters' or the box's fault (a bias dropped, a head untied...)."""
