@@ -51,9 +51,26 @@ $(VENV)/.installed-serve: $(BIN)/python setup.cfg pyproject.toml models/bundled-
 		-r models/bundled-data.txt
 	touch $@
 
+# The GGUF export runs llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ package and its gguf-py),
+# taken from the llama-cpp-python sdist pinned by sha256 in distill/llama-cpp-converter.txt: the same llama.cpp
+# the backend runs, 100+ architectures, nothing of it in git. distill/export_gguf.py finds it here.
+CONVERTER_PIN := distill/llama-cpp-converter.txt
+CONVERTER := $(VENV)/share/edge-appliance/llama-cpp-converter
+CONVERTER_SDIST := llama_cpp_python-$(shell sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' $(CONVERTER_PIN))
+CONVERTER_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
+
+$(CONVERTER)/convert_hf_to_gguf.py: $(BIN)/python $(CONVERTER_PIN)
+	rm -rf $(CONVERTER) && mkdir -p $(CONVERTER)/.sdist
+	$(BIN)/python -m pip download --quiet --no-binary :all: --no-deps --require-hashes -r $(CONVERTER_PIN) \
+		-d $(CONVERTER)/.sdist
+	tar -xzf $(CONVERTER)/.sdist/$(CONVERTER_SDIST).tar.gz -C $(CONVERTER) --strip-components=3 \
+		$(addprefix $(CONVERTER_SDIST)/vendor/llama.cpp/,$(CONVERTER_FILES))
+	rm -rf $(CONVERTER)/.sdist
+	touch $@
+
 # The tests also build ONNX and distilled models, which needs torch (dev/test only: the service never
 # imports it). torch==2.13.0 first: it is the CPU build; any other version pulls gigabytes of CUDA.
-$(VENV)/.installed-test: $(VENV)/.installed-serve
+$(VENV)/.installed-test: $(VENV)/.installed-serve $(CONVERTER)/convert_hf_to_gguf.py
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -e '.[llama,onnx,distill,test]'
 	touch $@

@@ -40,7 +40,11 @@ def bundled_gguf() -> Path:
 
 def smollm2_source(work: Path, gguf: Path) -> Path:
     """An HF fp32 folder made from the published Q4_1 GGUF (reused while present)."""
-    folder = work / "smollm2-135m-instruct-hf"
+    return hf_from_gguf(work / "smollm2-135m-instruct-hf", gguf)
+
+
+def hf_from_gguf(folder: Path, gguf: Path) -> Path:
+    """An HF fp32 folder made from a GGUF by transformers' GGUF loader (reused while present)."""
     if (folder / "model.safetensors").exists():
         return folder
     import torch

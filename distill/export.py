@@ -154,8 +154,8 @@ def _build_gguf(request: ExportRequest, profile: TargetProfile, folder: Path, pr
 
     folder.mkdir(parents=True)
     full = folder.parent / "model.f32.gguf"  # outside the package: only the quantized file ships
-    with step("write the GGUF from the HF weights (f32)", progress):
-        write_gguf(request.src, full, request.name, progress=True)
+    with step("write the GGUF from the HF weights (f32, llama.cpp's converter)", progress):
+        write_gguf(request.src, full, request.name)
     weighted = " weighted by the importance matrix" if importance else ""
     with step(f"quantize the GGUF to {profile.gguf_quant} with llama.cpp{weighted}", progress):
         quantize_gguf(full, folder / f"{request.name}.{profile.gguf_quant}.gguf", profile.gguf_quant, request.threads,

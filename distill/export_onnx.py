@@ -57,7 +57,9 @@ class _DecoderWithPast(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # Full layers even where the model slides a window (Gemma 3): the served graph's present must be past + new
+        # for every layer; the sliding layers still mask what lies outside their window.
+        cache = DynamicCache()
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(

@@ -85,7 +85,7 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 def build_by_width(teacher, hidden: int, inter: int, init: str, seed: int):
     """Narrower hidden and/or MLP; 'prune' keeps the teacher's highest-magnitude channels."""
     config = copy.deepcopy(teacher.config)
-    if config.head_dim is None or config.head_dim == 0:
+    if not getattr(config, "head_dim", None):  # Qwen2Config has no head_dim: derived from the hidden size
         config.head_dim = config.hidden_size // config.num_attention_heads
     # Attention keeps its heads and head_dim: only the projections' hidden side shrinks.
     config.hidden_size, config.intermediate_size = hidden, inter
@@ -99,8 +99,10 @@ def build_by_width(teacher, hidden: int, inter: int, init: str, seed: int):
     for name, tensor in student.state_dict().items():
         w = source[name]
         suffix = next((s for s in WIDTH_DIMS if name.endswith(s)), None)
-        if suffix is None:  # norms over the hidden size; anything else keeps its shape
-            target[name] = w[h_keep] if w.dim() == 1 and w.shape[0] == teacher.config.hidden_size else w
+        if suffix is None:  # norms over the hidden size; anything else keeps its shape (Qwen2's q/k/v biases and
+            # Gemma 3's q/k norms are per head, and may be as long as the hidden size)
+            over_hidden = name.endswith("layernorm.weight") or name == "model.norm.weight"
+            target[name] = w[h_keep] if over_hidden else w
             continue
         prefix = name[: -len(suffix)]
         up = source.get(prefix + "up_proj.weight")  # MLP units are ranked by their input weights

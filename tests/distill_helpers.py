@@ -1,6 +1,7 @@
 """Helpers the export tests share (torch, transformers, onnx and gguf: test modules skip without them first).
 
-A real runner process's greedy text from a package; the tiny Llama exported with
+A real runner process's greedy text from a package; a package served by the box and what transformers answers in
+its place; a tiny distillation run's settings; the tiny Llama exported with
 GPTQ or QAT beside the rounded copy each package must carry; and the checks that
 a GGUF or ONNX package holds exactly those rounded weights.
 """
@@ -13,6 +14,8 @@ from functools import partial
 import gguf
 import numpy as np
 import onnx
+import requests
+import torch
 from onnx import helper, numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,15 +23,20 @@ from appliance.backends.base import SamplingParams
 from appliance.runner import protocol as msg
 from appliance.runner.supervisor import ModelRunner, RunnerCrashed
 from distill.calibration import CALIBRATION_SEQUENCES, text_calibration
+from distill.config import DistillConfig
 from distill.export import ExportRequest, export
-from distill.export_gguf import gguf_name, permute_qk
+from distill.export_gguf import gguf_name
 from distill.gptq import quantize_model, write_rounded_copy
 from distill.qat import train_on_grids
 from distill.rounding import gguf_grids, onnx_grids
 from distill.targets import get_target
 from models.catalog import find_model
 from models.manifest import read_manifest
+from tests.helpers import ServedModel, start_service
 from tests.onnx_models import CORPUS, build_tiny_llama
+
+PROMPTS = ["The quick brown fox", "Numbers: 1 2 3 4", "Grüße aus Köln, ein Bär"]
+NEW_TOKENS = 12
 
 
 # -- a package, served -------------------------------------------------------------------
@@ -54,6 +62,54 @@ def read_quantization(package) -> str:
     return read_manifest(package).quantization
 
 
+# -- a package served by the box, and transformers in its place ------------------------------
+def served_greedy(package, backend: str, quantization: str, home, prompts=PROMPTS) -> list[str]:
+    """The box's greedy completion of each prompt, the package being its only model."""
+    service = start_service(home, model=ServedModel(backend, quantization, env={"APPLIANCE_MODEL": str(package)}))
+    try:
+        texts = []
+        for prompt in prompts:
+            r = requests.post(service.url + "/v1/completions", timeout=120,
+                              json={"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == read_manifest(package).name
+            texts.append(r.json()["choices"][0]["text"])
+        return texts
+    finally:
+        service.stop()
+
+
+def transformers_texts(folder, prompts=PROMPTS) -> list[str]:
+    """transformers' greedy text for each prompt, up to EOS as the box stops there, without control tokens."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False)[0, len(ids):].tolist()
+        if tokenizer.eos_token_id in greedy:
+            greedy = greedy[: greedy.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(greedy, skip_special_tokens=True))
+    return texts
+
+
+# -- a tiny distillation run ----------------------------------------------------------------
+def write_corpus(folder):
+    """20 short documents of CORPUS: the held-out split is by document."""
+    folder.mkdir(parents=True)
+    for i in range(20):
+        (folder / f"{i:02d}.txt").write_text("\n".join(CORPUS[i % 4::4][:6]))
+    return folder
+
+
+def distill_cfg(teacher, corpus, out, **kw) -> DistillConfig:
+    """Two steps of a depth student keeping every 2nd layer, on blocks of 32 tokens."""
+    base = dict(teacher=str(teacher), data=[str(corpus)], out_dir=str(out), block_size=32, batch_size=4, max_steps=2,
+                warmup_steps=1, lr=3e-3, eval_every=0, checkpoint_every=0, log_every=1, val_fraction=0.1,
+                eval_batches=1, keep_every=2)
+    return DistillConfig(**(base | kw)).validate()
+
+
 # -- exports with GPTQ or QAT, and what their packages must hold -----------------------------
 def export_with_gptq(work, target: str, gguf_quant: str | None = None, algorithm: str = "gptq"):
     """The tiny Llama exported for target with GPTQ (or QAT), and per format the rounded copy the package must carry.
@@ -75,6 +131,11 @@ def export_with_gptq(work, target: str, gguf_quant: str | None = None, algorithm
         expected[fmt] = (work / f"rounded-{fmt}", write_rounded_copy(src, work / f"rounded-{fmt}", grid_for, samples,
                                                                      method=method))
     return src, packages, expected
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter stores Llama q/k rows with the rotary halves interleaved; HF keeps them split."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def hf_weights(folder) -> dict[str, np.ndarray]:

@@ -28,13 +28,14 @@ CORPUS = [
 ] * 20
 
 
-def train_tokenizer(folder: Path, vocab_size: int = 400):
-    """A byte-level BPE tokenizer like SmolLM2's, trained on a few sentences, as transformers saves it."""
+def train_tokenizer(folder: Path, vocab_size: int = 400, pre_tokenizer=None):
+    """A byte-level BPE tokenizer like SmolLM2's (or with the pre_tokenizer given), trained on a few sentences, as
+    transformers saves it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -64,6 +65,64 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    return folder
+
+
+def qwen2_pre_tokenizer():
+    """Qwen2's own pre-tokenization: its digit-by-digit split regex, then bytes (as its tokenizer.json has it)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from distill.llama_cpp_convert import QWEN2_SPLIT
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def build_tiny_qwen2(folder: Path, seed: int = 0, layers: int = 4) -> Path:
+    """An HF folder: a Qwen2 (GQA, q/k/v biases, tied embeddings) with random weights and a Qwen2-style tokenizer.
+
+    The biases are random too: Qwen2 initialises them at zero, where a converter that dropped them would pass."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(folder, pre_tokenizer=qwen2_pre_tokenizer())
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                parameter.normal_(0, INIT_RANGE)
+    model.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_gemma3(folder: Path, seed: int = 0, layers: int = 6) -> Path:
+    """An HF folder: a Gemma 3 text model (five sliding-window layers to one global, tied embeddings) with random
+    weights and a byte-level BPE tokenizer. A window of 4 tokens, so that every prompt outgrows it.
+
+    head_dim 256 (as Gemma 3 270M-27B have): llama.cpp scales attention by 1/sqrt(head_dim) and transformers by
+    1/sqrt(query_pre_attn_scalar), 256, which a GGUF does not record."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(folder)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=4, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    Gemma3ForCausalLM(config).eval().save_pretrained(folder)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
     return folder
 

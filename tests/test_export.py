@@ -20,7 +20,7 @@ from appliance.backends.base import SamplingParams, token_stream  # noqa: E402
 from appliance.cli import cli  # noqa: E402
 from distill.export import ExportError, ExportRequest, export  # noqa: E402
 from distill.export_cli import export_command  # noqa: E402
-from distill.export_gguf import QUANT_TYPES, write_gguf  # noqa: E402
+from distill.export_gguf import QUANT_TYPES, GgufExportError, write_gguf  # noqa: E402
 from distill.targets import TARGETS, UnknownTarget, formats_for, get_target  # noqa: E402
 from models.catalog import find_model, list_models, verify_model  # noqa: E402
 from models.manifest import ManifestError, read_manifest  # noqa: E402
@@ -167,13 +167,19 @@ def test_a_failed_step_is_named_and_leaves_no_package(tiny_hf, tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_unsupported_models_are_refused_before_writing(tiny_hf, tmp_path):
+def test_an_architecture_llama_cpp_cannot_convert_is_refused_in_its_words(tiny_hf, tmp_path):
     odd = shutil.copytree(tiny_hf, tmp_path / "odd")
     config = json.loads((odd / "config.json").read_text())
-    (odd / "config.json").write_text(json.dumps(config | {"attention_bias": True}))
-    with pytest.raises(ValueError, match="biases are not supported"):
+    (odd / "config.json").write_text(json.dumps(config | {"architectures": ["GPTJForCausalLM"]}))
+    with pytest.raises(GgufExportError, match="cannot convert .*Model GPTJForCausalLM is not supported"):
         write_gguf(odd, tmp_path / "odd.gguf", "odd")
     assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_a_missing_converter_names_the_make_target(tiny_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_CPP_CONVERTER", str(tmp_path / "nowhere"))
+    with pytest.raises(GgufExportError, match="convert_hf_to_gguf.py is not in .*nowhere: `make test`"):
+        write_gguf(tiny_hf, tmp_path / "tiny.gguf", "tiny")
 
 
 def assert_lookup_reads_the_heads_weights(package, source, fp16: bool = False) -> None:
