@@ -13,6 +13,11 @@ run: each past left-padded to the longest, the padding masked out, every
 sequence at its own positions. While the same sequences keep decoding, one
 step's batched present is the next step's past as it is (no copying); the
 batch is re-packed only when a sequence joins or leaves it.
+
+A folder written by ONNX Runtime GenAI's model builder (``genai_config.json``,
+GroupQueryAttention) is served the same way: ``models.builder_folder`` reads
+its facts, and its caches are right-padded instead, as GroupQueryAttention
+wants (each row's positions first; its length is its attention mask's sum).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, Sa
                                      token_logprob)
 from appliance.backends.hf_tokenizer import HfTokenizer
 from appliance.grammar import apply_mask
+from models.builder_folder import BuilderModel, check_graph_inputs, is_builder_folder, read_builder_model
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -70,18 +76,19 @@ class OnnxRuntimeBackend(Backend):
             self.manifest = read_manifest(folder)
             self._read_model_files(folder)
             self._session, self.provider = self._open_session(folder)
+            self._graph = _GraphSignature(self._session, self._builder)
         except BackendError:
             raise
         except (ManifestError, OSError, ValueError, *ORT_ERRORS) as exc:
             raise BackendError(f"onnxruntime could not load {folder}: {exc}") from exc
-        self._graph = _GraphSignature(self._session)
         self._device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
         trained = int(self.config.get("max_position_embeddings") or self.manifest.context_length)
         return ModelFacts(context_length=min(self.requested_context_length, trained), n_slots=self.n_slots,
                           n_batch=N_BATCH, n_vocab=int(self.config.get("vocab_size") or 0), info=self._info(folder))
 
     def _read_model_files(self, folder: Path) -> None:
-        self.config = _read_json(folder / "config.json")
+        self._builder = read_builder_model(folder) if is_builder_folder(folder) else None
+        self.config = self._builder.hf_config() if self._builder else _read_json(folder / "config.json")
         self.generation_config = _read_json(folder / "generation_config.json", required=False)
         self.tokenizer_config = _read_json(folder / "tokenizer_config.json", required=False)
         self.tokenizer = HfTokenizer(folder)
@@ -219,7 +226,7 @@ class OnnxRuntimeBackend(Backend):
             self._check(feed)
         decoding = [f for f in feeds if len(f.tokens) == 1]
         # A graph without position_ids numbers positions itself, which left padding would shift: one at a time.
-        batches = [decoding] if self._graph.has_position_ids else [[f] for f in decoding]
+        batches = [decoding] if self._graph.batches_decodes else [[f] for f in decoding]
         last_logits = {}
         for batch in filter(None, batches):
             last_logits.update(zip((f.slot for f in batch), self._decode(batch)))
@@ -260,13 +267,13 @@ class OnnxRuntimeBackend(Backend):
     def _decode(self, feeds: list[Feed]) -> np.ndarray:
         """One-token feeds (generating sequences) in one batched run; the logits, a row per feed."""
         caches = [self._cache(f.slot) for f in feeds]
+        lengths = [c.length for c in caches]
         past, pads = self._batched_past(caches, {f.slot for f in feeds})
-        mask = np.ones((len(feeds), _shape(past[0])[2] + 1), np.int64)
-        for row, pad in enumerate(pads):
-            mask[row, :pad] = 0
+        width, right = _shape(past[0])[2] + 1, self._graph.right_padded
+        mask = _right_padded_mask(lengths, width) if right else _left_padded_mask(pads, width)
         logits, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past)
-        for row, (feed, pad) in enumerate(zip(feeds, pads)):
-            self._caches[feed.slot] = _Cache(present, row, pad)
+        for row, (feed, pad, length) in enumerate(zip(feeds, pads, lengths)):
+            self._caches[feed.slot] = _Cache(present, row, 0, length + 1) if right else _Cache(present, row, pad)
         return logits
 
     def _batched_past(self, caches: list[_Cache], slots: set[int]) -> tuple[list, list[int]]:
@@ -280,7 +287,7 @@ class OnnxRuntimeBackend(Backend):
         for slot, cache in self._caches.items():
             if slot not in slots and cache.shared:
                 self._caches[slot] = cache.detached()
-        return _pack(caches, self._graph.kv_dtype)
+        return _pack(caches, self._graph.kv_dtype, self._graph.right_padded)
 
     def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
              past: list, every_position: bool = False) -> tuple[np.ndarray, list]:
@@ -329,7 +336,7 @@ class OnnxRuntimeBackend(Backend):
 class _GraphSignature:
     """What the decoder graph takes and gives: names, KV cache shape and dtype."""
 
-    def __init__(self, session: ort.InferenceSession):
+    def __init__(self, session: ort.InferenceSession, builder: BuilderModel | None = None):
         inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -337,25 +344,33 @@ class _GraphSignature:
         first = inputs[self.past_names[0]]
         _, self.kv_heads, _, self.head_dim = first.shape
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
+        # GroupQueryAttention takes each row's length from the mask and its positions from that length.
+        self.right_padded = builder is not None
+        self.batches_decodes = self.has_position_ids or self.right_padded
+        if builder is not None:
+            check_graph_inputs({n: i.type for n, i in inputs.items()})
+            self.kv_heads, self.head_dim = builder.kv_heads, builder.head_size  # the graph leaves head_dim symbolic
 
 
 @dataclass
 class _Cache:
     """One slot's KV cache: row ``row`` of per-layer arrays [rows, kv_heads, width, head_dim] (numpy, or
-    the OrtValues a run left on its device), whose last ``width - pad`` positions are the slot's."""
+    the OrtValues a run left on its device), whose positions from ``pad`` on are the slot's: the last
+    ``width - pad`` (left-padded batches), or the first ``size`` (right-padded, pad 0)."""
 
     values: list
     row: int = 0
     pad: int = 0
+    size: int | None = None
 
     @property
     def length(self) -> int:
-        return _shape(self.values[0])[2] - self.pad
+        return _shape(self.values[0])[2] - self.pad if self.size is None else self.size
 
     @property
     def shared(self) -> bool:
         """Part of a batch's arrays, not arrays of its own."""
-        return _shape(self.values[0])[0] > 1 or self.pad > 0
+        return _shape(self.values[0])[0] > 1 or self.pad > 0 or self.length < _shape(self.values[0])[2]
 
     def detached(self, keep: int | None = None) -> _Cache:
         """Its first ``keep`` positions (all by default) copied into arrays of its own."""
@@ -363,10 +378,11 @@ class _Cache:
         return _Cache([_host(v)[self.row : self.row + 1, :, self.pad : end].copy() for v in self.values])
 
 
-def _pack(caches: list[_Cache], dtype) -> tuple[list[np.ndarray], list[int]]:
-    """The caches as one batch, each left-padded with zeros to the longest; and each one's padding."""
+def _pack(caches: list[_Cache], dtype, right: bool = False) -> tuple[list[np.ndarray], list[int]]:
+    """The caches as one batch, each left-padded (or right-padded) with zeros to the longest; and each one's
+    left padding."""
     width = max(c.length for c in caches)
-    pads = [width - c.length for c in caches]
+    pads = [0 if right else width - c.length for c in caches]
     hosts: dict[int, list[np.ndarray]] = {}  # each distinct set of arrays brought to the host once
     for c in caches:
         if id(c.values) not in hosts:
@@ -377,9 +393,21 @@ def _pack(caches: list[_Cache], dtype) -> tuple[list[np.ndarray], list[int]]:
         # Zeros, not garbage: masked positions still go through the attention's matmul.
         batch = np.zeros((len(caches), kv_heads, width, head_dim), dtype=dtype)
         for row, (c, pad) in enumerate(zip(caches, pads)):
-            batch[row, :, pad:] = hosts[id(c.values)][layer][c.row, :, c.pad:]
+            batch[row, :, pad : pad + c.length] = hosts[id(c.values)][layer][c.row, :, c.pad : c.pad + c.length]
         past.append(batch)
     return past, pads
+
+
+def _left_padded_mask(pads: list[int], width: int) -> np.ndarray:
+    mask = np.ones((len(pads), width), np.int64)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+def _right_padded_mask(lengths: list[int], width: int) -> np.ndarray:
+    """Each row's past and its new token first, then padding."""
+    return (np.arange(width)[None, :] <= np.array(lengths)[:, None]).astype(np.int64)
 
 
 def _shape(value) -> tuple[int, ...]:
