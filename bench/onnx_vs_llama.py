@@ -67,8 +67,8 @@ class Timed:
     def is_end_of_generation(self, token: int) -> bool:
         return False
 
-    def step(self, feeds):
-        sampled = self.backend.step(feeds)
+    def step(self, feeds, masks=None):
+        sampled = self.backend.step(feeds, masks)
         now = time.perf_counter()
         for slot in sampled:
             self.stamps.setdefault(slot, []).append(now)

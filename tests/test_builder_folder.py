@@ -24,6 +24,7 @@ import requests  # noqa: E402
 
 from appliance.backends import BackendError  # noqa: E402
 from appliance.backends.base import SamplingParams  # noqa: E402
+from appliance.backends.onnx_runtime import KV_HEADROOM  # noqa: E402
 from appliance.runner.prompt import chat_tokens  # noqa: E402
 from models.builder_folder import BuilderFolderError, check_graph_inputs  # noqa: E402
 from models.catalog import find_model  # noqa: E402
@@ -86,23 +87,26 @@ def test_models_add_writes_a_manifest_the_backend_loads(package, tmp_path):
 
 @pytest.mark.slow
 def test_sequences_of_different_lengths_decode_in_one_run_with_the_tokens_each_gets_alone(package, monkeypatch):
+    """Long enough to outgrow the room a batch is packed with (KV_HEADROOM) and be re-packed mid-way."""
+    n = KV_HEADROOM + 16
     backend = loaded(package, slots=4, context_length=512)
-    runs = []
-    original = backend._run
-    monkeypatch.setattr(backend, "_run", lambda ids, *a, **k: runs.append(len(ids)) or original(ids, *a, **k))
+    runs = []  # sequences of each forward pass
+    for method in ("_run", "_run_in_place"):
+        original = getattr(backend, method)
+        monkeypatch.setattr(backend, method, lambda ids, *a, _run=original, **k: runs.append(len(ids)) or _run(ids, *a, **k))
     run = Run(backend, endless=True)
     for rid, question in enumerate(QUESTIONS[:3]):
-        run.submit(rid, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), question)
+        run.submit(rid, SamplingParams(temperature=0, max_tokens=n), question)
     for _ in range(5):
         run.sched.tick()
-    run.submit(3, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), QUESTIONS[3])  # joins mid-way
+    run.submit(3, SamplingParams(temperature=0, max_tokens=n), QUESTIONS[3])  # joins mid-way
     run.until_idle()
     assert max(runs) == 4  # four sequences, four different lengths, in one run
     prompts = [chat_tokens(backend, [{"role": "user", "content": q}]) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == len(prompts)
-    alone = [greedy(backend, p, NEW_TOKENS) for p in prompts]
+    alone = [greedy(backend, p, n) for p in prompts]
     assert [run.engine.sampled[rid] for rid in range(4)] == alone
-    assert alone == [genai_greedy(package, p, NEW_TOKENS)[:NEW_TOKENS] for p in prompts]
+    assert alone == [genai_greedy(package, p, n)[:n] for p in prompts]
 
 
 @pytest.mark.slow

@@ -51,6 +51,8 @@ PROVIDERS = {
 AUTO_ORDER = ("cuda", "cpu")
 GRAPH = "model.onnx"
 N_BATCH = 512  # most tokens one step feeds: the scheduler prefills a longer prompt in chunks between steps
+# Free positions a right-padded batch is packed with past its longest row: steps decoded in place before a re-pack.
+KV_HEADROOM = 64
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.InvalidProtobuf,
               ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.RuntimeException, ort_state.EPFail)
 
@@ -269,9 +271,15 @@ class OnnxRuntimeBackend(Backend):
         caches = [self._cache(f.slot) for f in feeds]
         lengths = [c.length for c in caches]
         past, pads = self._batched_past(caches, {f.slot for f in feeds})
-        width, right = _shape(past[0])[2] + 1, self._graph.right_padded
-        mask = _right_padded_mask(lengths, width) if right else _left_padded_mask(pads, width)
-        logits, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past)
+        right = self._graph.right_padded
+        if right:
+            mask = _right_padded_mask(lengths, max(lengths) + 1)
+        else:
+            mask = _left_padded_mask(pads, _shape(past[0])[2] + 1)
+        if right and self._device == "cpu":  # GroupQueryAttention writes into the past's own buffers: no copy a step
+            logits, present = self._run_in_place([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past), past
+        else:
+            logits, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past)
         for row, (feed, pad, length) in enumerate(zip(feeds, pads, lengths)):
             self._caches[feed.slot] = _Cache(present, row, 0, length + 1) if right else _Cache(present, row, pad)
         return logits
@@ -281,6 +289,8 @@ class OnnxRuntimeBackend(Backend):
         first = caches[0].values
         same_batch = _shape(first[0])[0] == len(caches) and all(
             c.values is first and c.row == row for row, c in enumerate(caches))
+        if self._graph.right_padded:  # and room for this step's token in every row
+            same_batch = same_batch and max(c.length for c in caches) < _shape(first[0])[2]
         if same_batch:  # the same sequences as the last step: its present is their past as it is
             return first, [c.pad for c in caches]
         # Idle slots would otherwise keep whole old batches alive for the few rows they hold.
@@ -313,6 +323,26 @@ class OnnxRuntimeBackend(Backend):
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
         return (logits if every_position else logits[:, -1]).astype(np.float32), outputs[1:]
+
+    def _run_in_place(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
+                      past: list[np.ndarray]) -> np.ndarray:
+        """One decode step of a right-padded batch whose new keys and values GroupQueryAttention writes into the
+        past arrays themselves (past and present bound to the same memory); the last position's logits."""
+        graph, binding = self._graph, self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        if graph.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order they were bound
+        for past_name, present_name, array in zip(graph.past_names, graph.present_names, past):
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        try:
+            self.session.run_with_iobinding(binding)
+        except ORT_ERRORS as exc:
+            raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
+        return binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
     def _cache(self, slot: int) -> _Cache:
         if slot not in self._caches:
@@ -381,7 +411,7 @@ class _Cache:
 def _pack(caches: list[_Cache], dtype, right: bool = False) -> tuple[list[np.ndarray], list[int]]:
     """The caches as one batch, each left-padded (or right-padded) with zeros to the longest; and each one's
     left padding."""
-    width = max(c.length for c in caches)
+    width = max(c.length for c in caches) + (KV_HEADROOM if right else 0)
     pads = [0 if right else width - c.length for c in caches]
     hosts: dict[int, list[np.ndarray]] = {}  # each distinct set of arrays brought to the host once
     for c in caches:
