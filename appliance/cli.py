@@ -186,22 +186,26 @@ def models_verify(ctx, home):
 
 @models.command("add")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", help="model id of a builder folder without a manifest [default: the folder's name]")
 @_home_option
 @click.pass_context
-def models_add(ctx, path, home):
+def models_add(ctx, path, name, home):
     """Register a model package folder (with manifest.json) after checking every file's sha256.
 
-    The list of packages lives in models.json in the data folder (--home, else $APPLIANCE_HOME, else
-    ~/.appliance); the files stay where they are.
+    A folder written by onnxruntime-genai's model builder (genai_config.json, model.onnx) gets its
+    manifest.json written first, once the ONNX backend's checks pass. The list of packages lives in
+    models.json in the data folder (--home, else $APPLIANCE_HOME, else ~/.appliance); the files stay
+    where they are.
 
     \b
     Example:
       appliance export ./student --target arm --out ./packages
       appliance models add ./packages/student-arm-gguf
+      appliance models add ./qwen2.5-0.5b-int4-cpu --name qwen2.5-0.5b
     """
     from models.registry import add_package
 
-    manifest = add_package(path, home=_home(ctx, home))
+    manifest = add_package(path, home=_home(ctx, home), name=name)
     click.echo(f"added {manifest.name} ({manifest.format} {manifest.quantization}, target {manifest.target}): "
                f"serve it with appliance serve --model {manifest.name}")
 

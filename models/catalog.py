@@ -19,6 +19,7 @@ from pathlib import Path
 
 from models import bundled_embedding
 from models.kinds import CHAT, EMBEDDING, gguf_kind
+from models.builder_folder import is_builder_folder
 from models.manifest import ManifestError, is_package, read_manifest, sha256_file, verify_files
 from models.registry import registered_packages
 
@@ -156,6 +157,9 @@ def find_model(name: str, *, home: Path | None = None) -> ModelEntry:
         return _package_entry(path.resolve())
     if path.suffix == ".gguf" and path.is_file():
         return ModelEntry(name=path.stem, format="gguf", path=path.resolve(), source=str(path), kind=gguf_kind(path))
+    if is_builder_folder(path):
+        raise ModelNotFound(f"{path} is an onnxruntime-genai builder folder without a manifest: "
+                            f"run appliance models add {path} first")
     known = ", ".join(e.name for e in entries)
     raise ModelNotFound(f"unknown model {name!r}: use one of [{known}], the path of a .gguf file "
                         "or of a model package folder (with a manifest.json)")

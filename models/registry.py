@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.manifest import Manifest, ManifestError, load_verified, read_manifest
+from models.builder_folder import is_builder_folder, write_builder_manifest
+from models.manifest import Manifest, ManifestError, is_package, load_verified, read_manifest
 
 REGISTRY_FILE = "models.json"
 
@@ -38,9 +39,15 @@ def registered_packages(*, home: Path) -> list[Path]:
         raise RegistryError(f"{path} is malformed ({exc}); fix or delete it and add the packages again") from None
 
 
-def add_package(folder: Path, *, home: Path) -> Manifest:
-    """Check every file of the package against its manifest, then record it; returns the manifest."""
+def add_package(folder: Path, *, home: Path, name: str | None = None) -> Manifest:
+    """Check every file of the package against its manifest, then record it; returns the manifest.
+
+    An onnxruntime-genai builder folder without a manifest gets one first (``models.builder_folder``), named
+    ``name`` or after the folder; a folder the ONNX backend cannot serve is refused saying why.
+    """
     folder = Path(folder).expanduser().resolve()
+    if not is_package(folder) and is_builder_folder(folder):
+        write_builder_manifest(folder, name)
     manifest = load_verified(folder)  # raises ManifestError naming a missing or corrupted file
     packages = [p for p in registered_packages(home=home) if p != folder] + [folder]
     _save(packages, home)

@@ -155,3 +155,22 @@ def _still_valid(folder: Path, gguf: Path, options: ExportOptions) -> bool:
     except ValueError:
         return False
     return True
+
+
+def build_with_genai_builder(src: Path, out: Path, cache: Path, *extra: str) -> Path:
+    """An onnxruntime-genai model-builder folder (INT4 for CPU) of an HF folder, written by the builder itself.
+
+    ``extra``: builder options as its ``--extra_options`` takes them (``key=value``)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+               "-p", "int4", "-e", "cpu", "-c", str(cache)]
+    if extra:
+        command += ["--extra_options", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the model builder failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return out

@@ -20,6 +20,11 @@ slot's cache run as small graphs there (``ort_graphs``), and only the chosen
 tokens cross to the host, with the last position's logits only for a
 sequence that samples other than greedily. On the CPU the same step loop
 does those with numpy (``_HostHelpers``), which measured faster there.
+
+A folder written by ONNX Runtime GenAI's model builder (``genai_config.json``,
+GroupQueryAttention) is served the same way: ``models.builder_folder`` reads
+its facts, and its caches are right-padded instead, as GroupQueryAttention
+wants (each row's positions first; its length is its attention mask's sum).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, Sa
 from appliance.backends.hf_tokenizer import HfTokenizer
 from appliance.backends.ort_graphs import concat_graph, head_graph, window_graph
 from appliance.grammar import apply_mask
+from models.builder_folder import BuilderModel, check_graph_inputs, is_builder_folder, read_builder_model
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ PROVIDERS = {
 AUTO_ORDER = ("cuda", "cpu")
 GRAPH = "model.onnx"
 N_BATCH = 512  # most tokens one step feeds: the scheduler prefills a longer prompt in chunks between steps
+# Free positions a right-padded batch is packed with past its longest row: steps decoded in place before a re-pack.
+KV_HEADROOM = 64
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.InvalidProtobuf,
               ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.RuntimeException, ort_state.EPFail)
 
@@ -71,6 +79,7 @@ class OnnxRuntimeBackend(Backend):
         self._session: ort.InferenceSession | None = None
         self._caches: dict[int, _Cache] = {}
         self._samplers: dict[int, SlotSampler] = {}
+        self._bound: tuple[list, ort.IOBinding] | None = None  # the batch decoding in place and its binding
 
     # -- lifecycle ---------------------------------------------------------
     def load(self) -> ModelFacts:
@@ -79,11 +88,11 @@ class OnnxRuntimeBackend(Backend):
             self.manifest = read_manifest(folder)
             self._read_model_files(folder)
             self._session, self.provider = self._open_session(folder)
+            self._graph = _GraphSignature(self._session, self._builder)
         except BackendError:
             raise
         except (ManifestError, OSError, ValueError, *ORT_ERRORS) as exc:
             raise BackendError(f"onnxruntime could not load {folder}: {exc}") from exc
-        self._graph = _GraphSignature(self._session)
         self._device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
         self._helpers = _helpers_for(self._graph, self._device, self.threads)
         trained = int(self.config.get("max_position_embeddings") or self.manifest.context_length)
@@ -91,7 +100,8 @@ class OnnxRuntimeBackend(Backend):
                           n_batch=N_BATCH, n_vocab=int(self.config.get("vocab_size") or 0), info=self._info(folder))
 
     def _read_model_files(self, folder: Path) -> None:
-        self.config = _read_json(folder / "config.json")
+        self._builder = read_builder_model(folder) if is_builder_folder(folder) else None
+        self.config = self._builder.hf_config() if self._builder else _read_json(folder / "config.json")
         self.generation_config = _read_json(folder / "generation_config.json", required=False)
         self.tokenizer_config = _read_json(folder / "tokenizer_config.json", required=False)
         self.tokenizer = HfTokenizer(folder)
@@ -180,6 +190,7 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         self._caches.clear()
         self._samplers.clear()
+        self._bound = None
         self._session = None
         self._helpers = None
         self.provider = None
@@ -247,7 +258,7 @@ class OnnxRuntimeBackend(Backend):
                  if f.sample else None for f in feeds}
         decoding = [f for f in feeds if len(f.tokens) == 1]
         # A graph without position_ids numbers positions itself, which left padding would shift: one at a time.
-        batches = [decoding] if self._graph.has_position_ids else [[f] for f in decoding]
+        batches = [decoding] if self._graph.batches_decodes else [[f] for f in decoding]
         heads: dict[int, tuple] = {}
         for batch in filter(None, batches):
             heads.update(self._decode(batch, [wants[f.slot] for f in batch]))
@@ -261,6 +272,7 @@ class OnnxRuntimeBackend(Backend):
 
     def clear(self) -> None:
         self._caches.clear()
+        self._bound = None
 
     def copy_sequence(self, source: int, target: int) -> None:
         self._caches[target] = self._detached(self._cache(source))
@@ -291,14 +303,18 @@ class OnnxRuntimeBackend(Backend):
         # step are then that step's batch as it is.
         groups = {id(caches[f.slot].values): i for i, f in reversed(list(enumerate(feeds)))}
         feeds = sorted(feeds, key=lambda f: (groups[id(caches[f.slot].values)], caches[f.slot].row))
+        lengths = [caches[f.slot].length for f in feeds]
         past, pads = self._batched_past([caches[f.slot] for f in feeds], set(caches))
-        mask = np.ones((len(feeds), _shape(past[0])[2] + 1), np.int64)
-        for row, pad in enumerate(pads):
-            mask[row, :pad] = 0
+        right = self._graph.right_padded
+        mask = _right_padded_mask(lengths, max(lengths) + 1) if right else _left_padded_mask(pads, _shape(past[0])[2] + 1)
         want = None if all(w is None for w in wants) else any(wants)
-        head, present = self._run([f.tokens for f in feeds], mask, [[f.pos] for f in feeds], past, want)
-        for row, (feed, pad) in enumerate(zip(feeds, pads)):
-            self._caches[feed.slot] = _Cache(present, row, pad)
+        tokens, positions = [f.tokens for f in feeds], [[f.pos] for f in feeds]
+        if right and self._device == "cpu":  # GroupQueryAttention writes into the past's own buffers: no copy a step
+            head, present = self._run_in_place(tokens, mask, positions, past, want), past
+        else:
+            head, present = self._run(tokens, mask, positions, past, want)
+        for row, (feed, pad, length) in enumerate(zip(feeds, pads, lengths)):
+            self._caches[feed.slot] = _Cache(present, row, 0, length + 1) if right else _Cache(present, row, pad)
         return {feed.slot: _row(head, row) for row, feed in enumerate(feeds)}
 
     def _batched_past(self, caches: list[_Cache], slots: set[int]) -> tuple[list, list[int]]:
@@ -306,12 +322,16 @@ class OnnxRuntimeBackend(Backend):
         first = caches[0].values
         same_batch = _shape(first[0])[0] == len(caches) and all(
             c.values is first and c.row == row for row, c in enumerate(caches))
+        if self._graph.right_padded:  # and room for this step's token in every row
+            same_batch = same_batch and max(c.length for c in caches) < _shape(first[0])[2]
         if same_batch:  # the same sequences as the last step: its present is their past as it is
             return first, [c.pad for c in caches]
         # Idle slots would otherwise keep whole old batches alive for the few rows they hold.
         for slot, cache in self._caches.items():
             if slot not in slots and cache.shared:
                 self._caches[slot] = self._detached(cache)
+        if self._graph.right_padded:
+            return _pack_right_padded(caches, self._graph.kv_dtype), [0] * len(caches)
         return self._pack(caches)
 
     def _pack(self, caches: list[_Cache]) -> tuple[list, list[int]]:
@@ -377,6 +397,34 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime failed to score {len(tokens)} tokens: {exc}") from exc
         return binding.get_outputs()[0].numpy()[0].astype(np.float32)
 
+    def _run_in_place(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
+                      past: list[np.ndarray], want: bool | None) -> tuple | None:
+        """One decode step of a right-padded batch on the CPU whose new keys and values GroupQueryAttention writes
+        into the past arrays themselves (past and present bound to the same memory); its head (see _run)."""
+        binding = self._in_place_binding(past)
+        binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        if self._graph.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
+        try:
+            self.session.run_with_iobinding(binding)
+        except ORT_ERRORS as exc:
+            raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
+        return None if want is None else self._helpers.head(binding.get_outputs()[0], want)
+
+    def _in_place_binding(self, past: list[np.ndarray]):
+        """The binding of a batch's arrays as both past and present, made once while the same batch decodes
+        (binding two arrays a layer anew costs about 1 ms a step)."""
+        if self._bound is None or self._bound[0] is not past:
+            graph, binding = self._graph, self.session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order they were bound
+            for past_name, present_name, array in zip(graph.past_names, graph.present_names, past):
+                value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_ortvalue_output(present_name, value)
+            self._bound = (past, binding)
+        return self._bound[1]
+
     def _cache(self, slot: int) -> _Cache:
         if slot not in self._caches:
             self._caches[slot] = self._empty_cache()
@@ -396,7 +444,7 @@ class OnnxRuntimeBackend(Backend):
 class _GraphSignature:
     """What the decoder graph takes and gives: names, KV cache shape and dtype."""
 
-    def __init__(self, session: ort.InferenceSession):
+    def __init__(self, session: ort.InferenceSession, builder: BuilderModel | None = None):
         inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -406,6 +454,13 @@ class _GraphSignature:
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self.logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+
+        # GroupQueryAttention takes each row's length from the mask and its positions from that length.
+        self.right_padded = builder is not None
+        self.batches_decodes = self.has_position_ids or self.right_padded
+        if builder is not None:
+            check_graph_inputs({n: i.type for n, i in inputs.items()})
+            self.kv_heads, self.head_dim = builder.kv_heads, builder.head_size  # the graph leaves head_dim symbolic
 
 
 class _ProviderDeclined(Exception):
@@ -537,20 +592,52 @@ def _row(head: tuple | None, row: int) -> tuple:
 @dataclass
 class _Cache:
     """One slot's KV cache: row ``row`` of per-layer arrays [rows, kv_heads, width, head_dim] (numpy, or
-    the OrtValues a run left on its device), whose last ``width - pad`` positions are the slot's."""
+    the OrtValues a run left on its device), whose positions from ``pad`` on are the slot's: the last
+    ``width - pad`` (left-padded batches), or the first ``size`` (right-padded, pad 0)."""
 
     values: list
     row: int = 0
     pad: int = 0
+    size: int | None = None
 
     @property
     def length(self) -> int:
-        return _shape(self.values[0])[2] - self.pad
+        return _shape(self.values[0])[2] - self.pad if self.size is None else self.size
 
     @property
     def shared(self) -> bool:
         """Part of a batch's arrays, not arrays of its own."""
-        return _shape(self.values[0])[0] > 1 or self.pad > 0
+        return _shape(self.values[0])[0] > 1 or self.pad > 0 or self.length < _shape(self.values[0])[2]
+
+
+def _pack_right_padded(caches: list[_Cache], dtype) -> list[np.ndarray]:
+    """The caches as one batch on the host, each right-padded with zeros to the longest plus KV_HEADROOM free
+    positions (GroupQueryAttention writes each step's keys and values into them in place)."""
+    width = max(c.length for c in caches) + KV_HEADROOM
+    hosts: dict[int, list[np.ndarray]] = {}  # each distinct set of arrays brought to the host once
+    for c in caches:
+        if id(c.values) not in hosts:
+            hosts[id(c.values)] = [_host(v) for v in c.values]
+    _, kv_heads, _, head_dim = _shape(caches[0].values[0])
+    past = []
+    for layer in range(len(caches[0].values)):
+        batch = np.zeros((len(caches), kv_heads, width, head_dim), dtype=dtype)
+        for row, c in enumerate(caches):
+            batch[row, :, : c.length] = hosts[id(c.values)][layer][c.row, :, c.pad : c.pad + c.length]
+        past.append(batch)
+    return past
+
+
+def _left_padded_mask(pads: list[int], width: int) -> np.ndarray:
+    mask = np.ones((len(pads), width), np.int64)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+def _right_padded_mask(lengths: list[int], width: int) -> np.ndarray:
+    """Each row's past and its new token first, then padding."""
+    return (np.arange(width)[None, :] <= np.array(lengths)[:, None]).astype(np.int64)
 
 
 def _shape(value) -> tuple[int, ...]:
