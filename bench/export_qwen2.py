@@ -74,6 +74,20 @@ def _sha256(path: Path) -> str:
 
 
 # -- measuring -----------------------------------------------------------------
+def source_reference(src: Path, work: Path):
+    """The fp32 source's answers (distill.export_report.reference_from_hf), kept in work: they take minutes here."""
+    from dataclasses import asdict
+
+    from distill.export_report import Reference, reference_from_hf
+
+    saved = work / "reference.json"
+    if saved.exists():
+        return Reference(**json.loads(saved.read_text()))
+    reference = reference_from_hf(src)
+    saved.write_text(json.dumps(asdict(reference)))
+    return reference
+
+
 def source_perplexity(gguf: Path, text_ids: list[int], threads: int) -> float:
     """The source GGUF's perplexity on the report's held-out tokens, computed by llama.cpp as the packages' are."""
     from distill.export_report import GgufScorer, perplexity
@@ -174,11 +188,12 @@ def speed_run(work: Path, threads: int, repeats: int, argv, results: Path | None
 def main(argv: list[str] | None = None) -> None:
     from bench.export_smollm2 import hf_from_gguf
     from distill.export import ALGORITHMS, CALIBRATED, ExportRequest, export
-    from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qwen2-export"))
     parser.add_argument("--algorithms", nargs="+", default=["rtn"], choices=list(ALGORITHMS))
+    parser.add_argument("--format", choices=["both", "onnx", "gguf"], default="both",
+                        help="formats to export (an algorithm for one format exports only that one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, help="results folder (default: bench/results, or BENCH_RESULTS)")
     parser.add_argument("--speed", action="store_true", help="only the decode speed of the source and the packages "
@@ -191,16 +206,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     gguf = fetch_source(args.work)
     src = hf_from_gguf(args.work / f"{NAME}-hf", gguf)
-    reference = reference_from_hf(src)
+    reference = source_reference(src, args.work)
     source = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf),
               "held_out_tokens": len(reference.text_ids), "perplexity_fp32": reference.perplexity,
               "perplexity_gguf": source_perplexity(gguf, reference.text_ids, args.threads)}
     rows, files = {}, {}
     for algorithm in args.algorithms:
         formats, calibration = ALGORITHMS[algorithm], None
-        request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target="cpu",
-                                format="both" if len(formats) == 2 else formats[0], name=NAME, algorithm=algorithm,
-                                threads=args.threads)
+        fmt = formats[0] if len(formats) == 1 else args.format
+        request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target="cpu", format=fmt, name=NAME,
+                                algorithm=algorithm, threads=args.threads)
         if algorithm in CALIBRATED:
             from distill.calibration import Calibration
 
