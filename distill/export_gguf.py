@@ -37,7 +37,7 @@ def converter_dir() -> Path:
     """Where the Makefile put llama.cpp's converter: $LLAMA_CPP_CONVERTER, else inside this Python's prefix."""
     folder = Path(os.environ.get(CONVERTER_ENV) or Path(sys.prefix) / "share" / "edge-appliance" / "llama-cpp-converter")
     if not (folder / "convert_hf_to_gguf.py").is_file():
-        raise GgufExportError(f"llama.cpp's convert_hf_to_gguf.py is not in {folder}: `make test` (or `make distill`) "
+        raise GgufExportError(f"llama.cpp's convert_hf_to_gguf.py is not in {folder}: `make test` "
                               f"extracts it from the llama-cpp-python sdist pinned in distill/llama-cpp-converter.txt; "
                               f"or point {CONVERTER_ENV} at a folder holding it")
     return folder

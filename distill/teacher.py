@@ -7,9 +7,30 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill.config import ConfigError
+
 
 class TeacherNotFound(LookupError):
     """The teacher spec names nothing on this box; the message says what is accepted."""
+
+
+class UnsupportedTeacher(ConfigError):
+    """transformers cannot load this GGUF's architecture; the message lists the ones it can."""
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """Refuse, naming what is supported, a GGUF whose architecture transformers' GGUF loader does not know."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    field = GGUFReader(path).fields.get("general.architecture")
+    arch = field.contents() if field else "(none recorded)"
+    # llama.cpp writes qwen2moe, gpt-oss where transformers lists qwen2_moe, gpt_oss
+    known = {name.replace("_", "") for name in GGUF_SUPPORTED_ARCHITECTURES}
+    if arch.replace("-", "").replace("_", "") not in known:
+        supported = ", ".join(sorted(n for n in GGUF_SUPPORTED_ARCHITECTURES if n not in ("general", "tokenizer")))
+        raise UnsupportedTeacher(f"{path.name}: transformers cannot load a {arch!r} GGUF as a teacher; it loads "
+                                 f"{supported} (or give the model's HF folder)")
 
 
 def resolve_teacher(spec: str) -> tuple[Path, str | None]:
@@ -56,6 +77,8 @@ def load_tokenizer(spec: str):
 def load_teacher(spec: str, dtype=torch.float32):
     """The teacher in eval mode with no gradients; GGUF weights come back dequantized."""
     folder, gguf_file = resolve_teacher(spec)
+    if gguf_file:
+        check_gguf_architecture(folder / gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     # A GGUF load records where it came from; the dequantized torch model is plain weights.

@@ -176,6 +176,15 @@ def test_an_architecture_llama_cpp_cannot_convert_is_refused_in_its_words(tiny_h
     assert not (tmp_path / "odd.gguf").exists()
 
 
+def test_a_tokenizer_llama_cpp_cannot_split_alike_is_refused(tiny_hf, tmp_path):
+    """Named by structure only where llama.cpp implements exactly that pre-tokenization; never guessed."""
+    odd = shutil.copytree(tiny_hf, tmp_path / "odd")
+    spec = json.loads((odd / "tokenizer.json").read_text())
+    (odd / "tokenizer.json").write_text(json.dumps(spec | {"pre_tokenizer": {"type": "Whitespace"}}))
+    with pytest.raises(GgufExportError, match="BPE pre-tokenizer was not recognized"):
+        write_gguf(odd, tmp_path / "odd.gguf", "odd")
+
+
 def test_a_missing_converter_names_the_make_target(tiny_hf, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_CPP_CONVERTER", str(tmp_path / "nowhere"))
     with pytest.raises(GgufExportError, match="convert_hf_to_gguf.py is not in .*nowhere: `make test`"):

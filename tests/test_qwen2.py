@@ -20,7 +20,7 @@ from distill.export_gguf import write_gguf  # noqa: E402
 from distill.export_onnx import ExportOptions, export_package  # noqa: E402
 from distill.pipeline import run_train  # noqa: E402
 from distill.student import build_student  # noqa: E402
-from distill.teacher import load_teacher, load_tokenizer  # noqa: E402
+from distill.teacher import UnsupportedTeacher, load_teacher, load_tokenizer  # noqa: E402
 from models.manifest import read_manifest  # noqa: E402
 from tests.distill_helpers import PROMPTS, distill_cfg, served_greedy, transformers_texts, write_corpus  # noqa: E402
 from tests.onnx_models import build_tiny_qwen2  # noqa: E402
@@ -83,6 +83,15 @@ def test_a_qwen2_teacher_loads_from_its_gguf_as_from_its_folder(teacher, teacher
     assert load_tokenizer(str(teacher_gguf))(PROMPTS[1])["input_ids"] == ids
     torch.testing.assert_close(from_gguf(torch.tensor([ids])).logits, from_folder(torch.tensor([ids])).logits,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_a_gguf_teacher_transformers_cannot_load_is_refused_with_what_it_can(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "rwkv7")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedTeacher, match=r"cannot load a 'rwkv7' GGUF as a teacher; it loads .*gemma3.*qwen2"):
+        load_teacher(str(tmp_path / "odd.gguf"))
 
 
 # -- students -----------------------------------------------------------------------------------------
