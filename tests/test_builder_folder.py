@@ -90,10 +90,11 @@ def test_sequences_of_different_lengths_decode_in_one_run_with_the_tokens_each_g
     """Long enough to outgrow the room a batch is packed with (KV_HEADROOM) and be re-packed mid-way."""
     n = KV_HEADROOM + 16
     backend = loaded(package, slots=4, context_length=512)
-    runs = []  # sequences of each forward pass
+    runs = []  # (sequences, tokens of each) of every forward pass
     for method in ("_run", "_run_in_place"):
         original = getattr(backend, method)
-        monkeypatch.setattr(backend, method, lambda ids, *a, _run=original, **k: runs.append(len(ids)) or _run(ids, *a, **k))
+        monkeypatch.setattr(backend, method,
+                            lambda ids, *a, _run=original, **k: runs.append((len(ids), len(ids[0]))) or _run(ids, *a, **k))
     run = Run(backend, endless=True)
     for rid, question in enumerate(QUESTIONS[:3]):
         run.submit(rid, SamplingParams(temperature=0, max_tokens=n), question)
@@ -101,9 +102,10 @@ def test_sequences_of_different_lengths_decode_in_one_run_with_the_tokens_each_g
         run.sched.tick()
     run.submit(3, SamplingParams(temperature=0, max_tokens=n), QUESTIONS[3])  # joins mid-way
     run.until_idle()
-    assert max(runs) == 4  # four sequences, four different lengths, in one run
     prompts = [chat_tokens(backend, [{"role": "user", "content": q}]) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == len(prompts)
+    assert (3, max(len(p) for p in prompts[:3])) in runs  # the first three prompts prefilled in one run
+    assert (4, 1) in runs  # four sequences of four different lengths decoded in one run
     alone = [greedy(backend, p, n) for p in prompts]
     assert [run.engine.sampled[rid] for rid in range(4)] == alone
     assert alone == [genai_greedy(package, p, n)[:n] for p in prompts]

@@ -234,8 +234,12 @@ class OnnxRuntimeBackend(Backend):
         last_logits = {}
         for batch in filter(None, batches):
             last_logits.update(zip((f.slot for f in batch), self._decode(batch)))
+        # GroupQueryAttention prefills prompts that start empty slots together, each row right-padded.
+        fresh = [f for f in feeds if len(f.tokens) > 1 and f.pos == 0] if self._graph.right_padded else []
+        if len(fresh) > 1:
+            last_logits.update(self._prefill_together(fresh))
         for feed in feeds:
-            if len(feed.tokens) > 1:
+            if len(feed.tokens) > 1 and not (len(fresh) > 1 and feed in fresh):
                 last_logits[feed.slot] = self._prefill(feed)
         masks = masks or {}
         sampled = {slot: self._samplers[slot].sample(last_logits[f.slot], masks.get(slot))
@@ -268,6 +272,19 @@ class OnnxRuntimeBackend(Backend):
                                     [list(range(feed.pos, feed.pos + n))], past)
         self._caches[feed.slot] = _Cache(present)
         return logits[0]
+
+    def _prefill_together(self, feeds: list[Feed]) -> dict[int, np.ndarray]:
+        """Whole prompts of empty slots in one run (right-padded: GroupQueryAttention attends each row over its own
+        length, from the mask); the logits of each one's last token, by slot."""
+        width = max(len(f.tokens) for f in feeds)
+        ids = [f.tokens + [0] * (width - len(f.tokens)) for f in feeds]
+        mask = _right_padded_mask([len(f.tokens) - 1 for f in feeds], width)
+        empty = self._empty_cache().values
+        past = [np.repeat(v, len(feeds), axis=0) for v in empty]
+        logits, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, every_position=True)
+        for row, feed in enumerate(feeds):
+            self._caches[feed.slot] = _Cache(present, row, 0, len(feed.tokens))
+        return {f.slot: logits[row, len(f.tokens) - 1] for row, f in enumerate(feeds)}
 
     def _decode(self, feeds: list[Feed]) -> np.ndarray:
         """One-token feeds (generating sequences) in one batched run; the logits, a row per feed."""
