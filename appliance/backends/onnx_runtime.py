@@ -262,8 +262,12 @@ class OnnxRuntimeBackend(Backend):
         heads: dict[int, tuple] = {}
         for batch in filter(None, batches):
             heads.update(self._decode(batch, [wants[f.slot] for f in batch]))
+        # GroupQueryAttention prefills prompts that start empty slots together, each row right-padded.
+        fresh = [f for f in feeds if len(f.tokens) > 1 and f.pos == 0] if self._graph.right_padded else []
+        if len(fresh) > 1:
+            heads.update(self._prefill_together(fresh, [wants[f.slot] for f in fresh]))
         for feed in feeds:
-            if len(feed.tokens) > 1:
+            if len(feed.tokens) > 1 and not (len(fresh) > 1 and feed in fresh):
                 heads[feed.slot] = self._prefill(feed, wants[feed.slot])
         sampled = {slot: self._samplers[slot].sample(*heads[f.slot], masks.get(slot))
                    for f in feeds if f.sample for slot in (f.slot, *f.also)}
@@ -295,6 +299,21 @@ class OnnxRuntimeBackend(Backend):
                                   [list(range(feed.pos, feed.pos + n))], past, want)
         self._caches[feed.slot] = _Cache(present)
         return _row(head, 0)
+
+    def _prefill_together(self, feeds: list[Feed], wants: list) -> dict[int, tuple]:
+        """Whole prompts of empty slots in one run (right-padded: GroupQueryAttention attends each row over its own
+        length, from the mask); each slot's head (see _run), from its last token."""
+        width = max(len(f.tokens) for f in feeds)
+        ids = [f.tokens + [0] * (width - len(f.tokens)) for f in feeds]
+        mask = _right_padded_mask([len(f.tokens) - 1 for f in feeds], width)
+        past = [np.repeat(v, len(feeds), axis=0) for v in self._empty_cache().values]
+        logits, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, every_position=True)
+        heads = {}
+        for row, (feed, want) in enumerate(zip(feeds, wants)):
+            self._caches[feed.slot] = _Cache(present, row, 0, len(feed.tokens))
+            last = logits[row, len(feed.tokens) - 1]
+            heads[feed.slot] = (None, None) if want is None else ((last if want else None), int(last.argmax()))
+        return heads
 
     def _decode(self, feeds: list[Feed], wants: list) -> dict[int, tuple]:
         """One-token feeds (generating sequences) in one batched run; each slot's head (see _run)."""
@@ -355,12 +374,13 @@ class OnnxRuntimeBackend(Backend):
         return _Cache(self._helpers.pack([_Part(cache.values, [cache.row], cache.pad, end, 0)], end - cache.pad))
 
     def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
-             past: list, want: bool | None = None) -> tuple:
+             past: list, want: bool | None = None, every_position: bool = False) -> tuple:
         """One forward pass; its head and its present (left on the graph's device).
 
         The head: with ``want`` None nothing (a prompt chunk that samples nothing); else the argmax of each
         sequence's last position (int64, a row per sequence) and, with ``want`` True, that position's logits
-        (float32, a row per sequence; else None)."""
+        (float32, a row per sequence; else None). With ``every_position``, every position's logits (float32, on
+        the host) instead of a head."""
         graph, binding = self._graph, self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
@@ -368,7 +388,7 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
         for name, value in zip(graph.past_names, past):
             _bind_input(binding, name, value)
-        binding.bind_output("logits", self._device)
+        binding.bind_output("logits", "cpu" if every_position else self._device)
         for name in graph.present_names:
             binding.bind_output(name, self._device)  # the cache stays where the graph runs
         try:
@@ -376,6 +396,8 @@ class OnnxRuntimeBackend(Backend):
         except ORT_ERRORS as exc:
             raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
         outputs = binding.get_outputs()
+        if every_position:
+            return outputs[0].numpy().astype(np.float32), outputs[1:]
         head = None if want is None else self._helpers.head(outputs[0], want)
         return head, outputs[1:]
 
