@@ -403,21 +403,9 @@ class OnnxRuntimeBackend(Backend):
 
     def _all_logits(self, tokens: list[int]) -> np.ndarray:
         """Every position's logits (float32) of ``tokens`` from an empty past of their own."""
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.array([tokens], dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, len(tokens)), np.int64))
-        if self._graph.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.array([list(range(len(tokens)))], dtype=np.int64))
-        for name, value in zip(self._graph.past_names, self._empty_cache().values):
-            binding.bind_cpu_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self._graph.present_names:
-            binding.bind_output(name, self._device)
-        try:
-            self.session.run_with_iobinding(binding)
-        except ORT_ERRORS as exc:
-            raise BackendError(f"onnxruntime failed to score {len(tokens)} tokens: {exc}") from exc
-        return binding.get_outputs()[0].numpy()[0].astype(np.float32)
+        logits, _present = self._run([tokens], np.ones((1, len(tokens)), np.int64), [list(range(len(tokens)))],
+                                     self._empty_cache().values, every_position=True)
+        return logits[0]
 
     def _run_in_place(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
                       past: list[np.ndarray], want: bool | None) -> tuple | None:
