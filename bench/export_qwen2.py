@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed", action="store_true", help="only the decode speed of the source and the packages "
                                                             "already in --work, side by side")
     parser.add_argument("--repeats", type=int, default=3, help="--speed: fresh processes per model")
+    parser.add_argument("--reuse", action="store_true", help="take the packages an earlier run left in --work, with "
+                                                            "their reports, instead of exporting them again")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.speed:
@@ -216,11 +218,16 @@ def main(argv: list[str] | None = None) -> None:
         fmt = formats[0] if len(formats) == 1 else args.format
         request = ExportRequest(src=src, out=args.work / "packages" / algorithm, target="cpu", format=fmt, name=NAME,
                                 algorithm=algorithm, threads=args.threads)
-        if algorithm in CALIBRATED:
-            from distill.calibration import Calibration
+        built = sorted(request.out.glob(f"{NAME}-cpu-*/report.json"))
+        if args.reuse and built:
+            packages = [report.parent for report in built]
+        else:
+            if algorithm in CALIBRATED:
+                from distill.calibration import Calibration
 
-            calibration = Calibration(request)
-        for package in export(request, reference=reference, calibration=calibration):
+                calibration = Calibration(request)
+            packages = export(request, reference=reference, calibration=calibration)
+        for package in packages:
             name = result_name(package, algorithm)
             report = json.loads((package / "report.json").read_text())
             report["ratio_vs_source_gguf"] = report["perplexity_int4"] / source["perplexity_gguf"]
