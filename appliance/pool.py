@@ -677,6 +677,7 @@ class ModelPool:
             "kind": model.entry.kind, "default": model is self.default, "aliases": list(model.entry.aliases),
             "size_bytes": model.shape.disk_bytes if model.shape else None,
             "sampling_defaults": self.sampling_defaults(model),
+            "target": model.entry.target or None, "metrics": model.entry.metrics or None,
         }
         info.setdefault("quantization", model.shape.quantization if model.shape else None)
         if info["context_length"] is None:  # not loaded: what it is set to get (the model's own may be less)

@@ -48,6 +48,8 @@ class ModelEntry:
     # What it suggests for serving it (models.manifest.SERVING_OPTIONS: its package's manifest "serving");
     # the service's settings fill the rest and the config's model_settings for it override these.
     serving: dict = field(default_factory=dict)
+    target: str = ""  # what its package was built for (cpu, cuda, any), where it has a manifest
+    metrics: dict = field(default_factory=dict)  # its package's measurements (report.json's headline figures)
 
     def answers_to(self, name: str) -> bool:
         """Its name or one of its aliases."""
@@ -172,7 +174,7 @@ def _package_entry(folder: Path) -> ModelEntry:
     return ModelEntry(
         name=manifest.name, format=manifest.format, path=path, description=f"{manifest.architecture} {manifest.quantization}",
         source=str(folder), aliases=manifest.aliases, package=folder, sampling=generation_defaults(folder),
-        kind=manifest.kind, serving=dict(manifest.serving),
+        kind=manifest.kind, serving=dict(manifest.serving), target=manifest.target, metrics=dict(manifest.metrics or {}),
     )
 
 

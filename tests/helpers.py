@@ -180,10 +180,10 @@ class Box:
         entry = ModelEntry(name="fake", format="fake", path=self.model_path, aliases=("fake-alias",))
         others = []
         for name, config in (extra_models or {}).items():  # more fake models: name -> their model file's JSON
-            serving = config.pop("serving", {})  # what its package would suggest (manifest "serving")
+            package = config.pop("package", {})  # what its manifest would say: serving, target, metrics
             (tmp_path / f"{name}.json").write_text(json.dumps({"reply": REPLY, "context_length": 256} | config))
             others.append(ModelEntry(name=name, format="fake", path=tmp_path / f"{name}.json", aliases=(f"{name}-alias",),
-                                     serving=serving))
+                                     **package))
         self.db = Database(self.settings.db_path)
         self.app = create_app(self.settings, models=fake_pool(self.settings, self.db, entry, *others), db=self.db)
         self.state = self.app.extensions["appliance"]

@@ -126,8 +126,9 @@ def test_model_settings_give_a_model_its_own_slots_and_context(make_box):
 
 
 def test_a_package_suggests_its_serving_settings_and_model_settings_override_them(make_box):
-    box = make_box(extra_models={"second": {"serving": {"parallel": 1, "context_length": 128, "keep_alive": 7}},
-                                 "third": {"serving": {"parallel": 1, "context_length": 128}}},
+    box = make_box(extra_models={"second": {"package": {"serving": {"parallel": 1, "context_length": 128,
+                                                                    "keep_alive": 7}}},
+                                 "third": {"package": {"serving": {"parallel": 1, "context_length": 128}}}},
                    model_settings={"third": {"parallel": 3}})
     second, third = box.state.models.get("second"), box.state.models.get("third")
     assert second.admission.slots == 1 and second.runner.spec["context_length"] == 128
@@ -140,13 +141,15 @@ def test_a_package_suggests_its_serving_settings_and_model_settings_override_the
 
 
 def test_models_list_every_known_model_without_internals(make_box, tmp_path):
-    box = make_box(extra_models={"second": {}})
+    box = make_box(extra_models={"second": {"package": {"target": "cpu", "metrics": {"perplexity_ratio": 1.02}}}})
     data = box.client.get("/v1/models").get_json()["data"]
     assert [m["id"] for m in data] == ["fake", "second"]
     fake, second = (m["appliance"] for m in data)
     assert fake["loaded"] and fake["default"] and not second["loaded"]
     assert second["kind"] == "chat" and second["format"] == "fake" and second["size_bytes"] > 0
     assert second["context_length"] == 256 and second["aliases"] == ["second-alias"]
+    assert second["target"] == "cpu" and second["metrics"] == {"perplexity_ratio": 1.02}  # its package's report
+    assert fake["target"] is None and fake["metrics"] is None
     text = box.client.get("/v1/models").get_data(as_text=True) + box.client.get("/readyz").get_data(as_text=True)
     assert str(tmp_path) not in text and "pid" not in text and "path" not in text
     one = box.client.get("/v1/models/second-alias").get_json()

@@ -427,8 +427,11 @@ def test_a_manifest_carries_the_serving_settings_its_package_suggests(tmp_path):
 
     (tmp_path / "model.gguf").write_bytes(b"GGUF not a real model")
     meta = dict(name="m", architecture="qwen2", format="gguf", quantization="Q4_K_M", target="cpu", context_length=4096)
-    write_manifest(tmp_path, **meta, serving={"parallel": 2, "context_length": 2048, "keep_alive": 0})
-    assert find_model(str(tmp_path)).serving == {"parallel": 2, "context_length": 2048, "keep_alive": 0}
+    write_manifest(tmp_path, **meta, serving={"parallel": 2, "context_length": 2048, "keep_alive": 0},
+                   metrics={"perplexity_ratio": 1.005})
+    entry = find_model(str(tmp_path))
+    assert entry.serving == {"parallel": 2, "context_length": 2048, "keep_alive": 0}
+    assert entry.target == "cpu" and entry.metrics == {"perplexity_ratio": 1.005}
     with pytest.raises(ManifestError, match="unknown serving option 'slots'.*parallel"):
         write_manifest(tmp_path, **meta, serving={"slots": 2})
     raw = json.loads((tmp_path / "manifest.json").read_text())

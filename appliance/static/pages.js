@@ -118,7 +118,7 @@ export async function loadModels() {
     else models = (await getJSON("/v1/models")).data.map((m) => ({ id: m.id, ...(m.appliance || {}) }));
     fillTable($("model-table").tBodies[0], models.map((m) => [
       m.id + (m.default ? " (default)" : "") + ((m.aliases || []).length ? ` · aka ${m.aliases.join(", ")}` : ""),
-      m.kind, m.format, m.quantization, fmt.bytes(m.size_bytes), m.context_length,
+      m.kind, m.format, m.quantization, m.target, fmt.bytes(m.size_bytes), m.context_length, report(m.metrics),
       m.loaded ? `loaded${m.runner_pid ? ` (pid ${m.runner_pid})` : ""}${m.in_use ? `, ${m.in_use} in use` : ""}` : "not loaded",
       ...(role.admin ? [checksums[m.id] ? `${checksums[m.id].ok ? "ok" : "FAILED"}: ${checksums[m.id].detail}` : "not checked",
         modelActions(m)] : []),
@@ -132,6 +132,12 @@ export async function loadModels() {
 }
 
 const checksums = {};
+
+/** A package's measured figures, as its report.json names them: "perplexity_ratio 1.05 · greedy_agreement 0.91". */
+function report(metrics) {
+  return Object.entries(metrics || {}).filter(([, v]) => typeof v === "number")
+    .map(([k, v]) => `${k} ${Number.isInteger(v) ? v : v.toPrecision(3)}`).join(" · ");
+}
 
 async function verifyModels() {
   $("verify-models").disabled = true;
