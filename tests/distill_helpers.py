@@ -14,6 +14,7 @@ from functools import partial
 import gguf
 import numpy as np
 import onnx
+import pytest
 import requests
 import torch
 from onnx import helper, numpy_helper
@@ -196,3 +197,13 @@ def assert_onnx_holds(package, folder, rounded) -> None:
     assert sorted(stored) == sorted(rounded)
     for name in rounded:
         np.testing.assert_array_equal(stored[name], weights[name + ".weight"], err_msg=name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one thread is ~50x faster than two (no OpenMP spin contention).
+    A module that imports this fixture runs every test with it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers,
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from distill.cli import distill  # noqa: E402
+from tests.distill_helpers import one_torch_thread  # noqa: E402,F401  (autouse: one torch thread per test)
 from distill.config import ConfigError, DistillConfig, load_config  # noqa: E402
 from distill.data import expand_sources, load_blocks  # noqa: E402
 from distill.losses import distill_loss, kd_kl  # noqa: E402
@@ -58,14 +59,6 @@ def synthetic_corpus(dest: Path, n_files: int = 40, sentences: int = 120) -> Pat
         (dest / f"log_{i:02d}.txt").write_text("\n".join(lines) + "\n")
     return dest
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core box: one thread is ~50x faster than two (no OpenMP spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -20,18 +20,12 @@ from distill.export_gguf import write_gguf  # noqa: E402
 from distill.export_onnx import ExportOptions, export_package  # noqa: E402
 from distill.pipeline import run_train  # noqa: E402
 from distill.teacher import load_teacher, load_tokenizer  # noqa: E402
-from tests.distill_helpers import PROMPTS, distill_cfg, served_greedy, transformers_texts, write_corpus  # noqa: E402
+from tests.distill_helpers import (PROMPTS, distill_cfg, one_torch_thread, served_greedy,  # noqa: E402,F401
+                                   transformers_texts, write_corpus)
 from tests.onnx_models import build_tiny_gemma3  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,10 @@ from distill.pipeline import run_train  # noqa: E402
 from distill.student import build_student  # noqa: E402
 from distill.teacher import UnsupportedTeacher, load_teacher, load_tokenizer  # noqa: E402
 from models.manifest import read_manifest  # noqa: E402
-from tests.distill_helpers import PROMPTS, distill_cfg, served_greedy, transformers_texts, write_corpus  # noqa: E402
+from tests.distill_helpers import (PROMPTS, distill_cfg, one_torch_thread, served_greedy,  # noqa: E402,F401
+                                   transformers_texts, write_corpus)
 from tests.onnx_models import build_tiny_qwen2  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core box: one thread is far faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
