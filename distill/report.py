@@ -42,6 +42,14 @@ def markdown(r: dict) -> str:
                 f"| {name} | {_fmt_params(p[name])} | {m[name]['ppl']:.3f} | {m[name]['ppl'] / teacher_ppl:.3f}x | "
                 f"{'-' if name == 'teacher' or agree is None else f'{agree:.1%}'} |"
             )
+    for source, sm in r.get("metrics_by_source", {}).items():
+        lines += ["", f"Held-out documents of `{source}` alone: {sm['teacher']['tokens']:,} predictions.", "",
+                  "| model | held-out ppl | ppl / teacher | top-1 agreement with teacher |", "|---|---|---|---|"]
+        for name in ("teacher", "student", "baseline"):
+            if name in sm:
+                agree = sm[name].get("agreement")
+                lines.append(f"| {name} | {sm[name]['ppl']:.3f} | {sm[name]['ppl'] / sm['teacher']['ppl']:.3f}x | "
+                             f"{'-' if name == 'teacher' or agree is None else f'{agree:.1%}'} |")
     lines += ["", f"Student layers kept from the teacher: {r.get('layer_map')}", ""]
     lines += ["## Training", "", "| run | steps | tokens/s (all processes) | processes | device | precision |", "|---|---|---|---|---|---|"]
     for name, run in r.get("runs", {}).items():

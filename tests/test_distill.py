@@ -202,6 +202,20 @@ def test_blocks_are_packed_and_split_by_document(tiny, tmp_path):
     assert np.array_equal(cached["val"], blocks["val"])
 
 
+def test_each_source_keeps_its_own_held_out_blocks(tiny, tmp_path):
+    # Real text and teacher-generated text are scored apart: val0 and val1 hold each source's held-out documents.
+    texts = [p.read_text() for p in sorted(tiny[1].iterdir())]
+    generated = tmp_path / "generated.jsonl"
+    generated.write_text("".join(json.dumps({"text": t[::-1]}) + "\n" for t in texts))
+    cfg = tiny_cfg(tiny, tmp_path, data=[str(tiny[1]), str(generated)], val_fraction=0.3, block_size=32)
+    blocks = load_blocks(cfg, load_tokenizer(cfg.teacher))
+    assert len(blocks["val0"]) > 0 and len(blocks["val1"]) > 0
+    assert len(blocks["val"]) - 1 <= len(blocks["val0"]) + len(blocks["val1"]) <= len(blocks["val"])  # packing remainders
+    assert not any(np.array_equal(row, other) for row in blocks["val1"] for other in blocks["val0"])
+    cached = load_blocks(cfg, load_tokenizer(cfg.teacher))
+    assert set(cached) == {"train", "val", "val0", "val1"} and np.array_equal(cached["val1"], blocks["val1"])
+
+
 def test_split_is_the_same_wherever_the_corpus_lives(tiny, tmp_path):
     # The split hashes names relative to the data source: two absolute folders, one split.
     tokenizer = load_tokenizer(str(tiny[0]))
@@ -283,6 +297,8 @@ def test_cli_train_with_baseline_writes_report_and_student(tiny, tmp_path):
     assert report["runs"]["baseline"]["steps"] == report["runs"]["student"]["steps"] == 6
     assert (out / "report.png").stat().st_size > 10_000 and "| baseline |" in (out / "report.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.num_hidden_layers == 2
+
+    assert report["metrics_by_source"] == {}  # one source: the held-out set is that source's
 
     result = CliRunner().invoke(distill, ["eval", "--config", str(config), "--block-size", "32"])
     assert result.exit_code == 0, result.output + repr(result.exception)
