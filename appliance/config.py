@@ -102,6 +102,7 @@ class Settings:
     threads: int = field(default_factory=default_threads, metadata={"help": "CPU threads for inference"})
     context_length: int = field(default=4096, metadata={"help": "context window of each slot in tokens: what one request may hold (capped at the model's own)"})
     parallel: int = field(default=4, metadata={"help": "slots: requests generated together in one batch (each has its own KV cache of context_length tokens)"})
+    runner_nice: int = field(default=5, metadata={"help": "niceness added to each model's runner process (0-19): on a box with few cores the HTTP front door, health checks and streams then come before generation; 0 keeps them equal"})
     stream_interval: float = field(default=0.025, metadata={"help": "seconds a stream's text may be held to send several tokens at once (a request's first text and its end go at once; 0: every token)"})
     queue_size: int = field(default=256, metadata={"help": "most requests that may wait for a slot (each holds an HTTP thread); a request joins only when it is expected to start within its class's timeout, else 429 with the estimate as Retry-After"})
     queue_aging: float = field(default=30.0, metadata={"help": "seconds of waiting that raise a request's priority by one class"})
@@ -315,6 +316,8 @@ def _validate(settings: Settings) -> None:
                  "max_model_memory_mb", "keep_alive", "probe_every", "rollback_window"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(settings, name)}")
+    if not 0 <= settings.runner_nice <= 19:
+        raise ConfigError(f"setting 'runner_nice' must be between 0 and 19, got {settings.runner_nice}")
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"setting 'auth' must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
     _validate_classes(settings.priority_classes)

@@ -248,7 +248,7 @@ class ModelPool:
         runner = ModelRunner(entry, threads=options["threads"], context_length=options["context_length"],
                              parallel=options["parallel"], provider=self.settings.provider,
                              stream_interval=self.settings.stream_interval, spawn=self.spawn,
-                             engine={k: options[k] for k in ENGINE_SETTINGS})
+                             engine={k: options[k] for k in ENGINE_SETTINGS}, nice=self.settings.runner_nice)
         admission = Admission(slots=options["parallel"], queue_size=self.settings.queue_size,
                               classes=self.settings.priority_classes, aging=self.settings.queue_aging,
                               buckets=self.buckets)

@@ -212,6 +212,17 @@ def test_deep_idle_leaves_no_runner_process(fresh_service):
     assert len(runner_pids(svc)) == 1
 
 
+def test_every_runner_thread_runs_at_the_runner_niceness(fresh_service):
+    # On a 2-core box the HTTP process must come before generation: each engine thread inherits the runner's nice.
+    svc = fresh_service(APPLIANCE_RUNNER_NICE="7")
+    assert chat(svc.url, "What is 2+2?", 8).status_code == 200  # the engine's threads exist now
+    (pid,) = runner_pids(svc)
+    expected = min(19, psutil.Process(pid).parent().nice() + 7)
+    tasks = os.listdir(f"/proc/{pid}/task")
+    nices = {tid: int(open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16]) for tid in tasks}
+    assert len(tasks) > 2 and set(nices.values()) == {expected}, nices
+
+
 def test_health_answers_at_once_while_every_slot_and_queue_place_is_busy(fresh_service):
     svc = fresh_service(APPLIANCE_PARALLEL="2", APPLIANCE_QUEUE_SIZE="6")
     streams = [open_counting(svc.port) for _ in range(2)]

@@ -63,11 +63,12 @@ class ModelRunner:
     """
 
     def __init__(self, entry: ModelEntry, threads: int, context_length: int, parallel: int = 1,
-                 provider: str = "auto", stream_interval: float = 0.0, spawn=None, engine: dict | None = None):
+                 provider: str = "auto", stream_interval: float = 0.0, spawn=None, engine: dict | None = None,
+                 nice: int = 0):
         self.entry = entry
         self.spec = {"format": entry.format, "path": str(entry.path), "threads": threads,
                      "context_length": context_length, "parallel": parallel, "provider": provider,
-                     "stream_interval": stream_interval, "kind": entry.kind, "engine": engine or {}}
+                     "stream_interval": stream_interval, "kind": entry.kind, "engine": engine or {}, "nice": nice}
         self.spawn = spawn or RunnerProcess.start
         self.facts: ModelFacts | None = None
         self.load_error: str | None = None

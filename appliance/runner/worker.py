@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 from multiprocessing.connection import Connection
@@ -106,7 +107,20 @@ def main(argv: list[str] | None = None) -> None:
     # requests' rows and then tells this process to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    serve(Connection(args.fd), json.loads(args.spec))
+    spec = json.loads(args.spec)
+    lower_priority(spec.get("nice", 0))
+    serve(Connection(args.fd), spec)
+
+
+def lower_priority(nice: int) -> None:
+    """Add `nice` to every thread of this process. Linux keeps a niceness per thread: threads started later
+    inherit it, but an import may already have started one, so each one that exists is set too."""
+    if not nice:
+        return
+    value = min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    tasks = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tasks:
+        os.setpriority(os.PRIO_PROCESS, tid, value)
 
 
 if __name__ == "__main__":
