@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import ssl
+import sys
 import threading
 
 from appliance.auth import is_loopback
@@ -21,11 +22,15 @@ log = logging.getLogger("appliance")
 
 # Seconds running requests get to finish their log rows after a stop signal.
 SHUTDOWN_GRACE = 10
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). In a burst, dozens of
+# request threads are runnable at once, and a health probe's thread waited its turn behind each of them.
+SWITCH_INTERVAL = 0.001
 
 
 def serve(app, tls_context: ssl.SSLContext | None = None, on_ready=print) -> None:
     """Serve on the configured host and port: HTTPS through a TLSFrontend when given a TLS context."""
     st: AppState = app.extensions["appliance"]
+    sys.setswitchinterval(SWITCH_INTERVAL)
     server, frontend, url = _listen(app, st.settings, tls_context)
     threading.Thread(target=_load_model, args=(st,), name="model-loader", daemon=True).start()
 
