@@ -98,7 +98,8 @@ def quantize_int4(path: Path, options: Int4Options) -> None:
 def _quantize(graph: onnx.ModelProto, options: Int4Options, op_types, exclude=(), only=None, bits: int = 4,
               algo_config=None) -> onnx.ModelProto:
     """One quantizer pass over the nodes of op_types, less exclude, or just the nodes named in only."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
 
     if only is not None:  # the quantizer's nodes_to_include adds to op_types instead of narrowing them
         exclude = [n.name for n in graph.graph.node if n.op_type in op_types and n.name not in only]
@@ -112,7 +113,7 @@ def _quantize(graph: onnx.ModelProto, options: Int4Options, op_types, exclude=()
         graph, nodes_to_exclude=list(exclude), op_types_to_quantize=op_types,
         quant_axes=quant_axes, algo_config=algo_config,
     )
-    if options.algorithm == "hqq" and bits == 4 and algo_config is not None:
+    if isinstance(algo_config, HQQWeightOnlyQuantConfig):
         quantizer.node_quantizer = _integer_zero_hqq(algo_config)
     quantizer.process()
     if options.algorithm == "hqq":

@@ -129,6 +129,19 @@ def test_onnx_int4_quantizes_the_embedding_and_every_matmul(cpu_packages):
                      "/model/model/layers.1/self_attn/v_proj/MatMul_Q8"], eight
 
 
+def test_an_hqq_package_keeps_whole_zero_points_shares_its_embedding_and_generates(tiny_hf, tmp_path):
+    import onnx
+
+    request = ExportRequest(src=tiny_hf, out=tmp_path, target="cpu", format="onnx", algorithm="hqq", measure=False)
+    (package,) = export(request, progress=lambda line: None)
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    zero_points = [types[n.input[3]] for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    assert len(zero_points) >= 2 * 7 - 2 and set(zero_points) == {onnx.TensorProto.UINT8}
+    assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
+    assert len(greedy_text(runner_for(package), "The capital of France is")) > 0
+
+
 @pytest.mark.slow
 def test_gpu_profile_gives_an_fp16_onnx_graph_that_still_runs_on_cpu(tiny_hf, tmp_path):
     request = ExportRequest(src=tiny_hf, out=tmp_path, target="gpu", format="onnx", measure=False)
