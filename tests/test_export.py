@@ -138,6 +138,8 @@ def test_an_hqq_package_keeps_whole_zero_points_shares_its_embedding_and_generat
     types = {i.name: i.data_type for i in graph.initializer}
     zero_points = [types[n.input[3]] for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
     assert len(zero_points) >= 2 * 7 - 2 and set(zero_points) == {onnx.TensorProto.UINT8}
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 7 + 1
     assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
     assert len(greedy_text(runner_for(package), "The capital of France is")) > 0
 
