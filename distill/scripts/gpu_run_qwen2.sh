@@ -78,7 +78,8 @@ pipeline)
     STEPS=$(python3 -c "print(max(50, int($TRAIN_SECONDS / 1.6 * $TOKS / (8 * 4 * 512)) // 10 * 10))")
   fi
   log "student + baseline, $STEPS steps each (probe: ${TOKS:-skipped, STEPS given} tok/s)"
-  ( while [ ! -f "$RUN/student/tokenizer_config.json" ]; do [ -f "$Q/train.ended" ] && exit; sleep 5; done; sleep 10
+  ( [ -n "${SKIP_EXPORTS:-}" ] && exit  # SKIP_EXPORTS: train and score only, when the lease is short
+    while [ ! -f "$RUN/student/tokenizer_config.json" ]; do [ -f "$Q/train.ended" ] && exit; sleep 5; done; sleep 10
     log "export: GGUF (imatrix) and ONNX (HQQ) of the student, while the baseline trains"
     timeout 600 python3 -m appliance export "$RUN/student" --target cpu --format gguf --algorithm imatrix --out "$P/imatrix" --name student --threads "$THREADS" > "$Q/export-gguf.log" 2>&1 &
     timeout 600 python3 -m appliance export "$RUN/student" --target cpu --format onnx --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" > "$Q/export-onnx.log" 2>&1
