@@ -158,9 +158,9 @@ def _integer_zero_hqq(config):
 
 def _finish_hqq(graph: onnx.ModelProto, accuracy_level: int) -> None:
     """What ONNX Runtime's HQQ leaves out for the fast CPU kernels: the accuracy level the other roundings set
-    (4: int8 activations; without it the kernel computes in fp32, 2.5x slower here), and zero points packed as
-    uint8 where they hold whole numbers (_integer_zero_hqq's): two 4-bit blocks a byte, the first in the low
-    nibble, one row of bytes per output column."""
+    (4: int8 activations; without it the kernel computes in fp32, 2.5x slower here), and _integer_zero_hqq's whole
+    zero points packed as uint8: two 4-bit blocks a byte, the first in the low nibble, one row of bytes per output
+    column."""
     for node in graph.graph.node:
         if node.op_type != "MatMulNBits":
             continue
@@ -169,15 +169,11 @@ def _finish_hqq(graph: onnx.ModelProto, accuracy_level: int) -> None:
         if len(node.input) < 4 or not node.input[3]:
             continue
         tensor = _initializer(graph, node.input[3])
-        if tensor is None or tensor.data_type == onnx.TensorProto.UINT8:
+        if tensor.data_type == onnx.TensorProto.UINT8:  # packed already: a round-to-nearest node
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits", 4) != 4:
-            continue
         blocks = -(-attrs["K"] // attrs["block_size"])
         zero = numpy_helper.to_array(tensor).reshape(attrs["N"], blocks)
-        if not np.array_equal(zero, np.round(zero)):
-            continue  # fractional (ONNX Runtime's own HQQ): only the float form holds it
         nibbles = np.zeros((attrs["N"], blocks + blocks % 2), dtype=np.uint8)
         nibbles[:, :blocks] = zero.astype(np.uint8)
         packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
