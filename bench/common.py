@@ -130,6 +130,20 @@ def side_by_side(prompts: list[str], first, second, label: str, describe) -> tup
     return firsts, seconds
 
 
+def decode_speeds(models: dict[str, tuple[str, Path]], threads: int, repeats: int) -> dict[str, dict]:
+    """name -> median decode tok/s, peak RSS and every run, for (format, path) models measured in turn, each
+    `repeats` times in a fresh process (distill.export_report's speed run), so drift on the box hits all alike."""
+    from distill.export_report import measure_speed
+
+    runs = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, (fmt, path) in models.items():
+            runs[name].append(measure_speed(fmt, path, threads))
+    return {name: {"decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
+                   "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in measured), "runs": measured}
+            for name, measured in runs.items()}
+
+
 def middle_half(values: list[float]) -> list[float]:
     """First and third quartile: the range the middle half of the rounds fell in."""
     q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tarfile
@@ -60,12 +61,11 @@ def pack_corpus(out: Path) -> dict:
 
 def tools(into: Path) -> None:
     """What the device lacks: the llama-cpp-python and gguf wheels, diskcache, llama.cpp's converter."""
-    wheels = sorted(Path("/root/.cache/pip/wheels").rglob("llama_cpp_python-0.3.36-*.whl"))
-    gguf = sorted(Path("/opt/pypi/files").glob("gguf-0.19.0-*.whl"))
-    if not wheels or not gguf:
-        raise SystemExit("build the venv first (make test builds llama-cpp-python; gguf comes from the index)")
-    for wheel in (wheels[0], gguf[0]):
-        shutil.copy(wheel, into)
+    from importlib.metadata import version
+
+    # The versions this venv runs; pip's wheel cache makes the llama-cpp-python build a copy after `make test`.
+    wanted = [f"llama-cpp-python=={version('llama-cpp-python')}", f"gguf=={version('gguf')}"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(into), *wanted], check=True)
     site = Path(sysconfig.get_paths()["purelib"])
     with tarfile.open(into / "tools.tar.gz", "w:gz") as tar:
         tar.add(site / "diskcache", arcname="site/diskcache")
@@ -129,11 +129,9 @@ def student_shaped(teacher_gguf: Path, work: Path) -> Path:
 
 def speed(args) -> None:
     """Decode tok/s of the teacher's GGUF and of the student-shaped packages, in turn, a fresh process each."""
-    import statistics
-
+    from bench.common import decode_speeds
     from bench.results import command_line, record
     from distill.export import ExportRequest, export
-    from distill.export_report import measure_speed
 
     teacher = fetch(QWEN_CODER_1_5B, args.work)
     shaped = student_shaped(teacher, args.work)
@@ -147,13 +145,7 @@ def speed(args) -> None:
         path = next(package.glob("*.gguf")) if fmt == "gguf" else package
         label = "student GGUF (Q4_K_M, 14 layers)" if fmt == "gguf" else "student ONNX (INT4 HQQ, 14 layers)"
         models[label] = (fmt, path)
-    runs = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, (fmt, path) in models.items():
-            runs[name].append(measure_speed(fmt, path, args.threads))
-    rows = {name: {"decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
-                   "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in measured), "runs": measured}
-            for name, measured in runs.items()}
+    rows = decode_speeds(models, args.threads, args.repeats)
     base = rows["teacher GGUF (Q4_K_M, 28 layers)"]["decode_tokens_per_s"]
     lines = ["# Qwen2.5-Coder-1.5B-Instruct and its half-depth student: decode speed on this CPU", "",
              f"Served by the box's backends (distill.export_report's speed run), {args.threads} threads, median of "

