@@ -155,13 +155,8 @@ class OnnxRuntimeBackend(Backend):
         return session
 
     def _session_options(self, folder: Path, provider: str) -> tuple[Path, ort.SessionOptions, Path | None]:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
+        options = _base_options(self.threads)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Shapes change every step (the KV cache grows), so planned memory patterns never get reused.
-        options.enable_mem_pattern = False
-        options.log_severity_level = 3
         cached = _optimized_graph_path(folder, self.manifest.file(GRAPH).sha256, provider)
         if cached.exists():
             # Already optimized for this provider and onnxruntime version: skip the slow graph passes.
@@ -537,11 +532,7 @@ class _GraphHelpers:
         self._concats: dict[int, ort.InferenceSession] = {}
 
     def _session(self, model: bytes) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.enable_mem_pattern = False
-        options.log_severity_level = 3
+        options = _base_options(self.threads)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
         return ort.InferenceSession(model, sess_options=options, providers=providers)
 
@@ -742,6 +733,17 @@ def _read_json(path: Path, required: bool = True) -> dict:
             raise ManifestError(f"model package {path.parent} lacks {path.name}")
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _base_options(threads: int) -> ort.SessionOptions:
+    """What every session of a model shares: its threads, and no memory plan, since shapes change every step
+    (the KV cache grows), so a planned memory pattern never gets reused."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_mem_pattern = False
+    options.log_severity_level = 3
+    return options
 
 
 def _optimized_graph_path(folder: Path, graph_sha256: str, provider: str) -> Path:
