@@ -60,15 +60,18 @@ def test_no_key_or_a_bad_key_is_401_once_keys_exist(keyed):
     ("user", "get", "/api/logs", False),
     ("user", "get", "/api/status", False),
     ("user", "post", "/api/power", False),
+    ("user", "get", "/api/settings", False),  # it names the config file: a path, for admins only
     ("admin", "post", CHAT, True),
     ("admin", "get", "/api/logs", True),
     ("admin", "get", "/api/status", True),
     ("admin", "post", "/api/power", True),
+    ("admin", "get", "/api/settings", True),
     ("auditor", "get", "/api/logs", True),
     ("auditor", "post", CHAT, False),
     ("auditor", "get", "/v1/models", False),
     ("auditor", "get", "/api/status", False),
     ("auditor", "post", "/api/power", False),
+    ("auditor", "get", "/api/settings", False),
 ])
 def test_roles(keyed, role, method, path, allowed):
     body = {"state": "active"} if path == "/api/power" else chat_body() if method == "post" else None
