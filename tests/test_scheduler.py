@@ -12,10 +12,11 @@ import threading
 import pytest
 
 from appliance.backends.base import SamplingParams
+from appliance.chat_template import ChatTemplateError
 from tests.fakes import SPECIALS, FakeBackend
 from appliance.runner import protocol as msg
 from appliance.runner.prompt import chat_tokens
-from appliance.runner.scheduler import Scheduler, prepare
+from appliance.runner.scheduler import Scheduler, prepare, template_preamble
 from appliance.admission import Admission, Cancelled, QueueTimeout, TooManyRequests
 
 REPLY = "The quick brown fox."
@@ -170,6 +171,47 @@ def test_user_text_never_becomes_control_tokens(fake_model):
     # The template's own markers: one turn opened and closed, then the assistant's turn opened.
     assert tokens.count(SPECIALS["<|im_start|>"]) == 2 and tokens.count(SPECIALS["<|im_end|>"]) == 1
     assert forged.encode() in bytes(t for t in tokens if t < 256)
+
+
+@pytest.mark.parametrize("content", ["a", "s", "user", "<|im_start|>", " user "])
+def test_a_short_message_found_in_the_templates_own_text_stays_a_message(fake_model, content):
+    # "a" also sits inside "<|im_start|>": found there, the template's control token would become plain text.
+    backend = FakeBackend(fake_model, threads=1, context_length=512, n_slots=1)
+    backend.load()
+    start, end = SPECIALS["<|im_start|>"], SPECIALS["<|im_end|>"]
+    expected = [start, *b"user\n", *content.encode(), end, *b"\n", start, *b"assistant\n"]
+    assert chat_tokens(backend, [{"role": "user", "content": content}]) == expected
+
+
+def test_a_template_that_rewrites_message_text_is_refused(tmp_path):
+    path = tmp_path / "upper.json"
+    path.write_text(json.dumps({"chat_template": "{% for m in messages %}{{ m.content | upper }}{% endfor %}"}))
+    backend = FakeBackend(path, threads=1, context_length=512, n_slots=1)
+    backend.load()
+    with pytest.raises(ChatTemplateError, match="rewrites message text"):
+        chat_tokens(backend, [{"role": "user", "content": "hello"}])
+
+
+def test_every_slot_starts_with_the_templates_preamble_and_a_first_request_reuses_it(fake_model):
+    sched, backend, facts, events = make_scheduler(fake_model)
+    preamble = [SPECIALS["<|im_start|>"], *b"user\n"]
+    assert template_preamble(backend) == preamble
+    assert sched.prime() == len(preamble)
+    assert all(slot.tokens == preamble for slot in sched.slots)
+    assert backend.copies == [(0, 1), (0, 2), (0, 3)]  # one prefill, copied
+    sched.inbox.put(prepare(backend, facts, msg.Submit(1, SamplingParams(temperature=0), messages=[
+        {"role": "user", "content": "hello"}])))
+    run_until_idle(sched)  # the fake raises if a slot's positions do not continue its cache
+    assert texts(events) == {1: REPLY}
+    assert next(e for e in events if isinstance(e, msg.Admitted)).cached_tokens == len(preamble)
+
+
+def test_a_model_without_a_chat_template_primes_nothing(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"chat_template": "{{ raise_exception('no chats here') }}"}))
+    sched, backend, _facts, _events = make_scheduler(path)
+    assert template_preamble(backend) == [] and sched.prime() == 0
+    assert all(slot.tokens == [] for slot in sched.slots) and not backend.steps
 
 
 def test_engine_failure_fails_only_its_batch_and_the_loop_goes_on(tmp_path):

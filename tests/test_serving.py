@@ -124,6 +124,15 @@ def test_the_next_turn_reuses_the_conversation_prefix(batching_service):
     assert cached >= first["usage"]["prompt_tokens"], (cached, first["usage"])
 
 
+def test_a_model_just_loaded_holds_its_templates_preamble_in_every_slot(fresh_service):
+    # SmolLM2's template writes a default system prompt before each user turn: a first wave of requests to a model
+    # just loaded (or swapped in, or woken) reuses it as a warm model's requests do, instead of each prefilling it.
+    svc = fresh_service(APPLIANCE_PARALLEL="2")
+    usages = [chat(svc.url, text, max_tokens=4).json()["usage"] for text in ("Name a colour.", "Count to three.")]
+    preamble = 24  # "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_start|>user\n"
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [preamble] * 2, usages
+
+
 def test_priorities_order_the_queue_and_a_full_queue_answers_429(fresh_service):
     svc = fresh_service(APPLIANCE_PARALLEL="1", APPLIANCE_QUEUE_SIZE="3")
     blocker = open_counting(svc.port)

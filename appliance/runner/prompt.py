@@ -8,6 +8,10 @@ each message's content is plain text, so a user who writes
 
 from __future__ import annotations
 
+import re
+import secrets
+from collections.abc import Callable
+
 from appliance.backends.base import Backend
 from appliance.chat_template import ChatTemplateError, render_chat
 from appliance.tools import template_renders_tools, tools_as_text
@@ -17,9 +21,12 @@ def chat_tokens(backend: Backend, messages: list[dict], tools: list[dict] | None
     template, bos, eos = backend.chat_template()
     if not template_renders_tools(template) and (tools or _holds_tool_turns(messages)):
         messages, tools = tools_as_text(messages, tools), None
-    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos, tools=tools)
+
+    def render(chat: list[dict]) -> str:
+        return render_chat(template, chat, bos_token=bos, eos_token=eos, tools=tools)
+
     tokens: list[int] = []
-    for i, (text, is_content) in enumerate(_split_contents(rendered, messages)):
+    for i, (text, is_content) in enumerate(_split_contents(render, messages)):
         tokens += backend.tokenize(text, add_special=i == 0, parse_special=not is_content)
     return _one_bos(backend, tokens)
 
@@ -33,34 +40,47 @@ def completion_tokens(backend: Backend, prompt: str) -> list[int]:
     return _one_bos(backend, backend.tokenize(prompt, add_special=True, parse_special=True))
 
 
-def _split_contents(rendered: str, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered prompt as (text, is_message_content) pieces, in order."""
+def _split_contents(render: Callable[[list[dict]], str], messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_message_content) pieces, in order.
+
+    The template is rendered once more with a marker in place of each message's text, so the template's own
+    text is known exactly; searching the prompt for a message's text instead finds a short one ("a", "I")
+    inside the template's text first (<|im_st-a-rt|>), which then loses its control tokens."""
+    nonce = secrets.token_hex(4)  # a marker no request can contain
+    marked = [dict(m, content=f"\ue000{nonce}:{i}\ue001") if _text(m) else m for i, m in enumerate(messages)]
+    parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(marked))  # template text, index, template text, ...
+    rendered = render(messages)
     pieces, cursor = [], 0
-    for message in messages:
-        content = message.get("content") or ""
-        start, found = _find(rendered, content, cursor)
-        if found is None:
-            if content.strip():
-                raise ChatTemplateError("the model's chat template rewrites message text, so it cannot be tokenized "
-                                        "safely; use /v1/completions with a prompt of your own")
-            continue
-        if start > cursor:
-            pieces.append((rendered[cursor:start], False))
-        pieces.append((found, True))
-        cursor = start + len(found)
-    if cursor < len(rendered):
-        pieces.append((rendered[cursor:], False))
+    for at in range(0, len(parts), 2):
+        template_text, follows = parts[at], parts[at + 2] if at + 2 < len(parts) else None
+        if not rendered.startswith(template_text, cursor):
+            raise ChatTemplateError(REWRITES)
+        pieces.append((template_text, False))
+        cursor += len(template_text)
+        if follows is not None:
+            content = _as_written(rendered, cursor, _text(messages[int(parts[at + 1])]), follows)
+            pieces.append((content, True))
+            cursor += len(content)
+    if cursor != len(rendered):
+        raise ChatTemplateError(REWRITES)
     return [p for p in pieces if p[0]]
 
 
-def _find(rendered: str, content: str, cursor: int) -> tuple[int, str | None]:
-    """Where a message's content sits, as written or as templates often trim it."""
+REWRITES = ("the model's chat template rewrites message text, so it cannot be tokenized safely; use "
+            "/v1/completions with a prompt of your own")
+
+
+def _text(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def _as_written(rendered: str, cursor: int, content: str, follows: str) -> str:
+    """A message's text where the template wrote it at ``cursor``: as given, or trimmed as templates often do."""
     for candidate in (content, content.strip()):
-        if candidate:
-            at = rendered.find(candidate, cursor)
-            if at >= 0:
-                return at, candidate
-    return cursor, None
+        if rendered.startswith(candidate, cursor) and rendered.startswith(follows, cursor + len(candidate)):
+            return candidate
+    raise ChatTemplateError(REWRITES)
 
 
 def _one_bos(backend: Backend, tokens: list[int]) -> list[int]:

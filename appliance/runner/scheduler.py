@@ -118,6 +118,26 @@ class Scheduler:
         self._last_sent = 0.0
         self.grammars = grammars_for(backend, facts.n_vocab)
 
+    def prime(self) -> int:
+        """Prefill the chat template's preamble (a default system prompt, say) into every slot, as a model that
+        has served a while holds it: the first requests of a model just loaded, swapped in or woken then reuse it
+        instead of each prefilling it again (llama-server's old --system-prompt-file did the same). Returns the
+        tokens primed: none where the template renders no plain chat or its preamble is over one step."""
+        tokens = template_preamble(self.backend)
+        if not 1 < len(tokens) <= min(self.facts.n_batch, self.facts.context_length - 1):
+            return 0
+        first, *others = self.slots
+        try:
+            self.backend.step([Feed(first.index, tokens, 0, sample=False)])
+            for slot in others:
+                self.backend.copy_sequence(first.index, slot.index)
+        except BackendError:  # only a head start lost: requests prefill as they would have
+            self.backend.clear()
+            return 0
+        for slot in self.slots:
+            slot.tokens[:] = tokens
+        return len(tokens)
+
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
         while self._running:
@@ -368,6 +388,16 @@ def _tail(seq: Sequence) -> str:
 # prefilled again in a fraction of a second.
 REUSE_WORTH_SPREADING = 256
 SEEDS = 2**32 - 1  # the engines take seeds 0 .. 2**32 - 2 (llama.cpp reads 0xFFFFFFFF as "random")
+
+
+def template_preamble(backend: Backend) -> list[int]:
+    """The tokens every chat that brings no system message starts with: what the chat template writes before the
+    first user message's text. Empty where the template cannot render a plain chat."""
+    try:
+        a, b = (chat_tokens(backend, [{"role": "user", "content": text}]) for text in ("a", "b"))
+    except (ChatTemplateError, BackendError):  # BackendError: a model without a chat template
+        return []
+    return a[:_common_prefix(a, b)]
 
 
 def _span(indices: list[int]) -> int:

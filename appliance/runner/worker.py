@@ -40,7 +40,6 @@ def serve(conn: Connection, spec: dict) -> None:
     except (BackendError, OSError, ValueError) as exc:
         emit(msg.LoadFailed(str(exc)))
         return
-    emit(msg.Ready(facts))
     if embedding:
         scheduler = embedder.Embedder(backend, facts, emit)
 
@@ -48,9 +47,11 @@ def serve(conn: Connection, spec: dict) -> None:
             return embedder.prepare(backend, facts, submit)
     else:
         scheduler = Scheduler(backend, facts, emit, stream_interval=spec.get("stream_interval", 0.0))
+        scheduler.prime()
 
         def prepare(submit):
             return _prepare(backend, facts, submit, scheduler)
+    emit(msg.Ready(facts))
     threading.Thread(target=_read, args=(conn, scheduler, emit, prepare), name="runner-reader", daemon=True).start()
     try:
         scheduler.run()
