@@ -60,7 +60,8 @@ def pack_corpus(out: Path) -> dict:
 
 
 def tools(into: Path) -> None:
-    """What the device lacks: the llama-cpp-python and gguf wheels, diskcache, llama.cpp's converter."""
+    """What the device lacks: the llama-cpp-python and gguf wheels, diskcache and llguidance (the GGUF backend
+    imports it), llama.cpp's converter."""
     from importlib.metadata import version
 
     # The versions this venv runs; pip's wheel cache makes the llama-cpp-python build a copy after `make test`.
@@ -68,7 +69,8 @@ def tools(into: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(into), *wanted], check=True)
     site = Path(sysconfig.get_paths()["purelib"])
     with tarfile.open(into / "tools.tar.gz", "w:gz") as tar:
-        tar.add(site / "diskcache", arcname="site/diskcache")
+        for name in ("diskcache", "llguidance", f"llguidance-{version('llguidance')}.dist-info"):  # pure or abi3
+            tar.add(site / name, arcname=f"site/{name}")
         tar.add(ROOT / ".venv/share/edge-appliance/llama-cpp-converter", arcname="converter")
 
 

@@ -79,3 +79,7 @@ def _serving(pairs: tuple[str, ...]) -> dict:
     except ManifestError as exc:
         raise click.BadParameter(str(exc).removeprefix("--serving: "), param_hint="--serving") from None
     return serving
+
+
+if __name__ == "__main__":  # `python -m distill.export_cli`: a source tree that is not installed has no entry point
+    export_command()

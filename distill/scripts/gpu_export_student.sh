@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #5 on one lent GPU: distil the student again, then export it to INT4 packages with the
-# project's own exporter (`python -m appliance export`) for the arm and gpu targets, and return the reports; or
+# project's own exporter (`appliance export`, run as `python -m distill.export_cli`) for the arm and gpu targets, and return the reports; or
 # export SmolLM2 itself (the smollm2 stage, for the roundings that need a GPU).
 #
 #   distill/scripts/gpu_export_student.sh distill   # call 2: teacher samples (GEN_SECONDS) + distil STEPS steps
@@ -103,7 +103,7 @@ for algorithm in $ALGORITHMS; do
     quant=(); [ "$target" = arm ] && [ -n "$ARM_GGUF_QUANT" ] && quant=(--gguf-quant "$ARM_GGUF_QUANT")
     [ $(( BUDGET - $(elapsed) )) -gt 90 ] || { log "no time left for $algorithm $target"; continue; }
     log "appliance export --target $target --format $fmt --algorithm $algorithm"
-    timeout $(( BUDGET - $(elapsed) )) python3 -m appliance export "$STUDENT" --target "$target" --format "$fmt" \
+    timeout $(( BUDGET - $(elapsed) )) python3 -m distill.export_cli "$STUDENT" --target "$target" --format "$fmt" \
       --algorithm "$algorithm" "${quant[@]}" $EXTRA --out "$P/$algorithm$TAG" --name student --threads "$THREADS" 2>&1 \
       | grep -v -E "^writing |[0-9](it/s|s/it)|converting to|^llama_model_quantize" | tail -25
   done

@@ -34,7 +34,7 @@ install_tools() {
   tar -C "$Q" -xzf "$Q/tools.tar.gz" && tar -C "$Q" -xJf "$Q/corpus.tar.xz"
 }
 check_imports() {
-  PYTHONPATH=$Q/site:$PWD python3 -c "import llama_cpp, gguf, torch, transformers, onnxruntime, appliance.cli, distill.export, distill.pipeline; print('llama_cpp', llama_cpp.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__)"
+  PYTHONPATH=$Q/site:$PWD python3 -c "import llama_cpp, gguf, llguidance, torch, transformers, onnxruntime, appliance.cli, appliance.backends.llama_cpp, distill.export, distill.export_cli, distill.pipeline; print('llama_cpp', llama_cpp.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__)"
 }
 
 case $STAGE in
@@ -81,8 +81,8 @@ pipeline)
   ( [ -n "${SKIP_EXPORTS:-}" ] && exit  # SKIP_EXPORTS: train and score only, when the lease is short
     while [ ! -f "$RUN/student/tokenizer_config.json" ]; do [ -f "$Q/train.ended" ] && exit; sleep 5; done; sleep 10
     log "export: GGUF (imatrix) and ONNX (HQQ) of the student, while the baseline trains"
-    timeout 600 python3 -m appliance export "$RUN/student" --target cpu --format gguf --algorithm imatrix --out "$P/imatrix" --name student --threads "$THREADS" > "$Q/export-gguf.log" 2>&1 &
-    timeout 600 python3 -m appliance export "$RUN/student" --target cpu --format onnx --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" > "$Q/export-onnx.log" 2>&1
+    timeout 600 python3 -m distill.export_cli "$RUN/student" --target cpu --format gguf --algorithm imatrix --out "$P/imatrix" --name student --threads "$THREADS" > "$Q/export-gguf.log" 2>&1 &
+    timeout 600 python3 -m distill.export_cli "$RUN/student" --target cpu --format onnx --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" > "$Q/export-onnx.log" 2>&1
     wait; for f in "$Q"/export-gguf.log "$Q"/export-onnx.log; do quiet < "$f" | tail -12; done
     log "exports ended" ) > "$Q/export.log" 2>&1 &
   python3 -m distill train "${COMMON[@]}" "${DATA[@]}" --out-dir "$RUN" --max-steps "$STEPS" --baseline 2>&1 | quiet | tail -30
