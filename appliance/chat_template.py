@@ -7,6 +7,7 @@ silent fallback to another prompt format.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 
@@ -27,7 +28,13 @@ def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     return env.from_string(template)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    # transformers' own, which templates are written against: Jinja's escapes < > & ' and every non-ASCII letter.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def render_chat(
@@ -48,5 +55,5 @@ def render_chat(
         )
     except ChatTemplateError:
         raise
-    except jinja2.TemplateError as exc:
+    except Exception as exc:  # a TemplateError, or a TypeError in one (e.g. `tools|length` with no tools)
         raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc

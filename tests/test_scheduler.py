@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from appliance.backends.base import SamplingParams
+from appliance.backends.base import Backend, SamplingParams
 from appliance.chat_template import ChatTemplateError
 from tests.fakes import SPECIALS, FakeBackend
 from appliance.runner import protocol as msg
@@ -183,6 +183,40 @@ def test_a_short_message_found_in_the_templates_own_text_stays_a_message(fake_mo
     assert chat_tokens(backend, [{"role": "user", "content": content}]) == expected
 
 
+def fake_with_template(tmp_path, template: str) -> FakeBackend:
+    path = tmp_path / "templated.json"
+    path.write_text(json.dumps({"chat_template": template}))
+    backend = FakeBackend(path, threads=1, context_length=512, n_slots=1)
+    backend.load()
+    return backend
+
+
+def test_a_message_the_template_writes_as_json_stays_plain_text(tmp_path):
+    # Llama 3's templates write a tool result through tojson: the quotes are the template's, the rest the message's.
+    backend = fake_with_template(tmp_path, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | tojson }}"
+                                           "<|im_end|>{% endfor %}")
+    content = 'said "hi" <|im_end|> ünïcode'
+    tokens = chat_tokens(backend, [{"role": "user", "content": content}])
+    written = json.dumps(content, ensure_ascii=False)  # transformers' tojson: no \\u escapes
+    assert tokens == [SPECIALS["<|im_start|>"], *b"user\n", *written.encode(), SPECIALS["<|im_end|>"]]
+
+
+@pytest.mark.parametrize("method", ["strip", "lstrip", "rstrip"])
+def test_a_message_the_template_trims_on_one_side_or_both_stays_a_message(tmp_path, method):
+    backend = fake_with_template(tmp_path, f"{{% for m in messages %}}<|im_start|>[{{{{ m.content.{method}() }}}}]"
+                                           "<|im_end|>{% endfor %}")
+    content = "\n <|im_start|> hi \n"
+    written = getattr(content, method)()
+    tokens = chat_tokens(backend, [{"role": "user", "content": content}])
+    assert tokens == [SPECIALS["<|im_start|>"], *b"[", *written.encode(), *b"]", SPECIALS["<|im_end|>"]]
+
+
+def test_a_template_that_fails_with_a_python_error_is_a_template_error(tmp_path):
+    backend = fake_with_template(tmp_path, "{{ tools | length }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="template failed"):
+        chat_tokens(backend, [{"role": "user", "content": "hello"}])
+
+
 def test_a_template_that_rewrites_message_text_is_refused(tmp_path):
     path = tmp_path / "upper.json"
     path.write_text(json.dumps({"chat_template": "{% for m in messages %}{{ m.content | upper }}{% endfor %}"}))
@@ -198,12 +232,31 @@ def test_every_slot_starts_with_the_templates_preamble_and_a_first_request_reuse
     assert template_preamble(backend) == preamble
     assert sched.prime() == len(preamble)
     assert all(slot.tokens == preamble for slot in sched.slots)
+    assert all(backend._kv[slot.index] == preamble for slot in sched.slots)  # what the engine holds, too
     assert backend.copies == [(0, 1), (0, 2), (0, 3)]  # one prefill, copied
     sched.inbox.put(prepare(backend, facts, msg.Submit(1, SamplingParams(temperature=0), messages=[
         {"role": "user", "content": "hello"}])))
     run_until_idle(sched)  # the fake raises if a slot's positions do not continue its cache
     assert texts(events) == {1: REPLY}
     assert next(e for e in events if isinstance(e, msg.Admitted)).cached_tokens == len(preamble)
+
+
+def test_an_engine_that_cannot_copy_a_sequence_primes_its_first_slot_alone(fake_model):
+    class NoCopies(FakeBackend):
+        copy_sequence = Backend.copy_sequence  # the base class's: "send n=1"
+
+    backend = NoCopies(fake_model, threads=1, context_length=512, n_slots=3)
+    sched = Scheduler(backend, backend.load(), [].append)
+    assert sched.prime() == 6
+    assert [len(slot.tokens) for slot in sched.slots] == [6, 0, 0]
+
+
+def test_an_engine_that_fails_while_priming_still_loads_with_empty_slots(tmp_path):
+    path = tmp_path / "fails.json"
+    path.write_text(json.dumps({"fail_on": "user"}))  # the preamble "<|im_start|>user\n" makes the fake fail
+    sched, backend, _facts, _events = make_scheduler(path)
+    assert sched.prime() == 0
+    assert all(slot.tokens == [] for slot in sched.slots) and backend._kv == {}
 
 
 def test_a_model_without_a_chat_template_primes_nothing(tmp_path):

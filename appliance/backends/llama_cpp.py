@@ -137,7 +137,7 @@ class LlamaCppBackend(Backend):
         # One KV stream per slot, of exactly its context: attention then runs over each sequence's own cache,
         # so a sequence's greedy tokens are the same batched as alone (a unified cache changes the last
         # bits of the logits). The catch, a partial llama_memory_seq_cp aborting, does not apply: slots
-        # never copy each other's cache.
+        # copy each other's cache only whole (a prompt shared by n choices, the primed preamble).
         params.kv_unified = False
         params.no_perf = True
         return params

@@ -8,6 +8,7 @@ each message's content is plain text, so a user who writes
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Callable
@@ -45,10 +46,11 @@ def _split_contents(render: Callable[[list[dict]], str], messages: list[dict]) -
 
     The template is rendered once more with a marker in place of each message's text, so the template's own
     text is known exactly; searching the prompt for a message's text instead finds a short one ("a", "I")
-    inside the template's text first (<|im_st-a-rt|>), which then loses its control tokens."""
-    nonce = secrets.token_hex(4)  # a marker no request can contain
-    marked = [dict(m, content=f"\ue000{nonce}:{i}\ue001") if _text(m) else m for i, m in enumerate(messages)]
-    parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(marked))  # template text, index, template text, ...
+    inside the template's text first (<|im_st-a-rt|>), which then loses its control tokens. The marker is
+    letters and digits, so a template that writes a text through ``tojson`` (Llama 3's tool results) keeps it."""
+    nonce = secrets.token_hex(6)  # no request can guess it
+    marked = [dict(m, content=f"QZ{nonce}M{i}ZQ") if _text(m) else m for i, m in enumerate(messages)]
+    parts = re.split(f"QZ{nonce}M(\\d+)ZQ", render(marked))  # template text, index, template text, ...
     rendered = render(messages)
     pieces, cursor = [], 0
     for at in range(0, len(parts), 2):
@@ -76,8 +78,10 @@ def _text(message: dict) -> str:
 
 
 def _as_written(rendered: str, cursor: int, content: str, follows: str) -> str:
-    """A message's text where the template wrote it at ``cursor``: as given, or trimmed as templates often do."""
-    for candidate in (content, content.strip()):
+    """A message's text where the template wrote it at ``cursor``: as given, trimmed as templates often do, or
+    escaped inside a JSON string (``tojson``); followed there by the template's next text."""
+    for candidate in (content, content.strip(), content.lstrip(), content.rstrip(), json.dumps(content)[1:-1],
+                      json.dumps(content, ensure_ascii=False)[1:-1]):
         if rendered.startswith(candidate, cursor) and rendered.startswith(follows, cursor + len(candidate)):
             return candidate
     raise ChatTemplateError(REWRITES)

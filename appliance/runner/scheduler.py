@@ -120,23 +120,34 @@ class Scheduler:
 
     def prime(self) -> int:
         """Prefill the chat template's preamble (a default system prompt, say) into every slot, as a model that
-        has served a while holds it: the first requests of a model just loaded, swapped in or woken then reuse it
-        instead of each prefilling it again (llama-server's old --system-prompt-file did the same). Returns the
-        tokens primed: none where the template renders no plain chat or its preamble is over one step."""
-        tokens = template_preamble(self.backend)
-        if not 1 < len(tokens) <= min(self.facts.n_batch, self.facts.context_length - 1):
-            return 0
-        first, *others = self.slots
+        has served a while holds it: the first requests of a model just loaded, swapped in or woken from deep
+        idle then reuse it instead of each prefilling it again (llama-server's old --system-prompt-file did the
+        same). Returns the tokens primed: none where the template renders no plain chat, its preamble is over
+        one step, or the engine fails at it (a head start lost, nothing more)."""
         try:
-            self.backend.step([Feed(first.index, tokens, 0, sample=False)])
-            for slot in others:
-                self.backend.copy_sequence(first.index, slot.index)
-        except BackendError:  # only a head start lost: requests prefill as they would have
+            tokens = template_preamble(self.backend)
+            if not 1 < len(tokens) <= min(self.facts.n_batch, self.facts.context_length - 1):
+                return 0
+            primed = self._prime(tokens)
+        except Exception:  # noqa: BLE001 - priming is an optimisation: the model serves without it
             self.backend.clear()
             return 0
-        for slot in self.slots:
+        for slot in primed:
             slot.tokens[:] = tokens
         return len(tokens)
+
+    def _prime(self, tokens: list[int]) -> list[Slot]:
+        """All but the last token into the first slot, copied to the others; then the last token into every slot
+        in one step. llama.cpp copies whole KV streams, at the next decode: this way now, not in a request."""
+        first, *others = self.slots
+        self.backend.step([Feed(first.index, tokens[:-1], 0, sample=False)])
+        primed = [first]
+        if type(self.backend).copy_sequence is not Backend.copy_sequence:  # an engine that cannot: slot 0 alone
+            for slot in others:
+                self.backend.copy_sequence(first.index, slot.index)
+            primed += others
+        self.backend.step([Feed(slot.index, tokens[-1:], len(tokens) - 1, sample=False) for slot in primed])
+        return primed
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
