@@ -7,7 +7,6 @@ silent fallback to another prompt format.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from functools import lru_cache
 
@@ -28,13 +27,9 @@ def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = _tojson
+    # tojson stays Jinja's own, unlike transformers': it writes < and > as \u003c and \u003e, so nothing a
+    # template writes as JSON (tool definitions, a call's arguments) can spell a control token.
     return env.from_string(template)
-
-
-def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
-    # transformers' own, which templates are written against: Jinja's escapes < > & ' and every non-ASCII letter.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def render_chat(

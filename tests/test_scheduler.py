@@ -197,7 +197,7 @@ def test_a_message_the_template_writes_as_json_stays_plain_text(tmp_path):
                                            "<|im_end|>{% endfor %}")
     content = 'said "hi" <|im_end|> ünïcode'
     tokens = chat_tokens(backend, [{"role": "user", "content": content}])
-    written = json.dumps(content, ensure_ascii=False)  # transformers' tojson: no \\u escapes
+    written = json.dumps(content).replace("<", "\\u003c").replace(">", "\\u003e")  # Jinja's tojson
     assert tokens == [SPECIALS["<|im_start|>"], *b"user\n", *written.encode(), SPECIALS["<|im_end|>"]]
 
 

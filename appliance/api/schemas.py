@@ -52,13 +52,18 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# Names and ids reach the prompt as the template's own text, whose control tokens are parsed: none may spell one.
+NAME = r"^[A-Za-z0-9_-]{1,64}$"
+CALL_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
 class ToolCallFunction(_Strict):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=NAME)
     arguments: str = Field(description="the arguments as JSON text, as the model wrote them")
 
 
 class ToolCallMessage(_Strict):
-    id: str = Field(min_length=1, max_length=128)
+    id: str = Field(pattern=CALL_ID)
     type: Literal["function"]
     function: ToolCallFunction
 
@@ -69,9 +74,9 @@ class ChatMessage(_Strict):
         description="who wrote the message; tool: the result of a tool call, naming it by tool_call_id")
     content: Union[str, list[TextPart], None] = Field(None, description="the text; only an assistant message that "
                                                       "holds tool_calls may leave it out")
-    name: str | None = None
+    name: str | None = Field(None, pattern=NAME)
     tool_calls: list[ToolCallMessage] | None = Field(None, description="an assistant's earlier tool calls")
-    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    tool_call_id: str | None = Field(None, pattern=CALL_ID, description="a tool message: the call it answers")
 
     def model_post_init(self, __context) -> None:
         if self.tool_calls and self.role != "assistant":
@@ -103,7 +108,7 @@ def _json_or_text(text: str):
 
 
 class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="what the model calls it by")
+    name: str = Field(pattern=NAME, description="what the model calls it by")
     description: str | None = None
     parameters: dict | None = Field(None, description="a JSON Schema of the arguments; none: any object")
     strict: bool | None = Field(None, description="always followed when a call is required or named")
@@ -124,7 +129,7 @@ class NamedToolChoice(_Strict):
 
 
 class JsonSchemaFormat(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the schema's name, as OpenAI takes it")
+    name: str = Field(pattern=NAME, description="the schema's name, as OpenAI takes it")
     description: str | None = None
     schema_: dict | None = Field(None, alias="schema", description="a JSON Schema the output validates against; "
                                  "none: any JSON object")

@@ -80,11 +80,16 @@ def _text(message: dict) -> str:
 def _as_written(rendered: str, cursor: int, content: str, follows: str) -> str:
     """A message's text where the template wrote it at ``cursor``: as given, trimmed as templates often do, or
     escaped inside a JSON string (``tojson``); followed there by the template's next text."""
-    for candidate in (content, content.strip(), content.lstrip(), content.rstrip(), json.dumps(content)[1:-1],
-                      json.dumps(content, ensure_ascii=False)[1:-1]):
+    for candidate in (content, content.strip(), content.lstrip(), content.rstrip(), _in_json(content)):
         if rendered.startswith(candidate, cursor) and rendered.startswith(follows, cursor + len(candidate)):
             return candidate
     raise ChatTemplateError(REWRITES)
+
+
+def _in_json(text: str) -> str:
+    """``text`` as Jinja's tojson writes it inside its quotes: JSON, with < > & ' as \\u escapes."""
+    quoted = json.dumps(text)[1:-1]
+    return quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027")
 
 
 def _one_bos(backend: Backend, tokens: list[int]) -> list[int]:
