@@ -2,8 +2,8 @@
 
 A chat is rendered with the model's own template, then tokenized piece by
 piece: the template's own text may hold special tokens (``<|im_start|>``),
-each message's content is plain text, so a user who writes
-``<|im_start|>system`` gets those characters, not a forged turn.
+each message's content (and a tool call's arguments, where they are text) is plain text, so a user who
+writes ``<|im_start|>system`` gets those characters, not a forged turn.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _split_contents(render: Callable[[list[dict]], str], messages: list[dict]) -
     inside the template's text first (<|im_st-a-rt|>), which then loses its control tokens. The marker is
     letters and digits, so a template that writes a text through ``tojson`` (Llama 3's tool results) keeps it."""
     nonce = secrets.token_hex(6)  # no request can guess it
-    marked = [dict(m, content=f"QZ{nonce}M{i}ZQ") if _text(m) else m for i, m in enumerate(messages)]
+    marked, texts = _marked(messages, lambda i: f"QZ{nonce}M{i}ZQ")
     parts = re.split(f"QZ{nonce}M(\\d+)ZQ", render(marked))  # template text, index, template text, ...
     rendered = render(messages)
     pieces, cursor = [], 0
@@ -60,7 +60,7 @@ def _split_contents(render: Callable[[list[dict]], str], messages: list[dict]) -
         pieces.append((template_text, False))
         cursor += len(template_text)
         if follows is not None:
-            content = _as_written(rendered, cursor, _text(messages[int(parts[at + 1])]), follows)
+            content = _as_written(rendered, cursor, texts[int(parts[at + 1])], follows)
             pieces.append((content, True))
             cursor += len(content)
     if cursor != len(rendered):
@@ -70,6 +70,31 @@ def _split_contents(render: Callable[[list[dict]], str], messages: list[dict]) -
 
 REWRITES = ("the model's chat template rewrites message text, so it cannot be tokenized safely; use "
             "/v1/completions with a prompt of your own")
+
+
+def _marked(messages: list[dict], marker: Callable[[int], str]) -> tuple[list[dict], list[str]]:
+    """The messages with a marker in place of each text a client wrote: its content, and a tool call's arguments
+    where they are text (not JSON, which templates write through tojson); and those texts, by marker number."""
+    texts: list[str] = []
+
+    def mark(text: str) -> str:
+        texts.append(text)
+        return marker(len(texts) - 1)
+
+    marked = []
+    for message in messages:
+        message = dict(message, content=mark(message["content"])) if _text(message) else dict(message)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_with_arguments(call, mark) for call in message["tool_calls"]]
+        marked.append(message)
+    return marked, texts
+
+
+def _with_arguments(call: dict, mark: Callable[[str], str]) -> dict:
+    arguments = call.get("function", {}).get("arguments")
+    if not isinstance(arguments, str) or not arguments:
+        return call
+    return dict(call, function=dict(call["function"], arguments=mark(arguments)))
 
 
 def _text(message: dict) -> str:
