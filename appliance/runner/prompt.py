@@ -105,7 +105,9 @@ def _text(message: dict) -> str:
 def _as_written(rendered: str, cursor: int, content: str, follows: str) -> str:
     """A message's text where the template wrote it at ``cursor``: as given, trimmed as templates often do, or
     escaped inside a JSON string (``tojson``); followed there by the template's next text."""
-    for candidate in (content, content.strip(), content.lstrip(), content.rstrip(), _in_json(content)):
+    # One at a time: most templates write the text as given, and a long one is not copied four more times.
+    for form in (str, str.strip, str.lstrip, str.rstrip, _in_json):
+        candidate = form(content)
         if rendered.startswith(candidate, cursor) and rendered.startswith(follows, cursor + len(candidate)):
             return candidate
     raise ChatTemplateError(REWRITES)
