@@ -12,6 +12,12 @@
 #   bench   unpack this commit (.gpu/r/repo.tar, from `git archive HEAD`) and run python -m bench.load against
 #           the servers given (default: appliance, llama-server, canned), batched-bench's output attached
 #   power   python -m bench.gpu_power: GPU memory loaded, idle, deep idle and after waking
+#   onnxpart N  keep part N of ONNX Runtime's tar (.gpu/sN/part*: onnxruntime-gpu 1.31.1's wheel and the SmolLM2
+#           ONNX INT4 package, gzipped and split in 62.5 MB parts) in /tmp/gpu/onnx
+#   onnx    join it, install onnxruntime-gpu into /tmp/site, and run python -m bench.onnx_vs_llama on the ONNX
+#           package and the GGUF with this build (ONNX Runtime CUDA against llama.cpp CUDA, one run)
+#   kv      python -m bench.kv_cache_type --streams 64 (f16, q8_0, q4_0 through the service's backend), and
+#           llama-batched-bench with each cache type beside it ($OUT/kv-batched-bench.txt: the engine's own figures)
 # The runs are recorded under /tmp/gpu/results and each run folder is copied to $OUT/<benchmark>-<run>/ (what
 # comes back from $OUT must lie at most two folders down): copy each into bench/results/<benchmark>/runs/<run>/
 # and run `python -m bench.results`. llama-cpp-python's Python package runs from the sdist over the libraries built here
@@ -19,7 +25,7 @@
 # power stages preload nothing since the product's fix (GPU_LOAD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 puts
 # the old workaround back): see setup_env.
 set -euo pipefail
-stage=${1:?usage: bench/gpu_load.sh model|build|bench|power [options]}
+stage=${1:?usage: bench/gpu_load.sh model|build|bench|power|onnxpart N|onnx|kv [options]}
 shift
 work=/tmp/gpu
 sdist=$work/llama_cpp_python-0.3.36
@@ -88,8 +94,35 @@ power)
         { tail -n 40 /tmp/bench-gpu-power-*/*.log; exit 1; }
     bring_back
     ;;
+onnxpart)
+    mkdir -p "$work/onnx"
+    cp .gpu/s"${1:?part number}"/part* "$work/onnx/"
+    ls -la "$work/onnx"
+    ;;
+onnx)
+    if [ ! -d "$work/onnx/smol" ]; then
+        cat "$work"/onnx/part? | tar xzf - -C "$work/onnx"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$work"/onnx/onnxruntime_gpu-*.whl
+        rm -f "$work"/onnx/part?
+    fi
+    setup_env
+    cd "$work/repo"
+    BENCH_RESULTS=$work/results python3 -m bench.onnx_vs_llama --onnx "$work/onnx/smol" --gguf "$work/model.gguf" "$@"
+    bring_back
+    ;;
+kv)
+    setup_env
+    cd "$work/repo"
+    BENCH_RESULTS=$work/results python3 -m bench.kv_cache_type --model "$work/model.gguf" "$@"
+    for kv in f16 q8_0 q4_0; do
+        echo "## -ctk $kv -ctv $kv"
+        "$work/build/bin/llama-batched-bench" -m "$work/model.gguf" -ngl 99 -fa on -c 20480 -b 2048 -ub 512 \
+            -npp 32 -ntg 128 -npl 1,64 -ctk "$kv" -ctv "$kv" 2>/dev/null | grep '^|'
+    done | tee "$OUT/kv-batched-bench.txt"
+    bring_back
+    ;;
 *)
-    echo "unknown stage $stage: use model, build, bench or power" >&2
+    echo "unknown stage $stage: use model, build, bench, power, onnxpart, onnx or kv" >&2
     exit 2
     ;;
 esac

@@ -1,11 +1,13 @@
-"""llama.cpp's KV cache types on this CPU: decode speed and agreement of q8_0 and q4_0 beside f16.
+"""llama.cpp's KV cache types: decode speed and agreement of q8_0 and q4_0 beside f16.
 
-The bundled model through the service's own backend (appliance.backends.llama_cpp), one sequence at a time
-and four in one batch, greedy. Agreement: of each prompt's greedy tokens, the share each quantized cache
-gives exactly as f16 does, and how many come before the first difference (after it, the texts differ as
-any two sampled answers would). The KV cache's size is what llama.cpp reports at load.
+A model (the bundled one by default) through the service's own backend (appliance.backends.llama_cpp), on
+whatever device its build offloads to (gpu_layers auto): one sequence at a time, and --streams sequences in
+one batch, greedy. Agreement: of each sequence's greedy tokens in the batch, the share each quantized cache
+gives exactly as f16 does, and how many come before the first difference (after it, the texts differ as any
+two sampled answers would). The KV cache's size is what llama.cpp reports at load.
 
-    python -m bench.kv_cache_type --tokens 128
+    python -m bench.kv_cache_type --tokens 128                    # this CPU, 4 streams
+    python -m bench.kv_cache_type --model M.gguf --streams 64     # a CUDA build: issue 27's 64 streams
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from appliance.backends.base import Feed, SamplingParams, token_stream
 from appliance.backends.llama_cpp import LlamaCppBackend
@@ -27,9 +30,8 @@ PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicy
 CONTEXT = 1024
 
 
-def load(kv: str, threads: int, slots: int) -> tuple[LlamaCppBackend, object, float]:
-    backend = LlamaCppBackend(find_model("smollm2-135m-instruct").path, threads=threads, context_length=CONTEXT,
-                              n_slots=slots, kv_cache_type=kv)
+def load(model: str, kv: str, threads: int, slots: int) -> tuple[LlamaCppBackend, object, float]:
+    backend = LlamaCppBackend(model, threads=threads, context_length=CONTEXT, n_slots=slots, kv_cache_type=kv)
     facts = backend.load()
     return backend, facts, facts.info["kv_cache_mib"] / slots
 
@@ -44,33 +46,38 @@ def greedy(backend, facts, prompt: str, tokens: int) -> tuple[list[int], float]:
     return out, (tokens - 1) / (time.perf_counter() - started)
 
 
-def batched_tok_s(backend, facts, tokens: int) -> float:
-    """Four sequences decoding together: tokens of all four per second of their decode steps."""
+def batched(backend, facts, streams: int, tokens: int) -> tuple[list[list[int]], float]:
+    """`streams` sequences decoding together (the prompts in turn): each one's greedy tokens, and the tokens of
+    all of them per second of their decode steps."""
     params = SamplingParams(temperature=0)
-    feeds, total, elapsed = [], 0, 0.0
-    for slot, prompt in enumerate(PROMPTS[:4]):
+    feeds, out, total, elapsed = [], [], 0, 0.0
+    for slot in range(streams):
         backend.start_sequence(slot, 0, params)
-        ids = chat_tokens(backend, [{"role": "user", "content": prompt}])
+        ids = chat_tokens(backend, [{"role": "user", "content": PROMPTS[slot % len(PROMPTS)]}])
         token = backend.step([Feed(slot, ids, 0, sample=True)])[slot]
         feeds.append(Feed(slot, [token], len(ids), sample=True))
+        out.append([token])
     for _ in range(tokens - 1):
         started = time.perf_counter()
         sampled = backend.step(feeds)
         elapsed += time.perf_counter() - started
         total += len(feeds)
         feeds = [Feed(f.slot, [sampled[f.slot]], f.pos + 1, sample=True) for f in feeds]
-    return total / elapsed
+        for f in feeds:
+            out[f.slot].append(f.tokens[0])
+    return out, total / elapsed
 
 
-def measure(kv: str, threads: int, tokens: int) -> dict:
-    backend, facts, kv_mib = load(kv, threads, slots=1)
+def measure(model: str, kv: str, threads: int, streams: int, tokens: int) -> dict:
+    backend, facts, kv_mib = load(model, kv, threads, slots=1)
+    device = facts.info.get("device", "")
     runs = [greedy(backend, facts, prompt, tokens) for prompt in PROMPTS]
     backend.close()
-    backend, facts, _ = load(kv, threads, slots=4)
-    batched = batched_tok_s(backend, facts, tokens)
+    backend, facts, _ = load(model, kv, threads, slots=streams)
+    together, tok_s = batched(backend, facts, streams, tokens)
     backend.close()
-    return {"kv_mib_per_slot": kv_mib, "tokens": [r[0] for r in runs],
-            "tok_s_1": statistics.median(r[1] for r in runs), "tok_s_4": batched}
+    return {"kv_mib_per_slot": kv_mib, "device": device, "tokens": together,
+            "tok_s_1": statistics.median(r[1] for r in runs), "tok_s_n": tok_s}
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[float, float]:
@@ -82,16 +89,17 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[floa
 
 
 def report(data: dict) -> str:
-    lines = ["# KV cache types on CPU", "",
-             f"Bundled SmolLM2-135M Q4_1, {data['threads']} threads, context {CONTEXT} per slot, {len(PROMPTS)} prompts x "
-             f"{data['tokens']} greedy tokens. Decode tok/s: median over the prompts (1 stream); all four in one "
-             "batch (4 streams).", "",
-             "| KV cache | MiB per slot | tok/s, 1 stream | vs f16 | tok/s, 4 streams | vs f16 | same tokens as f16 | "
+    n = data["streams"]
+    lines = [f"# KV cache types on {data['device']}", "",
+             f"{data['model']}, {data['threads']} threads, context {CONTEXT} per slot, {len(PROMPTS)} prompts x "
+             f"{data['tokens']} greedy tokens. Decode tok/s: median over the prompts (1 stream); {n} sequences in "
+             f"one batch, the prompts in turn ({n} streams). Agreement with f16: the {n} batched sequences.", "",
+             f"| KV cache | MiB per slot | tok/s, 1 stream | vs f16 | tok/s, {n} streams | vs f16 | same tokens as f16 | "
              "tokens before the first difference (median) |", "|---|---|---|---|---|---|---|---|"]
     base = data["types"]["f16"]
     for kv, x in data["types"].items():
         lines.append(f"| {kv} | {x['kv_mib_per_slot']:.1f} | {x['tok_s_1']:.1f} | {x['tok_s_1'] / base['tok_s_1']:.2f}x | "
-                     f"{x['tok_s_4']:.1f} | {x['tok_s_4'] / base['tok_s_4']:.2f}x | {x['agreement'] * 100:.0f}% | "
+                     f"{x['tok_s_n']:.1f} | {x['tok_s_n'] / base['tok_s_n']:.2f}x | {x['agreement'] * 100:.0f}% | "
                      f"{x['first_difference']:.0f} of {data['tokens']} |")
     return "\n".join(lines) + "\n"
 
@@ -100,20 +108,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--streams", type=int, default=4, help="sequences decoding in one batch (default 4)")
+    parser.add_argument("--model", help="a GGUF (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--label", help="the run's id in bench/results/kv_cache_type/runs/<date>-<id>")
     args = parser.parse_args(argv)
-    types = {kv: measure(kv, args.threads, args.tokens) for kv in KV_CACHE_TYPES}
+    model = args.model or str(find_model("smollm2-135m-instruct").path)
+    types = {kv: measure(model, kv, args.threads, args.streams, args.tokens) for kv in KV_CACHE_TYPES}
     for kv, x in types.items():
         x["agreement"], x["first_difference"] = agreement(x["tokens"], types["f16"]["tokens"])
-    data = {"threads": args.threads, "tokens": args.tokens,
-            "types": {kv: {k: v for k, v in x.items() if k != "tokens"} for kv, x in types.items()}}
+    device = types["f16"]["device"] or "CPU"
+    data = {"threads": args.threads, "tokens": args.tokens, "streams": args.streams, "device": device,
+            "model": Path(model).name,
+            "types": {kv: {k: v for k, v in x.items() if k not in ("tokens", "device")} for kv, x in types.items()}}
     text = report(data)
     print(text)
     q8 = data["types"]["q8_0"]
-    record("kv_cache_type", about="llama.cpp KV cache types on CPU: decode speed, agreement with f16, size",
-           goal="measure q8_0 and q4_0 beside f16 (issue: GPU settings, the part a CPU can prove)",
-           figure=f"q8_0: {q8['tok_s_1'] / data['types']['f16']['tok_s_1']:.2f}x f16 at 1 stream, "
+    f16 = data["types"]["f16"]
+    record("kv_cache_type", about="llama.cpp KV cache types: decode speed, agreement with f16, size",
+           goal="measure q8_0 and q4_0 beside f16 (issue 27: at 64 streams on a GPU)",
+           figure=f"{device}: q8_0 {q8['tok_s_1'] / f16['tok_s_1']:.2f}x f16 at 1 stream, "
+                  f"{q8['tok_s_n'] / f16['tok_s_n']:.2f}x at {args.streams}, "
                   f"{q8['agreement'] * 100:.0f}% same tokens, {q8['kv_mib_per_slot']:.1f} MiB per slot",
-           command=command_line("kv_cache_type", argv), report=text, data=data)
+           command=command_line("kv_cache_type", argv), report=text, data=data, label=args.label,
+           inputs=[Path(model)])
 
 
 if __name__ == "__main__":
