@@ -87,6 +87,7 @@ class LlamaCppBackend(Backend):
         self._batch = None
         self._samplers: dict[int, ctypes.c_void_p] = {}
         self._logprobs: dict[int, int | None] = {}  # by slot: how many top logprobs its sequence asks for
+        self._argmax: dict[int, bool] = {}  # by slot: is its chain greedy alone (see start_sequence)
         self._piece = ctypes.create_string_buffer(256)
 
     # -- lifecycle ---------------------------------------------------------
@@ -211,6 +212,10 @@ class LlamaCppBackend(Backend):
             llama_cpp.llama_sampler_free(old)
         self._samplers[slot] = _sampler_chain(params, self._n_vocab, self.requested_context_length)
         self._logprobs[slot] = params.logprobs
+        # A chain of greedy alone keeps no state, so its token is the logits' first maximum, as llama.cpp's
+        # greedy sampler picks it: numpy finds it ~10x faster than llama_sampler_sample, which first copies
+        # the whole vocabulary into its candidate array (most of a step at 64 streams on a GPU).
+        self._argmax[slot] = params.temperature <= 0 and not params.logit_bias and not params.penalizes
 
     def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         outputs = self._decode(feeds)
@@ -228,7 +233,10 @@ class LlamaCppBackend(Backend):
     def _sample(self, slot: int, logits: np.ndarray, raw: np.ndarray, index: int, mask, sampled: dict) -> None:
         if mask is not None:  # the sampler chain reads these very logits: masked in place
             apply_mask(logits, mask)
-        sampled[slot] = llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index)
+        if self._argmax.get(slot):
+            sampled[slot] = int(np.argmax(logits))
+        else:
+            sampled[slot] = llama_cpp.llama_sampler_sample(self._samplers[slot], self._ctx, index)
         if self._logprobs.get(slot) is not None:
             self.logprobs[slot] = token_logprob(raw, sampled[slot], self._logprobs[slot])
 
