@@ -42,7 +42,7 @@ from bench.common import PROMPTS, machine, start_server, start_service, stream_c
 from bench.results import command_line, record
 from models import find_model
 
-SERVERS = ("appliance", "llama-server", "llama-cpp-python", "canned")
+SERVERS = ("appliance", "llama-server", "llama-server-streams", "llama-cpp-python", "canned")
 PEER = "llama-server"  # what the ratios are against
 # The goals of issue 13: aggregate throughput against llama-server's (0.97 at one client, 1.0 above),
 # time to first token p50 at most 1.2x llama-server's.
@@ -103,16 +103,18 @@ def start_appliance(setup: Setup) -> Server:
     return Server("appliance", proc, port, command, {"stream_options": {"include_usage": True}}, home)
 
 
-def start_llama_server(setup: Setup) -> Server:
+def start_llama_server(setup: Setup, unified: bool = True) -> Server:
     if not setup.llama_server.is_file():
         raise SystemExit(f"no llama-server at {setup.llama_server}: run bench/build_llama_server.sh, or give --llama-server PATH")
-    # One KV pool of slots x context, each slot capped at the context: the appliance's per-slot context.
+    # One KV pool of slots x context, each slot capped at the context: the appliance's per-slot context. Or
+    # (llama-server-streams) one KV stream of the context per slot, as the appliance's runner keeps them.
+    kv = ["--kv-unified", "--kv-unified-per-slot", str(setup.context)] if unified else ["--no-kv-unified"]
     args = ["-m", str(setup.model), "-t", str(setup.threads), "-tb", str(setup.threads), "-np", str(setup.parallel),
-            "-c", str(setup.parallel * setup.context), "--kv-unified", "--kv-unified-per-slot", str(setup.context),
-            "--no-webui", "--host", "127.0.0.1"]
+            "-c", str(setup.parallel * setup.context), *kv, "--no-webui", "--host", "127.0.0.1"]
+    name = PEER if unified else f"{PEER}-streams"
     proc, port = start_server(lambda port: [*args, "--port", str(port)], "/health", program=str(setup.llama_server),
-                              log=setup.workdir / "llama-server.log")
-    return Server(PEER, proc, port, " ".join([str(setup.llama_server), *args, "--port PORT"]),
+                              log=setup.workdir / f"{name}.log")
+    return Server(name, proc, port, " ".join([str(setup.llama_server), *args, "--port PORT"]),
                   {"stream_options": {"include_usage": True}})
 
 
@@ -135,7 +137,8 @@ def start_canned(setup: Setup) -> Server:
                   note="no model: canned tokens as fast as it can send them, the load generator's ceiling")
 
 
-STARTERS = {"appliance": start_appliance, "llama-server": start_llama_server, "llama-cpp-python": start_llama_cpp_python,
+STARTERS = {"appliance": start_appliance, "llama-server": start_llama_server,
+            "llama-server-streams": lambda setup: start_llama_server(setup, unified=False), "llama-cpp-python": start_llama_cpp_python,
             "canned": start_canned}
 
 
