@@ -101,3 +101,30 @@ def test_n_choices_at_temperature_1_come_from_one_prefill(service):
     assert prefilled() - before == reply["usage"]["prompt_tokens"]  # the prompt was computed once, not three times
     again = requests.post(service.url + "/v1/chat/completions", timeout=120, json=body).json()
     assert [c["message"]["content"] for c in again["choices"]] == texts  # seeded: the same three again
+
+
+def test_greedy_by_argmax_picks_what_llama_cpps_greedy_sampler_picks():
+    """The backend takes a plain greedy chain's token as numpy's argmax; a zero logit bias keeps the same
+    greedy choice inside llama.cpp's own chain. Two slots, one prompt, one batch: the tokens must agree."""
+    from appliance.backends.base import Feed, SamplingParams
+    from appliance.backends.llama_cpp import LlamaCppBackend
+    from appliance.runner.prompt import chat_tokens
+
+    backend = LlamaCppBackend(find_model(MODEL).path, threads=2, context_length=512, n_slots=2)
+    backend.load()
+    try:
+        backend.start_sequence(0, 0, SamplingParams(temperature=0))
+        backend.start_sequence(1, 0, SamplingParams(temperature=0, logit_bias=((token_id(" the"), 0.0),)))
+        assert (backend._argmax[0], backend._argmax[1]) == (True, False)  # both paths are what is compared
+        ids = chat_tokens(backend, [{"role": "user", "content": "Write a short poem about the sea."}])
+        feeds = [Feed(slot, ids, 0, sample=True) for slot in (0, 1)]
+        answers = {0: [], 1: []}
+        for _ in range(32):
+            sampled = backend.step(feeds)
+            feeds = [Feed(f.slot, [sampled[f.slot]], f.pos + len(f.tokens), sample=True) for f in feeds]
+            for slot in answers:
+                answers[slot].append(sampled[slot])
+    finally:
+        backend.close()
+    assert answers[0] == answers[1]
+    assert len(set(answers[0])) > 5  # a real answer, not one token over and over
