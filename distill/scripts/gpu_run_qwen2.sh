@@ -9,6 +9,9 @@
 #   gpu_run_qwen2.sh part           # once per carry folder, carry [".dq/cNN"]: its files go to /tmp/dq
 #   gpu_run_qwen2.sh start          # with the last folder: join, check, install, start the pipeline in the background
 #   gpu_run_qwen2.sh wait SECONDS   # until the pipeline ends or SECONDS pass; its reports and log go to $OUT
+#   gpu_run_qwen2.sh bring N        # call N (0, 1, ...) of bringing the GGUF package back: 8 pieces of 15 MiB
+#                                   # (what one call returns) to $OUT; join them here in order and check the
+#                                   # manifest's sha256 before serving it
 #
 # The pipeline runs detached (setsid) so that it can outlast one 10-minute call: teacher -> HF folder, samples
 # from the teacher on coding prompts (GEN_SECONDS), a short probe that sizes the run to TRAIN_SECONDS, the
@@ -16,7 +19,7 @@
 # student (GGUF with the importance matrix, ONNX with HQQ: the best rounding of each format on Qwen2.5-0.5B).
 # STEPS skips the probe (an H100 distils at about 25k tokens/s here: 16k tokens a step).
 set -uo pipefail
-STAGE=${1:?usage: $0 part|start|wait SECONDS}
+STAGE=${1:?usage: $0 part|start|wait SECONDS|bring N}
 Q=${DQ:-/tmp/dq}  # DQ: elsewhere, for a dry run on this CPU
 mkdir -p "$Q"
 GEN_SECONDS=${GEN_SECONDS:-150}; TRAIN_SECONDS=${TRAIN_SECONDS:-420}; THREADS=${THREADS:-7}  # per export; the two run side by side
@@ -100,6 +103,13 @@ wait)
   head -c 4000 "$RUN/data/generated.jsonl" > "$OUT/generated_sample.jsonl" 2>/dev/null
   quiet < "$Q/pipeline.log" | tail -40; for f in "$Q"/export-*.log; do [ -f "$f" ] && quiet < "$f" | tail -4; done
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+  ;;
+bring)
+  N=${2:?call number}; G=$(ls "$P"/imatrix/*.gguf | head -1)
+  [ -f "$Q/gguf.pieces" ] || { split -b 15M -d -a 3 "$G" "$Q/gguf.piece." && ls "$Q"/gguf.piece.* > "$Q/gguf.pieces"; }
+  sed -n "$(( N * 8 + 1 )),$(( N * 8 + 8 ))p" "$Q/gguf.pieces" | xargs -r cp -t "$OUT/"
+  [ "$N" = 0 ] && cp "$P"/imatrix/manifest.json "$P"/imatrix/report.* "$OUT/" 2>/dev/null
+  echo "$(basename "$G"): $(wc -l < "$Q/gguf.pieces") pieces, $(( ($(wc -l < "$Q/gguf.pieces") + 7) / 8 )) calls; this one: $(ls "$OUT" | tr '\n' ' ')"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
