@@ -42,7 +42,7 @@ from appliance.backends.base import BackendError
 from appliance.config import ENGINE_SETTINGS, KV_CACHE_BYTES, SAMPLING_DEFAULTS, Settings
 from appliance.db import Database
 from appliance.errors import APIError, InvalidRequest, LogUnavailable, ModelNotFoundError, ServiceUnavailable
-from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, PROBE_PROMPTS, probe
+from appliance.probe import LIVE_PROBE, LIVE_PROBE_TOKENS, PROBE_PROMPTS, probe, rewarm
 from appliance.runner.supervisor import ModelRunner
 from models import ModelEntry, ModelNotFound, bundled_embedding, find_model
 from models.footprint import ModelShape, read_shape
@@ -436,10 +436,12 @@ class ModelPool:
         with self._lock:
             new = self._models.get(entry.name) or self._add_locked(entry)
         was_loaded, new.warming = new.runner.is_loaded, True
+        carried = 0
         try:
             self.load(new, who, keep=(old,))
             loaded = time.perf_counter()
             problem = self._probe(new, self.settings.swap_probe_tokens, self.settings.swap_probe_timeout)
+            carried = 0 if problem else self._carry_over(old, new)
         except BackendError as exc:
             problem = f"it did not load: {exc}"
         finally:
@@ -454,11 +456,19 @@ class ModelPool:
         switched = time.perf_counter()
         new.swapped_from, new.swapped_at, new.probe_failures = old, self.clock(), 0
         timings = {"load_ms": round((loaded - start) * 1000, 1), "warm_up_ms": round((warm - loaded) * 1000, 1),
-                   "switch_ms": round((switched - warm) * 1000, 3)}
+                   "switch_ms": round((switched - warm) * 1000, 3), "chats_carried": carried}
         self._record("swap", new, who, start, "ok", f"{name}: {old.name} -> {new.name}; load {timings['load_ms']:.0f} "
-                     f"ms, warm-up {timings['warm_up_ms']:.0f} ms, switch {timings['switch_ms']:.3f} ms")
+                     f"ms, warm-up {timings['warm_up_ms']:.0f} ms ({carried} recent chats carried over), switch "
+                     f"{timings['switch_ms']:.3f} ms")
         self._retire_later(old, who)
         return new, timings
+
+    def _carry_over(self, old: PooledModel, new: PooledModel) -> int:
+        """The chats the old model served last, prefilled into the new one's slots before the switch: the first
+        requests after it (a client's next question, a chat's next turn) find their prefix as they would have."""
+        if new.entry.kind == EMBEDDING or not old.runner.recent_chats:
+            return 0
+        return rewarm(new.runner, list(old.runner.recent_chats), self.settings.swap_probe_timeout)
 
     def _retire_later(self, model: PooledModel, who: str) -> None:
         threading.Thread(target=self._retire, args=(model, who), name="model-retire", daemon=True).start()

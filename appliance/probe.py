@@ -1,4 +1,5 @@
-"""Asking a loaded model for a tiny generation: the swap's warm-up and the pool's live health checks.
+"""Asking a loaded model for a tiny generation: the swap's warm-up and the pool's live health checks; and a
+swap's carry-over of the chats the old model served last into the new one's slots.
 
 A probe goes to the runner directly, not through a queue or the request log: it is never user
 activity for the idle timers, never a log row, and it only runs on a model that is loaded.
@@ -50,3 +51,24 @@ def probe(runner: ModelRunner, tokens: int, timeout: float, prompts: tuple[str, 
         if made == 0 or (made < tokens and finish != "stop"):  # a natural end after some tokens is healthy
             return f"the probe {prompt!r} made {made} of {tokens} tokens (finish_reason {finish})"
     return None
+
+
+def rewarm(runner: ModelRunner, chats: list[tuple[list[dict], list[dict] | None]], timeout: float) -> int:
+    """Prefill ``chats`` (messages, tools), all at once so each takes a slot of its own, generating one greedy token
+    each: their next turns then reuse them on this model as they would have on the one it replaces. The chats
+    are rendered by this model's own template and tokenizer. Best effort: how many of them finished in time."""
+    deadline = time.monotonic() + timeout
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    streams = []
+    for messages, tools in chats:
+        try:
+            streams.append(runner.submit(messages, None, params, tools=tools))
+        except BackendError:
+            break
+    finished = 0
+    for stream in streams:
+        while (event := next_event(runner, stream, deadline)) is not None and not isinstance(event, FAILURES):
+            if isinstance(event, msg.Output) and event.finish_reason is not None:
+                finished += 1
+                break
+    return finished

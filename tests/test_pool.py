@@ -216,7 +216,7 @@ def test_a_swap_moves_the_name_to_the_new_model_and_retires_the_old(make_box):
     box = make_box(extra_models={"second": {"reply": "Second here."}})
     r = box.client.post("/api/models/fake-alias/swap", json={"package": "second"})
     assert r.status_code == 200 and r.get_json()["id"] == "second" and r.get_json()["loaded"]
-    assert set(r.get_json()["swap"]) == {"load_ms", "warm_up_ms", "switch_ms"}
+    assert set(r.get_json()["swap"]) == {"load_ms", "warm_up_ms", "switch_ms", "chats_carried"}
     for name in (None, "fake", "fake-alias"):  # the old model's name and alias, and the default, all moved
         r = ask(box, name)
         assert r.get_json()["model"] == "second" and r.get_json()["choices"][0]["message"]["content"] == "Second here."

@@ -198,3 +198,27 @@ def test_eight_clients_stream_through_a_swap_without_a_failure(tmp_path):
         assert kinds[-3:] == [("load", SECOND), ("swap", SECOND), ("unload", MODEL)]
     finally:
         assert svc.stop() == 0
+
+
+def test_a_chats_next_turn_after_a_swap_finds_its_prefix_on_the_new_model(tmp_path):
+    # The swap prefills the chats the old model served last into the new model's slots: a client's next turn
+    # reuses its whole earlier prompt there, not only the template's preamble that every fresh slot holds.
+    home = tmp_path / "home"
+    register(home, second_package(tmp_path))
+    svc = start_service(home, extra_env=LIGHT)
+    try:
+        url = svc.url + "/v1/chat/completions"
+        history = [{"role": "user", "content": "Tell me about the sea. " * 20}]
+        body = {"model": "smollm2", "max_tokens": 8, "temperature": 0}
+        first = requests.post(url, json=body | {"messages": history}, timeout=300).json()
+        r = requests.post(svc.url + "/api/models/smollm2/swap", json={"package": SECOND}, timeout=120)
+        assert r.status_code == 200 and r.json()["swap"]["chats_carried"] == 1, r.text
+        history += [first["choices"][0]["message"], {"role": "user", "content": "And the mountains?"}]
+        second = requests.post(url, json=body | {"messages": history}, timeout=300).json()
+        assert second["model"] == SECOND
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= first["usage"]["prompt_tokens"] > 100, (cached, first["usage"])
+        events = requests.get(svc.url + "/api/models/events", timeout=10).json()["data"]
+        assert "1 recent chats carried over" in next(e["detail"] for e in events if e["event"] == "swap")
+    finally:
+        assert svc.stop() == 0

@@ -23,9 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection
 
-from appliance.backends.base import BackendError, ModelFacts
+from appliance.backends.base import BackendError, ModelFacts, SamplingParams
 from appliance.runner import protocol as msg
 from models import ModelEntry
 from models.catalog import VerifiedFiles
@@ -77,6 +78,9 @@ class ModelRunner:
         self.crash_count = 0
         self.last_batch_size = 0
         self.prefilled_tokens = 0  # prompt tokens the engine computed, over this runner's life
+        # (messages, tools) of its latest chats, about what its slots hold: a swap prefills them into the new
+        # model (appliance.probe.rewarm) so that their next turns find their prefix there too. Gone with the cache.
+        self.recent_chats: deque[tuple[list[dict], list[dict] | None]] = deque(maxlen=parallel)
         # Called as hook() when a request starts using the model and hook() again when it stops:
         # the power manager counts activity and wakes the box through these.
         self.on_begin: list = []
@@ -150,6 +154,7 @@ class ModelRunner:
         with self._loading:
             self._stop_child()
             self.facts = None
+            self.recent_chats.clear()
 
     def _stop_child(self) -> None:
         with self._lock:
@@ -167,6 +172,7 @@ class ModelRunner:
         self._fail_streams("the model was unloaded while this request ran")
 
     def release_cache(self) -> None:
+        self.recent_chats.clear()
         if self.is_loaded:
             self._send(msg.ReleaseCache())
 
@@ -176,6 +182,8 @@ class ModelRunner:
         stream = RequestStream(next(self._ids), choices=getattr(params, "n", 1))
         with self._lock:
             self._streams[stream.id] = stream
+        if messages is not None and isinstance(params, SamplingParams):
+            self.recent_chats.append((messages, tools))
         try:
             self._send(msg.Submit(stream.id, params, messages=messages, prompt=prompt, tools=tools))
         except BackendError:
