@@ -466,9 +466,8 @@ class ModelPool:
     def _carry_over(self, old: PooledModel, new: PooledModel) -> int:
         """The chats the old model served last, prefilled into the new one's slots before the switch: the first
         requests after it (a client's next question, a chat's next turn) find their prefix as they would have."""
-        if new.entry.kind == EMBEDDING or not old.runner.recent_chats:
-            return 0
-        return rewarm(new.runner, list(old.runner.recent_chats), self.settings.swap_probe_timeout)
+        chats = old.runner.recent_chats() if new.entry.kind != EMBEDDING else []
+        return rewarm(new.runner, chats, self.settings.swap_probe_timeout) if chats else 0
 
     def _retire_later(self, model: PooledModel, who: str) -> None:
         threading.Thread(target=self._retire, args=(model, who), name="model-retire", daemon=True).start()

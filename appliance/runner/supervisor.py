@@ -80,7 +80,7 @@ class ModelRunner:
         self.prefilled_tokens = 0  # prompt tokens the engine computed, over this runner's life
         # (messages, tools) of its latest chats, about what its slots hold: a swap prefills them into the new
         # model (appliance.probe.rewarm) so that their next turns find their prefix there too. Gone with the cache.
-        self.recent_chats: deque[tuple[list[dict], list[dict] | None]] = deque(maxlen=parallel)
+        self._recent_chats: deque[tuple[list[dict], list[dict] | None]] = deque(maxlen=parallel)
         # Called as hook() when a request starts using the model and hook() again when it stops:
         # the power manager counts activity and wakes the box through these.
         self.on_begin: list = []
@@ -154,7 +154,7 @@ class ModelRunner:
         with self._loading:
             self._stop_child()
             self.facts = None
-            self.recent_chats.clear()
+            self._forget_chats()
 
     def _stop_child(self) -> None:
         with self._lock:
@@ -172,18 +172,27 @@ class ModelRunner:
         self._fail_streams("the model was unloaded while this request ran")
 
     def release_cache(self) -> None:
-        self.recent_chats.clear()
+        self._forget_chats()
         if self.is_loaded:
             self._send(msg.ReleaseCache())
 
     # -- requests ------------------------------------------------------------
+    def recent_chats(self) -> list[tuple[list[dict], list[dict] | None]]:
+        """The (messages, tools) of its latest chats, one per slot at most: about what its slots hold."""
+        with self._lock:
+            return list(self._recent_chats)
+
+    def _forget_chats(self) -> None:
+        with self._lock:
+            self._recent_chats.clear()
+
     def submit(self, messages: list[dict] | None, prompt: str | None, params,
                tools: list[dict] | None = None) -> RequestStream:
         stream = RequestStream(next(self._ids), choices=getattr(params, "n", 1))
         with self._lock:
             self._streams[stream.id] = stream
-        if messages is not None and isinstance(params, SamplingParams):
-            self.recent_chats.append((messages, tools))
+            if messages is not None and isinstance(params, SamplingParams):
+                self._recent_chats.append((messages, tools))
         try:
             self._send(msg.Submit(stream.id, params, messages=messages, prompt=prompt, tools=tools))
         except BackendError:
