@@ -138,8 +138,8 @@ def start_canned(setup: Setup) -> Server:
 
 
 STARTERS = {"appliance": start_appliance, "llama-server": start_llama_server,
-            "llama-server-streams": lambda setup: start_llama_server(setup, unified=False), "llama-cpp-python": start_llama_cpp_python,
-            "canned": start_canned}
+            "llama-server-streams": lambda setup: start_llama_server(setup, unified=False),
+            "llama-cpp-python": start_llama_cpp_python, "canned": start_canned}
 
 
 def prompt(clients: int, index: int) -> str:

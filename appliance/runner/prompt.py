@@ -8,10 +8,11 @@ writes ``<|im_start|>system`` gets those characters, not a forged turn.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Callable
+
+from jinja2.utils import htmlsafe_json_dumps
 
 from appliance.backends.base import Backend
 from appliance.chat_template import ChatTemplateError, render_chat
@@ -114,9 +115,8 @@ def _as_written(rendered: str, cursor: int, content: str, follows: str) -> str:
 
 
 def _in_json(text: str) -> str:
-    """``text`` as Jinja's tojson writes it inside its quotes: JSON, with < > & ' as \\u escapes."""
-    quoted = json.dumps(text)[1:-1]
-    return quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027")
+    """``text`` as Jinja's tojson writes it inside its quotes (the function its filter calls)."""
+    return str(htmlsafe_json_dumps(text))[1:-1]
 
 
 def _one_bos(backend: Backend, tokens: list[int]) -> list[int]:
