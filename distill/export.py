@@ -58,9 +58,9 @@ def export(request: ExportRequest, progress: Progress = print, reference=None,
     check_algorithm(request.algorithm, formats)
     if request.measure and reference is None:
         with step("measure the fp32 source", progress):
-            from distill.export_report import reference_from_hf
+            from distill.export_report import held_out_text, reference_from_hf
 
-            reference = reference_from_hf(request.src)
+            reference = reference_from_hf(request.src, text=held_out_text(request.held_out))
     reference = reference if request.measure else None
     if request.algorithm not in CALIBRATED:
         calibration = None

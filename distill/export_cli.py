@@ -25,6 +25,9 @@ from distill.targets import GGUF_QUANT_TYPES, TARGETS
                    "the rounding: minutes on a GPU), imatrix (GGUF only: llama.cpp's importance matrix)")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers to varied prompts]")
+@click.option("--held-out", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a text file to compare the packages' perplexity with the source's on, as text of the kind the "
+                   "box will see (its first 2048 tokens) [default: a built-in page of English prose]")
 @click.option("--gguf-quant", type=click.Choice(list(GGUF_QUANT_TYPES)),
               help="llama.cpp quant type instead of the target's (e.g. Q4_0 for an older llama.cpp)")
 @click.option("--calibration-sequences", type=click.IntRange(1), metavar="N",
@@ -37,7 +40,7 @@ from distill.targets import GGUF_QUANT_TYPES, TARGETS
               help="how the box should serve the packages, recorded in their manifests (the site's model_settings "
                    "still win): parallel=N slots, context_length=N tokens per slot, threads=N, keep_alive=SECONDS; "
                    "repeat for each")
-def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gguf_quant, calibration_sequences,
+def export_command(model_dir, target, fmt, out, name, algorithm, calibration, held_out, gguf_quant, calibration_sequences,
                    qat_steps, no_report, threads, serving):
     """Export an HF model folder to INT4 model packages for one target, each with a report.
 
@@ -53,7 +56,7 @@ def export_command(model_dir, target, fmt, out, name, algorithm, calibration, gg
     from distill.targets import UnknownTarget
 
     request = ExportRequest(src=model_dir, out=out, target=target, format=fmt, name=name, algorithm=algorithm,
-                            calibration=calibration, gguf_quant=gguf_quant, calibration_sequences=calibration_sequences,
+                            calibration=calibration, held_out=held_out, gguf_quant=gguf_quant, calibration_sequences=calibration_sequences,
                             qat_steps=qat_steps, measure=not no_report, threads=threads, serving=serving)
     try:
         packages = export(request, progress=lambda line: click.echo(line, err=True))

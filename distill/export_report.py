@@ -76,6 +76,7 @@ PROMPTS = (
     "To replace a worn bearing, the first step is",
 )
 NEW_TOKENS = 64
+HELD_OUT_MAX_TOKENS = 2048  # one forward pass of the fp32 source and of each package
 SPEED_TIMEOUT_S = 900  # a decode of 64 tokens never needs this long; a stuck one must not hang the export
 
 
@@ -90,6 +91,11 @@ class Reference:
 
 
 # -- the source ----------------------------------------------------------------
+def held_out_text(path: Path | None) -> str:
+    """The text perplexities are compared on: a site's own file, or the built-in prose."""
+    return HELD_OUT_TEXT if path is None else Path(path).read_text(encoding="utf-8", errors="replace")
+
+
 def reference_from_hf(src: Path, prompts=PROMPTS, text: str = HELD_OUT_TEXT, new_tokens: int = NEW_TOKENS) -> Reference:
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,7 +103,7 @@ def reference_from_hf(src: Path, prompts=PROMPTS, text: str = HELD_OUT_TEXT, new
 
     tokenizer = Tokenizer.from_file(str(Path(src) / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    text_ids = tokenizer.encode(text).ids
+    text_ids = tokenizer.encode(text).ids[:HELD_OUT_MAX_TOKENS]
     prompt_ids = [tokenizer.encode(p).ids for p in prompts]
     with torch.no_grad():
         logits = model(torch.tensor([text_ids])).logits[0].numpy()
@@ -263,7 +269,8 @@ def build_report(request, profile, fmt, folder, quantization, reference, metrics
         "size_vs_fp32": model_bytes / fp32_bytes, "size_vs_fp16": model_bytes / (fp32_bytes / 2),
         "perplexity_fp32": reference.perplexity, "perplexity_int4": metrics["perplexity"],
         "perplexity_ratio": metrics["perplexity"] / reference.perplexity,
-        "held_out_tokens": len(reference.text_ids), "prompts": len(reference.prompt_ids),
+        "held_out_tokens": len(reference.text_ids),
+        "held_out_text": request.held_out.name if request.held_out else "built-in English prose", "prompts": len(reference.prompt_ids),
         "new_tokens": len(reference.greedy[0]) if reference.greedy else 0,
         **{k: v for k, v in metrics.items() if k != "perplexity"},
         "machine": _machine(),
@@ -306,7 +313,7 @@ def render_markdown(r: dict) -> str:
         f"| model files | {r['model_bytes'] * mb:.1f} MB |",
         f"| fp32 / fp16 source | {r['fp32_bytes'] * mb:.1f} MB / {r['fp16_bytes'] * mb:.1f} MB |",
         f"| size vs fp32 / fp16 | {r['size_vs_fp32']:.3f}x / {r['size_vs_fp16']:.3f}x |",
-        f"| held-out perplexity fp32 -> INT4 ({r['held_out_tokens']} tokens) | {r['perplexity_fp32']:.3f} -> "
+        f"| held-out perplexity fp32 -> INT4 ({r['held_out_tokens']} tokens of {r.get('held_out_text', 'built-in prose')}) | {r['perplexity_fp32']:.3f} -> "
         f"{r['perplexity_int4']:.3f} ({r['perplexity_ratio']:.3f}x) |",
         f"| greedy agreement with the source (teacher-forced, {r['prompts']} prompts x {r['new_tokens']} tokens) | "
         f"{r['greedy_agreement']:.1%} |",

@@ -29,6 +29,7 @@ class ExportRequest:
     name: str | None = None  # model name in the manifests [default: the source folder's name]
     algorithm: str = "rtn"  # rounding, one of distill.export.ALGORITHMS
     calibration: Path | None = None  # gptq, qat, imatrix: a text file to calibrate on [default: the model's own answers]
+    held_out: Path | None = None  # a text file to compare perplexities on [default: export_report.HELD_OUT_TEXT]
     gguf_quant: str | None = None  # llama.cpp type instead of the target's (distill/targets.py), e.g. Q4_0
     calibration_sequences: int | None = None  # [default: distill.calibration.CALIBRATION_SEQUENCES, by algorithm]
     qat_steps: int | None = None  # [default: distill.qat.STEPS]

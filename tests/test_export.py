@@ -271,10 +271,17 @@ def test_models_add_refuses_a_corrupted_package(cpu_packages, home, tmp_path):
 @pytest.mark.slow
 def test_cli_export_writes_a_measured_package_with_its_report(tiny_hf, tmp_path, home):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(export_command, [str(tiny_hf), "--target", "arm", "--format", "gguf", "--out", str(out)])
+    code = tmp_path / "site-code.py"  # the kind of text the box will see, not the built-in prose
+    code.write_text("".join(f"def area_{i}(width, height):\n    return width * height * {i}\n\n" for i in range(12)))
+    result = CliRunner().invoke(export_command, [str(tiny_hf), "--target", "arm", "--format", "gguf", "--out", str(out),
+                                                 "--held-out", str(code)])
     assert result.exit_code == 0, result.output
     package = out / "tiny-arm-gguf"
     report = json.loads((package / "report.json").read_text())
+    from tokenizers import Tokenizer
+
+    assert report["held_out_tokens"] == len(Tokenizer.from_file(str(tiny_hf / "tokenizer.json")).encode(code.read_text()).ids)
+    assert report["held_out_text"] == "site-code.py"
     assert report["quantization"] == "IQ4_NL" and report["model_bytes"] < report["fp32_bytes"] / 3
     assert report["perplexity_fp32"] > 1 and report["perplexity_int4"] > 1
     assert 0 <= report["greedy_agreement"] <= 1 and report["decode_tokens_per_s"] > 0 and report["peak_rss_mb"] > 0

@@ -9,9 +9,9 @@
 #   gpu_run_qwen2.sh part           # once per carry folder, carry [".dq/cNN"]: its files go to /tmp/dq
 #   gpu_run_qwen2.sh start          # with the last folder: join, check, install, start the pipeline in the background
 #   gpu_run_qwen2.sh wait SECONDS   # until the pipeline ends or SECONDS pass; its reports and log go to $OUT
-#   gpu_run_qwen2.sh bring N        # call N (0, 1, ...) of bringing the GGUF package back: 8 pieces of 15 MiB
+#   gpu_run_qwen2.sh bring N [S]    # call N (0, 1, ...) of bringing the GGUF package back: 8 pieces of 15 MiB
 #                                   # (what one call returns) to $OUT; join them here in order and check the
-#                                   # manifest's sha256 before serving it
+#                                   # manifest's sha256 before serving it; waits up to S s (500) for the package
 #
 # The pipeline runs detached (setsid) so that it can outlast one 10-minute call: teacher -> HF folder, samples
 # from the teacher on coding prompts (GEN_SECONDS), a short probe that sizes the run to TRAIN_SECONDS, the
@@ -84,8 +84,11 @@ pipeline)
   ( [ -n "${SKIP_EXPORTS:-}" ] && exit  # SKIP_EXPORTS: train and score only, when the lease is short
     while [ ! -f "$RUN/student/tokenizer_config.json" ]; do [ -f "$Q/train.ended" ] && exit; sleep 5; done; sleep 10
     log "export: GGUF (imatrix) and ONNX (HQQ) of the student, while the baseline trains"
-    timeout 600 python3 -m distill.export_cli "$RUN/student" --target cpu --format gguf --algorithm imatrix --out "$P/imatrix" --name student --threads "$THREADS" > "$Q/export-gguf.log" 2>&1 &
-    timeout 600 python3 -m distill.export_cli "$RUN/student" --target cpu --format onnx --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" > "$Q/export-onnx.log" 2>&1
+    # Both judged on held-out real code (the run's own split), the importance matrix calibrated on training code.
+    python3 -m bench.distill_qwen2 texts "$Q/corpus" --out "$Q/texts"
+    TEXTS=(--held-out "$Q/texts/heldout.txt")
+    timeout 600 python3 -m distill.export_cli "$RUN/student" --target cpu --format gguf --algorithm imatrix --out "$P/imatrix" --name student --threads "$THREADS" "${TEXTS[@]}" --calibration "$Q/texts/calibration.txt" > "$Q/export-gguf.log" 2>&1 &
+    timeout 600 python3 -m distill.export_cli "$RUN/student" --target cpu --format onnx --algorithm hqq --out "$P/hqq" --name student --threads "$THREADS" "${TEXTS[@]}" > "$Q/export-onnx.log" 2>&1
     wait; for f in "$Q"/export-gguf.log "$Q"/export-onnx.log; do quiet < "$f" | tail -12; done
     log "exports ended" ) > "$Q/export.log" 2>&1 &
   python3 -m distill train "${COMMON[@]}" "${DATA[@]}" --out-dir "$RUN" --max-steps "$STEPS" --baseline 2>&1 | quiet | tail -30
@@ -105,10 +108,13 @@ wait)
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
   ;;
 bring)
-  N=${2:?call number}; G=$(ls "$P"/imatrix/*.gguf | head -1)
+  # Callable once the GGUF package is complete (its manifest is written last), while the ONNX export still runs.
+  N=${2:?call number}; PKG=$P/imatrix/student-cpu-gguf; WAITED=0
+  while [ ! -f "$PKG/manifest.json" ] && [ "$WAITED" -lt "${3:-500}" ]; do sleep 5; WAITED=$(( WAITED + 5 )); done
+  G=$(ls "$PKG"/*.gguf | head -1) || { tail -5 "$Q/export-gguf.log"; exit 1; }
   [ -f "$Q/gguf.pieces" ] || { split -b 15M -d -a 3 "$G" "$Q/gguf.piece." && ls "$Q"/gguf.piece.* > "$Q/gguf.pieces"; }
   sed -n "$(( N * 8 + 1 )),$(( N * 8 + 8 ))p" "$Q/gguf.pieces" | xargs -r cp -t "$OUT/"
-  [ "$N" = 0 ] && cp "$P"/imatrix/manifest.json "$P"/imatrix/report.* "$OUT/" 2>/dev/null
+  [ "$N" = 0 ] && cp "$PKG"/manifest.json "$PKG"/report.* "$OUT/" 2>/dev/null
   echo "$(basename "$G"): $(wc -l < "$Q/gguf.pieces") pieces, $(( ($(wc -l < "$Q/gguf.pieces") + 7) / 8 )) calls; this one: $(ls "$OUT" | tr '\n' ' ')"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
