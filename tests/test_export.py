@@ -343,3 +343,22 @@ def test_hqq_stores_whole_zero_points_that_the_fast_kernel_reads_and_fits_closer
         want = x @ held.T
         np.testing.assert_allclose(session.run(None, {"x": x})[0], want, rtol=0, atol=0.02 * np.abs(want).max())
     assert errors["hqq"] < 0.98 * errors["rtn"], errors  # measured: 0.952 of min-max RTN's squared error
+
+
+def test_torchs_steps_run_on_the_exports_threads_and_give_them_back(tiny_hf, tmp_path, monkeypatch):
+    import torch
+
+    import distill.export_report as export_report
+
+    seen = []
+
+    def measured(src, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stopped after the first torch step")
+
+    monkeypatch.setattr(export_report, "reference_from_hf", measured)
+    before = torch.get_num_threads()
+    request = ExportRequest(src=tiny_hf, out=tmp_path, target="cpu", format="gguf", threads=before + 1)
+    with pytest.raises(ExportError, match="measure the fp32 source"):
+        export(request, progress=lambda line: None)
+    assert seen == [before + 1] and torch.get_num_threads() == before

@@ -9,7 +9,7 @@
 #   gpu_run_qwen2.sh part           # once per carry folder, carry [".dq/cNN"]: its files go to /tmp/dq
 #   gpu_run_qwen2.sh start          # with the last folder: join, check, install, start the pipeline in the background
 #   gpu_run_qwen2.sh wait SECONDS   # until the pipeline ends or SECONDS pass; its reports and log go to $OUT
-#   gpu_run_qwen2.sh bring N [S]    # call N (0, 1, ...) of bringing the GGUF package back: 8 pieces of 15 MiB
+#   gpu_run_qwen2.sh bring N [S]    # call N (0, 1, ...) of bringing the GGUF package back: 4 pieces of 15 MiB
 #                                   # (what one call returns) to $OUT; join them here in order and check the
 #                                   # manifest's sha256 before serving it; waits up to S s (500) for the package
 #
@@ -113,9 +113,9 @@ bring)
   while [ ! -f "$PKG/manifest.json" ] && [ "$WAITED" -lt "${3:-500}" ]; do sleep 5; WAITED=$(( WAITED + 5 )); done
   G=$(ls "$PKG"/*.gguf | head -1) || { tail -5 "$Q/export-gguf.log"; exit 1; }
   [ -f "$Q/gguf.pieces" ] || { split -b 15M -d -a 3 "$G" "$Q/gguf.piece." && ls "$Q"/gguf.piece.* > "$Q/gguf.pieces"; }
-  sed -n "$(( N * 8 + 1 )),$(( N * 8 + 8 ))p" "$Q/gguf.pieces" | xargs -r cp -t "$OUT/"
+  sed -n "$(( N * 4 + 1 )),$(( N * 4 + 4 ))p" "$Q/gguf.pieces" | xargs -r cp -t "$OUT/"  # a call returns about 64 MiB
   [ "$N" = 0 ] && cp "$PKG"/manifest.json "$PKG"/report.* "$OUT/" 2>/dev/null
-  echo "$(basename "$G"): $(wc -l < "$Q/gguf.pieces") pieces, $(( ($(wc -l < "$Q/gguf.pieces") + 7) / 8 )) calls; this one: $(ls "$OUT" | tr '\n' ' ')"
+  echo "$(basename "$G"): $(wc -l < "$Q/gguf.pieces") pieces, $(( ($(wc -l < "$Q/gguf.pieces") + 3) / 4 )) calls; this one: $(ls "$OUT" | tr '\n' ' ')"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
