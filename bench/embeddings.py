@@ -60,11 +60,11 @@ def _ranks(values: list[float]) -> np.ndarray:
 class Served:
     """The service's /v1/embeddings over loopback HTTP."""
 
-    def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}/v1/embeddings"
+    def __init__(self, port: int, model: str = MODEL):
+        self.url, self.model = f"http://127.0.0.1:{port}/v1/embeddings", model
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        body = json.dumps({"model": MODEL, "input": texts}).encode()
+        body = json.dumps({"model": self.model, "input": texts}).encode()
         request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=300) as response:
             data = json.loads(response.read())["data"]
@@ -106,11 +106,12 @@ class Reference:
             return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
 
 
-def engine(threads: int, gguf: Path):
-    """llama.cpp alone on the converted file: what the service adds is the difference."""
+def engine(threads: int, path: Path, fmt: str = "gguf"):
+    """The engine alone on the served model's file (llama.cpp's, or ONNX Runtime's package folder): what the
+    service adds is the difference."""
     from appliance.backends.embedding import create_embedder
 
-    backend = create_embedder("gguf", gguf, threads=threads, context_length=512)
+    backend = create_embedder(fmt, path, threads=threads, context_length=512)
     backend.load()
 
     def embed(texts: list[str]) -> None:
@@ -172,7 +173,7 @@ def report(data: dict, command: str) -> str:
         f"{v['reference']['median']:.1f} | {v['served_vs_reference']['median']:.2f}x "
         f"({v['served_vs_reference']['middle_half'][0]:.2f}-{v['served_vs_reference']['middle_half'][1]:.2f}) "
         f"{v['served_vs_reference']['verdict']} |" for b, v in s.items())
-    return f"""# Embeddings: served all-MiniLM-L6-v2 (GGUF {bundled_embedding.GGUF_TYPE}, llama.cpp) against the fp32 model
+    return f"""# Embeddings: served {data['served_model']} against the fp32 model
 
 Reference: {data['reference']}; {data['threads']} threads on both sides; load average at the start {data['load_avg']}.
 
@@ -200,10 +201,29 @@ Reproduce: `{command}`
 """
 
 
+def served_model_of(package: Path | None, home: Path) -> tuple[dict, str]:
+    """The model the service is asked for: the bundled GGUF, or a package registered in the bench's data folder."""
+    if package is None:
+        return ({"name": MODEL, "path": home / "converted" / bundled_embedding.GGUF_NAME, "format": "gguf", "label": None},
+                f"all-MiniLM-L6-v2 (GGUF {bundled_embedding.GGUF_TYPE}, llama.cpp)")
+    from models.manifest import read_manifest
+    from models.registry import add_package
+
+    manifest = read_manifest(package)
+    add_package(package, home=home)
+    path = package / manifest.file(".gguf").path if manifest.format == "gguf" else package
+    engine_name = "ONNX Runtime" if manifest.format == "onnx" else "llama.cpp"
+    return ({"name": manifest.name, "path": path, "format": manifest.format,
+             "label": f"{manifest.format}-{manifest.quantization.lower()}"},
+            f"{manifest.name} ({manifest.format.upper()} {manifest.quantization}, {engine_name}, package)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--package", type=Path, help="serve this embedding package (e.g. distill.export_embedding "
+                                                     "--format onnx) instead of the bundled GGUF")
     args = parser.parse_args(argv)
     import os
     import tempfile
@@ -214,16 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="minilm-fp32-"))
     zipfile.ZipFile(source).extractall(folder)
     home = Path(tempfile.mkdtemp(prefix="bench-home-"))
+    served_model, label = served_model_of(args.package, home)
     proc, port = start_service(args.threads, extra_env={"APPLIANCE_HOME": str(home)})
     try:
-        served = Served(port)
+        served = Served(port, served_model["name"])
         served.embed(["warm up: converts and loads the model"])
         pairs = read_pairs()
         reference = Reference(folder, args.threads)
         texts = sorted({t for _, a, b in pairs for t in (a, b)})[:SPEED_SENTENCES]
-        sides = {"served": served.embed, "engine": engine(args.threads, home / "converted" / bundled_embedding.GGUF_NAME),
+        sides = {"served": served.embed, "engine": engine(args.threads, served_model["path"], served_model["format"]),
                  "reference": lambda batch: reference.embed(batch, batch=32)}
-        data = {"reference": reference.name, "threads": args.threads, "rounds": args.rounds,
+        data = {"served_model": label, "reference": reference.name, "threads": args.threads, "rounds": args.rounds,
                 "speed_sentences": len(texts), "load_avg": [round(x, 2) for x in os.getloadavg()],
                 "quality": quality(served, reference, pairs), "speed": speed(sides, texts, args.rounds)}
         data["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -232,11 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         proc.wait(30)
     command = command_line("embeddings", argv)
     q, s = data["quality"], data["speed"]
-    figure = (f"Spearman {q['spearman']} vs fp32; {s['batch_1']['served_vs_reference']['median']}x / "
+    figure = (f"{label}: Spearman {q['spearman']} vs fp32; {s['batch_1']['served_vs_reference']['median']}x / "
               f"{s['batch_32']['served_vs_reference']['median']}x sentence-transformers at batch 1 / 32")
     run = record("embeddings", about=__doc__.splitlines()[0],
                  goal="Spearman >= 0.99 vs fp32; >= 1.0x sentence-transformers sentences/s at batch 1 and 32",
-                 figure=figure, command=command, report=report(data, command), data=data, inputs=[PAIRS])
+                 figure=figure, command=command, report=report(data, command), data=data, inputs=[PAIRS],
+                 label=served_model["label"])
     print(f"{figure}\n{run}")
 
 

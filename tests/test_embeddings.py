@@ -256,3 +256,17 @@ def test_a_name_is_never_swapped_to_a_model_of_another_kind(ebox):
     error = assert_openai_error(r, 400, "model_kind_mismatch", "package")
     assert "same kind" in error["message"]
     assert ebox.state.models.get("fake").name == "fake"
+
+
+def test_an_onnx_embedding_batch_runs_in_groups_of_similar_length_within_the_limits():
+    pytest.importorskip("onnxruntime")
+    from appliance.backends.onnx_embedding import RUN_ROWS, RUN_TOKENS, _runs
+
+    lengths = [5, 300, 7, 512, 6, 290, 512, 8] + [10] * 40
+    groups = _runs([[1] * n for n in lengths])
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))  # each input once
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert len(group) <= RUN_ROWS and len(group) * longest <= RUN_TOKENS
+    ordered = [lengths[i] for group in groups for i in group]
+    assert ordered == sorted(ordered)  # shortest first: rows of one run differ little

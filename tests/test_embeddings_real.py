@@ -203,3 +203,57 @@ def test_the_pipeline_exports_an_int8_package_that_the_box_serves(tmp_path):
         assert chat.status_code == 200 and chat.json()["model"] == "smollm2-135m-instruct"
     finally:
         svc.stop()
+
+
+def test_the_pipeline_exports_an_onnx_package_that_onnx_runtime_serves_like_fp32(tmp_path):
+    """distill.export_embedding --format onnx: the graph with its pooling, F32; its vectors against fp32 transformers
+    (cosine >= 0.9999, the same tokens), the same alone as in a batch of mixed lengths, and served by a box whose
+    default model is the package, asked with the openai client."""
+    import json
+    import zipfile
+
+    import numpy as np
+    import openai
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from appliance.backends.embedding import create_embedder
+    from distill.export_embedding import export
+    from models.manifest import read_manifest
+
+    folder = export(bundled_embedding.source_zip(), tmp_path / "pkg", "minilm-onnx", "F32", fmt="onnx")
+    manifest = read_manifest(folder)
+    assert manifest.kind == "embedding" and manifest.format == "onnx" and manifest.quantization == "F32"
+    assert json.loads((folder / "report.json").read_text())["min_cosine_vs_fp32"] >= 0.9999
+
+    hf = tmp_path / "hf"
+    zipfile.ZipFile(bundled_embedding.source_zip()).extractall(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    engine = create_embedder("onnx", folder, threads=2, context_length=512)
+    engine.load()
+    try:
+        assert [engine.tokenize(s) for s in SENTENCES] == [tokenizer(s)["input_ids"] for s in SENTENCES]
+        rows = engine.embed([engine.tokenize(s) for s in SENTENCES])
+        ours = np.frombuffer(rows, dtype="<f4").reshape(len(SENTENCES), -1)
+        alone = np.stack([np.frombuffer(engine.embed([engine.tokenize(s)]), dtype="<f4") for s in SENTENCES])
+    finally:
+        engine.close()
+    model = AutoModel.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+    assert (ours * reference).sum(axis=1).min() >= 0.9999
+    assert (ours * alone).sum(axis=1).min() >= 0.9999  # padding in a batch changes no vector
+
+    svc = start_service(tmp_path / "home", extra_env={"APPLIANCE_MODEL": str(folder)})
+    try:
+        client = openai.OpenAI(base_url=svc.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+        served = client.embeddings.create(model="minilm-onnx", input=SENTENCES[:3])
+        assert served.model == "minilm-onnx" and len(served.data) == 3
+        assert min(cosine(d.embedding, r) for d, r in zip(served.data, reference[:3].tolist())) >= 0.9999
+        with pytest.raises(openai.BadRequestError):  # still an embedding model: no chat
+            client.chat.completions.create(model="minilm-onnx", messages=[{"role": "user", "content": "Hi"}])
+    finally:
+        svc.stop()

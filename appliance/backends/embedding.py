@@ -16,6 +16,7 @@ from appliance.backends.registry import resolve
 # model format -> "module:Class", imported only when an embedding model of that format is loaded
 _REGISTRY: dict[str, str | type[EmbeddingBackend]] = {
     "gguf": "appliance.backends.llama_cpp:LlamaCppEmbedder",
+    "onnx": "appliance.backends.onnx_embedding:OnnxEmbedder",
 }
 
 
