@@ -141,6 +141,19 @@ def test_the_converted_gguf_is_cached_and_verified(embedding_service):
 
 
 # -- the converter against the fp32 model --------------------------------------------------------------------
+def fp32_vectors(folder, tokenizer):
+    """SENTENCES through the fp32 safetensors in transformers, mean-pooled and normalised: sentence-transformers' math."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+
+
 @pytest.mark.parametrize("out_type", ["F32", "F16"])
 def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path, out_type):
     """GGUF (the bundled F32, and F16) through llama.cpp against the fp32 safetensors in transformers with mean
@@ -148,8 +161,7 @@ def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path, o
     import zipfile
 
     import numpy as np
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from appliance.backends.embedding import create_embedder
     from models.embedding_gguf import convert
@@ -166,13 +178,7 @@ def test_the_converted_model_matches_fp32_sentence_transformers_math(tmp_path, o
         ours = np.frombuffer(engine.embed([engine.tokenize(s) for s in SENTENCES]), dtype="<f4").reshape(len(SENTENCES), -1)
     finally:
         engine.close()
-    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
-    assert (ours * reference).sum(axis=1).min() >= 0.999
+    assert (ours * fp32_vectors(folder, tokenizer)).sum(axis=1).min() >= 0.999
 
 
 # -- the pipeline's package --------------------------------------------------------------------------------
@@ -214,8 +220,7 @@ def test_the_pipeline_exports_an_onnx_package_that_onnx_runtime_serves_like_fp32
 
     import numpy as np
     import openai
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from appliance.backends.embedding import create_embedder
     from distill.export_embedding import export
@@ -238,12 +243,7 @@ def test_the_pipeline_exports_an_onnx_package_that_onnx_runtime_serves_like_fp32
         alone = np.stack([np.frombuffer(engine.embed([engine.tokenize(s)]), dtype="<f4") for s in SENTENCES])
     finally:
         engine.close()
-    model = AutoModel.from_pretrained(hf, dtype=torch.float32).eval()
-    with torch.no_grad():
-        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+    reference = fp32_vectors(hf, tokenizer)
     assert (ours * reference).sum(axis=1).min() >= 0.9999
     assert (ours * alone).sum(axis=1).min() >= 0.9999  # padding in a batch changes no vector
 
