@@ -41,7 +41,7 @@ class OnnxEmbedder(EmbeddingBackend):
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
             self._session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # a missing file, bad JSON, or ONNX Runtime's own exception types
             raise BackendError(f"ONNX Runtime could not load the embedding package {folder}: {exc}") from None
         # The box checks each input's length itself: the tokenizer's own padding or truncation would hide it.
         self._tokenizer.no_padding()
@@ -53,7 +53,8 @@ class OnnxEmbedder(EmbeddingBackend):
         self._pad = int(config.get("pad_token_id") or 0)
         info = {"backend": self.name, "architecture": config.get("model_type"), "threads": self.threads,
                 "file": str(folder / "model.onnx"), "dimensions": self._dims, "pooling": "in the graph"}
-        return ModelFacts(context_length=self._context, n_slots=MAX_SEQUENCES, n_batch=self._context * MAX_SEQUENCES,
+        # A step of the runner's loop is a few runs at most, so a small request waits little behind a big one.
+        return ModelFacts(context_length=self._context, n_slots=MAX_SEQUENCES, n_batch=max(RUN_TOKENS, self._context),
                           n_vocab=self._tokenizer.get_vocab_size(with_added_tokens=True), info=info)
 
     def close(self) -> None:
@@ -64,7 +65,7 @@ class OnnxEmbedder(EmbeddingBackend):
 
     def embed(self, sequences: list[list[int]]) -> bytes:
         if len(sequences) > MAX_SEQUENCES or any(len(s) > self._context for s in sequences):
-            raise BackendError(f"an embedding batch holds at most {MAX_SEQUENCES} inputs of {self._context} tokens")
+            raise BackendError(f"an embedding batch holds at most {MAX_SEQUENCES} inputs of {self._context} tokens each")
         vectors = np.empty((len(sequences), self._dims), dtype=np.float32)
         for rows in _runs(sequences):
             vectors[rows] = self._run([sequences[i] for i in rows])
