@@ -206,16 +206,15 @@ def served_model_of(package: Path | None, home: Path) -> tuple[dict, str]:
     if package is None:
         return ({"name": MODEL, "path": home / "converted" / bundled_embedding.GGUF_NAME, "format": "gguf", "label": None},
                 f"all-MiniLM-L6-v2 (GGUF {bundled_embedding.GGUF_TYPE}, llama.cpp)")
-    from models.manifest import read_manifest
+    from models.catalog import find_model
     from models.registry import add_package
 
-    manifest = read_manifest(package)
-    add_package(package, home=home)
-    path = package / manifest.file(".gguf").path if manifest.format == "gguf" else package
-    engine_name = "ONNX Runtime" if manifest.format == "onnx" else "llama.cpp"
-    return ({"name": manifest.name, "path": path, "format": manifest.format,
-             "label": f"{manifest.format}-{manifest.quantization.lower()}"},
-            f"{manifest.name} ({manifest.format.upper()} {manifest.quantization}, {engine_name}, package)")
+    manifest = add_package(package, home=home)
+    entry = find_model(manifest.name, home=home)  # the file its engine opens, as the service finds it
+    engine_name = "ONNX Runtime" if entry.format == "onnx" else "llama.cpp"
+    return ({"name": entry.name, "path": entry.path, "format": entry.format,
+             "label": f"{entry.format}-{manifest.quantization.lower()}"},
+            f"{entry.name} ({entry.format.upper()} {manifest.quantization}, {engine_name}, package)")
 
 
 def main(argv: list[str] | None = None) -> None:
