@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 
+import numpy as np
+
 from appliance.backends.base import ModelFacts
 from appliance.backends.registry import resolve
 
@@ -44,6 +46,12 @@ class EmbeddingBackend(abc.ABC):
     @abc.abstractmethod
     def embed(self, sequences: list[list[int]]) -> bytes:
         """One vector per sequence, pooled and L2-normalised: float32 little-endian, one after another."""
+
+
+def normalised_bytes(vectors: np.ndarray) -> bytes:
+    """Pooled vectors (one per row) as ``embed`` returns them: L2-normalised float32 little-endian."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype("<f4").tobytes()
 
 
 def register_embedder(model_format: str, backend: str | type[EmbeddingBackend]) -> None:

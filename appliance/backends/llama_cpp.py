@@ -25,7 +25,7 @@ from llama_cpp import _logger as llama_logger  # noqa: E402
 
 from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, banned_or,
                                      token_logprob)
-from appliance.backends.embedding import EmbeddingBackend
+from appliance.backends.embedding import EmbeddingBackend, normalised_bytes
 from appliance.backends.llama_report import captured_log, load_report
 from appliance.grammar import apply_mask
 from models.formats import GGUF_FILE_TYPES
@@ -397,8 +397,7 @@ class LlamaCppEmbedder(EmbeddingBackend):
         # A pooled vector's pointer is valid only until the next decode: copied out at once.
         vectors = np.array([np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(self._ctx, seq), shape=(self._dims,))
                             for seq in range(len(sequences))], dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.maximum(norms, 1e-12)).astype("<f4").tobytes()
+        return normalised_bytes(vectors)
 
 
 POOLING_NAMES = {llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean",

@@ -5,8 +5,9 @@ them) and returns one pooled, L2-normalised vector per row, as ``embeddings``: t
 graph at export, as the model's sentence-transformers config says. This side pads, runs and normalises again.
 
 ONNX Runtime pads every row of a run to the longest one, so a batch is run in rows of similar length: sorted
-by length and cut into groups of at most ``RUN_ROWS`` rows and ``RUN_TOKENS`` padded tokens. Its matrix products beat llama.cpp's F32 ones on an AVX2 CPU,
-where a GGUF model was slower than sentence-transformers at batch 32 (bench/results/embeddings).
+by length and cut into groups of at most ``RUN_ROWS`` rows and ``RUN_TOKENS`` padded tokens. Its matrix products
+beat llama.cpp's F32 ones on an AVX2 CPU, where a GGUF model was slower than sentence-transformers at batch 32
+(bench/results/embeddings).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import onnxruntime as ort  # imported here: a box without the [onnx] extra gets 
 from tokenizers import Tokenizer
 
 from appliance.backends.base import BackendError, ModelFacts
-from appliance.backends.embedding import EmbeddingBackend
+from appliance.backends.embedding import EmbeddingBackend, normalised_bytes
 
 MAX_SEQUENCES = 128  # most inputs one embed call takes, as the GGUF embedder
 RUN_ROWS = 32  # rows of one ONNX Runtime run: similar lengths, little padding
@@ -69,8 +70,7 @@ class OnnxEmbedder(EmbeddingBackend):
         vectors = np.empty((len(sequences), self._dims), dtype=np.float32)
         for rows in _runs(sequences):
             vectors[rows] = self._run([sequences[i] for i in rows])
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.maximum(norms, 1e-12)).astype("<f4").tobytes()
+        return normalised_bytes(vectors)
 
     def _run(self, rows: list[list[int]]) -> np.ndarray:
         ids = np.full((len(rows), max(map(len, rows))), self._pad, dtype=np.int64)
