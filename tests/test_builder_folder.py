@@ -32,7 +32,7 @@ from models.manifest import read_manifest, verify_files  # noqa: E402
 from models.registry import add_package  # noqa: E402
 from tests.helpers import ServedModel, start_service  # noqa: E402
 from tests.onnx_models import build_tiny_llama, build_with_genai_builder  # noqa: E402
-from tests.test_onnx_backend import Run, greedy, loaded  # noqa: E402
+from tests.test_onnx_backend import Run, greedy, loaded, run_together  # noqa: E402
 
 QUESTIONS = ["The quick brown fox", "Grüße aus Köln, ein Würfel, ein Bär, ein Fluss.", "Numbers: 1 2 3",
              "Edge boxes answer questions offline, token by token, and emoji 🙂🚀."]
@@ -82,6 +82,11 @@ class RecordingBinding:
         if name == "input_ids":
             self.input_ids_shape = tuple(value.shape)
         self.binding.bind_cpu_input(name, value)
+
+    def bind_ortvalue_input(self, name, value):  # a batch decoding in place binds its tokens' array once
+        if name == "input_ids":
+            self.input_ids_shape = tuple(value.shape())
+        self.binding.bind_ortvalue_input(name, value)
 
 
 def genai_greedy(folder, prompt: list[int], n: int) -> list[int]:
@@ -135,6 +140,25 @@ def test_sequences_of_different_lengths_decode_in_one_run_with_the_tokens_each_g
     alone = [greedy(backend, p, n) for p in prompts]
     assert [run.engine.sampled[rid] for rid in range(4)] == alone
     assert alone == [genai_greedy(package, p, n)[:n] for p in prompts]
+
+
+@pytest.mark.slow
+def test_a_greedy_batch_decodes_through_its_bound_arrays_and_a_sampling_one_through_the_general_step(package):
+    """The steady state (the same greedy sequences again, room left in their arrays) skips step's general path,
+    which a sampled sequence still takes; the tokens are those each gets alone."""
+    n = 12
+    backend = loaded(package, slots=2, context_length=512)
+    bound_steps = []
+    real = backend._decode_bound
+    backend._decode_bound = lambda feeds: bound_steps.append(len(feeds)) or real(feeds)
+    assert run_together(backend, QUESTIONS[:2], n) == [greedy(backend, chat_tokens(backend, [
+        {"role": "user", "content": q}]), n) for q in QUESTIONS[:2]]
+    assert bound_steps[:n - 2] == [2] * (n - 2)  # the prefill and the first decode (which binds) go the long way
+    bound_steps.clear()
+    run = Run(backend, endless=True)
+    run.submit(0, SamplingParams(temperature=0.8, seed=3, max_tokens=n), QUESTIONS[0])
+    run.until_idle()
+    assert len(run.engine.sampled[0]) == n and bound_steps == []
 
 
 @pytest.mark.slow

@@ -79,7 +79,7 @@ class OnnxRuntimeBackend(Backend):
         self._session: ort.InferenceSession | None = None
         self._caches: dict[int, _Cache] = {}
         self._samplers: dict[int, SlotSampler] = {}
-        self._bound: tuple | None = None  # the batch decoding in place, its binding and its logits array
+        self._bound: _Bound | None = None  # the batch decoding in place on the CPU
 
     # -- lifecycle ---------------------------------------------------------
     def load(self) -> ModelFacts:
@@ -245,6 +245,8 @@ class OnnxRuntimeBackend(Backend):
         self._samplers[slot] = SlotSampler(params, self.requested_context_length)
 
     def step(self, feeds: list[Feed], masks: dict[int, np.ndarray] | None = None) -> dict[int, int]:
+        if not masks and self._bound is not None and self._bound.continues(feeds, self._caches, self._samplers):
+            return self._decode_bound(feeds)
         for feed in feeds:
             self._check(feed)
         masks = masks or {}
@@ -329,7 +331,31 @@ class OnnxRuntimeBackend(Backend):
             head, present = self._run(tokens, mask, positions, past, want)
         for row, (feed, pad, length) in enumerate(zip(feeds, pads, lengths)):
             self._caches[feed.slot] = _Cache(present, row, 0, length + 1) if right else _Cache(present, row, pad)
+        if self._bound is not None and self._bound.past is present:
+            self._bound.caches = [self._caches[f.slot] for f in feeds]
         return {feed.slot: _row(head, row) for row, feed in enumerate(feeds)}
+
+    def _decode_bound(self, feeds: list[Feed]) -> dict[int, int]:
+        """The steady state of a greedy batch on the CPU: the sequences that decoded in place last step, each with
+        room for one more token, decode again through the same binding; only their tokens and the mask change.
+        The general path (step's) costs 0.2-0.3 ms more a step, 4% of a small model's step on this box."""
+        bound = self._bound
+        caches = bound.caches
+        lengths = [c.size for c in caches]
+        bound.ids[:, 0] = [f.tokens[0] for f in feeds]
+        mask = bound.mask
+        for row, length in enumerate(lengths):  # each row's new token (a loop: fancy indexing costs 50 us here)
+            mask[row, length] = 1
+        binding = bound.binding
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask[:, : max(lengths) + 1]))
+        if self._graph.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.array(lengths, np.int64)[:, None])
+        self._run_bound(binding, len(feeds))
+        best = bound.logits[:, -1].argmax(-1).tolist()
+        for cache in caches:
+            cache.size += 1
+        self.logprobs = {}
+        return {feed.slot: self._samplers[feed.slot].sample(None, token) for feed, token in zip(feeds, best)}
 
     def _batched_past(self, caches: list[_Cache], slots: set[int]) -> tuple[list, list[int]]:
         """The past of a batch and each row's left padding."""
@@ -406,34 +432,26 @@ class OnnxRuntimeBackend(Backend):
                       past: list[np.ndarray], want: bool | None) -> tuple | None:
         """One decode step of a right-padded batch on the CPU whose new keys and values GroupQueryAttention writes
         into the past arrays themselves (past and present bound to the same memory); its head (see _run)."""
-        binding, logits = self._in_place_binding(past)
-        binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", mask)
+        if self._bound is None or self._bound.past is not past:
+            self._bound = _Bound.of(self.session, self._graph, past)
+        bound = self._bound
+        bound.ids[:, 0] = [tokens[0] for tokens in input_ids]
+        bound.mask[:, : mask.shape[1]] = mask
+        bound.mask[:, mask.shape[1]:] = 0
+        bound.binding.bind_cpu_input("attention_mask", mask)
         if self._graph.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
+            bound.binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
+        self._run_bound(bound.binding, len(input_ids))
+        if want is None:
+            return None
+        last = bound.logits[:, -1]
+        return (last.astype(np.float32) if want else None), last.argmax(-1)
+
+    def _run_bound(self, binding: ort.IOBinding, rows: int) -> None:
         try:
             self.session.run_with_iobinding(binding)
         except ORT_ERRORS as exc:
-            raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
-        if want is None:
-            return None
-        last = logits[:, -1].astype(np.float32)
-        return (last if want else None), last.argmax(-1)
-
-    def _in_place_binding(self, past: list[np.ndarray]) -> tuple[ort.IOBinding, np.ndarray]:
-        """The binding of a batch's arrays as both past and present, and of an array for its logits, made once
-        while the same batch decodes: binding them anew, or wrapping every output (get_outputs), costs 1-2 ms
-        of a 15 ms step."""
-        if self._bound is None or self._bound[0] is not past:
-            graph, binding = self._graph, self.session.io_binding()
-            logits = np.empty((_shape(past[0])[0], 1, graph.vocab), graph.logits_dtype)
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-            for past_name, present_name, array in zip(graph.past_names, graph.present_names, past):
-                value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
-                binding.bind_ortvalue_input(past_name, value)
-                binding.bind_ortvalue_output(present_name, value)
-            self._bound = (past, binding, logits)
-        return self._bound[1], self._bound[2]
+            raise BackendError(f"onnxruntime failed a step of {rows} sequences: {exc}") from exc
 
     def _cache(self, slot: int) -> _Cache:
         if slot not in self._caches:
@@ -471,6 +489,42 @@ class _GraphSignature:
             check_graph_inputs({n: i.type for n, i in inputs.items()})
             self.kv_heads, self.head_dim = builder.kv_heads, builder.head_size  # the graph leaves head_dim symbolic
             self.vocab = builder.vocab_size
+
+
+class _Bound:
+    """A right-padded batch decoding in place on the CPU: its arrays bound as both past and present, and arrays
+    for its tokens and its logits, bound once while the same batch decodes (binding them anew, or wrapping every
+    output with get_outputs, costs 1-2 ms of a 15 ms step); its attention mask over the arrays' whole width, of
+    which a step binds the positions in use; and its slots' caches, row by row."""
+
+    def __init__(self, past: list[np.ndarray], binding: ort.IOBinding, ids: np.ndarray, logits: np.ndarray):
+        self.past, self.binding, self.ids, self.logits = past, binding, ids, logits
+        self.mask = np.zeros((ids.shape[0], _shape(past[0])[2]), np.int64)
+        self.caches: list[_Cache] = []
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession, graph: _GraphSignature, past: list[np.ndarray]) -> _Bound:
+        binding, rows = session.io_binding(), _shape(past[0])[0]
+        ids = np.zeros((rows, 1), np.int64)
+        logits = np.empty((rows, 1, graph.vocab), graph.logits_dtype)
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        for past_name, present_name, array in zip(graph.past_names, graph.present_names, past):
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        return cls(past, binding, ids, logits)
+
+    def continues(self, feeds: list[Feed], caches: dict[int, _Cache], samplers: dict[int, SlotSampler]) -> bool:
+        """Whether ``feeds`` are this batch's next greedy tokens, row by row, each with room left in the arrays."""
+        if len(feeds) != len(self.caches):
+            return False
+        width = _shape(self.past[0])[2]
+        for feed, cache in zip(feeds, self.caches):
+            if (caches.get(feed.slot) is not cache or len(feed.tokens) != 1 or feed.pos != cache.size
+                    or cache.size >= width or not feed.sample or feed.also or not samplers[feed.slot].greedy):
+                return False
+        return True
 
 
 class _ProviderDeclined(Exception):
@@ -659,6 +713,7 @@ class SlotSampler:
         self.last_n = context_length if params.repeat_last_n < 0 else params.repeat_last_n
         self.generated: list[int] = []
         self.logprob: TokenLogprob | None = None  # of the last sampled token, when the params ask
+        self.greedy = not self.needs_logits()  # the argmax is the token
 
     def needs_logits(self, mask: np.ndarray | None = None) -> bool:
         """Whether the next token needs the logits, not only their argmax."""

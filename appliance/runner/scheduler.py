@@ -378,6 +378,8 @@ class Scheduler:
 
 def drain(inbox: queue.Queue, handle: Callable[[object], None], block: bool) -> None:
     """Handle everything in a runner's inbox, first waiting for something to arrive if ``block``."""
+    if not block and inbox.empty():  # the usual case between two decode steps: no exception raised and caught
+        return
     try:
         item = inbox.get() if block else inbox.get_nowait()
         while True:
