@@ -162,6 +162,26 @@ def test_a_greedy_batch_decodes_through_its_bound_arrays_and_a_sampling_one_thro
 
 
 @pytest.mark.slow
+def test_the_served_graph_picks_its_logits_positions_and_scores_as_the_package_graph(package):
+    """The backend serves the builder's graph changed to run its LM head for the positions it reads
+    (ort_graphs.picking_logits): a prompt's head and every position's logits (scoring) equal the package graph's."""
+    import numpy as np
+    import onnxruntime as ort
+
+    backend = loaded(package, slots=1, context_length=512)
+    assert backend._graph.picks_logits
+    prompt = chat_tokens(backend, [{"role": "user", "content": QUESTIONS[1]}])
+    original = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([prompt], np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64)}
+    for i in original.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, backend._graph.kv_heads, 0, backend._graph.head_dim), np.float32)
+    everything = original.run(["logits"], feeds)[0][0]
+    np.testing.assert_allclose(backend.logits(prompt), everything, rtol=0, atol=1e-4)
+    assert greedy(backend, prompt, 1) == [int(everything[-1].argmax())]
+
+
+@pytest.mark.slow
 def test_prompt_prefilled_in_chunks_continues_as_one_prefill(package):
     """GroupQueryAttention's 'subsequent prompt' path: a chunk after a cached prefix (prefix reuse)."""
     backend = loaded(package, slots=2, context_length=512)

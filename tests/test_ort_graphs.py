@@ -39,3 +39,42 @@ def test_pack_and_head_graphs_equal_numpy(dtype):
     host_last, host_best = host.head(value, want_logits=True)
     assert np.array_equal(last, host_last) and np.array_equal(best, host_best) and best[1] == 4
     assert graphs.head(value, want_logits=False)[0] is None
+
+
+# -- the decoder graph changed to pick the positions whose logits it computes ---------------------------------------
+def _lm_head_graph(head_op: str = "MatMul", opset: int = 17) -> bytes:
+    """hidden [batch, seq, 4] -> logits [batch, seq, 6]: an LM head (MatMul) or something else (Identity)."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32), "w")
+    relu = helper.make_node("Relu", ["hidden"], ["h"])  # something before the head, as a final norm would be
+    head = (helper.make_node("MatMul", ["h", "w"], ["logits"]) if head_op == "MatMul"
+            else helper.make_node("Identity", ["h"], ["logits"]))
+    graph = helper.make_graph([relu, head], "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["b", "s", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_picking_logits_computes_the_chosen_positions_logits_as_the_whole_graph_does():
+    from appliance.backends.ort_graphs import LOGIT_POSITIONS, picking_logits
+
+    original = _lm_head_graph()
+    hidden = np.random.default_rng(0).standard_normal((3, 5, 4)).astype(np.float32)
+    everything = ort.InferenceSession(original, providers=["CPUExecutionProvider"]).run(None, {"hidden": hidden})[0]
+    picking = ort.InferenceSession(picking_logits(original), providers=["CPUExecutionProvider"])
+    assert LOGIT_POSITIONS in [i.name for i in picking.get_inputs()]
+    last = np.array([4, 0, 2])  # each row its own position, as right-padded prompts of different lengths
+    got = picking.run(None, {"hidden": hidden, LOGIT_POSITIONS: last.reshape(3, 1, 1)})[0]
+    assert got.shape == (3, 1, 6) and np.array_equal(got[:, 0], everything[np.arange(3), last])
+    every = np.tile(np.arange(5), (3, 1))[..., None]
+    assert np.array_equal(picking.run(None, {"hidden": hidden, LOGIT_POSITIONS: every})[0], everything)
+
+
+def test_picking_logits_leaves_a_graph_it_cannot_change_as_it_is():
+    from appliance.backends.ort_graphs import picking_logits
+
+    assert picking_logits(_lm_head_graph("Identity")) is None  # logits not straight from an LM head
+    assert picking_logits(_lm_head_graph(opset=11)) is None  # GatherND has no batch_dims before opset 12

@@ -25,6 +25,12 @@ A folder written by ONNX Runtime GenAI's model builder (``genai_config.json``,
 GroupQueryAttention) is served the same way: ``models.builder_folder`` reads
 its facts, and its caches are right-padded instead, as GroupQueryAttention
 wants (each row's positions first; its length is its attention mask's sum).
+On the CPU such a batch decodes in place (past and present the same arrays),
+and while the same greedy sequences go on, through the binding it made once.
+
+The session runs the package's graph changed by ``ort_graphs.picking_logits``
+where it applies: the LM head runs only for the positions whose logits are
+read (a prompt's last; every one when scoring), not for a whole prompt.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, TokenLogprob, banned_or,
                                      token_logprob)
 from appliance.backends.hf_tokenizer import HfTokenizer
-from appliance.backends.ort_graphs import concat_graph, head_graph, window_graph
+from appliance.backends.ort_graphs import LOGIT_POSITIONS, concat_graph, head_graph, picking_logits, window_graph
 from appliance.grammar import apply_mask
 from models.builder_folder import BuilderModel, check_graph_inputs, is_builder_folder, read_builder_model
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
@@ -142,7 +148,7 @@ class OnnxRuntimeBackend(Backend):
     def _session_for(self, folder: Path, provider: str) -> ort.InferenceSession:
         graph, options, cache = self._session_options(folder, provider)
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
+        session = ort.InferenceSession(graph, sess_options=options, providers=providers)
         if session.get_providers()[0] != PROVIDERS[provider]:
             # onnxruntime-gpu on a box without a usable GPU (no driver, no device, a CUDA library missing) starts
             # the session on the CPU instead, saying so only in its own log.
@@ -152,23 +158,31 @@ class OnnxRuntimeBackend(Backend):
         if cache is not None:
             # Renamed only once whole, so a start killed half-way never leaves a broken cache behind.
             Path(options.optimized_model_filepath).replace(cache)
+            for stale in cache.parent.glob(f"{GRAPH[:-5]}.{provider}.*"):  # older graphs or onnxruntime versions
+                if stale.name not in (cache.name, f"{cache.name}.data"):
+                    stale.unlink(missing_ok=True)
         return session
 
-    def _session_options(self, folder: Path, provider: str) -> tuple[Path, ort.SessionOptions, Path | None]:
+    def _session_options(self, folder: Path, provider: str) -> tuple[str | bytes, ort.SessionOptions, Path | None]:
+        """The graph a session starts from (the cached optimized one, else the package's, changed to pick its
+        logits' positions where it can), its options, and where its optimized graph is to be cached."""
         options = _base_options(self.threads)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         cached = _optimized_graph_path(folder, self.manifest.file(GRAPH).sha256, provider)
         if cached.exists():
             # Already optimized for this provider and onnxruntime version: skip the slow graph passes.
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return cached, options, None
+            return str(cached), options, None
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        graph = picking_logits((folder / GRAPH).read_bytes()) or str(folder / GRAPH)
+        if isinstance(graph, bytes):  # its external weights are still beside the package's graph
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         if not _writable(cached.parent):
-            return folder / GRAPH, options, None
+            return graph, options, None
         options.optimized_model_filepath = str(cached.with_suffix(".partial"))
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", cached.name + ".data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        return folder / GRAPH, options, cached
+        return graph, options, cached
 
     def _info(self, folder: Path) -> dict:
         return {
@@ -304,12 +318,19 @@ class OnnxRuntimeBackend(Backend):
         ids = [f.tokens + [0] * (width - len(f.tokens)) for f in feeds]
         mask = _right_padded_mask([len(f.tokens) - 1 for f in feeds], width)
         past = [np.repeat(v, len(feeds), axis=0) for v in self._empty_cache().values]
-        logits, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, every_position=True)
+        ends = [len(f.tokens) - 1 for f in feeds]
+        if self._graph.picks_logits:
+            want = None if all(w is None for w in wants) else any(wants)
+            head, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, want, last=ends)
+            lasts = [_row(head, row) for row in range(len(feeds))]
+        else:
+            logits, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, every_position=True)
+            lasts = [(logits[row, end], int(logits[row, end].argmax())) for row, end in enumerate(ends)]
         heads = {}
         for row, (feed, want) in enumerate(zip(feeds, wants)):
             self._caches[feed.slot] = _Cache(present, row, 0, len(feed.tokens))
-            last = logits[row, len(feed.tokens) - 1]
-            heads[feed.slot] = (None, None) if want is None else ((last if want else None), int(last.argmax()))
+            last, best = lasts[row]
+            heads[feed.slot] = (None, None) if want is None else ((last if want else None), best)
         return heads
 
     def _decode(self, feeds: list[Feed], wants: list) -> dict[int, tuple]:
@@ -395,18 +416,23 @@ class OnnxRuntimeBackend(Backend):
         return _Cache(self._helpers.pack([_Part(cache.values, [cache.row], cache.pad, end, 0)], end - cache.pad))
 
     def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
-             past: list, want: bool | None = None, every_position: bool = False) -> tuple:
+             past: list, want: bool | None = None, every_position: bool = False, last: list[int] | None = None) -> tuple:
         """One forward pass; its head and its present (left on the graph's device).
 
         The head: with ``want`` None nothing (a prompt chunk that samples nothing); else the argmax of each
-        sequence's last position (int64, a row per sequence) and, with ``want`` True, that position's logits
-        (float32, a row per sequence; else None). With ``every_position``, every position's logits (float32, on
-        the host) instead of a head."""
+        sequence's last position (``last``, by default the input's last; int64, a row per sequence) and, with
+        ``want`` True, that position's logits (float32, a row per sequence; else None). With ``every_position``,
+        every position's logits (float32, on the host) instead of a head."""
         graph, binding = self._graph, self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.array(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
         if graph.has_position_ids:
             binding.bind_cpu_input("position_ids", np.array(positions, dtype=np.int64))
+        if graph.picks_logits:  # the LM head runs for the positions whose logits are read, not for every one
+            width = len(input_ids[0])
+            picked = (np.tile(np.arange(width), (len(input_ids), 1)) if every_position
+                      else np.array(last if last is not None else [width - 1] * len(input_ids))[:, None])
+            binding.bind_cpu_input(LOGIT_POSITIONS, picked.astype(np.int64)[..., None])
         for name, value in zip(graph.past_names, past):
             _bind_input(binding, name, value)
         binding.bind_output("logits", "cpu" if every_position else self._device)
@@ -477,6 +503,7 @@ class _GraphSignature:
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.has_position_ids = "position_ids" in inputs
+        self.picks_logits = LOGIT_POSITIONS in inputs  # see ort_graphs.picking_logits
         first = inputs[self.past_names[0]]
         _, self.kv_heads, _, self.head_dim = first.shape
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
@@ -486,7 +513,7 @@ class _GraphSignature:
         self.right_padded = builder is not None
         self.batches_decodes = self.has_position_ids or self.right_padded
         if builder is not None:
-            check_graph_inputs({n: i.type for n, i in inputs.items()})
+            check_graph_inputs({n: i.type for n, i in inputs.items() if n != LOGIT_POSITIONS})  # that one is ours
             self.kv_heads, self.head_dim = builder.kv_heads, builder.head_size  # the graph leaves head_dim symbolic
             self.vocab = builder.vocab_size
 
@@ -508,6 +535,8 @@ class _Bound:
         ids = np.zeros((rows, 1), np.int64)
         logits = np.empty((rows, 1, graph.vocab), graph.logits_dtype)
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
+        if graph.picks_logits:  # a decode step's one position
+            binding.bind_ortvalue_input(LOGIT_POSITIONS, ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, 1), np.int64)))
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         for past_name, present_name, array in zip(graph.past_names, graph.present_names, past):
             value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
@@ -802,7 +831,8 @@ def _base_options(threads: int) -> ort.SessionOptions:
 
 
 def _optimized_graph_path(folder: Path, graph_sha256: str, provider: str) -> Path:
-    return folder / CACHE_DIR / f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.{graph_sha256[:12]}.onnx"
+    # "picking": made from the graph changed by ort_graphs.picking_logits (older caches lack that input).
+    return folder / CACHE_DIR / f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.{graph_sha256[:12]}.picking.onnx"
 
 
 def _writable(folder: Path) -> bool:
