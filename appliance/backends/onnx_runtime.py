@@ -304,12 +304,29 @@ class OnnxRuntimeBackend(Backend):
     def _prefill(self, feed: Feed, want) -> tuple:
         """One prompt chunk alone; the head of its last token (see _run)."""
         cache = self._cache(feed.slot)
-        past = self._detached(cache).values if cache.shared else cache.values
         n, total = len(feed.tokens), cache.length + len(feed.tokens)
+        if cache.length == 0 and self._in_place:
+            into = self._arrays_with_room(1, n)
+            head, _ = self._run([feed.tokens], np.ones((1, n), np.int64), [list(range(n))], into, want, into=into)
+            self._caches[feed.slot] = _Cache(into, 0, 0, n)
+            return _row(head, 0)
+        past = self._detached(cache).values if cache.shared else cache.values
         head, present = self._run([feed.tokens], np.ones((1, total), np.int64),
                                   [list(range(feed.pos, feed.pos + n))], past, want)
         self._caches[feed.slot] = _Cache(present)
         return _row(head, 0)
+
+    @property
+    def _in_place(self) -> bool:
+        """Whether GroupQueryAttention writes each step's keys and values into the past's own arrays (right-padded
+        batches on the CPU): prompts then go into arrays with room for the steps after them."""
+        return self._graph.right_padded and self._device == "cpu"
+
+    def _arrays_with_room(self, rows: int, width: int) -> list[np.ndarray]:
+        """Zeroed KV arrays for ``rows`` rows of up to ``width`` positions, and KV_HEADROOM more."""
+        graph = self._graph
+        shape = (rows, graph.kv_heads, width + KV_HEADROOM, graph.head_dim)
+        return [np.zeros(shape, graph.kv_dtype) for _ in graph.past_names]
 
     def _prefill_together(self, feeds: list[Feed], wants: list) -> dict[int, tuple]:
         """Whole prompts of empty slots in one run (right-padded: GroupQueryAttention attends each row over its own
@@ -317,14 +334,16 @@ class OnnxRuntimeBackend(Backend):
         width = max(len(f.tokens) for f in feeds)
         ids = [f.tokens + [0] * (width - len(f.tokens)) for f in feeds]
         mask = _right_padded_mask([len(f.tokens) - 1 for f in feeds], width)
-        past = [np.repeat(v, len(feeds), axis=0) for v in self._empty_cache().values]
+        into = self._arrays_with_room(len(feeds), width) if self._in_place else None
+        past = into or [np.repeat(v, len(feeds), axis=0) for v in self._empty_cache().values]
         ends = [len(f.tokens) - 1 for f in feeds]
         if self._graph.picks_logits:
             want = None if all(w is None for w in wants) else any(wants)
-            head, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, want, last=ends)
+            head, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, want, last=ends, into=into)
             lasts = [_row(head, row) for row in range(len(feeds))]
         else:
-            logits, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, every_position=True)
+            logits, present = self._run(ids, mask, [list(range(width))] * len(feeds), past, every_position=True,
+                                        into=into)
             lasts = [(logits[row, end], int(logits[row, end].argmax())) for row, end in enumerate(ends)]
         heads = {}
         for row, (feed, want) in enumerate(zip(feeds, wants)):
@@ -346,7 +365,7 @@ class OnnxRuntimeBackend(Backend):
         mask = _right_padded_mask(lengths, max(lengths) + 1) if right else _left_padded_mask(pads, _shape(past[0])[2] + 1)
         want = None if all(w is None for w in wants) else any(wants)
         tokens, positions = [f.tokens for f in feeds], [[f.pos] for f in feeds]
-        if right and self._device == "cpu":  # GroupQueryAttention writes into the past's own buffers: no copy a step
+        if self._in_place:  # GroupQueryAttention writes into the past's own buffers: no copy a step
             head, present = self._run_in_place(tokens, mask, positions, past, want), past
         else:
             head, present = self._run(tokens, mask, positions, past, want)
@@ -416,8 +435,10 @@ class OnnxRuntimeBackend(Backend):
         return _Cache(self._helpers.pack([_Part(cache.values, [cache.row], cache.pad, end, 0)], end - cache.pad))
 
     def _run(self, input_ids: list[list[int]], mask: np.ndarray, positions: list[list[int]],
-             past: list, want: bool | None = None, every_position: bool = False, last: list[int] | None = None) -> tuple:
-        """One forward pass; its head and its present (left on the graph's device).
+             past: list, want: bool | None = None, every_position: bool = False, last: list[int] | None = None,
+             into: list[np.ndarray] | None = None) -> tuple:
+        """One forward pass; its head and its present (left on the graph's device; with ``into``, host arrays bound
+        as both past and present, GroupQueryAttention writing into them).
 
         The head: with ``want`` None nothing (a prompt chunk that samples nothing); else the argmax of each
         sequence's last position (``last``, by default the input's last; int64, a row per sequence) and, with
@@ -433,20 +454,24 @@ class OnnxRuntimeBackend(Backend):
             picked = (np.tile(np.arange(width), (len(input_ids), 1)) if every_position
                       else np.array(last if last is not None else [width - 1] * len(input_ids))[:, None])
             binding.bind_cpu_input(LOGIT_POSITIONS, picked.astype(np.int64)[..., None])
-        for name, value in zip(graph.past_names, past):
-            _bind_input(binding, name, value)
         binding.bind_output("logits", "cpu" if every_position else self._device)
-        for name in graph.present_names:
-            binding.bind_output(name, self._device)  # the cache stays where the graph runs
+        if into is None:
+            for name, value in zip(graph.past_names, past):
+                _bind_input(binding, name, value)
+            for name in graph.present_names:
+                binding.bind_output(name, self._device)  # the cache stays where the graph runs
+        else:
+            _bind_in_place(binding, graph, into)
         try:
             self.session.run_with_iobinding(binding)
         except ORT_ERRORS as exc:
             raise BackendError(f"onnxruntime failed a step of {len(input_ids)} sequences: {exc}") from exc
         outputs = binding.get_outputs()
+        present = outputs[1:] if into is None else into
         if every_position:
-            return outputs[0].numpy().astype(np.float32), outputs[1:]
+            return np.array(outputs[0].numpy(), dtype=np.float32), present  # a copy: the binding owns its memory
         head = None if want is None else self._helpers.head(outputs[0], want)
-        return head, outputs[1:]
+        return head, present
 
     def _all_logits(self, tokens: list[int]) -> np.ndarray:
         """Every position's logits (float32) of ``tokens`` from an empty past of their own."""
@@ -538,10 +563,7 @@ class _Bound:
         if graph.picks_logits:  # a decode step's one position
             binding.bind_ortvalue_input(LOGIT_POSITIONS, ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, 1), np.int64)))
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        for past_name, present_name, array in zip(graph.past_names, graph.present_names, past):
-            value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_ortvalue_output(present_name, value)
+        _bind_in_place(binding, graph, past)
         return cls(past, binding, ids, logits)
 
     def continues(self, feeds: list[Feed], caches: dict[int, _Cache], samplers: dict[int, SlotSampler]) -> bool:
@@ -661,6 +683,15 @@ class _GraphHelpers:
 def _host(value) -> np.ndarray:
     """A numpy view of an array the host holds (an OrtValue on the CPU, or numpy)."""
     return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def _bind_in_place(binding: ort.IOBinding, graph: _GraphSignature, arrays: list[np.ndarray]) -> None:
+    """Host arrays bound as both the past and the present of each layer: GroupQueryAttention writes a step's keys
+    and values into them."""
+    for past_name, present_name, array in zip(graph.past_names, graph.present_names, arrays):
+        value = ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the array's memory, not a copy
+        binding.bind_ortvalue_input(past_name, value)
+        binding.bind_ortvalue_output(present_name, value)
 
 
 def _bind_input(binding, name: str, value) -> None:
