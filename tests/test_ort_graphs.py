@@ -51,8 +51,9 @@ def _lm_head_graph(head_op: str = "MatMul", opset: int = 17) -> bytes:
     relu = helper.make_node("Relu", ["hidden"], ["h"])  # something before the head, as a final norm would be
     head = (helper.make_node("MatMul", ["h", "w"], ["logits"]) if head_op == "MatMul"
             else helper.make_node("Identity", ["h"], ["logits"]))
-    graph = helper.make_graph([relu, head], "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["b", "s", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], [weight])
+    hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["b", "s", 4])
+    graph = helper.make_graph([relu, head], "g", [hidden], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model.SerializeToString()

@@ -28,9 +28,9 @@ wants (each row's positions first; its length is its attention mask's sum).
 On the CPU such a batch decodes in place (past and present the same arrays),
 and while the same greedy sequences go on, through the binding it made once.
 
-The session runs the package's graph changed by ``ort_graphs.picking_logits``
-where it applies: the LM head runs only for the positions whose logits are
-read (a prompt's last; every one when scoring), not for a whole prompt.
+On the CPU the session runs the package's graph changed by
+``ort_graphs.picking_logits`` where it applies: the LM head runs only for the
+positions whose logits are read (a prompt's last; every one when scoring).
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ PROVIDERS = {
 AUTO_ORDER = ("cuda", "cpu")
 GRAPH = "model.onnx"
 N_BATCH = 512  # most tokens one step feeds: the scheduler prefills a longer prompt in chunks between steps
+# Providers whose sessions run the graph changed by ort_graphs.picking_logits. The GPU path keeps the package's
+# graph as it is until that change is tested and measured on a GPU (CI has none).
+PICKING_PROVIDERS = ("cpu",)
 # Free positions a right-padded batch is packed with past its longest row: steps decoded in place before a re-pack.
 KV_HEADROOM = 64
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.InvalidProtobuf,
@@ -174,7 +177,7 @@ class OnnxRuntimeBackend(Backend):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             return str(cached), options, None
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        graph = picking_logits((folder / GRAPH).read_bytes()) or str(folder / GRAPH)
+        graph = (provider in PICKING_PROVIDERS and picking_logits((folder / GRAPH).read_bytes())) or str(folder / GRAPH)
         if isinstance(graph, bytes):  # its external weights are still beside the package's graph
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         if not _writable(cached.parent):
@@ -561,7 +564,8 @@ class _Bound:
         logits = np.empty((rows, 1, graph.vocab), graph.logits_dtype)
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
         if graph.picks_logits:  # a decode step's one position
-            binding.bind_ortvalue_input(LOGIT_POSITIONS, ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, 1), np.int64)))
+            position = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, 1), np.int64))
+            binding.bind_ortvalue_input(LOGIT_POSITIONS, position)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         _bind_in_place(binding, graph, past)
         return cls(past, binding, ids, logits)
@@ -863,7 +867,8 @@ def _base_options(threads: int) -> ort.SessionOptions:
 
 def _optimized_graph_path(folder: Path, graph_sha256: str, provider: str) -> Path:
     # "picking": made from the graph changed by ort_graphs.picking_logits (older caches lack that input).
-    return folder / CACHE_DIR / f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.{graph_sha256[:12]}.picking.onnx"
+    picking = ".picking" if provider in PICKING_PROVIDERS else ""
+    return folder / CACHE_DIR / f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.{graph_sha256[:12]}{picking}.onnx"
 
 
 def _writable(folder: Path) -> bool:
