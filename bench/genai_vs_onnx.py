@@ -3,7 +3,8 @@
 One folder written by ``onnxruntime_genai.models.builder`` (INT4, CPU), the same prompt tokens (the model's
 chat template), greedy, the same thread count (ONNX Runtime's intra-op threads; one inter-op thread both
 sides), end of generation ignored so every sequence decodes the same count (onnxruntime-genai: min_length),
-interleaved round by round so both see the same machine state; round 0 warms up and is dropped.
+interleaved round by round so both see the same machine state, each side first in turn; round 0 warms up and
+is dropped.
 
 - ours: the appliance's ONNX backend driven by the runner's step loop (``Scheduler``), continuous batching;
 - genai: ``og.Generator``, one sequence, or static batching (prompts left-padded to the longest, one
@@ -124,9 +125,13 @@ def bench(folder: Path, threads: int, rounds: int, max_tokens: int, concurrency:
             for n in concurrency:
                 asked = (questions * n)[:n]
                 prompts = [chat_tokens(backend, [{"role": "user", "content": q}]) for q in asked]
-                results = {"ours": ours(backend, facts, asked, max_tokens),
-                           "genai": genai_generator(model, prompts, max_tokens, pad),
-                           "genai-engine": genai_engine(model, prompts, max_tokens)}
+                runs_of = {"ours": lambda: ours(backend, facts, asked, max_tokens),
+                           "genai": lambda: genai_generator(model, prompts, max_tokens, pad),
+                           "genai-engine": lambda: genai_engine(model, prompts, max_tokens)}
+                # Each side first in turn: what one run leaves behind (threads still spinning, memory to take
+                # back) must not fall on the same side every round.
+                order = SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)]
+                results = {side: runs_of[side]() for side in order}
                 print(f"round {i} n={n}: " + ", ".join(
                     f"{side} {r['aggregate_tok_s']:.1f} tok/s ttft {r['ttft_ms']:.0f} ms" for side, r in results.items()),
                     flush=True)
