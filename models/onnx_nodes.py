@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Field numbers in onnx.proto
-MODEL_GRAPH = 7
-GRAPH_NODE = 1
-NODE_INPUT, NODE_OP_TYPE, NODE_ATTRIBUTE, NODE_DOMAIN = 1, 4, 5, 7
+MODEL_GRAPH, MODEL_OPSET_IMPORT = 7, 8
+GRAPH_NODE, GRAPH_INPUT = 1, 11
+NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_OP_TYPE, NODE_ATTRIBUTE, NODE_DOMAIN = 1, 2, 3, 4, 5, 7
+OPSET_DOMAIN, OPSET_VERSION = 1, 2
 ATTRIBUTE_NAME, ATTRIBUTE_INT = 1, 3
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
 
@@ -30,18 +31,18 @@ def graph_nodes(path: Path) -> list[Node]:
     """The top-level nodes of the graph in an ``.onnx`` file (subgraphs of If/Loop are not visited)."""
     data = memoryview(Path(path).read_bytes())
     try:
-        span = next((v for f, v in _fields(data) if f == MODEL_GRAPH), None)
+        span = next((v for f, v, _ in message_fields(data) if f == MODEL_GRAPH), None)
         if span is None:
             raise ValueError("no graph")
         graph = data[span[0]:span[1]]
-        return [_node(graph[start:end]) for f, (start, end) in _fields(graph) if f == GRAPH_NODE]
+        return [_node(graph[start:end]) for f, (start, end), _ in message_fields(graph) if f == GRAPH_NODE]
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable ONNX model ({exc})") from None
 
 
 def _node(data: memoryview) -> Node:
     op_type, domain, inputs, ints = "", "", [], {}
-    for f, value in _fields(data):
+    for f, value, _ in message_fields(data):
         if f == NODE_OP_TYPE:
             op_type = _text(data, value)
         elif f == NODE_DOMAIN:
@@ -57,7 +58,7 @@ def _node(data: memoryview) -> Node:
 
 def _int_attribute(data: memoryview) -> tuple[str, int | None]:
     name, number = "", None
-    for f, value in _fields(data):
+    for f, value, _ in message_fields(data):
         if f == ATTRIBUTE_NAME:
             name = _text(data, value)
         elif f == ATTRIBUTE_INT:
@@ -65,25 +66,27 @@ def _int_attribute(data: memoryview) -> tuple[str, int | None]:
     return name, number
 
 
-def _fields(data: memoryview):
-    """(field number, value) of each field of one message: an int for varints, (start, end) for byte strings."""
+def message_fields(data: memoryview):
+    """(field number, value, span) of each field of one message: the value an int for varints, (start, end) for
+    byte strings, None for fixed-size numbers; the span (start, end) of the whole field, key included, for a
+    writer that copies fields it does not change."""
     pos = 0
     while pos < len(data):
+        start = pos
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == VARINT:
             value, pos = _varint(data, pos)
-            yield number, value
         elif wire == LENGTH_DELIMITED:
             size, pos = _varint(data, pos)
             if pos + size > len(data):
                 raise ValueError("truncated")
-            yield number, (pos, pos + size)
-            pos += size
+            value, pos = (pos, pos + size), pos + size
         elif wire in (FIXED64, FIXED32):
-            pos += 8 if wire == FIXED64 else 4
+            value, pos = None, pos + (8 if wire == FIXED64 else 4)
         else:
             raise ValueError(f"unknown wire type {wire}")
+        yield number, value, (start, pos)
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:

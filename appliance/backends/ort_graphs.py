@@ -22,6 +22,9 @@ import struct
 
 import numpy as np
 
+from models.onnx_nodes import (GRAPH_INPUT, GRAPH_NODE, MODEL_GRAPH, MODEL_OPSET_IMPORT, NODE_INPUT, NODE_NAME,
+                               NODE_OP_TYPE, NODE_OUTPUT, OPSET_DOMAIN, OPSET_VERSION, message_fields)
+
 OPSET = 17
 IR_VERSION = 8
 FLOAT, INT64, FLOAT16 = 1, 7, 10
@@ -50,38 +53,6 @@ def _int(field: int, value: int) -> bytes:
 def _bytes(field: int, value: bytes | str) -> bytes:
     data = value.encode() if isinstance(value, str) else value
     return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def _read_varint(data, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(data) -> list[tuple[int, object, memoryview]]:
-    """A message's fields in order: (number, value, encoding). The value is an int for a varint, a memoryview of
-    the payload for a length-delimited field (no copy: a graph may hold its weights inline)."""
-    data, out, i = memoryview(data), [], 0
-    while i < len(data):
-        start = i
-        key, i = _read_varint(data, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _read_varint(data, i)
-        elif wire == 2:
-            size, i = _read_varint(data, i)
-            value, i = data[i:i + size], i + size
-        elif wire in (1, 5):
-            value, i = None, i + (8 if wire == 1 else 4)
-        else:
-            raise ValueError(f"protobuf wire type {wire} in an ONNX model")
-        out.append((key >> 3, value, data[start:i]))
-    return out
 
 
 # -- ONNX messages --------------------------------------------------------------------------------------------
@@ -161,7 +132,7 @@ def head_graph(dtype) -> bytes:
 
 # -- the decoder graph, picking the positions whose logits it computes ----------------------------------------
 LOGIT_POSITIONS = "logit_positions"
-_PICKS_FROM = (b"MatMul", b"MatMulNBits")  # an LM head whose first input is the hidden states [batch, seq, hidden]
+_PICKS_FROM = ("MatMul", "MatMulNBits")  # an LM head whose first input is the hidden states [batch, seq, hidden]
 
 
 def picking_logits(model_bytes: bytes) -> bytes | None:
@@ -172,28 +143,44 @@ def picking_logits(model_bytes: bytes) -> bytes | None:
 
     A prompt's step needs one position's logits: the LM head of a 49,152-token vocabulary over 8 prompts of 45
     tokens was 17% of the step, and its 70 MB of logits had to be written and read."""
-    model = _fields(model_bytes)
-    opsets = [_fields(v) for f, v, _ in model if f == 8]
-    default = [dict((k, val) for k, val, _ in o) for o in opsets if not any(k == 1 and bytes(val) for k, val, _ in o)]
-    if not default or default[0].get(2, 0) < 12:
+    model = memoryview(model_bytes)
+    if _default_opset(model) < 12:
         return None
-    graph_at = next(i for i, (f, _, _) in enumerate(model) if f == 7)
-    graph = _fields(model[graph_at][1])
-    heads = [(i, node_fields) for i, node_fields in ((i, _fields(v)) for i, (f, v, _) in enumerate(graph) if f == 1)
-             if any(f == 2 and bytes(v) == b"logits" for f, v, _ in node_fields)]
+    (start, end), graph_span = next((value, span) for f, value, span in message_fields(model) if f == MODEL_GRAPH)
+    graph = model[start:end]
+    heads = [(value, span) for f, value, span in message_fields(graph)
+             if f == GRAPH_NODE and "logits" in _strings(graph[value[0]:value[1]], NODE_OUTPUT)]
     if len(heads) != 1:
         return None
-    at, head = heads[0]
-    if bytes(next((v for f, v, _ in head if f == 4), b"")) not in _PICKS_FROM:
+    (node_start, node_end), head_span = heads[0]
+    head = graph[node_start:node_end]
+    if "".join(_strings(head, NODE_OP_TYPE)) not in _PICKS_FROM:
         return None
-    first = next(i for i, (f, _, _) in enumerate(head) if f == 1)
-    hidden = bytes(head[first][1]).decode()
+    hidden = _strings(head, NODE_INPUT)[0]
     picked = f"{hidden}/{LOGIT_POSITIONS}"
-    new_head = b"".join(_bytes(1, picked) if i == first else raw for i, (_, _, raw) in enumerate(head))
-    gather = node("GatherND", [hidden, LOGIT_POSITIONS], [picked], batch_dims=1) + _bytes(3, "pick_logit_positions")
-    parts = []
-    for i, (_, _, raw) in enumerate(graph):
-        parts += [_bytes(1, gather), _bytes(1, new_head)] if i == at else [raw]
-    parts.append(_bytes(11, value_info(LOGIT_POSITIONS, INT64, ["batch_size", "picked", 1])))
-    new_graph = b"".join(parts)
-    return b"".join(_bytes(7, new_graph) if i == graph_at else raw for i, (_, _, raw) in enumerate(model))
+    first_input = next(span for f, _, span in message_fields(head) if f == NODE_INPUT)
+    new_head = _spliced(head, first_input, _bytes(NODE_INPUT, picked))
+    gather = node("GatherND", [hidden, LOGIT_POSITIONS], [picked], batch_dims=1) + _bytes(NODE_NAME, "pick_logit_positions")
+    new_graph = (_spliced(graph, head_span, _bytes(GRAPH_NODE, gather) + _bytes(GRAPH_NODE, new_head))
+                 + _bytes(GRAPH_INPUT, value_info(LOGIT_POSITIONS, INT64, ["batch_size", "picked", 1])))
+    return _spliced(model, graph_span, _bytes(MODEL_GRAPH, new_graph))
+
+
+def _default_opset(model: memoryview) -> int:
+    """The model's version of the default ("" or "ai.onnx") operator set; 0 where it imports none."""
+    for f, value, _ in message_fields(model):
+        if f == MODEL_OPSET_IMPORT:
+            opset = model[value[0]:value[1]]
+            if "".join(_strings(opset, OPSET_DOMAIN)) in ("", "ai.onnx"):
+                return next((version for g, version, _ in message_fields(opset) if g == OPSET_VERSION), 0)
+    return 0
+
+
+def _strings(message: memoryview, number: int) -> list[str]:
+    """The values of a message's string field ``number``, in order."""
+    return [bytes(message[v[0]:v[1]]).decode() for f, v, _ in message_fields(message) if f == number]
+
+
+def _spliced(message: memoryview, span: tuple[int, int], new: bytes) -> bytes:
+    """The message with the field at ``span`` replaced by ``new`` (encoded fields)."""
+    return b"".join((message[:span[0]], new, message[span[1]:]))
