@@ -79,3 +79,11 @@ def test_picking_logits_leaves_a_graph_it_cannot_change_as_it_is():
 
     assert picking_logits(_lm_head_graph("Identity")) is None  # logits not straight from an LM head
     assert picking_logits(_lm_head_graph(opset=11)) is None  # GatherND has no batch_dims before opset 12
+
+
+def test_picking_logits_serves_a_graph_it_cannot_read_as_it_is():
+    from appliance.backends.ort_graphs import picking_logits
+
+    whole = _lm_head_graph()
+    assert picking_logits(whole[: len(whole) // 2]) is None  # cut short: a field runs past the end
+    assert picking_logits(b"") is None  # no graph at all

@@ -161,8 +161,9 @@ class OnnxRuntimeBackend(Backend):
         if cache is not None:
             # Renamed only once whole, so a start killed half-way never leaves a broken cache behind.
             Path(options.optimized_model_filepath).replace(cache)
-            for stale in cache.parent.glob(f"{GRAPH[:-5]}.{provider}.*"):  # older graphs or onnxruntime versions
-                if stale.name not in (cache.name, f"{cache.name}.data"):
+            # Older caches of this provider and onnxruntime version (other versions may be another install's).
+            for stale in cache.parent.glob(f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.*"):
+                if stale.name not in (cache.name, f"{cache.name}.data") and stale.suffix != ".partial":
                     stale.unlink(missing_ok=True)
         return session
 
@@ -552,8 +553,10 @@ class _Bound:
     output with get_outputs, costs 1-2 ms of a 15 ms step); its attention mask over the arrays' whole width, of
     which a step binds the positions in use; and its slots' caches, row by row."""
 
-    def __init__(self, past: list[np.ndarray], binding: ort.IOBinding, ids: np.ndarray, logits: np.ndarray):
-        self.past, self.binding, self.ids, self.logits = past, binding, ids, logits
+    def __init__(self, past: list[np.ndarray], binding: ort.IOBinding, ids: np.ndarray, logits: np.ndarray,
+                 positions: np.ndarray):
+        # Every array bound here is held here: an OrtValue made from numpy does not keep the array alive.
+        self.past, self.binding, self.ids, self.logits, self.positions = past, binding, ids, logits, positions
         self.mask = np.zeros((ids.shape[0], _shape(past[0])[2]), np.int64)
         self.caches: list[_Cache] = []
 
@@ -561,14 +564,14 @@ class _Bound:
     def of(cls, session: ort.InferenceSession, graph: _GraphSignature, past: list[np.ndarray]) -> _Bound:
         binding, rows = session.io_binding(), _shape(past[0])[0]
         ids = np.zeros((rows, 1), np.int64)
+        positions = np.zeros((rows, 1, 1), np.int64)  # a decode step's one position
         logits = np.empty((rows, 1, graph.vocab), graph.logits_dtype)
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
-        if graph.picks_logits:  # a decode step's one position
-            position = ort.OrtValue.ortvalue_from_numpy(np.zeros((rows, 1, 1), np.int64))
-            binding.bind_ortvalue_input(LOGIT_POSITIONS, position)
+        if graph.picks_logits:
+            binding.bind_ortvalue_input(LOGIT_POSITIONS, ort.OrtValue.ortvalue_from_numpy(positions))
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         _bind_in_place(binding, graph, past)
-        return cls(past, binding, ids, logits)
+        return cls(past, binding, ids, logits, positions)
 
     def continues(self, feeds: list[Feed], caches: dict[int, _Cache], samplers: dict[int, SlotSampler]) -> bool:
         """Whether ``feeds`` are this batch's next greedy tokens, row by row, each with room left in the arrays."""
@@ -866,7 +869,8 @@ def _base_options(threads: int) -> ort.SessionOptions:
 
 
 def _optimized_graph_path(folder: Path, graph_sha256: str, provider: str) -> Path:
-    # "picking": made from the graph changed by ort_graphs.picking_logits (older caches lack that input).
+    # "picking": made by a backend that changes the graph with ort_graphs.picking_logits where it applies (older
+    # caches lack that input); a change to picking_logits needs a new tag.
     picking = ".picking" if provider in PICKING_PROVIDERS else ""
     return folder / CACHE_DIR / f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.{graph_sha256[:12]}{picking}.onnx"
 
