@@ -164,12 +164,13 @@ def test_a_greedy_batch_decodes_through_its_bound_arrays_and_a_sampling_one_thro
 @pytest.mark.slow
 def test_the_served_graph_picks_its_logits_positions_and_scores_as_the_package_graph(package):
     """The backend serves the builder's graph changed to run its LM head for the positions it reads
-    (ort_graphs.picking_logits): a prompt's head and every position's logits (scoring) equal the package graph's."""
+    (ort_graphs.picking_logits), and to give their argmax: a prompt's head and every position's logits (scoring)
+    equal the package graph's."""
     import numpy as np
     import onnxruntime as ort
 
     backend = loaded(package, slots=1, context_length=512)
-    assert backend._graph.picks_logits
+    assert backend._graph.picks_logits and backend._graph.argmaxes
     prompt = chat_tokens(backend, [{"role": "user", "content": QUESTIONS[1]}])
     original = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": np.array([prompt], np.int64), "attention_mask": np.ones((1, len(prompt)), np.int64)}

@@ -60,7 +60,7 @@ def _lm_head_graph(head_op: str = "MatMul", opset: int = 17) -> bytes:
 
 
 def test_picking_logits_computes_the_chosen_positions_logits_as_the_whole_graph_does():
-    from appliance.backends.ort_graphs import LOGIT_POSITIONS, picking_logits
+    from appliance.backends.ort_graphs import LOGIT_POSITIONS, LOGITS_ARGMAX, picking_logits
 
     original = _lm_head_graph()
     hidden = np.random.default_rng(0).standard_normal((3, 5, 4)).astype(np.float32)
@@ -68,10 +68,21 @@ def test_picking_logits_computes_the_chosen_positions_logits_as_the_whole_graph_
     picking = ort.InferenceSession(picking_logits(original), providers=["CPUExecutionProvider"])
     assert LOGIT_POSITIONS in [i.name for i in picking.get_inputs()]
     last = np.array([4, 0, 2])  # each row its own position, as right-padded prompts of different lengths
-    got = picking.run(None, {"hidden": hidden, LOGIT_POSITIONS: last.reshape(3, 1, 1)})[0]
+    got, best = picking.run(["logits", LOGITS_ARGMAX], {"hidden": hidden, LOGIT_POSITIONS: last.reshape(3, 1, 1)})
     assert got.shape == (3, 1, 6) and np.array_equal(got[:, 0], everything[np.arange(3), last])
+    assert np.array_equal(best, got.argmax(-1))
     every = np.tile(np.arange(5), (3, 1))[..., None]
-    assert np.array_equal(picking.run(None, {"hidden": hidden, LOGIT_POSITIONS: every})[0], everything)
+    got, best = picking.run(["logits", LOGITS_ARGMAX], {"hidden": hidden, LOGIT_POSITIONS: every})
+    assert np.array_equal(got, everything) and np.array_equal(best, everything.argmax(-1))
+
+
+def test_the_picked_logits_argmax_is_the_first_of_equal_maxima_as_numpy_s():
+    from appliance.backends.ort_graphs import LOGIT_POSITIONS, LOGITS_ARGMAX, picking_logits
+
+    picking = ort.InferenceSession(picking_logits(_lm_head_graph()), providers=["CPUExecutionProvider"])
+    hidden = np.zeros((1, 2, 4), np.float32)  # every logit 0: all tied
+    (best,) = picking.run([LOGITS_ARGMAX], {"hidden": hidden, LOGIT_POSITIONS: np.array([[[1]]])})
+    assert best.tolist() == [[0]]
 
 
 def test_picking_logits_leaves_a_graph_it_cannot_change_as_it_is():

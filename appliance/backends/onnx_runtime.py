@@ -30,7 +30,8 @@ and while the same greedy sequences go on, through the binding it made once.
 
 On the CPU the session runs the package's graph changed by
 ``ort_graphs.picking_logits`` where it applies: the LM head runs only for the
-positions whose logits are read (a prompt's last; every one when scoring).
+positions whose logits are read (a prompt's last; every one when scoring), and
+the graph gives their argmax too.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from appliance.backends.base import (Backend, BackendError, Feed, ModelFacts, SamplingParams, TokenLogprob, banned_or,
                                      token_logprob)
 from appliance.backends.hf_tokenizer import HfTokenizer
-from appliance.backends.ort_graphs import LOGIT_POSITIONS, concat_graph, head_graph, picking_logits, window_graph
+from appliance.backends.ort_graphs import (LOGIT_POSITIONS, LOGITS_ARGMAX, concat_graph, head_graph, picking_logits,
+                                          window_graph)
 from appliance.grammar import apply_mask
 from models.builder_folder import BuilderModel, check_graph_inputs, is_builder_folder, read_builder_model
 from models.manifest import CACHE_DIR, ManifestError, read_manifest
@@ -387,8 +389,8 @@ class OnnxRuntimeBackend(Backend):
         lengths = [c.size for c in bound.caches]
         for row, length in enumerate(lengths):  # each row's new token (a loop: fancy indexing costs 50 us here)
             bound.mask[row, length] = 1
-        self._run_bound([f.tokens[0] for f in feeds], max(lengths) + 1, lengths)
-        best = bound.logits[:, -1].argmax(-1).tolist()
+        self._run_bound([f.tokens[0] for f in feeds], lengths)
+        best = bound.best().tolist()
         for cache in bound.caches:
             cache.size += 1
         self.logprobs = {}
@@ -481,24 +483,21 @@ class OnnxRuntimeBackend(Backend):
         """One decode step of a right-padded batch on the CPU whose new keys and values GroupQueryAttention writes
         into the past arrays themselves (past and present bound to the same memory); its head (see _run)."""
         if self._bound is None or self._bound.past is not past:
-            self._bound = _Bound.of(self.session, self._graph, past)
+            self._bound = _Bound(self.session, self._graph, past)
         bound = self._bound
         bound.mask[:, : mask.shape[1]] = mask
         bound.mask[:, mask.shape[1]:] = 0
-        self._run_bound([tokens[0] for tokens in input_ids], mask.shape[1], [p[0] for p in positions])
+        self._run_bound([tokens[0] for tokens in input_ids], [p[0] for p in positions])
         if want is None:
             return None
-        last = bound.logits[:, -1]
-        return (last.astype(np.float32) if want else None), last.argmax(-1)
+        return (bound.logits[:, -1].astype(np.float32) if want else None), bound.best()
 
-    def _run_bound(self, tokens: list[int], width: int, positions: list[int]) -> None:
-        """One decode step of the bound batch: each row's token at its position, over the first ``width``
-        positions of the batch's mask."""
+    def _run_bound(self, tokens: list[int], positions: list[int]) -> None:
+        """One decode step of the bound batch: each row's token at its position, after those its mask holds."""
         bound = self._bound
         bound.ids[:, 0] = tokens
-        bound.binding.bind_cpu_input("attention_mask", np.ascontiguousarray(bound.mask[:, :width]))
-        if self._graph.has_position_ids:
-            bound.binding.bind_cpu_input("position_ids", np.array(positions, np.int64)[:, None])
+        if bound.position_ids is not None:
+            bound.position_ids[:, 0] = positions
         try:
             self.session.run_with_iobinding(bound.binding)
         except ORT_ERRORS as exc:
@@ -529,6 +528,7 @@ class _GraphSignature:
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.has_position_ids = "position_ids" in inputs
         self.picks_logits = LOGIT_POSITIONS in inputs  # see ort_graphs.picking_logits
+        self.argmaxes = any(o.name == LOGITS_ARGMAX for o in session.get_outputs())  # the same
         first = inputs[self.past_names[0]]
         _, self.kv_heads, _, self.head_dim = first.shape
         self.kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
@@ -544,30 +544,42 @@ class _GraphSignature:
 
 
 class _Bound:
-    """A right-padded batch decoding in place on the CPU: its arrays bound as both past and present, and arrays
-    for its tokens and its logits, bound once while the same batch decodes (binding them anew, or wrapping every
-    output with get_outputs, costs 1-2 ms of a 15 ms step); its attention mask over the arrays' whole width, of
-    which a step binds the positions in use; and its slots' caches, row by row."""
+    """A right-padded batch decoding in place on the CPU, bound once while the same batch decodes (binding arrays
+    anew each step, or wrapping every output with get_outputs, costs 1-2 ms of a 15 ms step):
 
-    def __init__(self, past: list[np.ndarray], binding: ort.IOBinding, ids: np.ndarray, logits: np.ndarray,
-                 positions: np.ndarray):
+    - its KV arrays as both past and present;
+    - arrays for its tokens, position ids (where the graph takes them), logits and their argmax (where the graph
+      gives it, see ort_graphs.picking_logits);
+    - its attention mask, over the arrays' whole width. GroupQueryAttention reads each row's length from the mask's
+      sum; the mask's width (total_sequence_length) is used "for checking inputs and determining prompt vs token
+      generation", its documentation says, and onnxruntime-genai's CUDA-graph decoding binds a mask of its whole
+      max_length the same way. Binding the positions in use anew each step cost 30-50 us on this box;
+    - and its slots' caches, row by row."""
+
+    def __init__(self, session: ort.InferenceSession, graph: _GraphSignature, past: list[np.ndarray]):
+        rows, width = _shape(past[0])[0], _shape(past[0])[2]
+        self.past, self.caches = past, []
+        self.ids = np.zeros((rows, 1), np.int64)
+        self.mask = np.zeros((rows, width), np.int64)
+        self.position_ids = np.zeros((rows, 1), np.int64) if graph.has_position_ids else None
+        self.logit_positions = np.zeros((rows, 1, 1), np.int64) if graph.picks_logits else None  # a step's one
+        self.logits = np.empty((rows, 1, graph.vocab), graph.logits_dtype)
+        self.argmax = np.zeros((rows, 1), np.int64) if graph.argmaxes else None
         # Every array bound here is held here: an OrtValue made from numpy does not keep the array alive.
-        self.past, self.binding, self.ids, self.logits, self.positions = past, binding, ids, logits, positions
-        self.mask = np.zeros((ids.shape[0], _shape(past[0])[2]), np.int64)
-        self.caches: list[_Cache] = []
+        self.binding = session.io_binding()
+        inputs = {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.position_ids,
+                  LOGIT_POSITIONS: self.logit_positions}
+        for name, array in inputs.items():
+            if array is not None:
+                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for name, array in {"logits": self.logits, LOGITS_ARGMAX: self.argmax}.items():
+            if array is not None:
+                self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        _bind_in_place(self.binding, graph, past)
 
-    @classmethod
-    def of(cls, session: ort.InferenceSession, graph: _GraphSignature, past: list[np.ndarray]) -> _Bound:
-        binding, rows = session.io_binding(), _shape(past[0])[0]
-        ids = np.zeros((rows, 1), np.int64)
-        positions = np.zeros((rows, 1, 1), np.int64)  # a decode step's one position
-        logits = np.empty((rows, 1, graph.vocab), graph.logits_dtype)
-        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
-        if graph.picks_logits:
-            binding.bind_ortvalue_input(LOGIT_POSITIONS, ort.OrtValue.ortvalue_from_numpy(positions))
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        _bind_in_place(binding, graph, past)
-        return cls(past, binding, ids, logits, positions)
+    def best(self) -> np.ndarray:
+        """Each row's argmax of its last step's logits."""
+        return self.argmax[:, 0] if self.argmax is not None else self.logits[:, -1].argmax(-1)
 
     def continues(self, feeds: list[Feed], caches: dict[int, _Cache], samplers: dict[int, SlotSampler]) -> bool:
         """Whether ``feeds`` are this batch's next greedy tokens, row by row, each with room left in the arrays."""
@@ -865,9 +877,9 @@ def _base_options(threads: int) -> ort.SessionOptions:
 
 
 def _optimized_graph_path(folder: Path, graph_sha256: str, provider: str) -> Path:
-    # "picking": made by a backend that changes the graph with ort_graphs.picking_logits where it applies (older
-    # caches lack that input); a change to picking_logits needs a new tag.
-    picking = ".picking" if provider in PICKING_PROVIDERS else ""
+    # "picking-argmax": made by a backend that changes the graph with ort_graphs.picking_logits where it applies
+    # (older caches lack its input or its output); a change to picking_logits needs a new tag.
+    picking = ".picking-argmax" if provider in PICKING_PROVIDERS else ""
     return folder / CACHE_DIR / f"{GRAPH[:-5]}.{provider}.ort{ort.__version__}.{graph_sha256[:12]}{picking}.onnx"
 
 
