@@ -162,6 +162,25 @@ def test_a_greedy_batch_decodes_through_its_bound_arrays_and_a_sampling_one_thro
 
 
 @pytest.mark.slow
+def test_a_bound_batch_s_whole_width_mask_gives_each_row_the_logits_of_its_own_tokens(package):
+    """The bound batch binds its mask over its arrays' whole width, each row's ones first: GroupQueryAttention must
+    take each row's length from the mask's sum, not from its width. Each row's last logits equal those its whole
+    sequence gets when scored from an empty past, under a mask exactly as wide as its tokens."""
+    import numpy as np
+
+    backend = loaded(package, slots=2, context_length=512)
+    generated = run_together(backend, QUESTIONS[:2], 12)
+    bound = backend._bound
+    assert bound.mask.shape[1] > max(cache.size for cache in bound.caches) + 1  # padding beyond every row
+    for slot, tokens in enumerate(generated):
+        row = next(r for r, cache in enumerate(bound.caches) if backend._caches[slot] is cache)
+        prompt = chat_tokens(backend, [{"role": "user", "content": QUESTIONS[slot]}])
+        scored = backend.logits(prompt + tokens[:-1])[-1]
+        np.testing.assert_allclose(bound.logits[row, -1], scored, rtol=0, atol=1e-3)
+        assert int(bound.best()[row]) == tokens[-1] == int(scored.argmax())
+
+
+@pytest.mark.slow
 def test_the_served_graph_picks_its_logits_positions_and_scores_as_the_package_graph(package):
     """The backend serves the builder's graph changed to run its LM head for the positions it reads
     (ort_graphs.picking_logits), and to give their argmax: a prompt's head and every position's logits (scoring)
