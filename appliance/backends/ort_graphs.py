@@ -23,8 +23,8 @@ import struct
 
 import numpy as np
 
-from models.onnx_nodes import (GRAPH_INPUT, GRAPH_NODE, GRAPH_OUTPUT, MODEL_GRAPH, MODEL_OPSET_IMPORT, NODE_INPUT, NODE_NAME,
-                               NODE_OP_TYPE, NODE_OUTPUT, OPSET_DOMAIN, OPSET_VERSION, message_fields)
+from models.onnx_nodes import (GRAPH_INPUT, GRAPH_NODE, GRAPH_OUTPUT, MODEL_GRAPH, MODEL_OPSET_IMPORT, NODE_INPUT,
+                               NODE_NAME, NODE_OP_TYPE, NODE_OUTPUT, OPSET_DOMAIN, OPSET_VERSION, message_fields)
 
 OPSET = 17
 IR_VERSION = 8
@@ -147,7 +147,8 @@ def picking_logits(model_bytes: bytes) -> bytes | None:
     A prompt's step needs one position's logits: the LM head of a 49,152-token vocabulary over 8 prompts of 45
     tokens was 17% of the step, and its 70 MB of logits had to be written and read. A greedy step needs only
     their argmax: taken in the run, while the logits are still in the cache, it spares numpy's pass over them
-    afterwards."""
+    afterwards. (onnxruntime runs the ArgMax whether its output is bound or not: scoring every position pays a
+    pass over the logits, small beside the LM head that made them.)"""
     try:
         return _with_logit_positions(memoryview(model_bytes))
     except (ValueError, IndexError, StopIteration, UnicodeDecodeError):  # a graph this cannot read is served as is
