@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ort = pytest.importorskip("onnxruntime")
@@ -74,6 +75,10 @@ class LogitsSpy:
 def test_cuda_session_and_greedy_tokens_match_the_cpu(tiny, kind):
     gpu, cpu = on_cuda(tiny[kind]), loaded(tiny[kind], provider="cpu")
     assert gpu.facts.info["provider"] == "cuda" and gpu.facts.info["kv_cache_device"] == "cuda"
+    assert gpu._graph.picks_logits and gpu._graph.argmaxes  # ort_graphs.picking_logits, on the GPU too
+    if kind == "fp32":  # every position's logits (scoring) as the CPU's
+        prompt = tokens(gpu, PROMPTS[0])
+        np.testing.assert_allclose(gpu.logits(prompt), cpu.logits(prompt), rtol=0, atol=1e-2)  # TF32 matmuls
     agree = [greedy(gpu, tokens(gpu, p), 24) == greedy(cpu, tokens(cpu, p), 24) for p in PROMPTS]
     # fp32 must agree; INT4's CPU kernel quantizes activations to int8 (accuracy_level 4), CUDA's does not.
     assert all(agree) if kind == "fp32" else any(agree), agree

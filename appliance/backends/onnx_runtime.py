@@ -28,7 +28,7 @@ wants (each row's positions first; its length is its attention mask's sum).
 On the CPU such a batch decodes in place (past and present the same arrays),
 and while the same greedy sequences go on, through the binding it made once.
 
-On the CPU the session runs the package's graph changed by
+On the CPU and with CUDA the session runs the package's graph changed by
 ``ort_graphs.picking_logits`` where it applies: the LM head runs only for the
 positions whose logits are read (a prompt's last; every one when scoring), and
 the graph gives their argmax too.
@@ -67,9 +67,9 @@ PROVIDERS = {
 AUTO_ORDER = ("cuda", "cpu")
 GRAPH = "model.onnx"
 N_BATCH = 512  # most tokens one step feeds: the scheduler prefills a longer prompt in chunks between steps
-# Providers whose sessions run the graph changed by ort_graphs.picking_logits. The GPU path keeps the package's
-# graph as it is until that change is tested and measured on a GPU (CI has none).
-PICKING_PROVIDERS = ("cpu",)
+# Providers whose sessions run the graph changed by ort_graphs.picking_logits (tests/test_onnx_cuda.py on a GPU).
+# TensorRT builds engines for the graph it is given: it keeps the package's.
+PICKING_PROVIDERS = ("cpu", "cuda")
 # Free positions a right-padded batch is packed with past its longest row: steps decoded in place before a re-pack.
 KV_HEADROOM = 64
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.NoSuchFile, ort_state.InvalidProtobuf,
